@@ -1,0 +1,195 @@
+// bias + GELU, CPU kernels. Compiled once per ISA (see csrc/cpu/kernels.h).
+//
+// Forward   z = x + b,  exact: y = z * Phi(z),  Phi(z) = (1 + erf(z / sqrt 2)) / 2
+//                       tanh:  y = z * s,       s = sigmoid(2u) = (1 + tanh u) / 2,
+//                                               u = sqrt(2/pi) (z + 0.044715 z^3)
+// Backward  dz = dy * gelu'(z),
+//           exact: gelu'(z) = Phi(z) + z phi(z),  phi(z) = exp(-z^2 / 2) / sqrt(2 pi)
+//                  (fp32: one fitted rational for the whole of it, see gelu_grad)
+//           tanh:  gelu'(z) = s + 2 z s (1 - s) u',  u' = sqrt(2/pi) (1 + 3 * 0.044715 z^2)
+//           dx = dz, dbias = sum of dz over rows. z is recomputed from x and b (nothing is saved).
+// Writing 0.5 (1 + tanh u) as 1 / (1 + exp(-2u)) needs one exp and no cancellation for z << 0.
+#include <cmath>
+
+#include "common/simd.h"
+#include "cpu/kernels.h"
+
+namespace fastbert::cpu::FASTBERT_ISA {
+namespace {
+using namespace fastbert::simd;
+
+constexpr float kSqrt1_2 = 0.70710678118654752f;
+constexpr float kSqrt2OverPi = 0.79788456080286536f;
+constexpr float kCubic = 0.044715f;
+
+template <bool TANH>
+inline vf gelu(vf z) {
+  if (TANH) {
+    const vf u = kSqrt2OverPi * (z + kCubic * z * z * z);
+    return z * (1.0f / (1.0f + vexp(-2.0f * u)));
+  }
+  return z * (0.5f + 0.5f * verf(z * kSqrt1_2));
+}
+
+template <bool TANH>
+inline vf gelu_grad(vf z) {
+  if (TANH) {
+    const vf z2 = z * z;
+    const vf u = kSqrt2OverPi * (z + kCubic * z2 * z);
+    const vf e = vexp(-2.0f * u);
+    const vf s = 1.0f / (1.0f + e);
+    const vf du = kSqrt2OverPi * (1.0f + 3.0f * kCubic * z2);
+    return s + 2.0f * z * (s * s * e) * du;  // s (1 - s) = e s^2, without cancellation
+  }
+  // gelu'(z) - 1/2 = erf(x)/2 + z phi(z) (x = z/sqrt 2) is odd and tends to 0 like z phi(z); one
+  // rational x P(x^2) / Q(x^2) on |x| <= 4.3 fits it to 6.3e-8 (scripts/fit_gelu_grad.py), which
+  // costs as much as erf alone instead of erf plus exp.
+  const vf x = vmin(vmax(z * kSqrt1_2, -4.3f), 4.3f);
+  const vf x2 = x * x;
+  vf p = splat(-2.202739187e-09f);
+  p = p * x2 + 1.984200941e-07f;
+  p = p * x2 + -1.614478798e-06f;
+  p = p * x2 + 7.645411882e-04f;
+  p = p * x2 + -1.271909522e-03f;
+  p = p * x2 + 8.187313760e-02f;
+  p = p * x2 + -1.109946955e-01f;
+  p = p * x2 + 1.128379771e+00f;
+  vf q = splat(2.031874595e-04f);
+  q = q * x2 + 2.551617771e-03f;
+  q = q * x2 + 2.463029804e-02f;
+  q = q * x2 + 1.513924648e-01f;
+  q = q * x2 + 5.683082142e-01f;
+  q = q * x2 + 1.0f;
+  return (x * p) / q + 0.5f;
+}
+
+// Double precision: a scalar path for gradcheck and fp64 users, exact to the last bits of libm.
+inline double gelu(double z, bool tanh) {
+  if (tanh) {
+    const double u = 0.7978845608028654 * (z + 0.044715 * z * z * z);
+    return 0.5 * z * (1.0 + std::tanh(u));
+  }
+  return 0.5 * z * std::erfc(-z * 0.7071067811865476);
+}
+
+inline double gelu_grad(double z, bool tanh) {
+  if (tanh) {
+    const double u = 0.7978845608028654 * (z + 0.044715 * z * z * z);
+    const double t = std::tanh(u);
+    const double du = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z * z);
+    return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * du;
+  }
+  return 0.5 * std::erfc(-z * 0.7071067811865476) + z * 0.3989422804014327 * std::exp(-0.5 * z * z);
+}
+
+// One row segment x[0:len] whose first column is c (bias + c lines up with x).
+template <bool TANH, typename T>
+void fwd_segment(const T* x, const float* bias, T* y, int64_t len) {
+  int64_t i = 0;
+  for (; i + W <= len; i += W) {
+    vf z = load(x + i);
+    if (bias) z += load(bias + i);
+    store(y + i, gelu<TANH>(z));
+  }
+  if (i < len) {
+    vf z = load_partial(x + i, len - i);
+    if (bias) z += load_partial(bias + i, len - i);
+    store_partial(y + i, gelu<TANH>(z), len - i);
+  }
+}
+
+template <typename T>
+void fwd_segment(const T* x, const float* bias, T* y, int64_t len, bool tanh) {
+  tanh ? fwd_segment<true>(x, bias, y, len) : fwd_segment<false>(x, bias, y, len);
+}
+
+void fwd_segment(const double* x, const double* bias, double* y, int64_t len, bool tanh) {
+  for (int64_t i = 0; i < len; ++i) y[i] = gelu(x[i] + (bias ? bias[i] : 0.0), tanh);
+}
+
+template <typename T, typename B>
+void fwd(const void* xv, const void* bv, void* yv, int64_t n, int64_t e0, int64_t e1, bool tanh) {
+  const T* x = static_cast<const T*>(xv);
+  const B* bias = static_cast<const B*>(bv);
+  T* y = static_cast<T*>(yv);
+  for (int64_t e = e0; e < e1;) {  // walk the range row segment by row segment
+    const int64_t c = e % n;
+    const int64_t len = (n - c) < (e1 - e) ? (n - c) : (e1 - e);
+    fwd_segment(x + e, bias ? bias + c : nullptr, y + e, len, tanh);
+    e += len;
+  }
+}
+
+// One row of the tile: columns [0, len) starting at the tile's first column.
+template <bool TANH, typename T>
+void bwd_segment(const T* dy, const T* x, const float* bias, T* dx, float* dbias, int64_t len) {
+  int64_t i = 0;
+  for (; i + W <= len; i += W) {
+    vf z = load(x + i);
+    if (bias) z += load(bias + i);
+    const vf dz = load(dy + i) * gelu_grad<TANH>(z);
+    store(dx + i, dz);
+    if (dbias) store(dbias + i, load(dbias + i) + dz);
+  }
+  if (i < len) {
+    const int64_t r = len - i;
+    vf z = load_partial(x + i, r);
+    if (bias) z += load_partial(bias + i, r);
+    const vf dz = load_partial(dy + i, r) * gelu_grad<TANH>(z);
+    store_partial(dx + i, dz, r);
+    if (dbias) store_partial(dbias + i, load_partial(dbias + i, r) + dz, r);
+  }
+}
+
+template <typename T>
+void bwd_segment(const T* dy, const T* x, const float* bias, T* dx, float* dbias, int64_t len,
+                 bool tanh) {
+  tanh ? bwd_segment<true>(dy, x, bias, dx, dbias, len) : bwd_segment<false>(dy, x, bias, dx, dbias, len);
+}
+
+void bwd_segment(const double* dy, const double* x, const double* bias, double* dx, double* dbias,
+                 int64_t len, bool tanh) {
+  for (int64_t i = 0; i < len; ++i) {
+    const double dz = dy[i] * gelu_grad(x[i] + (bias ? bias[i] : 0.0), tanh);
+    dx[i] = dz;
+    if (dbias) dbias[i] += dz;
+  }
+}
+
+template <typename T, typename B>
+void bwd(const void* dyv, const void* xv, const void* bv, void* dxv, void* dbv, int64_t n,
+         int64_t r0, int64_t r1, int64_t c0, int64_t c1, bool tanh) {
+  const B* bias = static_cast<const B*>(bv);
+  B* dbias = static_cast<B*>(dbv);
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t off = r * n + c0;
+    bwd_segment(static_cast<const T*>(dyv) + off, static_cast<const T*>(xv) + off,
+                bias ? bias + c0 : nullptr, static_cast<T*>(dxv) + off,
+                dbias ? dbias + c0 : nullptr, c1 - c0, tanh);
+  }
+}
+
+}  // namespace
+
+void bias_gelu_fwd(DType dt, const void* x, const void* bias, void* y, int64_t n, int64_t e0,
+                   int64_t e1, bool tanh) {
+  switch (dt) {
+    case DType::f32: return fwd<float, float>(x, bias, y, n, e0, e1, tanh);
+    case DType::f16: return fwd<f16, float>(x, bias, y, n, e0, e1, tanh);
+    case DType::bf16: return fwd<bf16, float>(x, bias, y, n, e0, e1, tanh);
+    case DType::f64: return fwd<double, double>(x, bias, y, n, e0, e1, tanh);
+  }
+}
+
+void bias_gelu_bwd(DType dt, const void* dy, const void* x, const void* bias, void* dx,
+                   void* dbias, int64_t n, int64_t r0, int64_t r1, int64_t c0, int64_t c1,
+                   bool tanh) {
+  switch (dt) {
+    case DType::f32: return bwd<float, float>(dy, x, bias, dx, dbias, n, r0, r1, c0, c1, tanh);
+    case DType::f16: return bwd<f16, float>(dy, x, bias, dx, dbias, n, r0, r1, c0, c1, tanh);
+    case DType::bf16: return bwd<bf16, float>(dy, x, bias, dx, dbias, n, r0, r1, c0, c1, tanh);
+    case DType::f64: return bwd<double, double>(dy, x, bias, dx, dbias, n, r0, r1, c0, c1, tanh);
+  }
+}
+
+}  // namespace fastbert::cpu::FASTBERT_ISA

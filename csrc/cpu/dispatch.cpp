@@ -1,0 +1,127 @@
+// Which CPU kernel variant runs: detected once from CPUID, overridable by FASTBERT_CPU_ISA.
+#include "cpu/dispatch.h"
+
+#include <c10/util/Exception.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <mutex>
+
+namespace fastbert::cpu {
+namespace {
+
+bool cpu_runs(Isa isa) {
+#if FASTBERT_HAVE_X86_ISAS
+  switch (isa) {
+    case Isa::avx512:
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+             __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    case Isa::avx2:
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+             __builtin_cpu_supports("f16c");
+    case Isa::generic: return true;
+  }
+  return false;
+#else
+  return isa == Isa::generic;
+#endif
+}
+
+bool compiled(Isa isa) { return FASTBERT_HAVE_X86_ISAS || isa == Isa::generic; }
+
+Isa best() {
+  for (Isa isa : {Isa::avx512, Isa::avx2}) {
+    if (compiled(isa) && cpu_runs(isa)) return isa;
+  }
+  return Isa::generic;
+}
+
+// Resolves a name to a runnable variant; returns false with a reason otherwise.
+bool resolve(const std::string& name, Isa* out, std::string* why) {
+  if (name.empty() || name == "auto") { *out = best(); return true; }
+  for (Isa isa : {Isa::generic, Isa::avx2, Isa::avx512}) {
+    if (name != isa_name(isa)) continue;
+    if (!compiled(isa)) { *why = name + " kernels were not compiled for this architecture"; return false; }
+    if (!cpu_runs(isa)) { *why = "this CPU cannot run the " + name + " kernels"; return false; }
+    *out = isa;
+    return true;
+  }
+  *why = "unknown CPU ISA '" + name + "' (expected auto, avx512, avx2 or generic)";
+  return false;
+}
+
+std::mutex mu;
+std::atomic<int> active{-1};  // -1: not resolved yet
+std::string active_error;
+
+void resolve_from_env() {
+  std::lock_guard<std::mutex> lock(mu);
+  if (active.load() != -1) return;
+  const char* env = std::getenv("FASTBERT_CPU_ISA");
+  Isa isa;
+  std::string why;
+  if (resolve(env ? env : "auto", &isa, &why)) {
+    active.store(static_cast<int>(isa));
+  } else {
+    active_error = "FASTBERT_CPU_ISA=" + std::string(env) + ": " + why;
+    active.store(-2);
+  }
+}
+
+}  // namespace
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::avx512: return "avx512";
+    case Isa::avx2: return "avx2";
+    default: return "generic";
+  }
+}
+
+std::vector<std::string> isas_compiled() {
+  std::vector<std::string> out;
+  for (Isa isa : {Isa::avx512, Isa::avx2, Isa::generic}) if (compiled(isa)) out.push_back(isa_name(isa));
+  return out;
+}
+
+std::vector<std::string> isas_supported() {
+  std::vector<std::string> out;
+  for (Isa isa : {Isa::avx512, Isa::avx2, Isa::generic}) {
+    if (compiled(isa) && cpu_runs(isa)) out.push_back(isa_name(isa));
+  }
+  return out;
+}
+
+Isa active_isa() {
+  int v = active.load(std::memory_order_relaxed);
+  if (v == -1) { resolve_from_env(); v = active.load(); }
+  TORCH_CHECK(v >= 0, "fastbert: ", active_error);
+  return static_cast<Isa>(v);
+}
+
+std::string active_isa_name() {
+  int v = active.load();
+  if (v == -1) { resolve_from_env(); v = active.load(); }
+  return v >= 0 ? isa_name(static_cast<Isa>(v)) : "error: " + active_error;
+}
+
+void set_isa(const std::string& name) {
+  Isa isa;
+  std::string why;
+  TORCH_CHECK_VALUE(resolve(name, &isa, &why), "fastbert: ", why);
+  std::lock_guard<std::mutex> lock(mu);
+  active.store(static_cast<int>(isa));
+}
+
+DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::f32;
+    case at::kHalf: return DType::f16;
+    case at::kBFloat16: return DType::bf16;
+    case at::kDouble: return DType::f64;
+    default: TORCH_CHECK_VALUE(false, "fastbert: unsupported dtype ", t.scalar_type());
+  }
+}
+
+}  // namespace fastbert::cpu

@@ -1,0 +1,142 @@
+"""Which backend runs an op.
+
+Backends: ``cuda`` (csrc/cuda kernels in fastbert._C), ``triton`` (fastbert/triton), ``cpu``
+(csrc/cpu kernels in fastbert._C) and ``reference`` (fastbert/reference.py, eager PyTorch).
+
+``auto`` picks, per call, the first backend in the device's priority list whose
+:func:`not_supported_reasons` is empty: CUDA tensors cuda -> triton -> reference, CPU tensors
+cpu -> reference. ``FASTBERT_BACKEND=<name>`` or ``with fastbert.backend(name):`` forces one; a
+forced backend that cannot run raises :class:`BackendUnavailable` listing the reasons, never a
+silent fallback.
+
+Everything :func:`select` reads is plain Python state (refreshed by :func:`refresh`), so it traces
+under ``torch.compile(fullgraph=True)``.
+"""
+
+import contextlib
+import os
+
+import torch
+
+BACKENDS = ("cuda", "triton", "cpu", "reference")
+PRIORITY = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+_HALF = (torch.float32, torch.float16, torch.bfloat16)
+DTYPES = {"cuda": _HALF, "triton": _HALF, "cpu": _HALF + (torch.float64,),
+          "reference": _HALF + (torch.float64,)}
+DEVICES = {"cuda": ("cuda",), "triton": ("cuda", "cpu"), "cpu": ("cpu",), "reference": None}
+
+OPS = []            # op names registered by fastbert/ops/<op>.py
+_global = {}        # backend -> reasons it cannot run anywhere in this process
+_op_missing = {}    # (op, backend) -> reason the op has no kernel on that backend
+_TRITON_INTERPRET = False
+
+
+class BackendUnavailable(RuntimeError):
+    """A forced backend cannot run the op on these inputs."""
+
+
+def _check_name(name):
+    if name not in BACKENDS and name != "auto":
+        raise ValueError(f"fastbert backend must be one of auto, {', '.join(BACKENDS)}; got {name!r}")
+    return name
+
+
+_forced = _check_name(os.environ.get("FASTBERT_BACKEND", "auto").strip().lower() or "auto")
+
+
+def current():
+    """The forced backend name, or ``"auto"``."""
+    return _forced
+
+
+@contextlib.contextmanager
+def backend(name):
+    """``with fastbert.backend("cpu"): ...`` forces a backend (``"auto"`` restores the choice)."""
+    global _forced
+    previous, _forced = _forced, _check_name(name)
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
+def register_op(op):
+    """Called by fastbert/ops/<op>.py; fastbert/__init__.py calls :func:`refresh` once all loaded."""
+    if op not in OPS:
+        OPS.append(op)
+
+
+def refresh():
+    """Recompute what is available (after loading _C or triton ops)."""
+    global _TRITON_INTERPRET
+    from fastbert import _ext
+
+    _TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    _global.clear()
+    _global["reference"] = []
+    _global["cpu"] = [] if _ext.C is not None else [f"fastbert._C is not available ({_ext.error})"]
+    cuda = list(_global["cpu"])
+    if _ext.C is not None and not _ext.C.build_info()["cuda"]:
+        cuda.append("fastbert._C was built without CUDA kernels")
+    _global["cuda"] = cuda
+    _global["triton"] = _triton_reasons()
+    _op_missing.clear()
+    for op in OPS:
+        for name, key in (("cpu", "CPU"), ("cuda", "CUDA")):
+            if not _global[name] and not torch._C._dispatch_has_kernel_for_dispatch_key(
+                    f"fastbert::{op}_fwd", key):
+                _op_missing[(op, name)] = f"no {key} kernel is registered for fastbert::{op}_fwd"
+        if not _global["triton"] and not hasattr(torch.ops.fastbert, f"{op}_fwd_triton"):
+            _op_missing[(op, "triton")] = f"no Triton kernel for {op}"
+
+
+def _triton_reasons():
+    from fastbert import triton as ft
+
+    return [] if ft.available else [ft.error]
+
+
+def availability(name):
+    """Reasons the backend cannot run in this process at all (empty: it can run somewhere)."""
+    reasons = list(_global[_check_name(name)])
+    if name in ("cuda", "triton") and not reasons and not torch.cuda.is_available():
+        reasons.append("no CUDA device is available" + (
+            " (triton runs CPU tensors under TRITON_INTERPRET=1)" if name == "triton" else ""))
+    return reasons
+
+
+def not_supported_reasons(name, op, *tensors):
+    """Why backend ``name`` cannot run ``op`` on these tensors (``None`` entries are ignored)."""
+    reasons = list(_global[name])
+    missing = _op_missing.get((op, name))
+    if missing:
+        reasons.append(missing)
+    tensors = [t for t in tensors if t is not None]
+    devices = {t.device.type for t in tensors}
+    allowed = DEVICES[name]
+    if allowed is not None:
+        for dev in sorted(devices - set(allowed)):
+            reasons.append(f"tensors on {dev} (it runs {' and '.join(allowed)} tensors)")
+    if name == "triton" and "cpu" in devices and not _TRITON_INTERPRET:
+        reasons.append("CPU tensors run on triton only under TRITON_INTERPRET=1")
+    for dt in sorted({t.dtype for t in tensors}, key=str):
+        if dt not in DTYPES[name]:
+            reasons.append(f"dtype {dt} is not supported (it supports "
+                           f"{', '.join(str(d).replace('torch.', '') for d in DTYPES[name])})")
+    return reasons
+
+
+def select(op, *tensors):
+    """The backend that runs ``op`` on these tensors (see the module docstring)."""
+    forced = _forced
+    if forced != "auto":
+        reasons = not_supported_reasons(forced, op, *tensors)
+        if reasons:
+            raise BackendUnavailable(
+                f"fastbert: backend '{forced}' cannot run {op} here: " + "; ".join(reasons))
+        return forced
+    device = next(t.device.type for t in tensors if t is not None)
+    for name in PRIORITY.get(device, ("reference",)):
+        if not not_supported_reasons(name, op, *tensors):
+            return name
+    return "reference"

@@ -1,0 +1,16 @@
+"""Triton kernels (CUDA tensors; CPU tensors under TRITON_INTERPRET=1, which must be set before
+triton is imported). A missing or broken triton is recorded in ``error``, never raised."""
+
+available = False
+error = None
+try:
+    import triton  # noqa: F401
+    import triton.language  # noqa: F401
+    from torch.library import triton_op  # noqa: F401  (torch >= 2.6)
+
+    available = True
+except Exception as e:  # ImportError, or a triton that does not match torch
+    error = f"triton is not usable ({type(e).__name__}: {e})"
+
+if available:
+    from fastbert.triton import bias_gelu  # noqa: F401,E402  (registers fastbert::bias_gelu_*_triton)
