@@ -107,21 +107,25 @@ def availability(name):
 
 def not_supported_reasons(name, op, *tensors):
     """Why backend ``name`` cannot run ``op`` on these tensors (``None`` entries are ignored)."""
-    reasons = list(_global[name])
+    tensors = [t for t in tensors if t is not None]
+    return reasons_for(name, op, {t.device.type for t in tensors}, {t.dtype for t in tensors})
+
+
+def reasons_for(name, op, devices, dtypes):
+    """As :func:`not_supported_reasons`, for device types and dtypes instead of tensors."""
+    reasons = list(_global[_check_name(name)])
     missing = _op_missing.get((op, name))
     if missing:
         reasons.append(missing)
-    tensors = [t for t in tensors if t is not None]
-    devices = {t.device.type for t in tensors}
     allowed = DEVICES[name]
     if allowed is not None:
-        for dev in sorted(devices - set(allowed)):
+        for dev in sorted(set(devices) - set(allowed)):
             reasons.append(f"tensors on {dev} (it runs {' and '.join(allowed)} tensors)")
     if name == "triton" and "cpu" in devices and not _TRITON_INTERPRET:
         reasons.append("CPU tensors run on triton only under TRITON_INTERPRET=1")
-    for dt in sorted({t.dtype for t in tensors}, key=str):
+    for dt in sorted(set(dtypes), key=str):
         if dt not in DTYPES[name]:
-            reasons.append(f"dtype {dt} is not supported (it supports "
+            reasons.append(f"dtype {str(dt).replace('torch.', '')} is not supported (it supports "
                            f"{', '.join(str(d).replace('torch.', '') for d in DTYPES[name])})")
     return reasons
 

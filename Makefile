@@ -1,0 +1,42 @@
+# fastbert: `make test` and `make bench` each set up everything on a fresh machine (a .venv, torch
+# and the dependencies, the compiled extension) and then run. A second run rebuilds only what changed.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
+# What the build depends on besides the sources; a change re-runs the (incremental) build.
+BUILD_ENV := FASTBERT_BUILD_CUDA=$(FASTBERT_BUILD_CUDA) TORCH_CUDA_ARCH_LIST=$(TORCH_CUDA_ARCH_LIST) CUDA_HOME=$(CUDA_HOME)
+
+.PHONY: test bench info build clean FORCE
+
+test: $(VENV)/.built
+	$(PY) -m pytest -q tests
+
+bench: $(VENV)/.built
+	$(PY) -m benchmarks.run --quick
+
+info: $(VENV)/.built
+	$(PY) -m fastbert info
+
+build: $(VENV)/.built
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# Build requirements first (setup.py imports torch), then the package with its runtime and test
+# dependencies. pip's build isolation would build against a second torch: hence --no-build-isolation.
+$(VENV)/.deps: pyproject.toml | $(PY)
+	$(PIP) install $$($(PY) -c "import tomllib; print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['build-system']['requires']))")
+	touch $@
+
+$(VENV)/.build-env: FORCE | $(PY)
+	@echo '$(BUILD_ENV)' | cmp -s - $@ || echo '$(BUILD_ENV)' > $@
+
+$(VENV)/.built: $(VENV)/.deps $(VENV)/.build-env $(SOURCES)
+	$(PIP) install --no-build-isolation -e ".[test,triton]"
+	touch $@
+
+clean:
+	rm -rf build fastbert/_C*.so *.egg-info $(VENV)/.built

@@ -1,0 +1,108 @@
+"""Backend choice: priorities, forcing, FASTBERT_BACKEND, availability, `fastbert info`."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastbert
+from fastbert import backends
+from tests.utils import requires_c
+
+ENV = {**os.environ, "PYTHONWARNINGS": "default"}
+
+
+def run_py(code, **env):
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**ENV, **env}, timeout=300)
+
+
+@requires_c
+def test_auto_prefers_compiled_cpu_kernels():
+    x = torch.randn(2, 3)
+    assert backends.select("bias_gelu", x, None) == "cpu"
+    # float64 runs on the cpu backend too; an unknown device type falls back to the reference
+    assert backends.select("bias_gelu", x.double(), None) == "cpu"
+    assert backends.select("bias_gelu", torch.empty(2, 3, device="meta")) == "reference"
+
+
+def test_reasons_name_the_problem():
+    assert backends.reasons_for("reference", "bias_gelu", {"cpu"}, {torch.float64}) == []
+    reasons = backends.reasons_for("cuda", "bias_gelu", {"cpu"}, {torch.float64})
+    assert any("tensors on cpu" in r for r in reasons)
+    assert any("dtype float64 is not supported" in r for r in reasons)
+    if not backends._TRITON_INTERPRET:
+        assert any("TRITON_INTERPRET" in r for r in backends.reasons_for("triton", "bias_gelu", {"cpu"}, set()))
+
+
+def test_context_manager_restores_on_error():
+    assert backends.current() == "auto"
+    with pytest.raises(RuntimeError, match="boom"):
+        with fastbert.backend("reference"):
+            assert backends.current() == "reference"
+            raise RuntimeError("boom")
+    assert backends.current() == "auto"
+
+
+def test_forced_reference_runs_anywhere():
+    x = torch.randn(3, 4)
+    with fastbert.backend("reference"):
+        assert backends.select("bias_gelu", x) == "reference"
+
+
+def test_env_var_forces_backend():
+    code = ("import torch, fastbert; from fastbert import backends;"
+            "print(backends.current(), backends.select('bias_gelu', torch.randn(2, 2)))")
+    out = run_py(code, FASTBERT_BACKEND="reference")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["reference", "reference"]
+    bad = run_py("import fastbert", FASTBERT_BACKEND="gpu")
+    assert bad.returncode != 0 and "backend must be one of" in bad.stderr
+    forced = run_py("import torch, fastbert; fastbert.bias_gelu(torch.randn(2, 2))", FASTBERT_BACKEND="cuda")
+    assert forced.returncode != 0 and "BackendUnavailable" in forced.stderr and "tensors on cpu" in forced.stderr
+
+
+def test_import_without_extension_degrades_to_reference():
+    code = ("import sys, warnings, torch; sys.modules['fastbert._C'] = None\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    import fastbert\n"
+            "print(sum('compiled kernels are unavailable' in str(x.message) for x in w))\n"
+            "print(fastbert.backends.select('bias_gelu', torch.randn(2, 2)))\n"
+            "y = fastbert.bias_gelu(torch.randn(2, 2))\n"
+            "print(fastbert.backends.availability('cpu'))")
+    out = run_py(code)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "1", "exactly one warning"
+    assert lines[1] == "reference"
+    assert "fastbert._C is not available" in lines[2]
+
+
+@pytest.mark.parametrize("as_module", [True, False])
+def test_info_tells_the_truth(as_module):
+    cmd = [sys.executable, "-m", "fastbert", "info", "--json"] if as_module else ["fastbert", "info", "--json"]
+    exe = os.path.join(os.path.dirname(sys.executable), "fastbert")
+    if not as_module:
+        if not os.path.exists(exe):
+            pytest.skip("console script not installed (package not pip-installed)")
+        cmd[0] = exe
+    out = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    assert info["torch"] == torch.__version__
+    for name in backends.BACKENDS:
+        assert info["backends"][name]["available"] == (not backends.availability(name)), name
+    assert info["backends"]["reference"]["available"]
+    assert info["backends"]["cuda"]["available"] == (
+        torch.cuda.is_available() and fastbert._ext.C is not None and fastbert._ext.C.build_info()["cuda"])
+    if fastbert._ext.C is not None:
+        ext = info["extension"]
+        assert ext["cpu_isa_in_use"] == fastbert._ext.C.cpu_isas_supported()[0]
+        assert set(ext["cpu_isas_supported"]) <= set(ext["cpu_isas"])
+    text = subprocess.run([sys.executable, "-m", "fastbert", "info"], capture_output=True, text=True,
+                          env=ENV, timeout=300)
+    assert "backends:" in text.stdout and "bias_gelu" in text.stdout

@@ -1,0 +1,88 @@
+"""What fastbert._C contains: CPU ISA variants, CUDA kernels for the CUDA dispatch key, GPU code."""
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastbert
+from fastbert import backends
+from tests.utils import requires_c
+
+C = fastbert._ext.C
+BUILT_CUDA = C is not None and C.build_info()["cuda"]
+requires_cuda_build = pytest.mark.skipif(not BUILT_CUDA, reason="fastbert._C was built without CUDA")
+
+
+@requires_c
+def test_cpu_isa_variants():
+    info = C.build_info()
+    assert "generic" in info["cpu_isas"]
+    supported = C.cpu_isas_supported()
+    assert supported[-1] == "generic" and C.cpu_isa() == supported[0]
+    for isa in supported:
+        C.set_cpu_isa(isa)
+        assert C.cpu_isa() == isa
+    C.set_cpu_isa("auto")
+    with pytest.raises(ValueError, match="unknown CPU ISA 'sse9'"):
+        C.set_cpu_isa("sse9")
+    for isa in set(info["cpu_isas"]) - set(supported):
+        with pytest.raises(ValueError, match=f"this CPU cannot run the {isa} kernels"):
+            C.set_cpu_isa(isa)
+
+
+@requires_c
+def test_forced_cpu_isa_env():
+    code = "import torch, fastbert; print(fastbert._ext.C.cpu_isa()); fastbert.bias_gelu(torch.randn(2, 3))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "FASTBERT_CPU_ISA": "generic"})
+    assert out.returncode == 0 and out.stdout.strip() == "generic", out.stderr
+    bad = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "FASTBERT_CPU_ISA": "mmx"})
+    assert bad.returncode != 0 and "FASTBERT_CPU_ISA=mmx: unknown CPU ISA" in bad.stderr
+
+
+def test_ci_builds_cuda():
+    """CI sets FASTBERT_BUILD_CUDA=1: then the CUDA kernels must really be in the build."""
+    if os.environ.get("FASTBERT_BUILD_CUDA") != "1":
+        pytest.skip("FASTBERT_BUILD_CUDA=1 not set (CI sets it)")
+    assert BUILT_CUDA
+
+
+@requires_cuda_build
+@pytest.mark.parametrize("op", backends.OPS)
+def test_cuda_kernels_registered(op):
+    for suffix in ("fwd", "bwd"):
+        name = f"fastbert::{op}_{suffix}"
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA"), name
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU"), name
+
+
+def _cuobjdump():
+    import triton
+
+    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    for path in (shutil.which("cuobjdump"), os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"),
+                                                         "bin", "cuobjdump"), bundled):
+        if path and os.path.exists(path):
+            return path
+    return None
+
+
+@requires_cuda_build
+def test_so_holds_gpu_code_for_every_arch():
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump (CUDA toolkit or triton's bundled copy) to list the GPU code")
+    so = C.__file__
+    listing = subprocess.run([tool, "--list-elf", so], capture_output=True, text=True, timeout=120).stdout
+    listing += subprocess.run([tool, "--list-ptx", so], capture_output=True, text=True, timeout=120).stdout
+    for arch in C.build_info()["cuda_arch_list"].replace(" ", ";").split(";"):
+        if not arch:
+            continue
+        sm = "sm_" + arch.replace(".", "").replace("+PTX", "")
+        assert sm in listing, f"{sm} missing from {so}:\n{listing}"

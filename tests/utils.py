@@ -1,0 +1,105 @@
+"""Tolerances, backend parametrisation and skip markers shared by the tests.
+
+Accuracy rule (DESIGN.md): compared with the float64 reference, a fused result's max abs error must
+be within 2x eager PyTorch's own error (same dtype, same device) plus a small per-dtype atol.
+"""
+
+import os
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import fastbert
+
+
+@dataclass(frozen=True)
+class Tol:
+    atol: float  # absolute slack added to 2 x eager's error, per unit of output magnitude
+
+
+# TransformerEngine-style per-dtype table. atol is relative to the largest |reference| value
+# (at least 1), so values of any scale are judged by their own ulps.
+TOLERANCES = {
+    torch.float64: Tol(1e-12),
+    torch.float32: Tol(4e-7),
+    torch.float16: Tol(1e-3),
+    torch.bfloat16: Tol(8e-3),
+}
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+HAS_CUDA = torch.cuda.is_available()
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (none visible)")
+requires_c = pytest.mark.skipif(fastbert._ext.C is None,
+                                reason=f"fastbert._C not built: {fastbert._ext.error}")
+
+
+def cpu_isas():
+    return fastbert._ext.C.cpu_isas_supported() if fastbert._ext.C is not None else []
+
+
+def backend_params(device):
+    """pytest params "<backend>[:isa]" for every backend meant to run on ``device``; those that
+    cannot run here are kept as skips that say why."""
+    params = []
+    if device == "cpu":
+        isas = cpu_isas() or ["unbuilt"]
+        for isa in isas:
+            params.append(pytest.param(f"cpu:{isa}", marks=requires_c))
+        params.append(pytest.param("triton", marks=pytest.mark.skipif(
+            not (fastbert.triton.available and TRITON_INTERPRET),
+            reason="triton on CPU tensors needs TRITON_INTERPRET=1 and triton: "
+                   f"{fastbert.triton.error}")))
+    else:
+        params.append(pytest.param("cuda", marks=requires_cuda))
+        params.append(pytest.param("triton", marks=requires_cuda))
+    params.append("reference" if device == "cpu" else pytest.param("reference", marks=requires_cuda))
+    return params
+
+
+def device_backend_params():
+    """pytest params (device, backend) for both devices, ids like "cpu-cpu:avx2"."""
+    out = []
+    for device in ("cpu", "cuda"):
+        for p in backend_params(device):
+            value, marks = (p.values[0], p.marks) if hasattr(p, "values") else (p, ())
+            out.append(pytest.param(device, value, marks=marks, id=f"{device}-{value}"))
+    return out
+
+
+class use_backend:
+    """``with use_backend("cpu:avx2"):`` forces the backend (and CPU ISA) for the block."""
+
+    def __init__(self, param):
+        self.name, _, self.isa = param.partition(":")
+
+    def __enter__(self):
+        if self.isa:
+            fastbert._ext.C.set_cpu_isa(self.isa)
+        self.ctx = fastbert.backend(self.name)
+        self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        self.ctx.__exit__(*exc)
+        if self.isa:
+            fastbert._ext.C.set_cpu_isa("auto")
+
+
+def max_err(a, ref):
+    if ref.numel() == 0:
+        return 0.0
+    return (a.double() - ref).abs().max().item()
+
+
+def assert_close(actual, ref64, eager, what=""):
+    """``actual`` against the float64 ``ref64``: error <= 2 x eager's error + atol (see module doc)."""
+    assert actual.shape == ref64.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(ref64.shape)}"
+    assert actual.dtype == eager.dtype, f"{what}: dtype {actual.dtype} != {eager.dtype}"
+    assert torch.isfinite(actual).all() or not torch.isfinite(ref64).all(), f"{what}: non-finite values"
+    scale = max(1.0, ref64.abs().max().item()) if ref64.numel() else 1.0
+    err, eager_err = max_err(actual, ref64), max_err(eager, ref64)
+    bound = 2 * eager_err + TOLERANCES[actual.dtype].atol * scale
+    assert err <= bound, (f"{what}: max error {err:.3g} > 2 x eager error {eager_err:.3g} + "
+                          f"atol {TOLERANCES[actual.dtype].atol:g} x scale {scale:.3g}")
