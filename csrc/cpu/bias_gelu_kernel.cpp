@@ -21,11 +21,15 @@ using namespace fastbert::simd;
 constexpr float kSqrt1_2 = 0.70710678118654752f;
 constexpr float kSqrt2OverPi = 0.79788456080286536f;
 constexpr float kCubic = 0.044715f;
+// |z| >= 10 saturates the tanh form to fp32 precision (|u| > 43, e^(-2|u|) < 1e-38); clamping z
+// inside u keeps z^3 and exp finite for any input, so gelu'(huge) is exactly 1 or 0.
+constexpr float kTanhClamp = 10.0f;
 
 template <bool TANH>
 inline vf gelu(vf z) {
   if (TANH) {
-    const vf u = kSqrt2OverPi * (z + kCubic * z * z * z);
+    const vf c = vmin(vmax(z, -kTanhClamp), kTanhClamp);
+    const vf u = kSqrt2OverPi * (c + kCubic * c * c * c);
     return z * (1.0f / (1.0f + vexp(-2.0f * u)));
   }
   return z * (0.5f + 0.5f * verf(z * kSqrt1_2));
@@ -34,12 +38,13 @@ inline vf gelu(vf z) {
 template <bool TANH>
 inline vf gelu_grad(vf z) {
   if (TANH) {
-    const vf z2 = z * z;
-    const vf u = kSqrt2OverPi * (z + kCubic * z2 * z);
+    const vf c = vmin(vmax(z, -kTanhClamp), kTanhClamp);
+    const vf c2 = c * c;
+    const vf u = kSqrt2OverPi * (c + kCubic * c2 * c);
     const vf e = vexp(-2.0f * u);
     const vf s = 1.0f / (1.0f + e);
-    const vf du = kSqrt2OverPi * (1.0f + 3.0f * kCubic * z2);
-    return s + 2.0f * z * (s * s * e) * du;  // s (1 - s) = e s^2, without cancellation
+    const vf du = kSqrt2OverPi * (1.0f + 3.0f * kCubic * c2);
+    return s + 2.0f * c * (s * s * e) * du;  // s (1 - s) = e s^2, without cancellation
   }
   // gelu'(z) - 1/2 = erf(x)/2 + z phi(z) (x = z/sqrt 2) is odd and tends to 0 like z phi(z); one
   // rational x P(x^2) / Q(x^2) on |x| <= 4.3 fits it to 6.3e-8 (scripts/fit_gelu_grad.py), which
