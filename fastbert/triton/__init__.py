@@ -13,4 +13,8 @@ except Exception as e:  # ImportError, or a triton that does not match torch
     error = f"triton is not usable ({type(e).__name__}: {e})"
 
 if available:
-    from fastbert.triton import bias_gelu  # noqa: F401,E402  (registers fastbert::bias_gelu_*_triton)
+    try:
+        from fastbert.triton import bias_gelu  # noqa: F401  (registers fastbert::bias_gelu_*_triton)
+    except Exception as e:  # e.g. a torch/triton pair whose triton_op or jit rejects the kernels
+        available = False
+        error = f"fastbert's Triton kernels failed to load ({type(e).__name__}: {e})"
