@@ -260,3 +260,15 @@ def test_module(seed):
     assert fastbert.nn.FusedBiasGELU(4, bias=False).bias is None
     with pytest.raises(ValueError, match="approximate"):
         fastbert.nn.FusedBiasGELU(4, approximate="erf")
+
+
+@pytest.mark.parametrize("backend", [p for p in backend_params("cpu") if getattr(p, "values", [p])[0] != "reference"])
+@pytest.mark.parametrize("approximate", APPROXIMATE)
+def test_extreme_inputs_saturate(backend, approximate):
+    """Huge |z| (z^3 and z^2 overflow fp32) still gives gelu = z or 0 and gelu' = 1 or 0, no NaN."""
+    x = torch.tensor([[-1e20, -1e4, -30.0, -10.0, 10.0, 30.0, 1e4, 1e20]]).requires_grad_()
+    with use_backend(backend):
+        y = fastbert.bias_gelu(x, None, approximate)
+    y.backward(torch.ones_like(y))
+    torch.testing.assert_close(y.detach(), torch.where(x > 0, x, 0.0).detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(x.grad, (x > 0).float(), rtol=0, atol=1e-6)

@@ -56,14 +56,8 @@ _IMPLS = {
 }
 
 
-def bias_gelu(x, bias=None, approximate="none"):
-    """``gelu(x + bias)`` over the last dimension of ``x`` (``bias`` has shape ``[x.shape[-1]]``).
-
-    Args:
-        x: float32/float16/bfloat16 tensor of any shape (float64 on the cpu and reference backends).
-        bias: optional 1-D tensor of size ``x.shape[-1]`` on x's device; any float dtype.
-        approximate: ``"none"`` (exact, erf) or ``"tanh"``, as in ``torch.nn.functional.gelu``.
-    """
+def check_args(x, bias, approximate):
+    """Validate bias_gelu's arguments; every backend's entry point calls this."""
     _checks.tensor(x, OP, "x")
     _checks.tensor(bias, OP, "bias", optional=True)
     _checks.floating(x, OP, "x")
@@ -79,4 +73,15 @@ def bias_gelu(x, bias=None, approximate="none"):
         if (x.dtype == torch.float64) != (bias.dtype == torch.float64):
             raise ValueError(f"{OP}: float64 x needs a float64 bias and vice versa, got x {x.dtype} "
                              f"and bias {bias.dtype}")
+
+
+def bias_gelu(x, bias=None, approximate="none"):
+    """``gelu(x + bias)`` over the last dimension of ``x`` (``bias`` has shape ``[x.shape[-1]]``).
+
+    Args:
+        x: float32/float16/bfloat16 tensor of any shape (float64 on the cpu and reference backends).
+        bias: optional 1-D tensor of size ``x.shape[-1]`` on x's device; any float dtype.
+        approximate: ``"none"`` (exact, erf) or ``"tanh"``, as in ``torch.nn.functional.gelu``.
+    """
+    check_args(x, bias, approximate)
     return _IMPLS[backends.select(OP, x, bias)](x, bias, approximate)

@@ -32,7 +32,7 @@ from torch.library import triton_op, wrap_triton
 from fastbert.ops import _library
 from fastbert.ops.bias_gelu import _fake_bwd as _ops_fake_bwd
 from fastbert.ops.bias_gelu import _fake_fwd as _ops_fake_fwd
-from fastbert.ops.bias_gelu import backward, setup_context
+from fastbert.ops.bias_gelu import backward, check_args, setup_context
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -245,21 +245,10 @@ def _define(name, fake):
 
 
 def _check(x, bias, approximate, op):
-    if approximate not in ("none", "tanh"):
-        raise ValueError(f"bias_gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
-    if x.dtype not in _DTYPES:
-        raise ValueError(f"bias_gelu ({op}): x must be float32, float16 or bfloat16, got {x.dtype}")
-    if x.dim() == 0:
-        raise ValueError("bias_gelu: x must have at least one dimension")
-    if bias is not None:
-        if bias.dtype not in _DTYPES:
-            raise ValueError(f"bias_gelu ({op}): bias must be float32, float16 or bfloat16, "
-                             f"got {bias.dtype}")
-        if bias.device != x.device:
-            raise ValueError(f"bias_gelu: bias is on {bias.device} but x is on {x.device}")
-        if bias.dim() != 1 or bias.shape[0] != x.shape[-1]:
-            raise ValueError(f"bias_gelu: bias must have shape [{x.shape[-1]}] (the last dimension "
-                             f"of x), got {list(bias.shape)}")
+    check_args(x, bias, approximate)
+    for t, name in ((x, "x"), (bias, "bias")):
+        if t is not None and t.dtype not in _DTYPES:
+            raise ValueError(f"bias_gelu ({op}): {name} must be float32, float16 or bfloat16, got {t.dtype}")
     if x.device.type == "cpu" and not _INTERPRET:
         raise RuntimeError(f"bias_gelu ({op}): the Triton kernels run CUDA tensors (CPU tensors only "
                            f"under TRITON_INTERPRET=1, set before triton is imported)")
