@@ -307,6 +307,21 @@ def is_busy(load, ncores, threshold=None):
     return any((load.get(k) or 0.0) > threshold for k in ("other_load_cores", "steal_cores"))
 
 
+def wait_quiet(max_s, ncores, threshold=None, window_s=1.0, probe=LoadProbe, sleep=time.sleep,
+               clock=time.perf_counter):
+    """Wait up to ``max_s`` for a ``window_s`` window without other load (shared machines).
+    Returns the seconds waited, or None if the machine stayed busy."""
+    t0 = clock()
+    while True:
+        p = probe()
+        p.start()
+        sleep(window_s)
+        if not is_busy(p.stop(), ncores, threshold):
+            return clock() - t0
+        if clock() - t0 >= max_s:
+            return None
+
+
 # ---------------------------------------------------------------- running
 
 def run_case(case, meta, budget=QUICK, timer=None, copy_gbps=None, busy_thr=None, probe=None):

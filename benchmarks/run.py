@@ -48,6 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, help="torch.set_num_threads (CPU), default torch's")
     p.add_argument("--gpu-timer", default="events", choices=["events", "do_bench"])
     p.add_argument("--busy-threshold", type=float, help="other load (cores) that flags a row busy")
+    p.add_argument("--wait-quiet", type=float, default=0, metavar="S", help="before each case "
+                   "wait up to S seconds for a 1 s window without other load (default 0)")
     p.add_argument("--no-merge", action="store_true", help="overwrite the results files instead "
                    "of replacing only the cases that were run")
     p.set_defaults(mode="quick")
@@ -76,6 +78,9 @@ def main(argv=None):
 
     meta = report.host_info(device)
     timer = harness.make_timer(device, args.gpu_timer)
+    quiet = lambda: args.wait_quiet > 0 and harness.wait_quiet(  # noqa: E731
+        args.wait_quiet, meta["ncores"], args.busy_threshold)
+    quiet()
     copy = harness.measure_copy_bandwidth(device, args.copy_mib, timer=timer)
     copy["copy_busy"] = harness.is_busy(copy, meta["ncores"], args.busy_threshold)
     meta.update(mode=args.mode, budget=dataclasses.asdict(budget), **copy)
@@ -90,6 +95,7 @@ def main(argv=None):
     with tqdm(cases, unit="case", file=sys.stderr, dynamic_ncols=True) as bar:
         for case in bar:
             bar.set_postfix_str(" ".join(case.key()).strip())
+            quiet()
             rows += harness.run_case(case, meta, budget, timer, copy["copy_gbps"],
                                      args.busy_threshold)
     wall = time.perf_counter() - wall0

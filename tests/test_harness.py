@@ -135,6 +135,24 @@ def test_load_probe_without_proc_stat():
     assert load["other_load_cores"] is None and not harness.is_busy(load, ncores=2)
 
 
+def test_wait_quiet_returns_once_the_machine_is_quiet():
+    loads = iter([1.0, 0.9, 0.1, 0.0])
+
+    class Probe:
+        def start(self):
+            pass
+
+        def stop(self):
+            return {"other_load_cores": next(loads), "steal_cores": 0.0}
+
+    clock = itertools.count(0.0, 1.0)
+    waited = harness.wait_quiet(60, 2, probe=Probe, sleep=lambda s: None, clock=lambda: next(clock))
+    assert waited is not None and next(loads) == 0.0  # stopped at the third window (0.1 cores)
+    loads = iter([1.0] * 100)
+    assert harness.wait_quiet(3, 2, probe=Probe, sleep=lambda s: None,
+                              clock=lambda: next(clock)) is None
+
+
 def test_read_proc_stat(tmp_path):
     p = tmp_path / "stat"
     p.write_text("cpu  100 5 50 1000 20 3 2 7 0 0\ncpu0 1 2 3 4 5 6 7 8 0 0\n")
