@@ -271,10 +271,12 @@ def read_proc_stat(path="/proc/stat"):
 
 class LoadProbe:
     """CPU load seen between start() and stop(): other processes' busy time (``/proc/stat`` busy
-    minus this process's CPU time) and hypervisor steal, in cores, plus the 1-min load average."""
+    minus this process's CPU time) and hypervisor steal, in cores, plus the 1-min load average.
+    /proc/stat counts whole ticks (10 ms), so stop() first waits until ``min_window_s`` passed."""
     def __init__(self, stat=read_proc_stat, own_cpu=time.process_time, clock=time.perf_counter,
-                 loadavg=os.getloadavg, hz=None):
+                 loadavg=os.getloadavg, hz=None, min_window_s=0.5):
         self.stat, self.own_cpu, self.clock, self.loadavg = stat, own_cpu, clock, loadavg
+        self.min_window_s = min_window_s
         self.hz = hz or (os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100)
 
     def start(self):
@@ -287,8 +289,11 @@ class LoadProbe:
             return None
 
     def stop(self):
-        s1, own1, t1 = self.stat_or_none(), self.own_cpu(), self.clock()
         s0, own0, t0 = self.t0
+        short = self.min_window_s - (self.clock() - t0)
+        if short > 0:
+            time.sleep(short)
+        s1, own1, t1 = self.stat_or_none(), self.own_cpu(), self.clock()
         load = {"loadavg_1m": self.loadavg()[0], "other_load_cores": None, "steal_cores": None}
         if s0 is not None and s1 is not None and t1 > t0:
             busy = (s1[0] - s0[0]) / self.hz

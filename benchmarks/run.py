@@ -83,7 +83,7 @@ def main(argv=None):
     quiet()
     copy = harness.measure_copy_bandwidth(device, args.copy_mib, timer=timer)
     copy["copy_busy"] = harness.is_busy(copy, meta["ncores"], args.busy_threshold)
-    meta.update(mode=args.mode, budget=dataclasses.asdict(budget), **copy)
+    meta.update(mode=args.mode, budget=dataclasses.asdict(budget), wait_quiet=args.wait_quiet, **copy)
     print(f"{meta['host_kind']}: {meta['device_name']}; torch {meta['torch']}, "
           f"{meta['torch_threads']} threads; copy bandwidth {copy['copy_gbps']:.1f} GB/s "
           f"(other load {report.fmt(copy['other_load_cores'], '.2f')} cores, "

@@ -4,6 +4,7 @@ import csv
 import itertools
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -98,7 +99,7 @@ def test_stops_at_the_time_cap_when_noisy():
 # ---------------------------------------------------------------- load and busy flag
 
 def fake_probe(stat, own, hz=100):
-    stat, own, clock = iter(stat), iter(own), iter([10.0, 12.0])  # a 2 s window
+    stat, own, clock = iter(stat), iter(own), iter([10.0, 12.0, 12.0])  # a 2 s window
     return LoadProbe(stat=lambda: next(stat), own_cpu=lambda: next(own), clock=lambda: next(clock),
                      loadavg=lambda: (1.5, 1.0, 0.5), hz=hz)
 
@@ -124,6 +125,14 @@ def test_load_probe_quiet_machine_and_steal():
     stolen = probe.stop()
     assert stolen["steal_cores"] == pytest.approx(0.5) and harness.is_busy(stolen, ncores=2)
     assert not harness.is_busy({"other_load_cores": 2.0}, ncores=64)  # threshold scales: 3.2
+
+
+def test_load_probe_real_short_window_is_sane():
+    probe = LoadProbe(min_window_s=0.3)  # a 10 ms tick over a microsecond window was ~70 "cores"
+    probe.start()
+    load = probe.stop()
+    if load["other_load_cores"] is not None:
+        assert 0 <= load["other_load_cores"] <= (os.cpu_count() or 1) + 0.5
 
 
 def test_load_probe_without_proc_stat():
@@ -174,7 +183,7 @@ def fake_case(shape=(4, 8)):
 def fake_rows(shape=(4, 8)):
     budget = Budget(min_rounds=6, max_rounds=6, warmup_calls=1, warmup_s=0)
     return harness.run_case(fake_case(shape), META, budget, FakeTimer([1e-3, 2e-3, 3e-3]),
-                            copy_gbps=10.0)
+                            copy_gbps=10.0, probe=fake_probe(stat=[(0, 0), (100, 0)], own=[0, 2]))
 
 
 def test_rows_have_the_schema():
