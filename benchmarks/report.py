@@ -1,0 +1,131 @@
+"""Results of a run: host facts, the terminal table, ``<host-kind>.json`` and ``.csv``.
+
+Every row is flat and self-contained (``harness.FIELDS``: the case key, the statistics, the load
+seen, the device and versions, a timestamp), so files from different runs can be compared row by
+row on ``harness.KEY`` + ``candidate``.
+"""
+
+import csv
+import json
+import math
+import os
+import platform
+import re
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from benchmarks.harness import FIELDS, KEY, SCHEMA
+
+
+def _slug(text):
+    text = re.sub(r"\((r|tm)\)|\bcpu @.*|\bprocessor\b|\d+-core", "", text.lower())
+    return re.sub(r"[^a-z0-9]+", "-", text).strip("-")
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit():
+    """Short commit of the checkout, ``+dirty`` if tracked code (not results) has changes."""
+    def git(*args):
+        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
+                              cwd=Path(__file__).resolve().parent.parent).stdout.strip()
+    try:
+        commit = git("rev-parse", "--short=12", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                    ":(exclude)benchmarks/results")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (commit + ("+dirty" if dirty else "")) or None
+
+
+def host_info(device):
+    """Run-level facts stored in every row; ``host_kind`` names the results files."""
+    ncores = os.cpu_count() or 1
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+        kind = "cuda-" + _slug(name.replace("NVIDIA", ""))
+    else:
+        name = f"{cpu_model()} ({ncores} cores, {torch.backends.cpu.get_cpu_capability()})"
+        kind = f"cpu-{_slug(cpu_model())}-{ncores}c"
+    from importlib import metadata
+    try:
+        triton = metadata.version("triton")
+    except metadata.PackageNotFoundError:
+        triton = None
+    try:
+        import fastbert
+        fb = fastbert.__version__
+    except Exception:
+        fb = None
+    return {"device": device, "device_name": name, "host_kind": kind, "ncores": ncores,
+            "torch": torch.__version__, "triton": triton, "fastbert": fb,
+            "git_commit": git_commit(), "torch_threads": torch.get_num_threads(),
+            "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def write_results(rows, meta, out_dir, merge=True):
+    """Write ``<host_kind>.json`` and ``.csv``; rows of cases not re-run are kept from the old file."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{meta['host_kind']}.json"
+    rows = [{k: _finite(r.get(k)) for k in FIELDS} for r in rows]
+    if merge and path.exists():
+        old = json.loads(path.read_text())
+        if old.get("schema") == SCHEMA:
+            new = {tuple(r[k] for k in KEY) for r in rows}
+            rows = [r for r in old["rows"] if tuple(r.get(k) for k in KEY) not in new] + rows
+    doc = {"schema": SCHEMA, "host_kind": meta["host_kind"], "meta": meta, "fields": FIELDS,
+           "rows": rows}
+    path.write_text(json.dumps(doc, indent=1, default=str, allow_nan=False) + "\n")
+    with open(path.with_suffix(".csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        w.writerows({k: _csv_value(r.get(k)) for k in FIELDS} for r in rows)
+    return path, path.with_suffix(".csv")
+
+
+def _finite(v):
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def _csv_value(v):
+    if isinstance(v, float):
+        return "" if math.isnan(v) else ("inf" if math.isinf(v) else f"{v:.6g}")
+    return "" if v is None else v
+
+
+def fmt(v, spec):
+    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)
+
+
+def format_table(rows):
+    """Terminal table, one line per case x candidate; '*' marks rows measured on a busy machine."""
+    head = ["op", "shape", "dtype", "pass", "params", "candidate", "p50 ms", "p20-p80 ms", "GB/s",
+            "copy%", "x eager", "x compile", "peak MB", "other", "n"]
+    lines, last = [], None
+    for r in rows:
+        key = tuple(r.get(k) for k in KEY)
+        case = ["", "", "", "", ""] if key == last else [str(r.get(k) or "") for k in KEY]
+        last = key
+        lines.append(case + [
+            r["candidate"], fmt(r["p50_ms"], ".3f"), f"{fmt(r['p20_ms'], '.3f')}-{fmt(r['p80_ms'], '.3f')}",
+            fmt(r["gbps"], ".1f"), fmt(r["frac_copy_bw"] and 100 * r["frac_copy_bw"], ".0f"),
+            fmt(r["speedup_vs_eager"], ".2f"), fmt(r["speedup_vs_compile"], ".2f"),
+            fmt(r["peak_mem_bytes"] and r["peak_mem_bytes"] / 2**20, ".1f"),
+            fmt(r["other_load_cores"], ".2f") + ("*" if r["busy"] else ""), str(r["n"])])
+    widths = [max(len(x) for x in col) for col in zip(head, *lines)]
+    out = ["  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip() for line in [head] + lines]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(out)

@@ -1,0 +1,113 @@
+"""Run the op benchmarks: ``python -m benchmarks.run [--quick|--full] [--ops gelu] [--dtype ...]``.
+
+Discovers ``benchmarks/bench_<op>.py`` modules (each defines ``cases(device, mode, dtypes, shapes)``),
+measures the machine's copy bandwidth once, runs every case (candidates interleaved), prints the
+table and writes ``<out>/<host-kind>.json`` and ``.csv``.
+"""
+
+import argparse
+import dataclasses
+import importlib
+import pkgutil
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+import benchmarks
+from benchmarks import harness, report
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def discover():
+    """``{op: module}`` for every benchmarks/bench_<op>.py."""
+    return {m.name[len("bench_"):]: importlib.import_module(f"benchmarks.{m.name}")
+            for m in pkgutil.iter_modules(benchmarks.__path__) if m.name.startswith("bench_")}
+
+
+def _split(values):
+    return [v for value in values or [] for v in value.split(",") if v]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", dest="mode", action="store_const", const="quick",
+                      help="default: the main shapes, adaptive repeats capped per case (< 10 min on 2 cores)")
+    mode.add_argument("--full", dest="mode", action="store_const", const="full",
+                      help="more variants (e.g. tanh GELU), more repeats, tighter medians")
+    p.add_argument("--ops", nargs="+", help="ops to run (bench_<op>.py names), default all")
+    p.add_argument("--dtype", nargs="+", help="float32, bfloat16, float16 (or fp32/bf16/fp16)")
+    p.add_argument("--shapes", nargs="+", help="override the shapes, e.g. 4096x3072")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--out", default=str(RESULTS), help="results directory (default benchmarks/results)")
+    p.add_argument("--case-seconds", type=float, help="time cap per case (overrides the mode's)")
+    p.add_argument("--copy-mib", type=int, default=256, help="buffer size of the copy-bandwidth probe")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (CPU), default torch's")
+    p.add_argument("--gpu-timer", default="events", choices=["events", "do_bench"])
+    p.add_argument("--busy-threshold", type=float, help="other load (cores) that flags a row busy")
+    p.add_argument("--wait-quiet", type=float, default=0, metavar="S", help="before each case "
+                   "wait up to S seconds for a 1 s window without other load (default 0)")
+    p.add_argument("--no-merge", action="store_true", help="overwrite the results files instead "
+                   "of replacing only the cases that were run")
+    p.set_defaults(mode="quick")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    wall0 = time.perf_counter()
+    import torch
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    modules = discover()
+    ops = _split(args.ops) or sorted(modules)
+    unknown = sorted(set(ops) - set(modules))
+    if unknown:
+        sys.exit(f"unknown op(s) {', '.join(unknown)}; available: {', '.join(sorted(modules))}")
+    dtypes = [harness.dtype_name(d) for d in _split(args.dtype)] or None
+    shapes = [tuple(int(d) for d in s.lower().split("x")) for s in _split(args.shapes)] or None
+    budget = harness.FULL if args.mode == "full" else harness.QUICK
+    if args.case_seconds is not None:
+        budget = dataclasses.replace(budget, time_s=args.case_seconds)
+
+    meta = report.host_info(device)
+    timer = harness.make_timer(device, args.gpu_timer)
+    quiet = lambda: args.wait_quiet > 0 and harness.wait_quiet(  # noqa: E731
+        args.wait_quiet, meta["ncores"], args.busy_threshold)
+    quiet()
+    copy = harness.measure_copy_bandwidth(device, args.copy_mib, timer=timer)
+    copy["copy_busy"] = harness.is_busy(copy, meta["ncores"], args.busy_threshold)
+    meta.update(mode=args.mode, budget=dataclasses.asdict(budget), wait_quiet=args.wait_quiet, **copy)
+    print(f"{meta['host_kind']}: {meta['device_name']}; torch {meta['torch']}, "
+          f"{meta['torch_threads']} threads; copy bandwidth {copy['copy_gbps']:.1f} GB/s "
+          f"(other load {report.fmt(copy['other_load_cores'], '.2f')} cores, "
+          f"loadavg {copy['loadavg_1m']:.2f}{', BUSY' if copy['copy_busy'] else ''})", flush=True)
+
+    cases = [c for op in ops for c in modules[op].cases(device=device, mode=args.mode,
+                                                        dtypes=dtypes, shapes=shapes)]
+    rows = []
+    with tqdm(cases, unit="case", file=sys.stderr, dynamic_ncols=True) as bar:
+        for case in bar:
+            bar.set_postfix_str(" ".join(case.key()).strip())
+            quiet()
+            rows += harness.run_case(case, meta, budget, timer, copy["copy_gbps"],
+                                     args.busy_threshold)
+    wall = time.perf_counter() - wall0
+    print(report.format_table(rows))
+    json_path, csv_path = report.write_results(rows, meta, args.out, merge=not args.no_merge)
+    busy = sum(1 for r in rows if r["busy"])
+    loads = [r["other_load_cores"] for r in rows if r["other_load_cores"] is not None]
+    print(f"\n{len(cases)} cases, {len(rows)} rows in {wall:.0f} s; other load seen "
+          f"{min(loads, default=0):.2f}-{max(loads, default=0):.2f} cores, "
+          f"{busy} rows flagged busy (*); wrote {json_path} and {csv_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
