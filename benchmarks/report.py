@@ -9,7 +9,6 @@ import csv
 import json
 import math
 import os
-import platform
 import re
 import subprocess
 from datetime import datetime, timezone
@@ -18,22 +17,12 @@ from pathlib import Path
 import torch
 
 from benchmarks.harness import FIELDS, KEY, SCHEMA
+from fastbert.cli import cpu_model
 
 
 def _slug(text):
     text = re.sub(r"\((r|tm)\)|\bcpu @.*|\bprocessor\b|\d+-core", "", text.lower())
     return re.sub(r"[^a-z0-9]+", "-", text).strip("-")
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def git_commit():

@@ -12,7 +12,8 @@ import fastbert
 from fastbert import _ext, backends
 
 
-def _cpu_model():
+def cpu_model():
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -34,7 +35,7 @@ def collect():
         "torch_cuda": torch.version.cuda,
         "triton": getattr(sys.modules.get("triton"), "__version__", None),
         "platform": f"{platform.system()} {platform.machine()}",
-        "cpu": f"{_cpu_model()} ({os.cpu_count()} logical cores, torch uses {torch.get_num_threads()} threads)",
+        "cpu": f"{cpu_model()} ({os.cpu_count()} logical cores, torch uses {torch.get_num_threads()} threads)",
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         if torch.cuda.is_available() else [],
         "extension": None,

@@ -44,4 +44,13 @@ inline void check_bias_gelu(const at::Tensor& x, const std::optional<at::Tensor>
                    "bias_gelu: float64 x needs a float64 bias and vice versa");
 }
 
+// The backward's extra input: grad must match x in shape, dtype and device.
+inline void check_bias_gelu_grad(const at::Tensor& grad, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(grad.sizes() == x.sizes(), "bias_gelu backward: grad has shape ", grad.sizes(),
+                    " but x has shape ", x.sizes());
+  TORCH_CHECK_VALUE(grad.scalar_type() == x.scalar_type(), "bias_gelu backward: grad dtype ",
+                    grad.scalar_type(), " differs from x dtype ", x.scalar_type());
+  check_same_device(x, grad, "bias_gelu backward", "grad");
+}
+
 }  // namespace fastbert

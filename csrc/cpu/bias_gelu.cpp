@@ -69,11 +69,7 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd_cpu(const at::Tensor& dy_, cons
                                                      c10::string_view approximate, bool need_dbias) {
   check_bias_gelu(x_, bias);
   const bool tanh = parse_gelu_approximate(approximate);
-  TORCH_CHECK_VALUE(dy_.sizes() == x_.sizes(), "bias_gelu backward: grad has shape ", dy_.sizes(),
-                    " but x has shape ", x_.sizes());
-  TORCH_CHECK_VALUE(dy_.scalar_type() == x_.scalar_type(), "bias_gelu backward: grad dtype ",
-                   dy_.scalar_type(), " differs from x dtype ", x_.scalar_type());
-  check_same_device(x_, dy_, "bias_gelu backward", "grad");
+  check_bias_gelu_grad(dy_, x_);
   const at::Tensor x = x_.contiguous(), dy = dy_.contiguous();
   const at::Tensor b = bias_for_kernel(bias, x);
   at::Tensor dx = empty_output(x.sizes(), x.options());

@@ -56,11 +56,7 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd_cuda(const at::Tensor& dy_, con
                                                       bool need_dbias) {
   check_bias_gelu(x_, bias);
   const bool tanh = parse_gelu_approximate(approximate);
-  TORCH_CHECK_VALUE(dy_.sizes() == x_.sizes(), "bias_gelu backward: grad has shape ", dy_.sizes(),
-                    " but x has shape ", x_.sizes());
-  TORCH_CHECK_VALUE(dy_.scalar_type() == x_.scalar_type(), "bias_gelu backward: grad dtype ",
-                    dy_.scalar_type(), " differs from x dtype ", x_.scalar_type());
-  check_same_device(x_, dy_, "bias_gelu backward", "grad");
+  check_bias_gelu_grad(dy_, x_);
   const c10::cuda::CUDAGuard guard(x_.device());
   const at::Tensor x = x_.contiguous(), dy = dy_.contiguous();
   const at::Tensor b = bias_for_kernel(bias);
