@@ -28,7 +28,7 @@ $(PY):
 # Build requirements first (setup.py imports torch), then the package with its runtime and test
 # dependencies. pip's build isolation would build against a second torch: hence --no-build-isolation.
 $(VENV)/.deps: pyproject.toml | $(PY)
-	$(PIP) install $$($(PY) -c "import tomllib; print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['build-system']['requires']))")
+	$(PIP) install $$($(PY) -c "import re; r = re.search(r'requires = \[(.*?)\]', open('pyproject.toml').read()).group(1); print(' '.join(q.strip().strip('\"') for q in r.split(',')))")
 	touch $@
 
 $(VENV)/.build-env: FORCE | $(PY)
