@@ -32,7 +32,8 @@ import torch  # noqa: E402
 from torch.utils import cpp_extension  # noqa: E402  (reads CUDA_HOME at import)
 
 X86 = platform.machine().lower() in ("x86_64", "amd64")
-# Per-ISA flags for the kernel files. Never -march=native: the wheel must run on other CPUs.
+# Per-ISA flags for the kernel files, never tuned to the build machine: the wheel must run on other
+# CPUs, which pick their variant at run time.
 ISA_FLAGS = {"generic": []}
 if X86:
     ISA_FLAGS["avx2"] = ["-mavx2", "-mfma", "-mf16c"]
