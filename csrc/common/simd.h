@@ -66,6 +66,17 @@ inline vf vmax(vf a, vf b) {
   return a > b ? a : b;
 #endif
 }
+// Lane-wise: a where the sign bit of s is set (negative s, -0 included), else b.
+inline vf vselect_neg(vf s, vf a, vf b) {
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+  return bitcast<vf>(_mm512_mask_blend_ps(_mm512_movepi32_mask(bitcast<__m512i>(s)),
+                                          bitcast<__m512>(b), bitcast<__m512>(a)));
+#elif defined(__AVX2__)
+  return bitcast<vf>(_mm256_blendv_ps(bitcast<__m256>(b), bitcast<__m256>(a), bitcast<__m256>(s)));
+#else
+  return bitcast<vi>(s) < 0 ? a : b;
+#endif
+}
 inline vf vmin(vf a, float b) { return vmin(a, splat(b)); }
 inline vf vmax(vf a, float b) { return vmax(a, splat(b)); }
 inline vf vabs(vf a) { return bitcast<vf>(bitcast<vu>(a) & 0x7fffffffu); }
@@ -165,25 +176,19 @@ inline vf vexp(vf x) {
   return bitcast<vf>(bitcast<vu>(p) + (bitcast<vu>(k) << 23));  // p * 2^n
 }
 
-// erf(x) as x P(x^2) / Q(x^2) on [-4, 4] (the rational form used by Eigen and XLA; its maximum
-// absolute error is 6.5e-8 in exact arithmetic, a few ulp in fp32). erf(+-4) = +-(1 - 1.5e-8).
-inline vf verf(vf x) {
-  x = vmin(vmax(x, -4.0f), 4.0f);
-  const vf x2 = x * x;
-  vf p = splat(-2.72614225801306e-10f);
-  p = p * x2 + 2.77068142495902e-08f;
-  p = p * x2 + -2.10102402082508e-06f;
-  p = p * x2 + -5.69250639462346e-05f;
-  p = p * x2 + -7.34990630326855e-04f;
-  p = p * x2 + -2.95459980854025e-03f;
-  p = p * x2 + -1.60960333262415e-02f;
-  vf q = splat(-1.45660718464996e-05f);
-  q = q * x2 + -2.13374055278905e-04f;
-  q = q * x2 + -1.68282697438203e-03f;
-  q = q * x2 + -7.37332916720468e-03f;
-  q = q * x2 + -1.42647390514189e-02f;
-  return x * p / q;  // a true division: as fast here as rcp + Newton (the divider runs beside
-                     // the FMA pipes) and one rounding instead of four
+// 2^t for t in [-125, 127] (not checked: callers guarantee the range): t = n + f, |f| <= 1/2, a
+// degree-5 minimax polynomial for 2^f (7.6e-8 relative), 2^n added to the exponent bits. Cheaper than
+// vexp where the argument is known to be in range and ~2e-7 relative is enough.
+inline vf vexp2_unchecked(vf t) {
+  const vf k = t + 12582912.0f;  // 1.5 * 2^23: rounds, n in the low bits
+  const vf f = t - (k - 12582912.0f);
+  vf p = splat(1.328230404e-03f);
+  p = p * f + 9.675590381e-03f;
+  p = p * f + 5.550695255e-02f;
+  p = p * f + 2.402211850e-01f;
+  p = p * f + 6.931469781e-01f;
+  p = p * f + 1.000000072e+00f;
+  return bitcast<vf>(bitcast<vu>(p) + (bitcast<vu>(k) << 23));  // p * 2^n
 }
 
 }  // namespace fastbert::simd

@@ -1,6 +1,5 @@
 // bias + GELU on CPU: tensor glue, threading and the deterministic dbias reduction.
 // The vector kernels live in bias_gelu_kernel.cpp (one build per ISA).
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -41,7 +40,8 @@ at::Tensor bias_gelu_fwd_cpu(const at::Tensor& x_, const std::optional<at::Tenso
 }
 
 // Backward tiles: row blocks fixed by the shape alone (so the dbias sum is the same for any thread
-// count), column tiles added only when there are too few row blocks to keep the threads busy.
+// count); column tiles of at most kMaxColTile, more of them when row blocks alone would leave
+// threads idle (tiling columns does not change any column's sum).
 struct Tiling {
   int64_t row_block, n_row_blocks, col_tile, n_col_tiles;
 };
@@ -54,12 +54,13 @@ Tiling tile(int64_t rows, int64_t n) {
     t.row_block = (rows + 127) / 128;
     t.n_row_blocks = (rows + t.row_block - 1) / t.row_block;
   }
+  // at least enough column tiles to keep each under kMaxColTile; more when threads would idle
   const int64_t want = 4 * at::get_num_threads();
-  t.n_col_tiles = 1;
-  if (t.n_row_blocks < want && n >= 8192) {
-    t.n_col_tiles = std::min((n + 4095) / 4096, (want + t.n_row_blocks - 1) / t.n_row_blocks);
+  t.n_col_tiles = (n + cpu::kMaxColTile - 1) / cpu::kMaxColTile;
+  if (t.n_row_blocks * t.n_col_tiles < want && n >= 2 * 2048) {
+    t.n_col_tiles = std::max(t.n_col_tiles, std::min((n + 2047) / 2048, (want + t.n_row_blocks - 1) / t.n_row_blocks));
   }
-  t.col_tile = ((n + t.n_col_tiles - 1) / t.n_col_tiles + 63) / 64 * 64;
+  t.col_tile = ((n + t.n_col_tiles - 1) / t.n_col_tiles + 63) / 64 * 64;  // <= kMaxColTile
   t.n_col_tiles = (n + t.col_tile - 1) / t.col_tile;
   return t;
 }
@@ -75,33 +76,32 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd_cpu(const at::Tensor& dy_, cons
   at::Tensor dx = empty_output(x.sizes(), x.options());
   const bool want_db = need_dbias && b.defined();
   const int64_t n = x.size(-1), rows = n == 0 ? 0 : x.numel() / n;
-  at::Tensor dbias = want_db ? at::zeros({n}, b.options()) : at::empty({0}, x.options());
+  // dbias is summed in fp64 (fp32 groups of rows inside the kernel, see bias_gelu_kernel.cpp)
+  const auto f64 = b.defined() ? b.options().dtype(at::kDouble) : x.options();
+  at::Tensor dbias = want_db ? at::zeros({n}, f64) : at::empty({0}, x.options());
   if (rows == 0 || n == 0) return {dx, want_db ? dbias.to(bias->scalar_type()) : dbias};
 
   const auto dt = cpu::dtype_of(x);
   const Tiling t = tile(rows, n);
-  at::Tensor partial = want_db ? at::zeros({t.n_row_blocks, n}, b.options()) : at::Tensor();
+  at::Tensor partial = want_db ? at::zeros({t.n_row_blocks, n}, f64) : at::Tensor();
   const void* bp = b.defined() ? b.const_data_ptr() : nullptr;
-  const int64_t elt = b.defined() ? b.element_size() : 0;
   at::parallel_for(0, t.n_row_blocks * t.n_col_tiles, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t rb = i / t.n_col_tiles, ct = i % t.n_col_tiles;
       const int64_t r0 = rb * t.row_block, r1 = std::min(rows, r0 + t.row_block);
       const int64_t c0 = ct * t.col_tile, c1 = std::min(n, c0 + t.col_tile);
-      void* pp = want_db ? static_cast<char*>(partial.data_ptr()) + rb * n * elt : nullptr;
+      double* pp = want_db ? partial.data_ptr<double>() + rb * n : nullptr;
       FASTBERT_CPU_CALL(bias_gelu_bwd, dt, dy.const_data_ptr(), x.const_data_ptr(), bp,
                         dx.data_ptr(), pp, n, r0, r1, c0, c1, tanh);
     }
   });
   if (want_db) {
     // Second stage: sum the row-block partials in block order, columns in parallel.
-    AT_DISPATCH_FLOATING_TYPES(partial.scalar_type(), "bias_gelu_dbias", [&] {
-      const scalar_t* p = partial.const_data_ptr<scalar_t>();
-      scalar_t* out = dbias.data_ptr<scalar_t>();
-      at::parallel_for(0, n, 1024, [&](int64_t c0, int64_t c1) {
-        for (int64_t rb = 0; rb < t.n_row_blocks; ++rb)
-          for (int64_t c = c0; c < c1; ++c) out[c] += p[rb * n + c];
-      });
+    const double* p = partial.const_data_ptr<double>();
+    double* out = dbias.data_ptr<double>();
+    at::parallel_for(0, n, 1024, [&](int64_t c0, int64_t c1) {
+      for (int64_t rb = 0; rb < t.n_row_blocks; ++rb)
+        for (int64_t c = c0; c < c1; ++c) out[c] += p[rb * n + c];
     });
     dbias = dbias.to(bias->scalar_type());
   }

@@ -5,11 +5,14 @@
 //                                               u = sqrt(2/pi) (z + 0.044715 z^3)
 // Backward  dz = dy * gelu'(z),
 //           exact: gelu'(z) = Phi(z) + z phi(z),  phi(z) = exp(-z^2 / 2) / sqrt(2 pi)
-//                  (fp32: one fitted rational for the whole of it, see gelu_grad)
+// fp32 forms: Phi from a fitted erfcx rational (normal_cdf; fp16/bf16 outputs use the cheaper erf
+// rational), gelu' from one fitted rational (gelu_grad).
 //           tanh:  gelu'(z) = s + 2 z s (1 - s) u',  u' = sqrt(2/pi) (1 + 3 * 0.044715 z^2)
 //           dx = dz, dbias = sum of dz over rows. z is recomputed from x and b (nothing is saved).
 // Writing 0.5 (1 + tanh u) as 1 / (1 + exp(-2u)) needs one exp and no cancellation for z << 0.
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 
 #include "common/simd.h"
 #include "cpu/kernels.h"
@@ -21,18 +24,64 @@ using namespace fastbert::simd;
 constexpr float kSqrt1_2 = 0.70710678118654752f;
 constexpr float kSqrt2OverPi = 0.79788456080286536f;
 constexpr float kCubic = 0.044715f;
+constexpr float kLog2e = 1.44269504088896341f;
 // |z| >= 10 saturates the tanh form to fp32 precision (|u| > 43, e^(-2|u|) < 1e-38); clamping z
 // inside u keeps z^3 and exp finite for any input, so gelu'(huge) is exactly 1 or 0.
 constexpr float kTanhClamp = 10.0f;
 
-template <bool TANH>
+// Phi(z) without cancellation: with a = |z| / sqrt 2, erfc(a) = exp(-a^2) erfcx(a) and erfcx(a) =
+// P(a) / Q(a) to 7e-8 relative on [0, 4] (scripts/fit_gelu.py forward); Phi = erfc(a) / 2 for z < 0
+// and 1 - erfc(a) / 2 otherwise, so the tail keeps its relative accuracy (0.5 + erf / 2 would lose
+// it: erf is only good to ~3e-7 absolute near +-1 in fp32). Past a = 4 the rational extrapolates
+// with the right asymptote (erfcx ~ 1/(a sqrt pi)), 4e-5 relative up to a = 9, where a is clamped
+// (erfc(9) = 4e-37: Phi is 0 or 1 to fp32 precision, and z * Phi stays ~0 for any finite z).
+inline vf normal_cdf(vf z) {
+  const vf a = vmin(vabs(z) * kSqrt1_2, 9.0f);
+  const vf e = vexp2_unchecked(a * a * -kLog2e);  // exp(-a^2), -a^2 log2 e in [-117, 0]
+  vf p = splat(0.5f * 7.583220580e-02f);  // P / 2: the halving of erfc folded in
+  p = p * a + 0.5f * 4.137109122e-01f;
+  p = p * a + 0.5f * 9.406895939e-01f;
+  p = p * a + 0.5f * 9.999999283e-01f;
+  vf q = splat(1.344987700e-01f);
+  q = q * a + 7.316200554e-01f;
+  q = q * a + 1.748460695e+00f;
+  q = q * a + 2.069064260e+00f;
+  q = q * a + 1.0f;
+  const vf half_erfc = e * p / q;
+  return vselect_neg(z, half_erfc, 1.0f - half_erfc);
+}
+
+// erf(x) as x P(x^2) / Q(x^2) on [-4, 4] (the rational Eigen and XLA use: 6.5e-8 in exact arithmetic,
+// ~3e-7 absolute in fp32). Cheaper than normal_cdf; 0.5 + erf / 2 cancels in the negative tail (errors
+// ~1e-6 absolute for |z| > 3), invisible at fp16/bf16 output precision, so it serves those dtypes.
+inline vf erf_rational(vf x) {
+  x = vmin(vmax(x, -4.0f), 4.0f);
+  const vf x2 = x * x;
+  vf p = splat(-2.72614225801306e-10f);
+  p = p * x2 + 2.77068142495902e-08f;
+  p = p * x2 + -2.10102402082508e-06f;
+  p = p * x2 + -5.69250639462346e-05f;
+  p = p * x2 + -7.34990630326855e-04f;
+  p = p * x2 + -2.95459980854025e-03f;
+  p = p * x2 + -1.60960333262415e-02f;
+  vf q = splat(-1.45660718464996e-05f);
+  q = q * x2 + -2.13374055278905e-04f;
+  q = q * x2 + -1.68282697438203e-03f;
+  q = q * x2 + -7.37332916720468e-03f;
+  q = q * x2 + -1.42647390514189e-02f;
+  return x * p / q;
+}
+
+// ACCURATE: fp32 outputs get the cancellation-free Phi; fp16/bf16 outputs the cheaper erf form.
+template <bool TANH, bool ACCURATE>
 inline vf gelu(vf z) {
   if (TANH) {
     const vf c = vmin(vmax(z, -kTanhClamp), kTanhClamp);
     const vf u = kSqrt2OverPi * (c + kCubic * c * c * c);
     return z * (1.0f / (1.0f + vexp(-2.0f * u)));
   }
-  return z * (0.5f + 0.5f * verf(z * kSqrt1_2));
+  if (ACCURATE) return z * normal_cdf(z);
+  return z * (0.5f + 0.5f * erf_rational(z * kSqrt1_2));
 }
 
 template <bool TANH>
@@ -47,7 +96,7 @@ inline vf gelu_grad(vf z) {
     return s + 2.0f * c * (s * s * e) * du;  // s (1 - s) = e s^2, without cancellation
   }
   // gelu'(z) - 1/2 = erf(x)/2 + z phi(z) (x = z/sqrt 2) is odd and tends to 0 like z phi(z); one
-  // rational x P(x^2) / Q(x^2) on |x| <= 4.3 fits it to 6.3e-8 (scripts/fit_gelu_grad.py), which
+  // rational x P(x^2) / Q(x^2) on |x| <= 4.3 fits it to 6.3e-8 (scripts/fit_gelu.py backward), which
   // costs as much as erf alone instead of erf plus exp.
   const vf x = vmin(vmax(z * kSqrt1_2, -4.3f), 4.3f);
   const vf x2 = x * x;
@@ -90,16 +139,17 @@ inline double gelu_grad(double z, bool tanh) {
 // One row segment x[0:len] whose first column is c (bias + c lines up with x).
 template <bool TANH, typename T>
 void fwd_segment(const T* x, const float* bias, T* y, int64_t len) {
+  constexpr bool kAccurate = sizeof(T) == sizeof(float);
   int64_t i = 0;
   for (; i + W <= len; i += W) {
     vf z = load(x + i);
     if (bias) z += load(bias + i);
-    store(y + i, gelu<TANH>(z));
+    store(y + i, gelu<TANH, kAccurate>(z));
   }
   if (i < len) {
     vf z = load_partial(x + i, len - i);
     if (bias) z += load_partial(bias + i, len - i);
-    store_partial(y + i, gelu<TANH>(z), len - i);
+    store_partial(y + i, gelu<TANH, kAccurate>(z), len - i);
   }
 }
 
@@ -161,16 +211,29 @@ void bwd_segment(const double* dy, const double* x, const double* bias, double* 
   }
 }
 
+// dbias accuracy: a row's dz is added into an fp32 group sum over kGroup rows, and each group sum into
+// the fp64 per-block partial (glue), so rounding grows with kGroup, not with the number of rows: the
+// result is within about an ulp of the exact sum, as good as ATen's cascade summation.
+constexpr int64_t kGroup = 8;
+
 template <typename T, typename B>
 void bwd(const void* dyv, const void* xv, const void* bv, void* dxv, void* dbv, int64_t n,
          int64_t r0, int64_t r1, int64_t c0, int64_t c1, bool tanh) {
   const B* bias = static_cast<const B*>(bv);
-  B* dbias = static_cast<B*>(dbv);
-  for (int64_t r = r0; r < r1; ++r) {
-    const int64_t off = r * n + c0;
-    bwd_segment(static_cast<const T*>(dyv) + off, static_cast<const T*>(xv) + off,
-                bias ? bias + c0 : nullptr, static_cast<T*>(dxv) + off,
-                dbias ? dbias + c0 : nullptr, c1 - c0, tanh);
+  double* dbias = static_cast<double*>(dbv);
+  const int64_t width = c1 - c0;
+  B group[kMaxColTile];
+  for (int64_t r = r0; r < r1;) {
+    const int64_t end = r + kGroup < r1 ? r + kGroup : r1;
+    if (dbias) std::memset(group, 0, width * sizeof(B));
+    for (; r < end; ++r) {
+      const int64_t off = r * n + c0;
+      bwd_segment(static_cast<const T*>(dyv) + off, static_cast<const T*>(xv) + off,
+                  bias ? bias + c0 : nullptr, static_cast<T*>(dxv) + off, dbias ? group : nullptr,
+                  width, tanh);
+    }
+    if (dbias)
+      for (int64_t c = 0; c < width; ++c) dbias[c0 + c] += group[c];
   }
 }
 
@@ -189,6 +252,7 @@ void bias_gelu_fwd(DType dt, const void* x, const void* bias, void* y, int64_t n
 void bias_gelu_bwd(DType dt, const void* dy, const void* x, const void* bias, void* dx,
                    void* dbias, int64_t n, int64_t r0, int64_t r1, int64_t c0, int64_t c1,
                    bool tanh) {
+  if (c1 - c0 > kMaxColTile) std::abort();  // the glue tiles columns to at most kMaxColTile
   switch (dt) {
     case DType::f32: return bwd<float, float>(dy, x, bias, dx, dbias, n, r0, r1, c0, c1, tanh);
     case DType::f16: return bwd<f16, float>(dy, x, bias, dx, dbias, n, r0, r1, c0, c1, tanh);
