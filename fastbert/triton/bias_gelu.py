@@ -2,7 +2,7 @@
 
 Maths (fp32 whatever the storage dtype; ``z = x + bias``):
 
-* exact    ``y = z Phi(z)``, ``Phi(z) = (1 + erf(z / sqrt 2)) / 2``;
+* exact    ``y = z Phi(z)``, ``Phi(z) = (1 + erf(z / sqrt 2)) / 2`` (computed from erfc, see _normal_cdf);
            ``gelu'(z) = Phi(z) + z phi(z)``, ``phi(z) = exp(-z^2 / 2) / sqrt(2 pi)``.
 * tanh     ``y = z s``, ``s = (1 + tanh u) / 2 = sigmoid(2u)``, ``u = sqrt(2/pi) (z + 0.044715 z^3)``;
            ``gelu'(z) = s + 2 z s (1 - s) u'``, ``u' = sqrt(2/pi) (1 + 3 * 0.044715 z^2)``.
@@ -65,7 +65,20 @@ def _gelu(z, APPROX_TANH: tl.constexpr):
         s = tl.where(u >= 0.0, r, t * r)  # sigmoid(2u) = (1 + tanh u) / 2
         return z * s
     else:
-        return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+        return z * _normal_cdf(z)
+
+
+@triton.jit
+def _normal_cdf(z):
+    """Phi(z) without cancellation, as the CPU and CUDA kernels compute it: a = |z| / sqrt 2 (clamped
+    at 9), erfc(a) = exp(-a^2) P(a) / Q(a) (erfcx fitted to 7e-8 relative, scripts/fit_gelu.py),
+    Phi = erfc(a) / 2 for z < 0 and 1 - erfc(a) / 2 otherwise (0.5 + erf / 2 cancels in the tail)."""
+    a = tl.minimum(tl.abs(z) * 0.7071067811865476, 9.0)
+    e = tl.exp2(a * a * -1.4426950408889634)
+    p = ((0.037916102900 * a + 0.206855456100) * a + 0.470344796950) * a + 0.499999964150
+    q = (((0.1344987700 * a + 0.7316200554) * a + 1.748460695) * a + 2.069064260) * a + 1.0
+    h = e * p / q
+    return tl.where(z < 0.0, h, 1.0 - h)
 
 
 @triton.jit
