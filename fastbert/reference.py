@@ -18,3 +18,23 @@ def bias_gelu(x, bias=None, approximate="none"):
     if bias is not None:
         z = z + bias.to(z.dtype)
     return F.gelu(z, approximate=approximate).to(x.dtype)
+
+
+def layernorm_residual(x, residual, weight, bias, eps=1e-12, x_bias=None, dropout_p=0.0, seed=None):
+    """``LayerNorm(dropout(x + x_bias) + residual) * weight + bias`` over the last dimension.
+
+    Dropout is active when ``seed`` (an int64 tensor, see :mod:`fastbert.philox`) is given and
+    ``dropout_p > 0``; it drops exactly the elements the kernels drop for that seed.
+    """
+    from fastbert import philox
+
+    acc = _acc(x.dtype)
+    h = x.to(acc)
+    if x_bias is not None:
+        h = h + x_bias.to(acc)
+    if seed is not None and dropout_p > 0:
+        keep = philox.keep_mask(int(seed.reshape(-1)[0]), h.shape, dropout_p, h.device)
+        h = torch.where(keep, h * philox.scale(dropout_p), torch.zeros((), dtype=acc, device=h.device))
+    s = h + residual.to(acc)
+    y = F.layer_norm(s, s.shape[-1:], weight.to(acc), bias.to(acc), eps)
+    return y.to(x.dtype)
