@@ -28,14 +28,16 @@ def fastbert_fn(backend):
     return fn
 
 
-def backend_candidates(device, x, b):
-    """fastbert backends that can run these inputs here, as ``{candidate name: fn}``."""
+def backend_candidates(device, op, tensors, make_fn):
+    """fastbert backends that can run ``op`` on these tensors here, as ``{candidate name: fn}``
+    (``make_fn(backend)`` builds the callable). Skipped: triton on CPU (its interpreter is not a
+    benchmark) and the reference backend (the test oracle; eager PyTorch is the baseline anyway)."""
     out = {}
     for name in fastbert.backends.BACKENDS:
-        if name == "triton" and device == "cpu":
+        if name == "reference" or (name == "triton" and device == "cpu"):
             continue
-        if not fastbert.backends.not_supported_reasons(name, OP, x, b):
-            out[f"fastbert-{name}"] = fastbert_fn(name)
+        if not fastbert.backends.not_supported_reasons(name, op, *tensors):
+            out[f"fastbert-{name}"] = make_fn(name)
     return out
 
 
@@ -64,7 +66,7 @@ def make_setup(shape, dtype, device, approximate, backward, use_compile=True):
         if use_compile:
             torch._dynamo.reset()  # one compilation per case; never hit the recompile limit
             fns[COMPILE] = torch.compile(eager_bias_gelu, dynamic=False)
-        fns.update(backend_candidates(device, x, b))
+        fns.update(backend_candidates(device, OP, (x, b), fastbert_fn))
         candidates = {name: _wrap(fn, x, b, dy, approximate, backward) for name, fn in fns.items()}
         if use_compile:  # compile (and warm) here, outside the timed region
             for _ in range(2):

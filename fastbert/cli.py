@@ -92,8 +92,9 @@ def print_info(info):
         state = "available" if b["available"] else "unavailable: " + "; ".join(b["reasons"])
         print(f"  {name:<10} {state}")
     print("ops (backend auto picks for float32):")
+    width = max((len(op) for op in info["ops"]), default=0)
     for op, per_device in info["ops"].items():
-        print(f"  {op:<12} " + ", ".join(f"{d} tensors -> {b}" for d, b in per_device.items()))
+        print(f"  {op:<{width}}  " + ", ".join(f"{d} tensors -> {b}" for d, b in per_device.items()))
 
 
 def main(argv=None):

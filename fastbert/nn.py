@@ -29,3 +29,30 @@ class FusedBiasGELU(torch.nn.Module):
 
     def extra_repr(self):
         return f"{self.num_features}, approximate={self.approximate!r}, bias={self.bias is not None}"
+
+
+class FusedLayerNormResidual(torch.nn.Module):
+    """``LayerNorm(dropout(x + x_bias) + residual)``: BERT's sub-layer output in one fused op.
+
+    Holds ``weight``, ``bias`` (the same names and shapes as ``nn.LayerNorm``, so its state_dict
+    loads here), ``eps`` and the dropout probability ``p`` (active in training mode only).
+    ``forward(x, residual, x_bias=None)``: ``x_bias`` is the preceding Linear's bias when that Linear
+    is built with ``bias=False``, so the bias add is fused too.
+    """
+
+    def __init__(self, hidden_size, eps=1e-12, p=0.0, device=None, dtype=None):
+        super().__init__()
+        if not 0 <= p < 1:
+            raise ValueError(f"FusedLayerNormResidual: p must be in [0, 1), got {p!r}")
+        if not eps > 0:
+            raise ValueError(f"FusedLayerNormResidual: eps must be positive, got {eps!r}")
+        self.hidden_size, self.eps, self.p = hidden_size, eps, p
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
+        self.bias = torch.nn.Parameter(torch.zeros(hidden_size, device=device, dtype=dtype))
+
+    def forward(self, x, residual, x_bias=None):
+        return ops.layernorm_residual(x, residual, self.weight, self.bias, self.eps, x_bias=x_bias,
+                                      dropout_p=self.p, training=self.training)
+
+    def extra_repr(self):
+        return f"{self.hidden_size}, eps={self.eps}, p={self.p}"

@@ -36,5 +36,9 @@ def layernorm_residual(x, residual, weight, bias, eps=1e-12, x_bias=None, dropou
         keep = philox.keep_mask(int(seed.reshape(-1)[0]), h.shape, dropout_p, h.device)
         h = torch.where(keep, h * philox.scale(dropout_p), torch.zeros((), dtype=acc, device=h.device))
     s = h + residual.to(acc)
-    y = F.layer_norm(s, s.shape[-1:], weight.to(acc), bias.to(acc), eps)
-    return y.to(x.dtype)
+    # written out (not F.layer_norm, whose fused a*s + b form leaves rounding noise times rstd in
+    # s_hat, large when the variance is ~0 and eps tiny)
+    mean = s.mean(-1, keepdim=True)
+    centered = s - mean
+    rstd = torch.rsqrt((centered * centered).mean(-1, keepdim=True) + eps)
+    return (centered * rstd * weight.to(acc) + bias.to(acc)).to(x.dtype)

@@ -12,6 +12,28 @@ enum class DType : int { f32 = 0, f16 = 1, bf16 = 2, f64 = 3 };
 // Widest column tile a backward kernel call takes (its fp32 group sums live on the stack).
 constexpr int64_t kMaxColTile = 4096;
 
+// Dropout from the shared Philox stream (common/philox.h); kernels take a null pointer without it.
+struct Dropout {
+  uint64_t seed;
+  uint32_t threshold;  // philox::threshold(p)
+  float scale;         // philox::scale(p)
+};
+
+// layernorm_residual: contiguous [rows, n] x, residual (and grad, outputs) in the op's dtype;
+// weight, bias, x_bias in fp32 (fp64 for f64 data); mean/rstd per row in fp32 (fp64 for f64 data).
+struct LayerNormArgs {
+  int64_t n = 0;
+  double eps = 0;
+  const void *x = nullptr, *residual = nullptr, *weight = nullptr, *bias = nullptr;
+  const void* x_bias = nullptr;            // may be null
+  const void* grad = nullptr;              // backward: dL/dy
+  void *y = nullptr, *mean = nullptr, *rstd = nullptr;  // forward writes all three; backward reads mean, rstd
+  void *dresidual = nullptr, *dx = nullptr;             // backward; dx null without dropout (dx = dresidual)
+  double *dweight = nullptr, *dbias = nullptr, *dx_bias = nullptr;  // backward: the task's fp64 column
+                                                                      // sums, added to (dx_bias may be null)
+  const Dropout* dropout = nullptr;
+};
+
 // One line per kernel; each takes the storage dtype of its tensor arguments.
 #define FASTBERT_CPU_KERNELS                                                                      \
   /* y[e] = gelu(x[e] + bias[e % n]) for flat elements [e0, e1) of a contiguous [rows, n] x.  */  \
@@ -22,7 +44,10 @@ constexpr int64_t kMaxColTile = 4096;
   /* kMaxColTile; when dbias (fp64 [n]) is not null, dbias[c] += sum over the tile's rows of dx. */ \
   void bias_gelu_bwd(DType dt, const void* dy, const void* x, const void* bias, void* dx,         \
                      void* dbias, int64_t n, int64_t r0, int64_t r1, int64_t c0, int64_t c1,      \
-                     bool tanh);
+                     bool tanh);                                                                  \
+  /* LayerNorm(dropout(x + x_bias) + residual) forward / backward over rows [r0, r1). */         \
+  void layernorm_residual_fwd(DType dt, const LayerNormArgs& a, int64_t r0, int64_t r1);          \
+  void layernorm_residual_bwd(DType dt, const LayerNormArgs& a, int64_t r0, int64_t r1);
 
 namespace generic { FASTBERT_CPU_KERNELS }
 namespace avx2 { FASTBERT_CPU_KERNELS }

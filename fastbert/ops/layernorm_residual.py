@@ -1,6 +1,6 @@
 """bias + dropout + residual + LayerNorm: ``y = LayerNorm(dropout(x + x_bias) + residual) * weight + bias``.
 
-BERT's post-LN sub-layer output. Forward saves fp32 ``mean``/``rstd`` per row; dropout draws from the
+BERT's post-LN sub-layer output. Forward saves fp32 ``mean``/``rstd`` per row (fp64 for fp64 inputs); dropout draws from the
 shared Philox stream (:mod:`fastbert.philox`) with a seed taken from torch's generator for the device,
 and backward regenerates the mask instead of storing it. Backward recomputes the pre-norm sum from
 ``x``, ``x_bias`` and ``residual`` and returns ``dx, dresidual, dweight, dbias, dx_bias``; the
@@ -19,8 +19,13 @@ from fastbert.ops import _checks, _library
 OP = "layernorm_residual"
 
 
+def stats_dtype(dtype):
+    """mean/rstd are fp32 (fp64 for fp64 inputs, so that gradcheck sees exact statistics)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _fake_fwd(x, residual, weight, bias, eps, x_bias, dropout_p, seed):
-    stats = x.new_empty(x.shape[:-1], dtype=torch.float32)
+    stats = x.new_empty(x.shape[:-1], dtype=stats_dtype(x.dtype))
     return torch.empty_like(x, memory_format=torch.contiguous_format), stats, torch.empty_like(stats)
 
 

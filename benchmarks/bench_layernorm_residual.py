@@ -1,0 +1,86 @@
+"""bias + dropout + residual + LayerNorm: eager ``F.layer_norm(F.dropout(x + b) + r)``,
+``torch.compile`` of it, and every fastbert backend that can run on the device (triton is skipped
+on CPU: its interpreter is not a benchmark).
+
+Passes: ``fwd`` under no_grad (still in training mode, so dropout runs when p > 0); ``fwd+bwd`` with
+x, r, x_bias, weight and bias requiring grad, backward from a preallocated ``dy``. Minimum bytes:
+fwd reads x and r and writes y (3N elements); fwd+bwd adds reading dy, x and r and writing
+dresidual, and dx too when dropout makes it differ (4N or 5N; parameters ignored).
+"""
+
+import torch
+import torch.nn.functional as F
+
+import fastbert
+from benchmarks.bench_gelu import backend_candidates
+from benchmarks.harness import COMPILE, DTYPES, EAGER, Case
+
+OP = "layernorm_residual"
+SHAPES = [(4096, 768), (4096, 1024)]  # B*S = 4096 tokens; BERT-base / BERT-large hidden size
+DTYPE_NAMES = ["float32", "bfloat16"]
+EPS = 1e-12
+
+
+def eager_fn(x, r, w, b, xb, p):
+    return F.layer_norm(F.dropout(x + xb, p, training=True) + r, x.shape[-1:], w, b, EPS)
+
+
+def fastbert_fn(backend):
+    def fn(x, r, w, b, xb, p):
+        with fastbert.backend(backend):
+            return fastbert.layernorm_residual(x, r, w, b, EPS, x_bias=xb, dropout_p=p, training=True)
+    return fn
+
+
+def make_setup(shape, dtype, device, p, backward, use_compile=True):
+    def setup():
+        torch.manual_seed(0)
+        dt = DTYPES[dtype]
+        n = shape[-1]
+        x = torch.randn(shape, dtype=dt, device=device, requires_grad=backward)
+        r = torch.randn(shape, dtype=dt, device=device, requires_grad=backward)
+        params = [torch.randn(n, dtype=dt, device=device, requires_grad=backward) for _ in range(3)]
+        dy = torch.randn(shape, dtype=dt, device=device) if backward else None
+        fns = {EAGER: eager_fn}
+        if use_compile:
+            torch._dynamo.reset()
+            fns[COMPILE] = torch.compile(eager_fn, dynamic=False)
+        fns.update(backend_candidates(device, OP, (x, r, *params),
+                                      lambda name: fastbert_fn(name)))
+        leaves = (x, r, *params)
+
+        def wrap(fn):
+            if not backward:
+                def fwd():
+                    with torch.no_grad():
+                        return fn(x, r, params[0], params[1], params[2], p)
+                return fwd
+
+            def fwd_bwd():
+                fn(x, r, params[0], params[1], params[2], p).backward(dy)
+                for t in leaves:
+                    t.grad = None
+            return fwd_bwd
+
+        candidates = {name: wrap(fn) for name, fn in fns.items()}
+        if use_compile:
+            for _ in range(2):
+                candidates[COMPILE]()
+        return candidates
+    return setup
+
+
+def cases(device="cpu", mode="quick", dtypes=None, shapes=None, use_compile=True):
+    out = []
+    for shape in shapes or SHAPES:
+        numel = 1
+        for d in shape:
+            numel *= d
+        for dtype in dtypes or DTYPE_NAMES:
+            item = DTYPES[dtype].itemsize
+            for p in (0.0, 0.1):
+                for pass_, elems, backward in (("fwd", 3, False), ("fwd+bwd", 7 if p == 0 else 8, True)):
+                    out.append(Case(OP, tuple(shape), dtype, pass_, elems * numel * item,
+                                    make_setup(tuple(shape), dtype, device, p, backward, use_compile),
+                                    params={"p": p}))
+    return out

@@ -1,0 +1,266 @@
+// bias + dropout + residual + LayerNorm, CPU kernels. Compiled once per ISA (see csrc/cpu/kernels.h).
+//
+// Forward, per row of n:  h = x + x_bias;  h = keep ? h * scale : 0 (dropout);  s = h + residual
+//   mean = sum(s) / n,  var = sum((s - mean)^2) / n,  rstd = 1 / sqrt(var + eps)
+//   y = (s - mean) * rstd * w + b
+// Backward, with s_hat = (s - mean) * rstd (s recomputed from x, x_bias, residual and the mask):
+//   g = dy * w;  ds = rstd * (g - mean(g) - s_hat * mean(g * s_hat))   (LayerNorm's input gradient)
+//   dresidual = ds;  dx = ds * keep * scale (only with dropout; otherwise dx = ds);
+//   dw += dy * s_hat,  db += dy,  dx_bias += dx   (column sums over the task's rows)
+// Rows live in thread-local fp32 buffers between passes, so x, residual and dy are read from memory
+// once per pass of the op (the backward recomputes s_hat from the saved mean and rstd in its first
+// pass). Sums: the mean over (s - s[0]) so that a large common offset does not
+// cost precision; column sums in fp32 groups of kGroup rows flushed into fp64 partials (as bias_gelu).
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "common/simd.h"
+#include "cpu/kernels.h"
+#include "cpu/philox_simd.h"
+
+namespace fastbert::cpu::FASTBERT_ISA {
+namespace {
+using namespace fastbert::simd;
+
+constexpr int64_t kGroup = 8;
+
+inline float hsum(vf v) {
+  float s = 0.0f;
+  for (int i = 0; i < W; ++i) s += v[i];
+  return s;
+}
+
+struct RowBuffers {  // per thread, grown to the row length
+  std::vector<float> s, g, mult;
+  std::vector<uint32_t> rnd;
+  std::vector<float> dw, db, dxb;  // fp32 column sums of the current group of rows
+  void fit(int64_t n, bool dropout, bool backward) {
+    if (static_cast<int64_t>(s.size()) < n + W) s.resize(n + W);
+    if (dropout && static_cast<int64_t>(rnd.size()) < n + W) rnd.resize(n + W), mult.resize(n + W);
+    if (backward && static_cast<int64_t>(g.size()) < n + W)
+      g.resize(n + W), dw.resize(n + W), db.resize(n + W), dxb.resize(n + W);
+  }
+};
+thread_local RowBuffers buffers;
+
+// The dropout multiplier (0 or scale) of the row's elements [e0, e0 + n), into mult.
+void dropout_row(const Dropout& d, uint64_t e0, int64_t n, RowBuffers& buf) {
+  philox_elements(d.seed, e0, n, buf.rnd.data());
+  const vf scale = splat(d.scale), zero = vf{};
+  for (int64_t i = 0; i < n; i += W) {  // keep iff (r >> 8) >= threshold (buffers padded to W)
+    vu r;
+    std::memcpy(&r, buf.rnd.data() + i, sizeof r);
+    store(buf.mult.data() + i, (r >> 8) >= d.threshold ? scale : zero);
+  }
+}
+
+// s = dropout(x + x_bias) + residual into buf.s; returns mean. Mean over s - s[0] (shift) for precision.
+template <typename T>
+float pre_norm_row(const T* x, const T* res, const float* xb, const float* mult, int64_t n, float* s) {
+  int64_t i = 0;
+  vf acc = vf{};
+  float shift = 0.0f;
+  for (; i < n; i += W) {
+    const int64_t m = n - i < W ? n - i : W;
+    vf h = m == W ? load(x + i) : load_partial(x + i, m);
+    if (xb) h += m == W ? load(xb + i) : load_partial(xb + i, m);
+    if (mult) h *= load(mult + i);
+    const vf v = h + (m == W ? load(res + i) : load_partial(res + i, m));
+    store(s + i, v);
+    if (i == 0) shift = v[0];
+    const vf d = v - shift;
+    acc += m == W ? d : load_partial(&d[0], m);  // lanes past the row end do not count
+  }
+  return shift + hsum(acc) / static_cast<float>(n);
+}
+
+// rstd of the row in buf.s with the given mean.
+inline float row_rstd(const float* s, int64_t n, float mean, double eps) {
+  vf acc = vf{};
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    const vf d = load(s + i) - mean;
+    acc += d * d;
+  }
+  float tail = 0.0f;
+  for (; i < n; ++i) tail += (s[i] - mean) * (s[i] - mean);
+  const double var = (static_cast<double>(hsum(acc)) + tail) / static_cast<double>(n);
+  return static_cast<float>(1.0 / std::sqrt(var + eps));
+}
+
+template <typename T>
+void fwd_rows(const LayerNormArgs& a, int64_t r0, int64_t r1) {
+  const int64_t n = a.n;
+  RowBuffers& buf = buffers;
+  buf.fit(n, a.dropout != nullptr, false);
+  const T* x = static_cast<const T*>(a.x);
+  const T* res = static_cast<const T*>(a.residual);
+  const float* w = static_cast<const float*>(a.weight);
+  const float* b = static_cast<const float*>(a.bias);
+  const float* xb = static_cast<const float*>(a.x_bias);
+  T* y = static_cast<T*>(a.y);
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t off = r * n;
+    if (a.dropout) dropout_row(*a.dropout, off, n, buf);
+    float* s = buf.s.data();
+    const float mean = pre_norm_row(x + off, res + off, xb, a.dropout ? buf.mult.data() : nullptr, n, s);
+    const float rstd = row_rstd(s, n, mean, a.eps);
+    static_cast<float*>(a.mean)[r] = mean;
+    static_cast<float*>(a.rstd)[r] = rstd;
+    int64_t i = 0;
+    for (; i + W <= n; i += W) store(y + off + i, (load(s + i) - mean) * rstd * load(w + i) + load(b + i));
+    if (i < n) {
+      const int64_t m = n - i;
+      const vf v = (load_partial(s + i, m) - mean) * rstd * load_partial(w + i, m) + load_partial(b + i, m);
+      store_partial(y + off + i, v, m);
+    }
+  }
+}
+
+template <typename T>
+void bwd_rows(const LayerNormArgs& a, int64_t r0, int64_t r1) {
+  const int64_t n = a.n;
+  RowBuffers& buf = buffers;
+  buf.fit(n, a.dropout != nullptr, true);
+  const T* dy = static_cast<const T*>(a.grad);
+  const T* x = static_cast<const T*>(a.x);
+  const T* res = static_cast<const T*>(a.residual);
+  const float* w = static_cast<const float*>(a.weight);
+  const float* xb = static_cast<const float*>(a.x_bias);
+  T* dres = static_cast<T*>(a.dresidual);
+  T* dx = static_cast<T*>(a.dx);
+  float *s = buf.s.data(), *g = buf.g.data(), *mult = a.dropout ? buf.mult.data() : nullptr;
+  float *gdw = buf.dw.data(), *gdb = buf.db.data(), *gdxb = buf.dxb.data();
+  const int64_t nv = (n + W - 1) / W * W;  // buffers are padded to whole vectors (zeros past n)
+  for (int64_t rg = r0; rg < r1; rg += kGroup) {
+    const int64_t rend = rg + kGroup < r1 ? rg + kGroup : r1;
+    std::memset(gdw, 0, nv * sizeof(float));
+    std::memset(gdb, 0, nv * sizeof(float));
+    std::memset(gdxb, 0, nv * sizeof(float));
+    for (int64_t r = rg; r < rend; ++r) {
+      const int64_t off = r * n;
+      if (a.dropout) dropout_row(*a.dropout, off, n, buf);
+      const float mean = static_cast<const float*>(a.mean)[r], rstd = static_cast<const float*>(a.rstd)[r];
+      // pass 1: s_hat from x, x_bias, mask, residual and the saved mean/rstd; g = dy * w; row sums
+      // of g and g * s_hat; column sums dw, db. s_hat and g go to the row buffers for pass 2.
+      vf sg = vf{}, sgs = vf{};
+      for (int64_t i = 0; i < n; i += W) {
+        const int64_t m = n - i < W ? n - i : W;
+        vf h = m == W ? load(x + off + i) : load_partial(x + off + i, m);
+        if (xb) h += m == W ? load(xb + i) : load_partial(xb + i, m);
+        if (mult) h *= load(mult + i);
+        const vf sv = h + (m == W ? load(res + off + i) : load_partial(res + off + i, m));
+        const vf d = m == W ? load(dy + off + i) : load_partial(dy + off + i, m);
+        const vf sh = (sv - mean) * rstd;
+        const vf gv = d * (m == W ? load(w + i) : load_partial(w + i, m));
+        const vf shm = m == W ? sh : load_partial(&sh[0], m);  // zero past the row end
+        store(s + i, shm);
+        store(g + i, gv);
+        sg += gv;
+        sgs += gv * shm;
+        store(gdw + i, load(gdw + i) + d * shm);
+        store(gdb + i, load(gdb + i) + d);
+      }
+      const float mg = hsum(sg) / static_cast<float>(n), mgs = hsum(sgs) / static_cast<float>(n);
+      // pass 2: ds = rstd (g - mean(g) - s_hat mean(g s_hat)); dresidual, dx, dx_bias sums
+      for (int64_t i = 0; i < n; i += W) {
+        const int64_t m = n - i < W ? n - i : W;
+        const vf ds = rstd * (load(g + i) - mg - load(s + i) * mgs);
+        const vf dxv = mult ? ds * load(mult + i) : ds;
+        if (m == W) {
+          store(dres + off + i, ds);
+          if (dx) store(dx + off + i, dxv);
+        } else {
+          store_partial(dres + off + i, ds, m);
+          if (dx) store_partial(dx + off + i, dxv, m);
+        }
+        if (xb) store(gdxb + i, load(gdxb + i) + (m == W ? dxv : load_partial(&dxv[0], m)));
+      }
+    }
+    for (int64_t c = 0; c < n; ++c) {  // flush the group's fp32 column sums into the fp64 partials
+      a.dweight[c] += gdw[c];
+      a.dbias[c] += gdb[c];
+      if (a.dx_bias) a.dx_bias[c] += gdxb[c];
+    }
+  }
+}
+
+// ---- float64 (gradcheck and fp64 users): scalar, fp64 statistics ----
+void fwd_rows_f64(const LayerNormArgs& a, int64_t r0, int64_t r1) {
+  const int64_t n = a.n;
+  const double *x = static_cast<const double*>(a.x), *res = static_cast<const double*>(a.residual);
+  const double *w = static_cast<const double*>(a.weight), *b = static_cast<const double*>(a.bias);
+  const double* xb = static_cast<const double*>(a.x_bias);
+  std::vector<double> s(n);
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t off = r * n;
+    double mean = 0.0, var = 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+      double h = x[off + i] + (xb ? xb[i] : 0.0);
+      if (a.dropout)
+        h = philox::keep(philox::element(a.dropout->seed, off + i), a.dropout->threshold) ? h * a.dropout->scale : 0.0;
+      s[i] = h + res[off + i];
+      mean += s[i];
+    }
+    mean /= n;
+    for (int64_t i = 0; i < n; ++i) var += (s[i] - mean) * (s[i] - mean);
+    const double rstd = 1.0 / std::sqrt(var / n + a.eps);
+    static_cast<double*>(a.mean)[r] = mean;
+    static_cast<double*>(a.rstd)[r] = rstd;
+    for (int64_t i = 0; i < n; ++i) static_cast<double*>(a.y)[off + i] = (s[i] - mean) * rstd * w[i] + b[i];
+  }
+}
+
+void bwd_rows_f64(const LayerNormArgs& a, int64_t r0, int64_t r1) {
+  const int64_t n = a.n;
+  const double *dy = static_cast<const double*>(a.grad), *x = static_cast<const double*>(a.x);
+  const double *res = static_cast<const double*>(a.residual), *w = static_cast<const double*>(a.weight);
+  const double* xb = static_cast<const double*>(a.x_bias);
+  std::vector<double> sh(n), g(n), mult(n, 1.0);
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t off = r * n;
+    const double mean = static_cast<const double*>(a.mean)[r], rstd = static_cast<const double*>(a.rstd)[r];
+    double sg = 0.0, sgs = 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+      if (a.dropout)
+        mult[i] = philox::keep(philox::element(a.dropout->seed, off + i), a.dropout->threshold) ? a.dropout->scale : 0.0;
+      const double h = (x[off + i] + (xb ? xb[i] : 0.0)) * mult[i];
+      sh[i] = (h + res[off + i] - mean) * rstd;
+      g[i] = dy[off + i] * w[i];
+      sg += g[i];
+      sgs += g[i] * sh[i];
+      a.dweight[i] += dy[off + i] * sh[i];
+      a.dbias[i] += dy[off + i];
+    }
+    sg /= n, sgs /= n;
+    for (int64_t i = 0; i < n; ++i) {
+      const double ds = rstd * (g[i] - sg - sh[i] * sgs);
+      static_cast<double*>(a.dresidual)[off + i] = ds;
+      if (a.dx) static_cast<double*>(a.dx)[off + i] = ds * mult[i];
+      if (a.dx_bias) a.dx_bias[i] += ds * mult[i];
+    }
+  }
+}
+
+}  // namespace
+
+void layernorm_residual_fwd(DType dt, const LayerNormArgs& a, int64_t r0, int64_t r1) {
+  switch (dt) {
+    case DType::f32: return fwd_rows<float>(a, r0, r1);
+    case DType::f16: return fwd_rows<f16>(a, r0, r1);
+    case DType::bf16: return fwd_rows<bf16>(a, r0, r1);
+    case DType::f64: return fwd_rows_f64(a, r0, r1);
+  }
+}
+
+void layernorm_residual_bwd(DType dt, const LayerNormArgs& a, int64_t r0, int64_t r1) {
+  switch (dt) {
+    case DType::f32: return bwd_rows<float>(a, r0, r1);
+    case DType::f16: return bwd_rows<f16>(a, r0, r1);
+    case DType::bf16: return bwd_rows<bf16>(a, r0, r1);
+    case DType::f64: return bwd_rows_f64(a, r0, r1);
+  }
+}
+
+}  // namespace fastbert::cpu::FASTBERT_ISA

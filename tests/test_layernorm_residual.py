@@ -1,0 +1,275 @@
+"""bias + dropout + residual + LayerNorm on every backend against the float64 reference."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastbert
+from fastbert import philox, reference
+from tests.utils import (DTYPES, assert_close, backend_params, device_backend_params, requires_c,
+                         use_backend)
+
+SHAPES = [(3, 1), (5, 7), (4, 1000), (2, 768), (2, 1024), (1, 4099), (2, 3, 768), (0, 8), (300, 40)]
+GRADS = ("y", "dx", "dresidual", "dweight", "dbias", "dx_bias")
+
+
+def make_inputs(shape, dtype, device, x_bias=True, param_dtype=None):
+    n = shape[-1]
+    x = torch.randn(shape, device=device, dtype=dtype)
+    r = (torch.randn(shape, device=device) * 2 + 0.5).to(dtype)
+    w = (1 + 0.5 * torch.randn(n, device=device)).to(param_dtype or dtype)
+    b = (0.5 * torch.randn(n, device=device)).to(param_dtype or dtype)
+    xb = (0.5 * torch.randn(n, device=device)).to(param_dtype or dtype) if x_bias else None
+    return x, r, w, b, xb
+
+
+def _leaves(tensors, dtype=None):
+    return [None if t is None else (t.detach().to(dtype) if dtype else t.detach()).requires_grad_()
+            for t in tensors]
+
+
+def _grads(y, dy, x, r, w, b, xb):
+    y.backward(dy)
+    return (y.detach(), x.grad, r.grad, w.grad, b.grad, None if xb is None else xb.grad)
+
+
+def run(backend, inputs, dy, p, seed_value):
+    """The public op on ``backend`` (training, dropout p) with torch's generator at ``seed_value``."""
+    x, r, w, b, xb = _leaves(inputs)
+    torch.manual_seed(seed_value)
+    with use_backend(backend):
+        y = fastbert.layernorm_residual(x, r, w, b, 1e-12, x_bias=xb, dropout_p=p, training=p > 0)
+    return _grads(y, dy, x, r, w, b, xb)
+
+
+def drawn_seed(seed_value, device):
+    torch.manual_seed(seed_value)
+    return philox.draw_seed(device)
+
+
+def exact(inputs, dy, p, seed):
+    x, r, w, b, xb = _leaves(inputs, torch.float64)
+    y = reference.layernorm_residual(x, r, w, b, 1e-12, xb, p, seed if p > 0 else None)
+    return _grads(y, dy.double(), x, r, w, b, xb)
+
+
+def eager(inputs, dy, p, seed):
+    """Eager PyTorch in the inputs' dtypes, dropping the same elements (to measure its own error)."""
+    x, r, w, b, xb = _leaves(inputs)
+    h = x + xb if xb is not None else x
+    if p > 0:
+        keep = philox.keep_mask(int(seed), h.shape, p, h.device)
+        h = torch.where(keep, h * philox.scale(p), torch.zeros((), dtype=h.dtype, device=h.device))
+    y = F.layer_norm(h + r, h.shape[-1:], w.to(x.dtype), b.to(x.dtype), 1e-12)
+    return _grads(y, dy, x, r, w, b, xb)
+
+
+def check(backend, inputs, p=0.0):
+    x = inputs[0]
+    dy = torch.randn_like(x)
+    seed_value = torch.randint(0, 2**31, ()).item()
+    seed = drawn_seed(seed_value, x.device)
+    got = run(backend, inputs, dy, p, seed_value)
+    want, base = exact(inputs, dy, p, seed), eager(inputs, dy, p, seed)
+    for name, g, w_, e in zip(GRADS, got, want, base):
+        if w_ is None:
+            assert g is None, name
+            continue
+        assert_close(g, w_, e.to(g.dtype), f"{backend} {name} {tuple(x.shape)} {x.dtype} p={p}")
+
+
+@pytest.mark.usefixtures("seed", "poison")
+@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("x_bias", [True, False], ids=["xbias", "noxbias"])
+def test_matches_reference(device, backend, dtype, shape, x_bias):
+    check(backend, make_inputs(shape, dtype, device, x_bias))
+
+
+@pytest.mark.usefixtures("seed", "poison")
+@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(5, 7), (4, 1000), (2, 768), (3, 100)], ids=str)
+def test_dropout_matches_reference(device, backend, dtype, shape):
+    """With dropout the kernels drop exactly the reference's elements (the shared Philox stream)."""
+    check(backend, make_inputs(shape, dtype, device), p=0.25)
+
+
+@pytest.mark.usefixtures("seed", "poison")
+@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_fp32_params_with_low_precision_x(device, backend, dtype):
+    inputs = make_inputs((6, 200), dtype, device, param_dtype=torch.float32)
+    got = run(backend, inputs, torch.randn(6, 200, device=device, dtype=dtype), 0.0, 1)
+    assert got[0].dtype == dtype and got[1].dtype == dtype
+    assert got[3].dtype == got[4].dtype == got[5].dtype == torch.float32
+
+
+@pytest.mark.usefixtures("seed", "poison")
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_non_contiguous_and_large_mean(device, backend):
+    base = torch.randn(40, 64, device=device)
+    x = base.t()[:, ::2]                                     # [64, 20], strided
+    r = (1000 + torch.randn(20, 64, device=device)).t()     # large common offset
+    w, b, xb = torch.randn(20, device=device), torch.randn(20, device=device), torch.randn(40, device=device)[::2]
+    assert not x.is_contiguous() and not r.is_contiguous() and not xb.is_contiguous()
+    check(backend, (x, r, w, b, xb))
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_statistics(device, backend, p):
+    """Kept fraction ~ 1 - p; kept positions scaled by 1/(1-p) in dx; dropped ones exactly zero."""
+    shape = (64, 768) if backend != "triton" or device == "cuda" else (8, 768)
+    x, r, w, b, _ = make_inputs(shape, torch.float32, device, x_bias=False)
+    dy = torch.randn(shape, device=device)
+    got = run(backend, (x, r, w, b, None), dy, p, 7)
+    dx, dres = got[1], got[2]
+    kept = dx != 0
+    n = kept.numel()
+    frac = kept.float().mean().item()
+    sigma = (p * (1 - p) / n) ** 0.5
+    assert abs(frac - (1 - p)) < 5 * sigma, f"kept {frac:.4f}, expected {1 - p} +- {5 * sigma:.4f}"
+    torch.testing.assert_close(dx[kept], dres[kept] * philox.scale(p), rtol=1e-6, atol=0)
+    want = philox.keep_mask(int(drawn_seed(7, device)), shape, p, device)
+    assert torch.equal(kept, want & (dres != 0))
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_dropout_seeds(device, backend):
+    """The same torch seed gives the same output; different seeds differ; eval mode is deterministic."""
+    x, r, w, b, xb = make_inputs((4, 256), torch.float32, device)
+
+    def out(seed, training=True):
+        torch.manual_seed(seed)
+        with use_backend(backend):
+            return fastbert.layernorm_residual(x, r, w, b, x_bias=xb, dropout_p=0.2, training=training)
+
+    assert torch.equal(out(1), out(1))
+    assert not torch.equal(out(1), out(2))
+    assert torch.equal(out(1, training=False), out(2, training=False))
+    with use_backend(backend):
+        plain = fastbert.layernorm_residual(x, r, w, b, x_bias=xb)
+    torch.testing.assert_close(out(3, training=False), plain, rtol=0, atol=0)
+
+
+@requires_c
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_gradcheck_float64_cpu(seed, p):
+    x, r, w, b, xb = (t.double().requires_grad_() for t in make_inputs((4, 9), torch.float32, "cpu"))
+    s = torch.tensor([123456789]) if p > 0 else None
+
+    def f(x, r, w, b, xb):
+        return torch.ops.fastbert.layernorm_residual_fwd(x, r, w, b, 1e-5, xb, p, s)[0]
+
+    assert torch.autograd.gradcheck(f, (x, r, w, b, xb))
+
+
+@requires_c
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_opcheck(seed, dtype, p):
+    x, r, w, b, xb = (t.requires_grad_() for t in make_inputs((5, 33), dtype, "cpu"))
+    s = torch.tensor([42])
+    for args in ((x, r, w, b, 1e-12, xb, p, s), (x, r, w, b, 1e-5, None, p, None)):
+        torch.library.opcheck(torch.ops.fastbert.layernorm_residual_fwd.default, args)
+    _, mean, rstd = torch.ops.fastbert.layernorm_residual_fwd(x, r, w, b, 1e-12, xb, p, s)
+    dy = torch.randn_like(x)
+    torch.library.opcheck(torch.ops.fastbert.layernorm_residual_bwd.default,
+                          (dy, x.detach(), r.detach(), w.detach(), xb.detach(), mean, rstd, p, s))
+
+
+@requires_c
+@pytest.mark.parametrize("training", [False, True])
+def test_torch_compile_fullgraph(seed, training):
+    m = fastbert.nn.FusedLayerNormResidual(64, p=0.1).train(training)
+
+    def f(x, r, xb):
+        return m(x, r, xb) * 2
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    x, r, xb = torch.randn(6, 64, requires_grad=True), torch.randn(6, 64), torch.randn(64, requires_grad=True)
+    torch.manual_seed(5)
+    y = compiled(x, r, xb)
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all() and xb.grad.shape == (64,)
+    torch.manual_seed(5)
+    torch.testing.assert_close(y, f(x, r, xb))
+
+
+@requires_c
+def test_column_sums_deterministic_across_threads(seed):
+    x, r, w, b, xb = make_inputs((1000, 300), torch.float32, "cpu")
+    y, mean, rstd = torch.ops.fastbert.layernorm_residual_fwd(x, r, w, b, 1e-12, xb, 0.1, torch.tensor([9]))
+    dy = torch.randn_like(x)
+    threads, outs = torch.get_num_threads(), []
+    try:
+        for n in (threads, 1, threads):
+            torch.set_num_threads(n)
+            outs.append(torch.ops.fastbert.layernorm_residual_bwd(dy, x, r, w, xb, mean, rstd, 0.1, torch.tensor([9])))
+    finally:
+        torch.set_num_threads(threads)
+    for out in outs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(out, outs[0]))
+
+
+# ---- bad input -------------------------------------------------------------------------------
+
+def _ok():
+    return [torch.randn(4, 8), torch.randn(4, 8), torch.ones(8), torch.zeros(8)]
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("change,kwargs,match", [
+    ({1: torch.randn(4, 7)}, {}, "residual has shape"),
+    ({1: torch.randn(4, 8).double()}, {}, "residual dtype"),
+    ({2: torch.ones(7)}, {}, "weight must have shape \\[8\\]"),
+    ({3: torch.zeros(2, 8)}, {}, "bias must have shape"),
+    ({3: torch.zeros(8).double()}, {}, "bias dtype"),
+    ({0: torch.randint(0, 3, (4, 8))}, {}, "x must be float32"),
+    ({2: torch.ones(8, device="meta")}, {}, "weight is on meta"),
+    ({1: torch.randn(4, 8, device="meta")}, {}, "residual is on meta"),
+    ({}, {"x_bias": torch.zeros(9)}, "x_bias must have shape"),
+    ({}, {"dropout_p": 1.0}, "dropout_p must be in \\[0, 1\\)"),
+    ({}, {"dropout_p": -0.1}, "dropout_p must be in"),
+    ({}, {"eps": 0.0}, "eps must be a positive number"),
+    ({}, {"eps": -1e-5}, "eps must be a positive number"),
+])
+def test_bad_input(backend, change, kwargs, match):
+    args = _ok()
+    for i, t in change.items():
+        args[i] = t
+    with fastbert.backend(backend), pytest.raises(ValueError, match=match):
+        fastbert.layernorm_residual(*args, **kwargs)
+
+
+@requires_c
+def test_bad_input_direct_op():
+    x = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="weight must have shape \\[8\\]"):
+        torch.ops.fastbert.layernorm_residual_fwd(x, x, torch.ones(7), torch.zeros(7), 1e-5, None, 0.0, None)
+    with pytest.raises(ValueError, match="eps must be positive"):
+        torch.ops.fastbert.layernorm_residual_fwd(x, x, torch.ones(8), torch.zeros(8), 0.0, None, 0.0, None)
+    with pytest.raises(ValueError, match="seed must be an int64 tensor"):
+        torch.ops.fastbert.layernorm_residual_fwd(x, x, torch.ones(8), torch.zeros(8), 1e-5, None, 0.1,
+                                                  torch.tensor([1.0]))
+
+
+# ---- module ----------------------------------------------------------------------------------
+
+def test_module_matches_layernorm_and_loads_its_state_dict(seed):
+    ln = torch.nn.LayerNorm(48, eps=1e-12)
+    with torch.no_grad():
+        ln.weight.normal_(), ln.bias.normal_()
+    m = fastbert.nn.FusedLayerNormResidual(48, eps=1e-12, p=0.1)
+    assert set(m.state_dict()) == set(ln.state_dict())
+    m.load_state_dict(ln.state_dict())
+    x, r = torch.randn(3, 5, 48), torch.randn(3, 5, 48)
+    m.eval()
+    torch.testing.assert_close(m(x, r), ln(x + r), rtol=1e-5, atol=1e-5)
+    m.train()
+    assert not torch.allclose(m(x, r), ln(x + r))
+    assert "p=0.1" in repr(m)
+    with pytest.raises(ValueError, match="p must be in"):
+        fastbert.nn.FusedLayerNormResidual(8, p=1.5)
