@@ -249,9 +249,9 @@ def test_bad_input_direct_op():
     x = torch.randn(4, 8)
     with pytest.raises(ValueError, match="weight must have shape \\[8\\]"):
         torch.ops.fastbert.layernorm_residual_fwd(x, x, torch.ones(7), torch.zeros(7), 1e-5, None, 0.0, None)
-    with pytest.raises(ValueError, match="eps must be positive"):
+    with pytest.raises(ValueError, match="eps must be a positive number"):
         torch.ops.fastbert.layernorm_residual_fwd(x, x, torch.ones(8), torch.zeros(8), 0.0, None, 0.0, None)
-    with pytest.raises(ValueError, match="seed must be an int64 tensor"):
+    with pytest.raises(ValueError, match="seed must be an int64 tensor with one element"):
         torch.ops.fastbert.layernorm_residual_fwd(x, x, torch.ones(8), torch.zeros(8), 1e-5, None, 0.1,
                                                   torch.tensor([1.0]))
 

@@ -53,13 +53,19 @@ inline void check_bias_gelu_grad(const at::Tensor& grad, const at::Tensor& x) {
   check_same_device(x, grad, "bias_gelu backward", "grad");
 }
 
-// layernorm_residual: x, residual [..., n] (one dtype); weight, bias [n] (one dtype); x_bias [n].
-inline void check_layernorm_residual(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
-                                     const at::Tensor& bias, const std::optional<at::Tensor>& x_bias,
-                                     double eps, double dropout_p) {
-  const char* op = "layernorm_residual";
+// layernorm_residual (mirrors check_args in fastbert/ops/layernorm_residual.py): x and residual
+// [..., N] of one float dtype; weight and bias [N] of one float dtype; x_bias [N] of any float dtype
+// (float64 included: the glue converts it); float64 x, residual, weight and bias only on CPU, and x
+// is float64 iff weight is; 0 <= dropout_p < 1; seed, when given, an int64 tensor of one element.
+// Every tensor on x's device. The backward has no bias: it passes std::nullopt.
+inline void check_layernorm_residual(const at::Tensor& x, const at::Tensor& residual,
+                                     const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                     const std::optional<at::Tensor>& x_bias, double dropout_p,
+                                     const std::optional<at::Tensor>& seed) {
+  constexpr const char* op = "layernorm_residual";
   const bool cpu = x.device().is_cpu();
   check_float(x, op, "x", cpu);
+  check_float(residual, op, "residual", cpu);
   TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have at least one dimension");
   TORCH_CHECK_VALUE(residual.sizes() == x.sizes(), op, ": residual has shape ", residual.sizes(),
                     " but x has shape ", x.sizes());
@@ -67,45 +73,61 @@ inline void check_layernorm_residual(const at::Tensor& x, const at::Tensor& resi
                     residual.scalar_type(), " differs from x dtype ", x.scalar_type());
   check_same_device(x, residual, op, "residual");
   const int64_t n = x.size(-1);
-  auto check_vec = [&](const at::Tensor& t, const char* name) {
-    check_float(t, op, name, cpu);
+  const auto param = [&](const at::Tensor& t, const char* name, bool allow_double) {
+    check_float(t, op, name, allow_double);
     check_same_device(x, t, op, name);
     TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == n, op, ": ", name, " must have shape [", n,
                       "] (the last dimension of x), got ", t.sizes());
   };
-  check_vec(weight, "weight");
-  check_vec(bias, "bias");
-  if (x_bias) check_vec(*x_bias, "x_bias");
-  TORCH_CHECK_VALUE(bias.scalar_type() == weight.scalar_type(), op, ": bias dtype ", bias.scalar_type(),
-                    " differs from weight dtype ", weight.scalar_type());
+  param(weight, "weight", cpu);
+  if (bias) {
+    param(*bias, "bias", cpu);
+    TORCH_CHECK_VALUE(bias->scalar_type() == weight.scalar_type(), op, ": bias dtype ",
+                      bias->scalar_type(), " differs from weight dtype ", weight.scalar_type());
+  }
+  if (x_bias) param(*x_bias, "x_bias", true);
   TORCH_CHECK_VALUE((x.scalar_type() == at::kDouble) == (weight.scalar_type() == at::kDouble), op,
                     ": float64 x needs float64 weight and bias and vice versa");
-  TORCH_CHECK_VALUE(eps > 0, op, ": eps must be positive, got ", eps);
-  TORCH_CHECK_VALUE(dropout_p >= 0 && dropout_p < 1, op, ": dropout_p must be in [0, 1), got ", dropout_p);
-}
-
-// The backward's extra inputs: grad like x; mean and rstd [x.shape[:-1]] in the statistics dtype.
-inline void check_layernorm_residual_bwd(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean,
-                                         const at::Tensor& rstd) {
-  const char* op = "layernorm_residual backward";
-  TORCH_CHECK_VALUE(grad.sizes() == x.sizes() && grad.scalar_type() == x.scalar_type(), op,
-                    ": grad must match x in shape and dtype, got ", grad.sizes(), " ", grad.scalar_type());
-  check_same_device(x, grad, op, "grad");
-  const auto stats = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  for (const at::Tensor* t : {&mean, &rstd}) {
-    TORCH_CHECK_VALUE(t->numel() == (x.size(-1) ? x.numel() / x.size(-1) : 0) && t->scalar_type() == stats,
-                      op, ": mean/rstd must hold one ", stats, " per row of x");
-    check_same_device(x, *t, op, "mean/rstd");
+  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ",
+                    dropout_p);
+  if (seed) {
+    TORCH_CHECK_VALUE(seed->scalar_type() == at::kLong && seed->numel() == 1, op,
+                      ": seed must be an int64 tensor with one element, got ", seed->scalar_type(),
+                      " of shape ", seed->sizes());
+    check_same_device(x, *seed, op, "seed");
   }
 }
 
-// Dropout runs when a seed tensor is given and p > 0; the seed is an int64 tensor on x's device.
-inline bool dropout_active(const std::optional<at::Tensor>& seed, double dropout_p, const at::Tensor& x) {
-  if (!seed || dropout_p <= 0) return false;
-  TORCH_CHECK_VALUE(seed->scalar_type() == at::kLong && seed->numel() >= 1, "layernorm_residual: seed must "
-                    "be an int64 tensor with one element, got ", seed->scalar_type(), " ", seed->sizes());
-  check_same_device(x, *seed, "layernorm_residual", "seed");
-  return true;
+// Dropout runs when a seed is given and p > 0.
+inline bool dropout_active(const std::optional<at::Tensor>& seed, double dropout_p) {
+  return seed.has_value() && dropout_p > 0.0;
+}
+
+inline void check_layernorm_residual_eps(double eps) {
+  TORCH_CHECK_VALUE(eps > 0.0, "layernorm_residual: eps must be a positive number, got ", eps);
+}
+
+// The backward's extra inputs: grad like x (shape, dtype, device); mean and rstd float32 (float64 for
+// float64 x) of shape x.shape[:-1] on x's device. Call after check_layernorm_residual.
+inline void check_layernorm_residual_grad(const at::Tensor& grad, const at::Tensor& x,
+                                          const at::Tensor& mean, const at::Tensor& rstd) {
+  constexpr const char* op = "layernorm_residual backward";
+  TORCH_CHECK_VALUE(grad.sizes() == x.sizes(), op, ": grad has shape ", grad.sizes(),
+                    " but x has shape ", x.sizes());
+  TORCH_CHECK_VALUE(grad.scalar_type() == x.scalar_type(), op, ": grad dtype ", grad.scalar_type(),
+                    " differs from x dtype ", x.scalar_type());
+  check_same_device(x, grad, op, "grad");
+  const at::IntArrayRef rows = x.sizes().slice(0, x.dim() - 1);
+  const auto stats_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto stat = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK_VALUE(t.scalar_type() == stats_type, op, ": ", name, " must be ", stats_type, ", got ",
+                      t.scalar_type());
+    TORCH_CHECK_VALUE(t.sizes() == rows, op, ": ", name, " must have shape ", rows,
+                      " (x.shape[:-1]), got ", t.sizes());
+    check_same_device(x, t, op, name);
+  };
+  stat(mean, "mean");
+  stat(rstd, "rstd");
 }
 
 }  // namespace fastbert

@@ -5,6 +5,8 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <limits>
+
 #include "common/checks.h"
 #include "common/memory.h"
 #include "common/philox.h"
@@ -26,7 +28,8 @@ cpu::Dropout dropout_of(const at::Tensor& seed, double p) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_residual_fwd_cpu(
     const at::Tensor& x_, const at::Tensor& residual_, const at::Tensor& weight, const at::Tensor& bias,
     double eps, const std::optional<at::Tensor>& x_bias, double dropout_p, const std::optional<at::Tensor>& seed) {
-  check_layernorm_residual(x_, residual_, weight, bias, x_bias, eps, dropout_p);
+  check_layernorm_residual(x_, residual_, weight, bias, x_bias, dropout_p, seed);
+  check_layernorm_residual_eps(eps);
   const at::Tensor x = x_.contiguous(), residual = residual_.contiguous();
   const at::Tensor w = param(weight, x), b = param(bias, x), xb = param(x_bias, x);
   const auto stats = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -35,11 +38,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_residual_fwd_cpu(
   at::Tensor mean = at::empty(rows_shape, x.options().dtype(stats)), rstd = at::empty(rows_shape, x.options().dtype(stats));
   const int64_t n = x.size(-1), rows = n ? x.numel() / n : 0;
   if (rows == 0 || n == 0) {
-    if (rows) mean.fill_(0), rstd.fill_(1.0 / std::sqrt(eps));  // empty rows: LayerNorm of nothing
+    if (rows) mean.fill_(0), rstd.fill_(std::numeric_limits<double>::quiet_NaN());  // as torch for n == 0
     return {y, mean, rstd};
   }
   cpu::Dropout drop{};
-  const bool dropping = dropout_active(seed, dropout_p, x);
+  const bool dropping = dropout_active(seed, dropout_p);
   if (dropping) drop = dropout_of(*seed, dropout_p);
   cpu::LayerNormArgs a;
   a.n = n, a.eps = eps, a.x = x.const_data_ptr(), a.residual = residual.const_data_ptr();
@@ -55,12 +58,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layernorm
     const at::Tensor& grad_, const at::Tensor& x_, const at::Tensor& residual_, const at::Tensor& weight,
     const std::optional<at::Tensor>& x_bias, const at::Tensor& mean_, const at::Tensor& rstd_, double dropout_p,
     const std::optional<at::Tensor>& seed) {
-  check_layernorm_residual(x_, residual_, weight, /*bias=*/weight, x_bias, /*eps=*/1.0, dropout_p);
-  check_layernorm_residual_bwd(grad_, x_, mean_, rstd_);
+  check_layernorm_residual(x_, residual_, weight, std::nullopt, x_bias, dropout_p, seed);
+  check_layernorm_residual_grad(grad_, x_, mean_, rstd_);
   const at::Tensor x = x_.contiguous(), residual = residual_.contiguous(), grad = grad_.contiguous();
   const at::Tensor mean = mean_.contiguous(), rstd = rstd_.contiguous();
   const at::Tensor w = param(weight, x), xb = param(x_bias, x);
-  const bool dropping = dropout_active(seed, dropout_p, x);
+  const bool dropping = dropout_active(seed, dropout_p);
   const int64_t n = x.size(-1), rows = n ? x.numel() / n : 0;
   at::Tensor dres = empty_output(x.sizes(), x.options());
   at::Tensor dx = dropping ? empty_output(x.sizes(), x.options()) : at::empty({0}, x.options());

@@ -36,4 +36,40 @@ cudaError_t bias_gelu_bwd(DType dt, const void* dy, const void* x, const float* 
                           float* partial, float* dbias, int64_t rows, int64_t n,
                           const BiasGeluBwdPlan& plan, bool tanh, cudaStream_t stream);
 
+// ---- layernorm_residual ----------------------------------------------------------------------
+// Forward. x, residual, y: contiguous [rows, n] in dtype dt; weight, bias: fp32 [n]; x_bias: fp32 [n]
+// or null; seed: int64 [1] on the device (read by the kernels) or null for no dropout; mean, rstd:
+// fp32 [rows]. h = x + x_bias; with a seed h = keep ? h * philox::scale(p) : 0, the keep mask from the shared
+// Philox stream (common/philox.h, element index = flat index into [rows, n]); s = h + residual;
+// mean, rstd = 1 / sqrt(var + eps) of s over the row (fp32, biased variance);
+// y = (s - mean) * rstd * weight + bias.
+cudaError_t layernorm_residual_fwd(DType dt, const void* x, const void* residual, const float* weight,
+                                   const float* bias, const float* x_bias, const int64_t* seed,
+                                   double dropout_p, float eps, void* y, float* mean, float* rstd,
+                                   int64_t rows, int64_t n, cudaStream_t stream);
+
+// Backward workspaces, fixed by (rows, n) alone so that the parameter gradients are bitwise the same
+// on every GPU: block b sums the column terms of rows [b * rows_per_block, (b + 1) * rows_per_block)
+// into one fp32 row of partial sums.
+struct LayerNormResidualBwdPlan {
+  int64_t rows_per_block;
+  int64_t blocks;  // rows of the workspace `partial`: fp32 [blocks, nacc, n], nacc = x_bias ? 3 : 2
+  bool row_stats;  // rows too long for one block: also an fp32 [rows, 2] workspace `row_stats`
+};
+LayerNormResidualBwdPlan layernorm_residual_bwd_plan(int64_t rows, int64_t n);
+
+// Backward. grad, x, residual, dresidual, dx: contiguous [rows, n] in dt; weight: fp32 [n]; x_bias,
+// seed, dropout_p: as in the forward; mean, rstd: the forward's. With s recomputed,
+// s_hat = (s - mean) * rstd and g = grad * weight: dresidual = ds = rstd * (g - mean(g) - s_hat *
+// mean(g * s_hat)); with a seed dx = ds * keep * scale (dx may be null without one: then dx = ds).
+// dweight = sum over rows of grad * s_hat, dbias = sum of grad, and (when x_bias is not null)
+// dx_bias = sum of dx (ds without dropout): fp32 [n] each, deterministic (no atomics). partial,
+// row_stats: fp32 workspaces sized by plan (from layernorm_residual_bwd_plan(rows, n)).
+cudaError_t layernorm_residual_bwd(DType dt, const void* grad, const void* x, const void* residual,
+                                   const float* weight, const float* x_bias, const int64_t* seed,
+                                   double dropout_p, const float* mean, const float* rstd,
+                                   void* dresidual, void* dx, float* dweight, float* dbias,
+                                   float* dx_bias, float* partial, float* row_stats, int64_t rows,
+                                   int64_t n, const LayerNormResidualBwdPlan& plan, cudaStream_t stream);
+
 }  // namespace fastbert::cuda
