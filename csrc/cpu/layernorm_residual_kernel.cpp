@@ -55,11 +55,25 @@ void dropout_row(const Dropout& d, uint64_t e0, int64_t n, RowBuffers& buf) {
   }
 }
 
+// Row sums: fp32 lanes over kBlock vectors at a time, each block's total added in fp64, so rounding
+// does not grow with the row length (a 4099-long row in 4 lanes would otherwise lose ~2 digits).
+constexpr int kBlock = 16;
+struct RowSum {
+  vf acc = vf{};
+  double total = 0.0;
+  int k = 0;
+  void add(vf v) {
+    acc += v;
+    if (++k == kBlock) total += hsum(acc), acc = vf{}, k = 0;
+  }
+  double sum() const { return total + hsum(acc); }
+};
+
 // s = dropout(x + x_bias) + residual into buf.s; returns mean. Mean over s - s[0] (shift) for precision.
 template <typename T>
 float pre_norm_row(const T* x, const T* res, const float* xb, const float* mult, int64_t n, float* s) {
   int64_t i = 0;
-  vf acc = vf{};
+  RowSum acc;
   float shift = 0.0f;
   for (; i < n; i += W) {
     const int64_t m = n - i < W ? n - i : W;
@@ -70,22 +84,22 @@ float pre_norm_row(const T* x, const T* res, const float* xb, const float* mult,
     store(s + i, v);
     if (i == 0) shift = v[0];
     const vf d = v - shift;
-    acc += m == W ? d : load_partial(&d[0], m);  // lanes past the row end do not count
+    acc.add(m == W ? d : load_partial(&d[0], m));  // lanes past the row end do not count
   }
-  return shift + hsum(acc) / static_cast<float>(n);
+  return static_cast<float>(shift + acc.sum() / static_cast<double>(n));
 }
 
 // rstd of the row in buf.s with the given mean.
 inline float row_rstd(const float* s, int64_t n, float mean, double eps) {
-  vf acc = vf{};
+  RowSum acc;
   int64_t i = 0;
   for (; i + W <= n; i += W) {
     const vf d = load(s + i) - mean;
-    acc += d * d;
+    acc.add(d * d);
   }
-  float tail = 0.0f;
-  for (; i < n; ++i) tail += (s[i] - mean) * (s[i] - mean);
-  const double var = (static_cast<double>(hsum(acc)) + tail) / static_cast<double>(n);
+  double tail = 0.0;
+  for (; i < n; ++i) tail += static_cast<double>(s[i] - mean) * (s[i] - mean);
+  const double var = (acc.sum() + tail) / static_cast<double>(n);
   return static_cast<float>(1.0 / std::sqrt(var + eps));
 }
 
@@ -144,7 +158,7 @@ void bwd_rows(const LayerNormArgs& a, int64_t r0, int64_t r1) {
       const float mean = static_cast<const float*>(a.mean)[r], rstd = static_cast<const float*>(a.rstd)[r];
       // pass 1: s_hat from x, x_bias, mask, residual and the saved mean/rstd; g = dy * w; row sums
       // of g and g * s_hat; column sums dw, db. s_hat and g go to the row buffers for pass 2.
-      vf sg = vf{}, sgs = vf{};
+      RowSum sg, sgs;
       for (int64_t i = 0; i < n; i += W) {
         const int64_t m = n - i < W ? n - i : W;
         vf h = m == W ? load(x + off + i) : load_partial(x + off + i, m);
@@ -157,12 +171,12 @@ void bwd_rows(const LayerNormArgs& a, int64_t r0, int64_t r1) {
         const vf shm = m == W ? sh : load_partial(&sh[0], m);  // zero past the row end
         store(s + i, shm);
         store(g + i, gv);
-        sg += gv;
-        sgs += gv * shm;
+        sg.add(gv);
+        sgs.add(gv * shm);
         store(gdw + i, load(gdw + i) + d * shm);
         store(gdb + i, load(gdb + i) + d);
       }
-      const float mg = hsum(sg) / static_cast<float>(n), mgs = hsum(sgs) / static_cast<float>(n);
+      const float mg = static_cast<float>(sg.sum() / n), mgs = static_cast<float>(sgs.sum() / n);
       // pass 2: ds = rstd (g - mean(g) - s_hat mean(g s_hat)); dresidual, dx, dx_bias sums
       for (int64_t i = 0; i < n; i += W) {
         const int64_t m = n - i < W ? n - i : W;
