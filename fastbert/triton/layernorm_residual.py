@@ -427,8 +427,8 @@ def layernorm_residual_fwd_triton(x: torch.Tensor, residual: torch.Tensor, weigh
     mean = x.new_empty(x.shape[:-1], dtype=torch.float32)
     rstd = torch.empty_like(mean)
     n, rows = x.shape[-1], mean.numel()
-    if rows == 0 or n == 0:  # nothing to normalise (an empty row has variance 0 by convention)
-        return y, mean.fill_(0.0), rstd.fill_(float(eps) ** -0.5)
+    if rows == 0 or n == 0:  # empty rows: mean 0 and rstd NaN, as torch.native_layer_norm gives them
+        return y, mean.fill_(0.0), rstd.fill_(float("nan"))
     drop, threshold, scale = _dropout_args(dropout_p, seed)
     bm, bn, num_warps, looped = fwd_config(n, drop)
     # one tile per program (a fine-grained tail) up to _FWD_MAX_PROGRAMS programs
