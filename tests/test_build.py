@@ -1,6 +1,5 @@
 """What fastbert._C contains: CPU ISA variants, CUDA kernels for the CUDA dispatch key, GPU code."""
 
-import glob
 import os
 import shutil
 import subprocess

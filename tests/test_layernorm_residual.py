@@ -6,8 +6,7 @@ import torch.nn.functional as F
 
 import fastbert
 from fastbert import philox, reference
-from tests.utils import (DTYPES, assert_close, backend_params, device_backend_params, requires_c,
-                         use_backend)
+from tests.utils import DTYPES, assert_close, device_backend_params, requires_c, use_backend
 
 SHAPES = [(3, 1), (5, 7), (4, 1000), (2, 768), (2, 1024), (1, 4099), (2, 3, 768), (0, 8), (300, 40)]
 GRADS = ("y", "dx", "dresidual", "dweight", "dbias", "dx_bias")

@@ -9,30 +9,10 @@
 #include <torch/library.h>
 
 #include "common/checks.h"
-#include "cuda/launch.h"
+#include "cuda/glue.h"
 
 namespace fastbert {
 namespace {
-
-cuda::DType dtype_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return cuda::DType::f32;
-    case at::kHalf: return cuda::DType::f16;
-    case at::kBFloat16: return cuda::DType::bf16;
-    default: break;
-  }
-  TORCH_CHECK_VALUE(false, "bias_gelu: unsupported dtype ", t.scalar_type(), " on CUDA");
-}
-
-// Bias as the kernels read it: fp32, contiguous; undefined when absent.
-at::Tensor bias_for_kernel(const std::optional<at::Tensor>& bias) {
-  if (!bias) return {};
-  return bias->to(at::kFloat).contiguous();
-}
-
-const float* ptr_or_null(const at::Tensor& t) {
-  return t.defined() ? t.const_data_ptr<float>() : nullptr;
-}
 
 at::Tensor bias_gelu_fwd_cuda(const at::Tensor& x_, const std::optional<at::Tensor>& bias,
                               c10::string_view approximate) {
@@ -40,11 +20,11 @@ at::Tensor bias_gelu_fwd_cuda(const at::Tensor& x_, const std::optional<at::Tens
   const bool tanh = parse_gelu_approximate(approximate);
   const c10::cuda::CUDAGuard guard(x_.device());
   const at::Tensor x = x_.contiguous();
-  const at::Tensor b = bias_for_kernel(bias);
+  const at::Tensor b = cuda::fp32(bias);
   at::Tensor y = at::empty(x.sizes(), x.options());
   const int64_t n = x.size(-1), total = x.numel();
   if (total == 0) return y;
-  C10_CUDA_CHECK(cuda::bias_gelu_fwd(dtype_of(x), x.const_data_ptr(), ptr_or_null(b),
+  C10_CUDA_CHECK(cuda::bias_gelu_fwd(cuda::dtype_of(x, "bias_gelu"), x.const_data_ptr(), cuda::ptr_or_null(b),
                                      y.data_ptr(), total / n, n, tanh,
                                      c10::cuda::getCurrentCUDAStream()));
   return y;
@@ -59,7 +39,7 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd_cuda(const at::Tensor& dy_, con
   check_bias_gelu_grad(dy_, x_);
   const c10::cuda::CUDAGuard guard(x_.device());
   const at::Tensor x = x_.contiguous(), dy = dy_.contiguous();
-  const at::Tensor b = bias_for_kernel(bias);
+  const at::Tensor b = cuda::fp32(bias);
   at::Tensor dx = at::empty(x.sizes(), x.options());
   const bool want_db = need_dbias && b.defined();
   const int64_t n = x.size(-1), rows = n == 0 ? 0 : x.numel() / n;
@@ -67,7 +47,7 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd_cuda(const at::Tensor& dy_, con
     at::Tensor dbias = want_db ? at::zeros({n}, bias->options()) : at::empty({0}, x.options());
     return {dx, dbias};
   }
-  const cuda::DType dt = dtype_of(x);
+  const cuda::DType dt = cuda::dtype_of(x, "bias_gelu");
   const cuda::BiasGeluBwdPlan plan = cuda::bias_gelu_bwd_plan(dt, rows, n);
   // fp32 workspace: one row of partial column sums per chunk of rows (see launch.h).
   at::Tensor partial, dbias32;
@@ -76,7 +56,7 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd_cuda(const at::Tensor& dy_, con
     dbias32 = at::empty({n}, b.options());
   }
   C10_CUDA_CHECK(cuda::bias_gelu_bwd(
-      dt, dy.const_data_ptr(), x.const_data_ptr(), ptr_or_null(b), dx.data_ptr(),
+      dt, dy.const_data_ptr(), x.const_data_ptr(), cuda::ptr_or_null(b), dx.data_ptr(),
       want_db ? partial.data_ptr<float>() : nullptr, want_db ? dbias32.data_ptr<float>() : nullptr,
       rows, n, plan, tanh, c10::cuda::getCurrentCUDAStream()));
   if (!want_db) return {dx, at::empty({0}, x.options())};

@@ -17,6 +17,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "cuda/common.cuh"
 #include "cuda/launch.h"
 
 namespace fastbert::cuda {
@@ -69,46 +70,6 @@ __device__ __forceinline__ float gelu_grad(float z) {
   for (int i = 1; i < 8; ++i) p = p * x2 + P[i];  // constant trip counts: fully unrolled, the
   for (int i = 1; i < 6; ++i) q = q * x2 + Q[i];  // coefficients folded into the FFMAs
   return __fdividef(x * p, q) + 0.5f;
-}
-
-// ---- storage ------------------------------------------------------------------------------------
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ T from_f(float v);
-template <> __device__ __forceinline__ float from_f(float v) { return v; }
-template <> __device__ __forceinline__ __half from_f(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f(float v) { return __float2bfloat16_rn(v); }
-__device__ __forceinline__ unsigned bits(__half h) { return __half_as_ushort(h); }
-__device__ __forceinline__ unsigned bits(__nv_bfloat16 h) { return __bfloat16_as_ushort(h); }
-template <typename T> constexpr int kVec = 16 / sizeof(T);  // per 16-byte access: 4 floats, 8 halves
-
-// V adjacent elements loaded as one access of up to 16 bytes (two for 8 floats of bias).
-template <typename T, int V>
-struct alignas(sizeof(T) * V < 16 ? sizeof(T) * V : 16) Pack { T v[V]; };
-template <int V, typename T>
-__device__ __forceinline__ Pack<T, V> load(const T* p) { return *reinterpret_cast<const Pack<T, V>*>(p); }
-
-// 16 bytes to global memory in one st.global.v4 (a plain weak store). Written in PTX because the
-// compiler split the equivalent C++ vector store into 4-byte stores in the tile kernel.
-__device__ __forceinline__ void store16(void* p, unsigned a, unsigned b, unsigned c, unsigned d) {
-  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(a), "r"(b), "r"(c), "r"(d)
-               : "memory");
-}
-
-// Rounds v to T and stores it at p (16-byte aligned when V > 1).
-template <int V, typename T>
-__device__ __forceinline__ void store(T* p, const float (&v)[V]) {
-  if constexpr (V == 1) {
-    *p = from_f<T>(v[0]);
-  } else if constexpr (sizeof(T) == 4) {
-    store16(p, __float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]), __float_as_uint(v[3]));
-  } else {
-    unsigned w[4];  // two halves a word, the lower address in the low bits
-#pragma unroll
-    for (int k = 0; k < 4; ++k) w[k] = bits(from_f<T>(v[2 * k])) | bits(from_f<T>(v[2 * k + 1])) << 16;
-    store16(p, w[0], w[1], w[2], w[3]);
-  }
 }
 
 // ---- elementwise: forward, and backward without dbias -------------------------------------------
@@ -230,7 +191,6 @@ __global__ void __launch_bounds__(kTileX * kSumY)
 // workspace, stage 2's serial work and gridDim.y. Depends on the shape alone: same dbias on any GPU.
 constexpr int64_t kTargetBlocks = 1024, kMaxPerThread = 16, kMinPerThread = 2, kMaxChunks = 1024;
 
-template <typename T> struct Tag { using type = T; };
 template <typename F>
 cudaError_t dispatch(DType dt, F&& f) {
   switch (dt) {
@@ -241,8 +201,6 @@ cudaError_t dispatch(DType dt, F&& f) {
   return cudaErrorInvalidValue;
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // 16-byte packs when every row holds whole packs and all pointers are 16-byte aligned, else V = 1.
 // Grid: one resident wave (SMs x blocks per SM at the kernel's occupancy), fewer for less work.

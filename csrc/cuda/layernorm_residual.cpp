@@ -13,26 +13,10 @@
 #include <vector>
 
 #include "common/checks.h"
-#include "cuda/launch.h"
+#include "cuda/glue.h"
 
 namespace fastbert {
 namespace {
-
-cuda::DType dtype_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return cuda::DType::f32;
-    case at::kHalf: return cuda::DType::f16;
-    case at::kBFloat16: return cuda::DType::bf16;
-    default: break;
-  }
-  TORCH_CHECK_VALUE(false, "layernorm_residual: unsupported dtype ", t.scalar_type(), " on CUDA");
-}
-
-// A parameter as the kernels read it: fp32, contiguous (undefined when absent).
-at::Tensor fp32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
-at::Tensor fp32(const std::optional<at::Tensor>& t) { return t ? fp32(*t) : at::Tensor(); }
-
-const float* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr<float>() : nullptr; }
 
 // The seed as the kernels take it: null unless dropout is active (a seed and p > 0).
 const int64_t* seed_or_null(const std::optional<at::Tensor>& seed, double p) {
@@ -63,10 +47,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_residual_fwd_cuda(
     rstd.fill_(std::numeric_limits<float>::quiet_NaN());
     return {y, mean, rstd};
   }
-  const at::Tensor w = fp32(weight), b = fp32(bias), xb = fp32(x_bias);
+  const at::Tensor w = cuda::fp32(weight), b = cuda::fp32(bias), xb = cuda::fp32(x_bias);
   C10_CUDA_CHECK(cuda::layernorm_residual_fwd(
-      dtype_of(x), x.const_data_ptr(), res.const_data_ptr(), w.const_data_ptr<float>(),
-      b.const_data_ptr<float>(), ptr_or_null(xb), seed_or_null(seed, dropout_p), dropout_p,
+      cuda::dtype_of(x, "layernorm_residual"), x.const_data_ptr(), res.const_data_ptr(), w.const_data_ptr<float>(),
+      b.const_data_ptr<float>(), cuda::ptr_or_null(xb), seed_or_null(seed, dropout_p), dropout_p,
       static_cast<float>(eps), y.data_ptr(), mean.data_ptr<float>(), rstd.data_ptr<float>(), rows, n,
       c10::cuda::getCurrentCUDAStream()));
   return {y, mean, rstd};
@@ -99,10 +83,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layernorm
   const at::Tensor row_stats = plan.row_stats ? at::empty({rows, 2}, f32) : at::Tensor();
   at::Tensor dw = at::empty({n}, f32), db = at::empty({n}, f32);
   at::Tensor dxb = x_bias ? at::empty({n}, f32) : at::Tensor();
-  const at::Tensor w = fp32(weight), xb = fp32(x_bias);
+  const at::Tensor w = cuda::fp32(weight), xb = cuda::fp32(x_bias);
   C10_CUDA_CHECK(cuda::layernorm_residual_bwd(
-      dtype_of(x), grad.const_data_ptr(), x.const_data_ptr(), res.const_data_ptr(),
-      w.const_data_ptr<float>(), ptr_or_null(xb), seed_ptr, dropout_p, mean.const_data_ptr<float>(),
+      cuda::dtype_of(x, "layernorm_residual"), grad.const_data_ptr(), x.const_data_ptr(), res.const_data_ptr(),
+      w.const_data_ptr<float>(), cuda::ptr_or_null(xb), seed_ptr, dropout_p, mean.const_data_ptr<float>(),
       rstd.const_data_ptr<float>(), dres.data_ptr(), seed_ptr != nullptr ? dx.data_ptr() : nullptr,
       dw.data_ptr<float>(), db.data_ptr<float>(), dxb.defined() ? dxb.data_ptr<float>() : nullptr,
       partial.data_ptr<float>(), row_stats.defined() ? row_stats.data_ptr<float>() : nullptr, rows, n,

@@ -21,39 +21,18 @@ Tiles are ``[BLOCK_M rows, BLOCK_N columns]`` of ``_TILE`` elements over a 2-D g
 (row blocks x column blocks), so any ``n`` works: columns beyond one block go to further programs.
 """
 
-import os
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
 from fastbert.ops import _library
 from fastbert.ops.bias_gelu import _fake_bwd as _ops_fake_bwd
 from fastbert.ops.bias_gelu import _fake_fwd as _ops_fake_fwd
 from fastbert.ops.bias_gelu import backward, check_args, setup_context
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# The interpreter's fp32 -> bf16 cast truncates (GPUs round to nearest even); under it, round first.
-_ROUND_BF16 = tl.constexpr(_INTERPRET)
-
-
-# ----------------------------------------------------------------------------------------- kernels
-
-@triton.jit
-def _for_store(v, ptr):
-    """fp32 ``v`` converted to ``ptr``'s element type, rounded to nearest even."""
-    if _ROUND_BF16:
-        if ptr.dtype.element_ty == tl.bfloat16:
-            # round to the nearest bf16 in fp32 bits (ties to even; NaN and inf stay), so the
-            # interpreter's truncating cast below is exact
-            bits = v.to(tl.uint32, bitcast=True)
-            bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
-            v = bits.to(tl.float32, bitcast=True)
-    return v.to(ptr.dtype.element_ty)
-
+from fastbert.triton._common import check_device, check_dtypes, define, for_store
 
 @triton.jit
 def _gelu(z, APPROX_TANH: tl.constexpr):
@@ -124,7 +103,7 @@ def _bias_gelu_fwd_kernel(
         bptr = bias_ptr + tl.broadcast_to(c[None, :], (BLOCK_M, BLOCK_N))
         z += tl.load(bptr, mask=mask, other=0.0).to(tl.float32)
     y = _gelu(z, APPROX_TANH)
-    tl.store(y_ptr + offs, _for_store(y, y_ptr), mask=mask)
+    tl.store(y_ptr + offs, for_store(y, y_ptr), mask=mask)
 
 
 @triton.jit
@@ -165,7 +144,7 @@ def _bias_gelu_bwd_kernel(
             z += b
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         dz = dy * _gelu_grad(z, APPROX_TANH)  # masked lanes: dy = 0, gelu' finite -> dz = 0
-        tl.store(dx_ptr + offs, _for_store(dz, dx_ptr), mask=mask)
+        tl.store(dx_ptr + offs, for_store(dz, dx_ptr), mask=mask)
         if NEED_DBIAS:
             acc += dz
     if NEED_DBIAS:
@@ -191,7 +170,7 @@ def _dbias_reduce_kernel(
         r = start + tl.arange(0, BLOCK_R)
         mask = (r < n_blocks)[:, None] & cmask[None, :]
         acc += tl.load(partial_ptr + r.to(tl.int64)[:, None] * n + c[None, :], mask=mask, other=0.0)
-    tl.store(dbias_ptr + c, _for_store(tl.sum(acc, axis=0), dbias_ptr), mask=cmask)
+    tl.store(dbias_ptr + c, for_store(tl.sum(acc, axis=0), dbias_ptr), mask=cmask)
 
 
 # ----------------------------------------------------------------------------- launch configuration
@@ -241,30 +220,10 @@ def rows_per_program(rows, block_m):
 
 # ------------------------------------------------------------------------------------------- ops
 
-def _define(name, fake):
-    """``torch.library.triton_op`` (kernels visible to torch.compile / export, which trace the body
-    and see the ``wrap_triton`` launches). Under TRITON_INTERPRET=1 the kernels are interpreted
-    Python functions that cannot be traced (``wrap_triton`` hands them back unwrapped, and the body
-    would launch them on fake tensors), so there the op is an opaque ``custom_op`` with a fake that
-    only computes shapes; compiled graphs then call it eagerly. The schema is inferred from the
-    annotations (``Optional[Tensor]`` -> ``Tensor?``)."""
-    def deco(fn):
-        if _INTERPRET:
-            op = torch.library.custom_op(name, fn, mutates_args=())
-            op.register_fake(fake)
-            return op
-        return triton_op(name, fn, mutates_args=())
-    return deco
-
-
 def _check(x, bias, approximate, op):
     check_args(x, bias, approximate)
-    for t, name in ((x, "x"), (bias, "bias")):
-        if t is not None and t.dtype not in _DTYPES:
-            raise ValueError(f"bias_gelu ({op}): {name} must be float32, float16 or bfloat16, got {t.dtype}")
-    if x.device.type == "cpu" and not _INTERPRET:
-        raise RuntimeError(f"bias_gelu ({op}): the Triton kernels run CUDA tensors (CPU tensors only "
-                           f"under TRITON_INTERPRET=1, set before triton is imported)")
+    check_dtypes(f"bias_gelu ({op})", x=x, bias=bias)
+    check_device(x, f"bias_gelu ({op})")
 
 
 def _check_bwd(grad, x, bias, approximate):
@@ -288,7 +247,7 @@ def _fake_bwd(grad, x, bias, approximate, need_dbias):
     return _ops_fake_bwd(grad, x, bias, approximate, need_dbias)
 
 
-@_define("fastbert::bias_gelu_fwd_triton", _fake_fwd)
+@define("fastbert::bias_gelu_fwd_triton", _fake_fwd)
 def bias_gelu_fwd_triton(x: torch.Tensor, bias: Optional[torch.Tensor], approximate: str) -> torch.Tensor:
     _check(x, bias, approximate, "triton forward")
     x = x.contiguous()
@@ -306,7 +265,7 @@ def bias_gelu_fwd_triton(x: torch.Tensor, bias: Optional[torch.Tensor], approxim
     return y
 
 
-@_define("fastbert::bias_gelu_bwd_triton", _fake_bwd)
+@define("fastbert::bias_gelu_bwd_triton", _fake_bwd)
 def bias_gelu_bwd_triton(grad: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor],
                          approximate: str, need_dbias: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     _check_bwd(grad, x, bias, approximate)

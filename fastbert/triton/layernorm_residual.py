@@ -23,23 +23,19 @@ Dropout draws from the shared Philox stream (fastbert/philox.py): element ``e`` 
 back into element order (``GROUPED``); otherwise each element draws its own counter.
 """
 
-import os
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
 from fastbert import philox
 from fastbert.ops import _library
 from fastbert.ops.layernorm_residual import _fake_bwd as _ops_fake_bwd
 from fastbert.ops.layernorm_residual import _fake_fwd as _ops_fake_fwd
 from fastbert.ops.layernorm_residual import OP, backward, check_args, dropout_active, setup_context
-from fastbert.triton.bias_gelu import _for_store
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from fastbert.triton._common import check_device, check_dtypes, define, for_store
 
 
 # ----------------------------------------------------------------------------------------- kernels
@@ -139,7 +135,7 @@ def _ln_fwd_kernel(
             tl.store(mean_ptr + r, m0 + corr, mask=rmask)
             tl.store(rstd_ptr + r, rstd, mask=rmask)
             y = (d - corr[:, None]) * rstd[:, None] * w + b
-            tl.store(y_ptr + offs, _for_store(y, y_ptr), mask=mask)
+            tl.store(y_ptr + offs, for_store(y, y_ptr), mask=mask)
     else:
         r = row0 + tl.arange(0, BLOCK_M)
         rmask = r < rows
@@ -172,7 +168,7 @@ def _ln_fwd_kernel(
                                         rmask, col0, n, threshold, scale, HAS_XBIAS, DROPOUT, GROUPED,
                                         BLOCK_M, BLOCK_N)
             y = (s - mean[:, None]) * rstd[:, None] * _row(w_ptr, c, n, True) + _row(b_ptr, c, n, True)
-            tl.store(y_ptr + offs, _for_store(y, y_ptr), mask=mask)
+            tl.store(y_ptr + offs, for_store(y, y_ptr), mask=mask)
 
 
 @triton.jit
@@ -230,10 +226,10 @@ def _ln_bwd_kernel(
             c1 = tl.div_rn(tl.sum(g, 1), n.to(tl.float32))
             c2 = tl.div_rn(tl.sum(g * s_hat, 1), n.to(tl.float32))
         ds = rstd[:, None] * (g - c1[:, None] - s_hat * c2[:, None])
-        tl.store(dres_ptr + offs, _for_store(ds, dres_ptr), mask=mask)
+        tl.store(dres_ptr + offs, for_store(ds, dres_ptr), mask=mask)
         if DROPOUT:
             ds = tl.where(keep, ds * scale, 0.0)
-            tl.store(dx_ptr + offs, _for_store(ds, dx_ptr), mask=mask)
+            tl.store(dx_ptr + offs, for_store(ds, dx_ptr), mask=mask)
         # stage 1: this row block's column sums (fixed order; masked rows add 0)
         acc_dw += tl.sum(dy * s_hat, 0)
         acc_db += tl.sum(dy, 0)
@@ -296,11 +292,11 @@ def _ln_param_reduce_kernel(
         acc += tl.load(partial_ptr + offs, mask=(r < n_blocks)[:, None] & cmask[None, :], other=0.0)
     tot = tl.sum(acc, 0)
     if k == 0:
-        tl.store(dw_ptr + c, _for_store(tot, dw_ptr), mask=cmask)
+        tl.store(dw_ptr + c, for_store(tot, dw_ptr), mask=cmask)
     elif k == 1:
-        tl.store(db_ptr + c, _for_store(tot, db_ptr), mask=cmask)
+        tl.store(db_ptr + c, for_store(tot, db_ptr), mask=cmask)
     elif HAS_XBIAS:
-        tl.store(dxb_ptr + c, _for_store(tot, dxb_ptr), mask=cmask)
+        tl.store(dxb_ptr + c, for_store(tot, dxb_ptr), mask=cmask)
 
 
 # ----------------------------------------------------------------------------- launch configuration
@@ -365,29 +361,13 @@ def rows_per_program(rows, block_m):
 
 # ------------------------------------------------------------------------------------------- ops
 
-def _define(name, fake):
-    """``triton_op`` (traceable by torch.compile); under TRITON_INTERPRET=1 an opaque ``custom_op``
-    (interpreted kernels cannot be traced), as in fastbert/triton/bias_gelu.py."""
-    def deco(fn):
-        if _INTERPRET:
-            op = torch.library.custom_op(name, fn, mutates_args=())
-            op.register_fake(fake)
-            return op
-        return triton_op(name, fn, mutates_args=())
-    return deco
-
-
 def _check(x, residual, weight, bias, eps, x_bias, dropout_p, seed, op):
     check_args(x, residual, weight, bias, eps, x_bias, dropout_p)
-    for t, name in ((x, "x"), (weight, "weight"), (x_bias, "x_bias")):
-        if t is not None and t.dtype not in _DTYPES:
-            raise ValueError(f"{OP} ({op}): {name} must be float32, float16 or bfloat16, got {t.dtype}")
+    check_dtypes(f"{OP} ({op})", x=x, weight=weight, x_bias=x_bias)
     if seed is not None and (not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64
                              or seed.numel() != 1 or seed.device != x.device):
         raise ValueError(f"{OP} ({op}): seed must be an int64 tensor with one element on x's device")
-    if x.device.type == "cpu" and not _INTERPRET:
-        raise RuntimeError(f"{OP} ({op}): the Triton kernels run CUDA tensors (CPU tensors only under "
-                           f"TRITON_INTERPRET=1, set before triton is imported)")
+    check_device(x, f"{OP} ({op})")
 
 
 def _check_bwd(grad, x, residual, weight, x_bias, mean, rstd, dropout_p, seed):
@@ -416,7 +396,7 @@ def _dropout_args(dropout_p, seed):
     return False, 0, 1.0
 
 
-@_define("fastbert::layernorm_residual_fwd_triton", _fake_fwd)
+@define("fastbert::layernorm_residual_fwd_triton", _fake_fwd)
 def layernorm_residual_fwd_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                                   bias: torch.Tensor, eps: float, x_bias: Optional[torch.Tensor],
                                   dropout_p: float, seed: Optional[torch.Tensor]
@@ -441,7 +421,7 @@ def layernorm_residual_fwd_triton(x: torch.Tensor, residual: torch.Tensor, weigh
     return y, mean, rstd
 
 
-@_define("fastbert::layernorm_residual_bwd_triton", _fake_bwd)
+@define("fastbert::layernorm_residual_bwd_triton", _fake_bwd)
 def layernorm_residual_bwd_triton(grad: torch.Tensor, x: torch.Tensor, residual: torch.Tensor,
                                   weight: torch.Tensor, x_bias: Optional[torch.Tensor], mean: torch.Tensor,
                                   rstd: torch.Tensor, dropout_p: float, seed: Optional[torch.Tensor]
