@@ -62,12 +62,15 @@ def backend_params(device):
     return params
 
 
-def device_backend_params():
-    """pytest params (device, backend) for both devices, ids like "cpu-cpu:avx2"."""
+def device_backend_params(kernels_only=False):
+    """pytest params (device, backend) for both devices, ids like "cpu-cpu:avx2" (without the
+    reference backend when ``kernels_only``)."""
     out = []
     for device in ("cpu", "cuda"):
         for p in backend_params(device):
             value, marks = (p.values[0], p.marks) if hasattr(p, "values") else (p, ())
+            if kernels_only and value == "reference":
+                continue
             out.append(pytest.param(device, value, marks=marks, id=f"{device}-{value}"))
     return out
 

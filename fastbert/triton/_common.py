@@ -52,3 +52,11 @@ def check_dtypes(op, **tensors):
     for name, t in tensors.items():
         if t is not None and t.dtype not in DTYPES:
             raise ValueError(f"{op}: {name} must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def aot_spec(kernel, label, signature, constexprs, num_warps, divisible_by_16):
+    """One ahead-of-time compile entry for an ``AOT_SPECS`` list (see fastbert/triton/aot.py)."""
+    blocks = "x".join(f"{v}" for k, v in constexprs.items() if k.startswith("BLOCK_"))
+    return dict(name=f"{kernel.__name__.strip('_')}[{label},{blocks},w{num_warps}]", kernel=kernel,
+                signature=signature, constexprs=constexprs, num_warps=num_warps, num_stages=1,
+                divisible_by_16=divisible_by_16)

@@ -32,7 +32,7 @@ from fastbert.ops import _library
 from fastbert.ops.bias_gelu import _fake_bwd as _ops_fake_bwd
 from fastbert.ops.bias_gelu import _fake_fwd as _ops_fake_fwd
 from fastbert.ops.bias_gelu import backward, check_args, setup_context
-from fastbert.triton._common import check_device, check_dtypes, define, for_store
+from fastbert.triton._common import aot_spec, check_device, check_dtypes, define, for_store
 
 @triton.jit
 def _gelu(z, APPROX_TANH: tl.constexpr):
@@ -316,11 +316,8 @@ def _aot_specs():
     """
     specs = []
 
-    def add(kernel, label, sig, constexprs, num_warps, div16):
-        blocks = "x".join(f"{v}" for k, v in constexprs.items() if k.startswith("BLOCK_"))
-        specs.append(dict(name=f"{kernel.__name__.strip('_')}[{label},{blocks},w{num_warps}]",
-                          kernel=kernel, signature=sig, constexprs=constexprs,
-                          num_warps=num_warps, num_stages=1, divisible_by_16=div16))
+    def add(*args):
+        specs.append(aot_spec(*args))
 
     def fwd(n, x, b, tanh):
         bm, bn, nw = block_config(n)
