@@ -30,7 +30,7 @@ struct LayerNormArgs {
   void *y = nullptr, *mean = nullptr, *rstd = nullptr;  // forward writes all three; backward reads mean, rstd
   void *dresidual = nullptr, *dx = nullptr;             // backward; dx null without dropout (dx = dresidual)
   double *dweight = nullptr, *dbias = nullptr, *dx_bias = nullptr;  // backward: the task's fp64 column
-                                                                      // sums, added to (dx_bias may be null)
+                                                                      // sums, written (dx_bias may be null)
   const Dropout* dropout = nullptr;
 };
 

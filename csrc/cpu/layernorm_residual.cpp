@@ -73,7 +73,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layernorm
   int64_t blocks = rows ? (rows + per_block - 1) / per_block : 0;
   if (blocks > 128) per_block = (rows + 127) / 128, blocks = (rows + per_block - 1) / per_block;
   const auto f64 = x.options().dtype(at::kDouble);
-  at::Tensor partial = at::zeros({std::max<int64_t>(blocks, 1), 3, n}, f64);
+  at::Tensor partial = at::empty({std::max<int64_t>(blocks, 1), 3, n}, f64);  // each task writes its own
   if (rows && n) {
     cpu::Dropout drop{};
     if (dropping) drop = dropout_of(*seed, dropout_p);

@@ -11,6 +11,7 @@
 // once per pass of the op (the backward recomputes s_hat from the saved mean and rstd in its first
 // pass). Sums: the mean over (s - s[0]) so that a large common offset does not
 // cost precision; column sums in fp32 groups of kGroup rows flushed into fp64 partials (as bias_gelu).
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -55,52 +56,70 @@ void dropout_row(const Dropout& d, uint64_t e0, int64_t n, RowBuffers& buf) {
   }
 }
 
-// Row sums: fp32 lanes over kBlock vectors at a time, each block's total added in fp64, so rounding
-// does not grow with the row length (a 4099-long row in 4 lanes would otherwise lose ~2 digits).
-constexpr int kBlock = 16;
-struct RowSum {
-  vf acc = vf{};
-  double total = 0.0;
-  int k = 0;
-  void add(vf v) {
-    acc += v;
-    if (++k == kBlock) total += hsum(acc), acc = vf{}, k = 0;
-  }
-  double sum() const { return total + hsum(acc); }
-};
-
-// s = dropout(x + x_bias) + residual into buf.s; returns mean. Mean over s - s[0] (shift) for precision.
-template <typename T>
-float pre_norm_row(const T* x, const T* res, const float* xb, const float* mult, int64_t n, float* s) {
+// Runs body(i, m) over a row's vectors: m = W for whole ones (a constant once inlined, so the
+// `m == W ? load : load_partial` choices fold away), m < W for the tail. flush() follows every kBlock
+// vectors and the tail: row sums accumulate in fp32 lanes per block and in fp64 across blocks, so
+// rounding does not grow with the row length (a 4099-long row in 4 lanes would lose ~2 digits).
+constexpr int64_t kBlock = 16;
+template <typename Body, typename Flush>
+inline void for_row(int64_t n, Body&& body, Flush&& flush) {
+  const int64_t whole = n / W * W;
   int64_t i = 0;
-  RowSum acc;
-  float shift = 0.0f;
-  for (; i < n; i += W) {
-    const int64_t m = n - i < W ? n - i : W;
-    vf h = m == W ? load(x + i) : load_partial(x + i, m);
-    if (xb) h += m == W ? load(xb + i) : load_partial(xb + i, m);
-    if (mult) h *= load(mult + i);
-    const vf v = h + (m == W ? load(res + i) : load_partial(res + i, m));
-    store(s + i, v);
-    if (i == 0) shift = v[0];
-    const vf d = v - shift;
-    acc.add(m == W ? d : load_partial(&d[0], m));  // lanes past the row end do not count
+  while (i < whole) {
+    const int64_t end = i + kBlock * W < whole ? i + kBlock * W : whole;
+    for (; i < end; i += W) body(i, int64_t{W});
+    flush();
   }
-  return static_cast<float>(shift + acc.sum() / static_cast<double>(n));
+  if (i < n) {
+    body(i, n - i);
+    flush();
+  }
 }
 
-// rstd of the row in buf.s with the given mean.
-inline float row_rstd(const float* s, int64_t n, float mean, double eps) {
-  RowSum acc;
-  int64_t i = 0;
-  for (; i + W <= n; i += W) {
-    const vf d = load(s + i) - mean;
-    acc.add(d * d);
+template <typename T>
+inline vf ld(const T* p, int64_t m) { return m == W ? load(p) : load_partial(p, m); }
+template <typename T>
+inline void st(T* p, vf v, int64_t m) { m == W ? store(p, v) : store_partial(p, v, m); }
+inline vf head(vf v, int64_t m) { return m == W ? v : load_partial(&v[0], m); }  // lanes >= m zeroed
+
+struct Sum {  // a row sum: fp32 lanes within a block, fp64 across blocks
+  vf acc = vf{};
+  double total = 0.0;
+  void flush() {
+    for (int k = 0; k < W; ++k) total += acc[k];
+    acc = vf{};
   }
-  double tail = 0.0;
-  for (; i < n; ++i) tail += static_cast<double>(s[i] - mean) * (s[i] - mean);
-  const double var = (acc.sum() + tail) / static_cast<double>(n);
-  return static_cast<float>(1.0 / std::sqrt(var + eps));
+};
+
+// s = dropout(x + x_bias) + residual into s[0 .. n) (zeros up to the next whole vector); returns the
+// mean, summed as s - s[0] so that a large common offset does not cost precision.
+template <typename T>
+float pre_norm_row(const T* x, const T* res, const float* xb, const float* mult, int64_t n, float* s) {
+  const int64_t m0 = n < W ? n : W;
+  vf h0 = ld(x, m0);
+  if (xb) h0 += ld(xb, m0);
+  if (mult) h0 *= load(mult);
+  const float shift = (h0 + ld(res, m0))[0];  // s[0]
+  Sum sum;
+  for_row(n, [&](int64_t i, int64_t m) {
+    vf h = ld(x + i, m);
+    if (xb) h += ld(xb + i, m);
+    if (mult) h *= load(mult + i);
+    const vf v = h + ld(res + i, m);
+    store(s + i, v);
+    sum.acc += head(v - shift, m);
+  }, [&] { sum.flush(); });
+  return static_cast<float>(shift + sum.total / static_cast<double>(n));
+}
+
+// rstd of the row in s with the given mean (two-pass variance).
+inline float row_rstd(const float* s, int64_t n, float mean, double eps) {
+  Sum sq;
+  for_row(n, [&](int64_t i, int64_t m) {
+    const vf d = head(load(s + i) - mean, m);
+    sq.acc += d * d;
+  }, [&] { sq.flush(); });
+  return static_cast<float>(1.0 / std::sqrt(sq.total / static_cast<double>(n) + eps));
 }
 
 template <typename T>
@@ -114,21 +133,17 @@ void fwd_rows(const LayerNormArgs& a, int64_t r0, int64_t r1) {
   const float* b = static_cast<const float*>(a.bias);
   const float* xb = static_cast<const float*>(a.x_bias);
   T* y = static_cast<T*>(a.y);
+  float* s = buf.s.data();
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t off = r * n;
     if (a.dropout) dropout_row(*a.dropout, off, n, buf);
-    float* s = buf.s.data();
     const float mean = pre_norm_row(x + off, res + off, xb, a.dropout ? buf.mult.data() : nullptr, n, s);
     const float rstd = row_rstd(s, n, mean, a.eps);
     static_cast<float*>(a.mean)[r] = mean;
     static_cast<float*>(a.rstd)[r] = rstd;
-    int64_t i = 0;
-    for (; i + W <= n; i += W) store(y + off + i, (load(s + i) - mean) * rstd * load(w + i) + load(b + i));
-    if (i < n) {
-      const int64_t m = n - i;
-      const vf v = (load_partial(s + i, m) - mean) * rstd * load_partial(w + i, m) + load_partial(b + i, m);
-      store_partial(y + off + i, v, m);
-    }
+    for_row(n, [&](int64_t i, int64_t m) {
+      st(y + off + i, (load(s + i) - mean) * rstd * ld(w + i, m) + ld(b + i, m), m);
+    }, [] {});
   }
 }
 
@@ -144,9 +159,12 @@ void bwd_rows(const LayerNormArgs& a, int64_t r0, int64_t r1) {
   const float* xb = static_cast<const float*>(a.x_bias);
   T* dres = static_cast<T*>(a.dresidual);
   T* dx = static_cast<T*>(a.dx);
-  float *s = buf.s.data(), *g = buf.g.data(), *mult = a.dropout ? buf.mult.data() : nullptr;
+  float *sh = buf.s.data(), *g = buf.g.data(), *mult = a.dropout ? buf.mult.data() : nullptr;
   float *gdw = buf.dw.data(), *gdb = buf.db.data(), *gdxb = buf.dxb.data();
-  const int64_t nv = (n + W - 1) / W * W;  // buffers are padded to whole vectors (zeros past n)
+  const int64_t nv = (n + W - 1) / W * W;  // buffers are padded to whole vectors
+  std::memset(a.dweight, 0, n * sizeof(double));  // this task's partials: it owns them
+  std::memset(a.dbias, 0, n * sizeof(double));
+  if (a.dx_bias) std::memset(a.dx_bias, 0, n * sizeof(double));
   for (int64_t rg = r0; rg < r1; rg += kGroup) {
     const int64_t rend = rg + kGroup < r1 ? rg + kGroup : r1;
     std::memset(gdw, 0, nv * sizeof(float));
@@ -158,39 +176,30 @@ void bwd_rows(const LayerNormArgs& a, int64_t r0, int64_t r1) {
       const float mean = static_cast<const float*>(a.mean)[r], rstd = static_cast<const float*>(a.rstd)[r];
       // pass 1: s_hat from x, x_bias, mask, residual and the saved mean/rstd; g = dy * w; row sums
       // of g and g * s_hat; column sums dw, db. s_hat and g go to the row buffers for pass 2.
-      RowSum sg, sgs;
-      for (int64_t i = 0; i < n; i += W) {
-        const int64_t m = n - i < W ? n - i : W;
-        vf h = m == W ? load(x + off + i) : load_partial(x + off + i, m);
-        if (xb) h += m == W ? load(xb + i) : load_partial(xb + i, m);
+      Sum sg, sgs;
+      for_row(n, [&](int64_t i, int64_t m) {
+        vf h = ld(x + off + i, m);
+        if (xb) h += ld(xb + i, m);
         if (mult) h *= load(mult + i);
-        const vf sv = h + (m == W ? load(res + off + i) : load_partial(res + off + i, m));
-        const vf d = m == W ? load(dy + off + i) : load_partial(dy + off + i, m);
-        const vf sh = (sv - mean) * rstd;
-        const vf gv = d * (m == W ? load(w + i) : load_partial(w + i, m));
-        const vf shm = m == W ? sh : load_partial(&sh[0], m);  // zero past the row end
-        store(s + i, shm);
+        const vf d = ld(dy + off + i, m);
+        const vf shv = head((h + ld(res + off + i, m) - mean) * rstd, m);
+        const vf gv = d * ld(w + i, m);
+        store(sh + i, shv);
         store(g + i, gv);
-        sg.add(gv);
-        sgs.add(gv * shm);
-        store(gdw + i, load(gdw + i) + d * shm);
+        sg.acc += gv;
+        sgs.acc += gv * shv;
+        store(gdw + i, load(gdw + i) + d * shv);
         store(gdb + i, load(gdb + i) + d);
-      }
-      const float mg = static_cast<float>(sg.sum() / n), mgs = static_cast<float>(sgs.sum() / n);
+      }, [&] { sg.flush(), sgs.flush(); });
+      const float mg = static_cast<float>(sg.total / n), mgs = static_cast<float>(sgs.total / n);
       // pass 2: ds = rstd (g - mean(g) - s_hat mean(g s_hat)); dresidual, dx, dx_bias sums
-      for (int64_t i = 0; i < n; i += W) {
-        const int64_t m = n - i < W ? n - i : W;
-        const vf ds = rstd * (load(g + i) - mg - load(s + i) * mgs);
+      for_row(n, [&](int64_t i, int64_t m) {
+        const vf ds = rstd * (load(g + i) - mg - load(sh + i) * mgs);
         const vf dxv = mult ? ds * load(mult + i) : ds;
-        if (m == W) {
-          store(dres + off + i, ds);
-          if (dx) store(dx + off + i, dxv);
-        } else {
-          store_partial(dres + off + i, ds, m);
-          if (dx) store_partial(dx + off + i, dxv, m);
-        }
-        if (xb) store(gdxb + i, load(gdxb + i) + (m == W ? dxv : load_partial(&dxv[0], m)));
-      }
+        st(dres + off + i, ds, m);
+        if (dx) st(dx + off + i, dxv, m);
+        if (xb) store(gdxb + i, load(gdxb + i) + head(dxv, m));
+      }, [] {});
     }
     for (int64_t c = 0; c < n; ++c) {  // flush the group's fp32 column sums into the fp64 partials
       a.dweight[c] += gdw[c];
@@ -228,6 +237,8 @@ void fwd_rows_f64(const LayerNormArgs& a, int64_t r0, int64_t r1) {
 
 void bwd_rows_f64(const LayerNormArgs& a, int64_t r0, int64_t r1) {
   const int64_t n = a.n;
+  std::fill(a.dweight, a.dweight + n, 0.0), std::fill(a.dbias, a.dbias + n, 0.0);
+  if (a.dx_bias) std::fill(a.dx_bias, a.dx_bias + n, 0.0);
   const double *dy = static_cast<const double*>(a.grad), *x = static_cast<const double*>(a.x);
   const double *res = static_cast<const double*>(a.residual), *w = static_cast<const double*>(a.weight);
   const double* xb = static_cast<const double*>(a.x_bias);
