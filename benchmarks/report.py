@@ -118,3 +118,30 @@ def format_table(rows):
     out = ["  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip() for line in [head] + lines]
     out.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(out)
+
+
+def markdown_table(rows, fused="fastbert-cpu"):
+    """A Markdown table of one results file's rows: per case, eager and torch.compile p50, the
+    fastbert candidate's p50 (p20-p80), its speed-ups and fraction of the copy bandwidth."""
+    cases = {}
+    for r in rows:
+        cases.setdefault(tuple(r[k] for k in KEY), {})[r["candidate"]] = r
+    out = ["| op | shape | dtype | pass | params | eager | torch.compile | fastbert | x eager | x compile | % copy bw |",
+           "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for (op, shape, dtype, pass_, params), c in cases.items():
+        f = c.get(fused)
+        if f is None:
+            continue
+        p50 = lambda name: fmt(c[name]["p50_ms"], ".1f") if name in c else "-"  # noqa: E731
+        out.append(f"| {op} | {shape} | {dtype} | {pass_} | {params or '-'} | {p50('eager')} | "
+                   f"{p50('torch.compile')} | {f['p50_ms']:.1f} ({f['p20_ms']:.1f}-{f['p80_ms']:.1f}) | "
+                   f"{fmt(f['speedup_vs_eager'], '.2f')} | {fmt(f['speedup_vs_compile'], '.2f')} | "
+                   f"{fmt(100 * f['frac_copy_bw'] if f['frac_copy_bw'] else None, '.0f')} |")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":  # python -m benchmarks.report results/<host>.json [candidate]
+    import sys
+
+    doc = json.loads(Path(sys.argv[1]).read_text())
+    print(markdown_table(doc["rows"], *sys.argv[2:3]))
