@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import fastbert
-from benchmarks.harness import COMPILE, DTYPES, EAGER, Case
+from benchmarks.harness import COMPILE, DTYPES, EAGER, Case, numel
 
 OP = "bias_gelu"
 SHAPES = [(4096, 3072), (4096, 4096)]  # B*S = 4096 tokens; BERT-base / BERT-large FFN width
@@ -80,14 +80,11 @@ def cases(device="cpu", mode="quick", dtypes=None, shapes=None, use_compile=True
     approx = ["none", "tanh"] if mode == "full" else ["none"]
     out = []
     for shape in shapes or SHAPES:
-        numel = 1
-        for d in shape:
-            numel *= d
         for dtype in dtypes or DTYPE_NAMES:
-            item = DTYPES[dtype].itemsize
+            size = numel(shape) * DTYPES[dtype].itemsize
             for approximate in approx:
                 for pass_, elems, backward in (("fwd", 2, False), ("fwd+bwd", 5, True)):
-                    out.append(Case(OP, tuple(shape), dtype, pass_, elems * numel * item,
+                    out.append(Case(OP, tuple(shape), dtype, pass_, elems * size,
                                     make_setup(tuple(shape), dtype, device, approximate, backward,
                                                use_compile),
                                     params={"approximate": approximate}))

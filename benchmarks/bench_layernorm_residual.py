@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import fastbert
 from benchmarks.bench_gelu import backend_candidates
-from benchmarks.harness import COMPILE, DTYPES, EAGER, Case
+from benchmarks.harness import COMPILE, DTYPES, EAGER, Case, numel
 
 OP = "layernorm_residual"
 SHAPES = [(4096, 768), (4096, 1024)]  # B*S = 4096 tokens; BERT-base / BERT-large hidden size
@@ -73,14 +73,11 @@ def make_setup(shape, dtype, device, p, backward, use_compile=True):
 def cases(device="cpu", mode="quick", dtypes=None, shapes=None, use_compile=True):
     out = []
     for shape in shapes or SHAPES:
-        numel = 1
-        for d in shape:
-            numel *= d
         for dtype in dtypes or DTYPE_NAMES:
-            item = DTYPES[dtype].itemsize
+            size = numel(shape) * DTYPES[dtype].itemsize
             for p in (0.0, 0.1):
                 for pass_, elems, backward in (("fwd", 3, False), ("fwd+bwd", 7 if p == 0 else 8, True)):
-                    out.append(Case(OP, tuple(shape), dtype, pass_, elems * numel * item,
+                    out.append(Case(OP, tuple(shape), dtype, pass_, elems * size,
                                     make_setup(tuple(shape), dtype, device, p, backward, use_compile),
                                     params={"p": p}))
     return out

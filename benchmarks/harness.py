@@ -71,6 +71,13 @@ QUICK = Budget()
 FULL = Budget(min_rounds=20, time_s=60.0, rel_ci=0.01, warmup_calls=3, warmup_s=0.5)
 
 
+def numel(shape):
+    out = 1
+    for d in shape:
+        out *= d
+    return out
+
+
 def shape_str(shape):
     return "x".join(str(d) for d in shape)
 

@@ -75,9 +75,11 @@ def write_results(rows, meta, out_dir, merge=True):
         if old.get("schema") == SCHEMA:
             new = {tuple(r[k] for k in KEY) for r in rows}
             rows = [r for r in old["rows"] if tuple(r.get(k) for k in KEY) not in new] + rows
-    doc = {"schema": SCHEMA, "host_kind": meta["host_kind"], "meta": meta, "fields": FIELDS,
-           "rows": rows}
-    path.write_text(json.dumps(doc, indent=1, default=str, allow_nan=False) + "\n")
+    head = {"schema": SCHEMA, "host_kind": meta["host_kind"], "meta": meta, "fields": FIELDS}
+    dump = lambda v, **kw: json.dumps(v, default=str, allow_nan=False, **kw)  # noqa: E731
+    # one row a line: small diffs between runs, and a file a person can read
+    text = dump(head, indent=1)[:-2] + ',\n "rows": [\n' + ",\n".join("  " + dump(r) for r in rows) + "\n ]\n}\n"
+    path.write_text(text)
     with open(path.with_suffix(".csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS)
         w.writeheader()
