@@ -42,3 +42,28 @@ def layernorm_residual(x, residual, weight, bias, eps=1e-12, x_bias=None, dropou
     centered = s - mean
     rstd = torch.rsqrt((centered * centered).mean(-1, keepdim=True) + eps)
     return (centered * rstd * weight.to(acc) + bias.to(acc)).to(x.dtype)
+
+
+def masked_softmax(scores, mask=None, scale=1.0, dropout_p=0.0, seed=None):
+    """``dropout(softmax(scores * scale + mask))`` over the last dimension.
+
+    ``mask``: broadcastable to ``scores``; bool (True = attend) or additive float. A row whose every
+    element is excluded (False, or -inf) gives zeros. Dropout as in :func:`layernorm_residual`.
+    """
+    from fastbert import philox
+
+    acc = _acc(scores.dtype)
+    x = scores.to(acc) * scale
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            x = x.masked_fill(~mask, float("-inf"))
+        else:
+            x = x + mask.to(acc)
+    mx = x.amax(-1, keepdim=True)
+    e = torch.exp(x - torch.where(mx == float("-inf"), torch.zeros_like(mx), mx))
+    total = e.sum(-1, keepdim=True)
+    p = e / torch.where(total == 0, torch.ones_like(total), total)  # fully masked rows: 0, no NaN
+    if seed is not None and dropout_p > 0:
+        keep = philox.keep_mask(int(seed.reshape(-1)[0]), p.shape, dropout_p, p.device)
+        p = torch.where(keep, p * philox.scale(dropout_p), torch.zeros((), dtype=acc, device=p.device))
+    return p.to(scores.dtype)

@@ -130,4 +130,41 @@ inline void check_layernorm_residual_grad(const at::Tensor& grad, const at::Tens
   stat(rstd, "rstd");
 }
 
+// masked_softmax: scores [B, H, Sq, Sk]; mask broadcastable to it (4-D: each dim 1 or the scores'),
+// bool (True = attend) or float (additive); 0 <= dropout_p < 1; seed an int64 tensor of one element.
+inline void check_masked_softmax(const at::Tensor& scores, const std::optional<at::Tensor>& mask,
+                                 double dropout_p, const std::optional<at::Tensor>& seed) {
+  constexpr const char* op = "masked_softmax";
+  check_float(scores, op, "scores", scores.device().is_cpu());
+  TORCH_CHECK_VALUE(scores.dim() == 4, op, ": scores must be 4-D [batch, heads, queries, keys], got ",
+                    scores.sizes());
+  if (mask) {
+    const auto mt = mask->scalar_type();
+    TORCH_CHECK_VALUE(mt == at::kBool || mt == at::kFloat || mt == at::kHalf || mt == at::kBFloat16 ||
+                      mt == at::kDouble, op, ": mask must be bool or a float dtype, got ", mt);
+    TORCH_CHECK_VALUE(mask->dim() == 4, op, ": mask must be 4-D here (broadcastable to scores), got ",
+                      mask->sizes());
+    for (int d = 0; d < 4; ++d)
+      TORCH_CHECK_VALUE(mask->size(d) == 1 || mask->size(d) == scores.size(d), op, ": mask of shape ",
+                        mask->sizes(), " does not broadcast to scores of shape ", scores.sizes());
+    check_same_device(scores, *mask, op, "mask");
+  }
+  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ", dropout_p);
+  if (seed) {
+    TORCH_CHECK_VALUE(seed->scalar_type() == at::kLong && seed->numel() == 1, op,
+                      ": seed must be an int64 tensor with one element, got ", seed->scalar_type(),
+                      " of shape ", seed->sizes());
+    check_same_device(scores, *seed, op, "seed");
+  }
+}
+
+// The backward's inputs: grad and the saved softmax of one shape and dtype.
+inline void check_masked_softmax_bwd(const at::Tensor& grad, const at::Tensor& softmax) {
+  constexpr const char* op = "masked_softmax backward";
+  TORCH_CHECK_VALUE(grad.sizes() == softmax.sizes() && grad.scalar_type() == softmax.scalar_type(), op,
+                    ": grad (", grad.sizes(), ", ", grad.scalar_type(), ") must match the saved softmax (",
+                    softmax.sizes(), ", ", softmax.scalar_type(), ")");
+  check_same_device(softmax, grad, op, "grad");
+}
+
 }  // namespace fastbert
