@@ -56,3 +56,22 @@ class FusedLayerNormResidual(torch.nn.Module):
 
     def extra_repr(self):
         return f"{self.hidden_size}, eps={self.eps}, p={self.p}"
+
+
+class FusedMaskedSoftmax(torch.nn.Module):
+    """``dropout(softmax(scores * scale + mask))`` over the keys of ``[batch, heads, queries, keys]``
+    attention scores (see :func:`fastbert.ops.masked_softmax` for the mask forms). Dropout with
+    probability ``p`` runs in training mode only. No parameters.
+    """
+
+    def __init__(self, scale=1.0, p=0.0):
+        super().__init__()
+        if not 0 <= p < 1:
+            raise ValueError(f"FusedMaskedSoftmax: p must be in [0, 1), got {p!r}")
+        self.scale, self.p = float(scale), p
+
+    def forward(self, scores, mask=None):
+        return ops.masked_softmax(scores, mask, self.scale, dropout_p=self.p, training=self.training)
+
+    def extra_repr(self):
+        return f"scale={self.scale:g}, p={self.p}"

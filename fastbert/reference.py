@@ -59,6 +59,8 @@ def masked_softmax(scores, mask=None, scale=1.0, dropout_p=0.0, seed=None):
             x = x.masked_fill(~mask, float("-inf"))
         else:
             x = x + mask.to(acc)
+    if x.shape[-1] == 0:  # no keys: nothing to normalise
+        return x.to(scores.dtype)
     mx = x.amax(-1, keepdim=True)
     e = torch.exp(x - torch.where(mx == float("-inf"), torch.zeros_like(mx), mx))
     total = e.sum(-1, keepdim=True)

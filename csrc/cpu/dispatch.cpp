@@ -1,5 +1,6 @@
 // Which CPU kernel variant runs: detected once from CPUID, overridable by FASTBERT_CPU_ISA.
 #include "cpu/dispatch.h"
+#include "common/philox.h"
 
 #include <c10/util/Exception.h>
 
@@ -122,6 +123,10 @@ DType dtype_of(const at::Tensor& t) {
     case at::kDouble: return DType::f64;
     default: TORCH_CHECK_VALUE(false, "fastbert: unsupported dtype ", t.scalar_type());
   }
+}
+
+Dropout dropout_of(const at::Tensor& seed, double p) {
+  return {static_cast<uint64_t>(seed.reshape(-1)[0].item<int64_t>()), philox::threshold(p), philox::scale(p)};
 }
 
 }  // namespace fastbert::cpu

@@ -23,6 +23,9 @@ void set_isa(const std::string& name);  // "auto" or a variant name; throws if n
 
 DType dtype_of(const at::Tensor& t);
 
+// The kernels' dropout parameters from the op's seed tensor (one int64) and probability.
+Dropout dropout_of(const at::Tensor& seed, double p);
+
 }  // namespace fastbert::cpu
 
 #if FASTBERT_HAVE_X86_ISAS

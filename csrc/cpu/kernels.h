@@ -34,6 +34,27 @@ struct LayerNormArgs {
   const Dropout* dropout = nullptr;
 };
 
+// masked_softmax over rows of k keys of a contiguous [batch, heads, queries, k] tensor (row r is
+// (b, h, q) in row-major order). The mask (may be null) is read at b * mask_stride[0] + h *
+// mask_stride[1] + q * mask_stride[2] + i * mask_stride[3] (stride 0 on broadcast dims; the key
+// stride is 0 or 1), as bool (True = attend) when mask_is_bool, else additive in mask_dtype.
+struct SoftmaxArgs {
+  int64_t heads = 0, queries = 0, k = 0;
+  float scale = 1.0f;
+  double scale64 = 1.0;
+  const void* scores = nullptr;
+  const void* mask = nullptr;
+  bool mask_is_bool = false;
+  DType mask_dtype = DType::f32;
+  int64_t mask_stride[4] = {0, 0, 0, 0};
+  void* probs = nullptr;                            // forward output (after dropout)
+  void* softmax = nullptr;                          // forward: pre-dropout p, written only with dropout
+  const void* grad = nullptr;                       // backward: dL/dprobs
+  const void* saved = nullptr;                      // backward: the softmax the forward saved
+  void* dscores = nullptr;                          // backward output
+  const Dropout* dropout = nullptr;
+};
+
 // One line per kernel; each takes the storage dtype of its tensor arguments.
 #define FASTBERT_CPU_KERNELS                                                                      \
   /* y[e] = gelu(x[e] + bias[e % n]) for flat elements [e0, e1) of a contiguous [rows, n] x.  */  \
@@ -47,7 +68,10 @@ struct LayerNormArgs {
                      bool tanh);                                                                  \
   /* LayerNorm(dropout(x + x_bias) + residual) forward / backward over rows [r0, r1). */         \
   void layernorm_residual_fwd(DType dt, const LayerNormArgs& a, int64_t r0, int64_t r1);          \
-  void layernorm_residual_bwd(DType dt, const LayerNormArgs& a, int64_t r0, int64_t r1);
+  void layernorm_residual_bwd(DType dt, const LayerNormArgs& a, int64_t r0, int64_t r1);          \
+  /* dropout(softmax(scores * scale + mask)) forward / backward over rows [r0, r1). */            \
+  void masked_softmax_fwd(DType dt, const SoftmaxArgs& a, int64_t r0, int64_t r1);                \
+  void masked_softmax_bwd(DType dt, const SoftmaxArgs& a, int64_t r0, int64_t r1);
 
 namespace generic { FASTBERT_CPU_KERNELS }
 namespace avx2 { FASTBERT_CPU_KERNELS }

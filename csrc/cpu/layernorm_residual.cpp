@@ -21,10 +21,6 @@ at::Tensor param(const std::optional<at::Tensor>& t, const at::Tensor& x) {
   return t->to(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
 }
 
-cpu::Dropout dropout_of(const at::Tensor& seed, double p) {
-  return {static_cast<uint64_t>(seed.reshape(-1)[0].item<int64_t>()), philox::threshold(p), philox::scale(p)};
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_residual_fwd_cpu(
     const at::Tensor& x_, const at::Tensor& residual_, const at::Tensor& weight, const at::Tensor& bias,
     double eps, const std::optional<at::Tensor>& x_bias, double dropout_p, const std::optional<at::Tensor>& seed) {
@@ -43,7 +39,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_residual_fwd_cpu(
   }
   cpu::Dropout drop{};
   const bool dropping = dropout_active(seed, dropout_p);
-  if (dropping) drop = dropout_of(*seed, dropout_p);
+  if (dropping) drop = cpu::dropout_of(*seed, dropout_p);
   cpu::LayerNormArgs a;
   a.n = n, a.eps = eps, a.x = x.const_data_ptr(), a.residual = residual.const_data_ptr();
   a.weight = w.const_data_ptr(), a.bias = b.const_data_ptr(), a.x_bias = xb.defined() ? xb.const_data_ptr() : nullptr;
@@ -76,7 +72,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layernorm
   at::Tensor partial = at::empty({std::max<int64_t>(blocks, 1), 3, n}, f64);  // each task writes its own
   if (rows && n) {
     cpu::Dropout drop{};
-    if (dropping) drop = dropout_of(*seed, dropout_p);
+    if (dropping) drop = cpu::dropout_of(*seed, dropout_p);
     cpu::LayerNormArgs a;
     a.n = n, a.x = x.const_data_ptr(), a.residual = residual.const_data_ptr(), a.weight = w.const_data_ptr();
     a.x_bias = xb.defined() ? xb.const_data_ptr() : nullptr, a.grad = grad.const_data_ptr();

@@ -1,0 +1,282 @@
+// Attention softmax, CPU kernels. Compiled once per ISA (see csrc/cpu/kernels.h).
+//
+// Forward, per row of k keys (fp32 maths):  x = s * scale + mask;  m = max(x);  e = exp(x - m);
+//   p = e / sum(e);  with dropout probs = keep ? p * scale_p : 0 and p is written to `softmax` for the
+//   backward, otherwise probs = p. A row with m = -inf (every key excluded) gives zeros, never NaN.
+//   Masks: bool (False -> -inf) or additive float, converted once per distinct mask row into an fp32
+//   row buffer (a [B, 1, 1, k] mask is converted once per batch entry of the task, not per row).
+// Backward:  g = keep ? grad * scale_p : 0 (the mask regenerated; g = grad without dropout);
+//   dscores = scale * p * (g - sum(g * p)).
+// Rows live in a thread-local fp32 buffer between passes, so scores and grad are read from memory
+// once. Row sums accumulate in fp32 lanes per block of vectors and in fp64 across blocks.
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "common/simd.h"
+#include "cpu/kernels.h"
+#include "cpu/philox_simd.h"
+
+namespace fastbert::cpu::FASTBERT_ISA {
+namespace {
+using namespace fastbert::simd;
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr int64_t kBlock = 16;  // vectors per fp32 block of a row sum
+
+struct RowBuffers {  // per thread, grown to the row length (+ one vector of padding)
+  std::vector<float> x, mask;
+  std::vector<uint32_t> rnd;
+  int64_t mask_off = -1;  // the mask row held in `mask` (reset at every kernel call)
+  void fit(int64_t k, bool dropout) {
+    if (static_cast<int64_t>(x.size()) < k + W) x.resize(k + W), mask.resize(k + W);
+    if (dropout && static_cast<int64_t>(rnd.size()) < k + W) rnd.resize(k + W);
+    mask_off = -1;
+  }
+};
+thread_local RowBuffers buffers;
+
+// body(i, m) over a row's vectors (m = W for whole ones, m < W for the tail); flush() after every
+// kBlock vectors and after the tail.
+template <typename Body, typename Flush>
+inline void for_row(int64_t n, Body&& body, Flush&& flush) {
+  const int64_t whole = n / W * W;
+  int64_t i = 0;
+  while (i < whole) {
+    const int64_t end = i + kBlock * W < whole ? i + kBlock * W : whole;
+    for (; i < end; i += W) body(i, int64_t{W});
+    flush();
+  }
+  if (i < n) {
+    body(i, n - i);
+    flush();
+  }
+}
+template <typename Body>
+inline void for_row(int64_t n, Body&& body) { for_row(n, body, [] {}); }
+
+template <typename T>
+inline vf ld(const T* p, int64_t m) { return m == W ? load(p) : load_partial(p, m); }
+template <typename T>
+inline void st(T* p, vf v, int64_t m) { m == W ? store(p, v) : store_partial(p, v, m); }
+
+inline float hmax(vf v) {
+  float r = v[0];
+  for (int i = 1; i < W; ++i) r = v[i] > r ? v[i] : r;
+  return r;
+}
+
+// exp(x), exactly 0 below -87 (vexp alone stops at exp(-86); excluded keys must weigh nothing).
+inline vf exp_or_zero(vf x) { return bitcast<vf>(bitcast<vi>(vexp(x)) & (x >= -87.0f)); }
+
+inline vf dropout_mult(const Dropout& d, const uint32_t* rnd) {
+  vu r;
+  std::memcpy(&r, rnd, sizeof r);
+  return (r >> 8) >= d.threshold ? splat(d.scale) : vf{};
+}
+
+inline int64_t mask_offset(const SoftmaxArgs& a, int64_t r) {
+  const int64_t q = r % a.queries, h = (r / a.queries) % a.heads, b = r / (a.queries * a.heads);
+  return b * a.mask_stride[0] + h * a.mask_stride[1] + q * a.mask_stride[2];
+}
+
+template <typename M>
+void convert_mask(const M* m, int64_t stride, int64_t k, float* out) {
+  if (stride == 0) {
+    const float v = load_partial(m, 1)[0];
+    for (int64_t i = 0; i < k; ++i) out[i] = v;
+  } else {
+    for_row(k, [&](int64_t i, int64_t w) { st(out + i, ld(m + i, w), w); });
+  }
+}
+
+// The row's additive mask as k floats, or null without a mask.
+const float* mask_row(const SoftmaxArgs& a, int64_t r, RowBuffers& buf) {
+  if (!a.mask) return nullptr;
+  const int64_t off = mask_offset(a, r), ks = a.mask_stride[3], k = a.k;
+  if (!a.mask_is_bool && a.mask_dtype == DType::f32 && ks == 1) return static_cast<const float*>(a.mask) + off;
+  float* out = buf.mask.data();
+  if (off == buf.mask_off) return out;
+  buf.mask_off = off;
+  if (a.mask_is_bool) {
+    const uint8_t* m = static_cast<const uint8_t*>(a.mask) + off;
+    for (int64_t i = 0; i < k; ++i) out[i] = m[i * ks] ? 0.0f : kNegInf;
+    return out;
+  }
+  switch (a.mask_dtype) {
+    case DType::f32: convert_mask(static_cast<const float*>(a.mask) + off, ks, k, out); break;
+    case DType::f16: convert_mask(static_cast<const f16*>(a.mask) + off, ks, k, out); break;
+    case DType::bf16: convert_mask(static_cast<const bf16*>(a.mask) + off, ks, k, out); break;
+    case DType::f64: {
+      const double* m = static_cast<const double*>(a.mask) + off;
+      for (int64_t i = 0; i < k; ++i) out[i] = static_cast<float>(m[i * ks]);
+      break;
+    }
+  }
+  return out;
+}
+
+template <typename T>
+void fwd_rows(const SoftmaxArgs& a, int64_t r0, int64_t r1) {
+  const int64_t k = a.k;
+  RowBuffers& buf = buffers;
+  buf.fit(k, a.dropout != nullptr);
+  const T* s = static_cast<const T*>(a.scores);
+  T* probs = static_cast<T*>(a.probs);
+  T* soft = static_cast<T*>(a.softmax);
+  float* x = buf.x.data();
+  uint32_t* rnd = buf.rnd.data();
+  const float scale = a.scale;
+  const Dropout* drop = a.dropout;  // locals: the row stores could alias `a` as far as the compiler knows
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t off = r * k;
+    const float* madd = mask_row(a, r, buf);
+    vf vmx = splat(kNegInf);
+    for_row(k, [&](int64_t i, int64_t m) {  // pass 1: x = s * scale + mask, the row max
+      vf v = ld(s + off + i, m) * scale;
+      if (madd) v += ld(madd + i, m);
+      for (int64_t j = m; j < W; ++j) v[j] = kNegInf;  // tail lanes: no weight
+      store(x + i, v);
+      vmx = vmax(vmx, v);
+    });
+    const float mx = hmax(vmx);
+    if (!(mx > kNegInf)) {  // every key excluded: zeros
+      std::memset(static_cast<void*>(probs + off), 0, k * sizeof(T));
+      if (drop) std::memset(static_cast<void*>(soft + off), 0, k * sizeof(T));
+      continue;
+    }
+    vf acc = vf{};
+    double total = 0.0;
+    for_row(k, [&](int64_t i, int64_t) {  // pass 2: e = exp(x - max), the row sum
+      const vf e = exp_or_zero(load(x + i) - mx);
+      store(x + i, e);
+      acc += e;
+    }, [&] {
+      for (int j = 0; j < W; ++j) total += acc[j];
+      acc = vf{};
+    });
+    const float inv = static_cast<float>(1.0 / total);
+    if (drop) {  // pass 3: normalise (and drop)
+      philox_elements(drop->seed, off, k, rnd);
+      const Dropout d = *drop;
+      for_row(k, [&](int64_t i, int64_t m) {
+        const vf p = load(x + i) * inv;
+        st(soft + off + i, p, m);
+        st(probs + off + i, p * dropout_mult(d, rnd + i), m);
+      });
+    } else {
+      for_row(k, [&](int64_t i, int64_t m) { st(probs + off + i, load(x + i) * inv, m); });
+    }
+  }
+}
+
+template <typename T>
+void bwd_rows(const SoftmaxArgs& a, int64_t r0, int64_t r1) {
+  const int64_t k = a.k;
+  RowBuffers& buf = buffers;
+  buf.fit(k, a.dropout != nullptr);
+  const T* grad = static_cast<const T*>(a.grad);
+  const T* p = static_cast<const T*>(a.saved);
+  T* ds = static_cast<T*>(a.dscores);
+  float* g = buf.x.data();
+  uint32_t* rnd = buf.rnd.data();
+  const float scale = a.scale;
+  const bool dropping = a.dropout != nullptr;
+  const Dropout d = dropping ? *a.dropout : Dropout{};
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t off = r * k;
+    if (dropping) philox_elements(d.seed, off, k, rnd);
+    vf acc = vf{};
+    double total = 0.0;
+    for_row(k, [&](int64_t i, int64_t m) {  // pass 1: g (after dropout's backward), sum(g * p)
+      vf gv = ld(grad + off + i, m);
+      if (dropping) gv *= dropout_mult(d, rnd + i);
+      store(g + i, gv);
+      acc += gv * ld(p + off + i, m);  // tail lanes load as 0
+    }, [&] {
+      for (int j = 0; j < W; ++j) total += acc[j];
+      acc = vf{};
+    });
+    const float dot = static_cast<float>(total);
+    for_row(k, [&](int64_t i, int64_t m) {  // pass 2: dscores
+      st(ds + off + i, scale * ld(p + off + i, m) * (load(g + i) - dot), m);
+    });
+  }
+}
+
+// ---- float64 (gradcheck and fp64 users): scalar, fp64 throughout ----
+double mask_at(const SoftmaxArgs& a, int64_t idx) {
+  if (a.mask_is_bool) return static_cast<const uint8_t*>(a.mask)[idx] ? 0.0 : -INFINITY;
+  switch (a.mask_dtype) {
+    case DType::f32: return static_cast<const float*>(a.mask)[idx];
+    case DType::f16: return load_partial(static_cast<const f16*>(a.mask) + idx, 1)[0];
+    case DType::bf16: return load_partial(static_cast<const bf16*>(a.mask) + idx, 1)[0];
+    case DType::f64: break;
+  }
+  return static_cast<const double*>(a.mask)[idx];
+}
+
+double keep_mult(const Dropout* d, int64_t e) {
+  if (!d) return 1.0;
+  return philox::keep(philox::element(d->seed, e), d->threshold) ? static_cast<double>(d->scale) : 0.0;
+}
+
+void fwd_rows_f64(const SoftmaxArgs& a, int64_t r0, int64_t r1) {
+  const int64_t k = a.k;
+  const double* s = static_cast<const double*>(a.scores);
+  double *probs = static_cast<double*>(a.probs), *soft = static_cast<double*>(a.softmax);
+  std::vector<double> x(k);
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t off = r * k, moff = a.mask ? mask_offset(a, r) : 0;
+    double mx = -INFINITY, total = 0.0;
+    for (int64_t i = 0; i < k; ++i) {
+      x[i] = s[off + i] * a.scale64 + (a.mask ? mask_at(a, moff + i * a.mask_stride[3]) : 0.0);
+      mx = x[i] > mx ? x[i] : mx;
+    }
+    for (int64_t i = 0; i < k; ++i) total += x[i] = mx > -INFINITY ? std::exp(x[i] - mx) : 0.0;
+    for (int64_t i = 0; i < k; ++i) {
+      const double p = total > 0 ? x[i] / total : 0.0;
+      if (soft) soft[off + i] = p;
+      probs[off + i] = p * keep_mult(a.dropout, off + i);
+    }
+  }
+}
+
+void bwd_rows_f64(const SoftmaxArgs& a, int64_t r0, int64_t r1) {
+  const int64_t k = a.k;
+  const double *grad = static_cast<const double*>(a.grad), *p = static_cast<const double*>(a.saved);
+  double* ds = static_cast<double*>(a.dscores);
+  std::vector<double> g(k);
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t off = r * k;
+    double dot = 0.0;
+    for (int64_t i = 0; i < k; ++i) {
+      g[i] = grad[off + i] * keep_mult(a.dropout, off + i);
+      dot += g[i] * p[off + i];
+    }
+    for (int64_t i = 0; i < k; ++i) ds[off + i] = a.scale64 * p[off + i] * (g[i] - dot);
+  }
+}
+
+}  // namespace
+
+void masked_softmax_fwd(DType dt, const SoftmaxArgs& a, int64_t r0, int64_t r1) {
+  switch (dt) {
+    case DType::f32: return fwd_rows<float>(a, r0, r1);
+    case DType::f16: return fwd_rows<f16>(a, r0, r1);
+    case DType::bf16: return fwd_rows<bf16>(a, r0, r1);
+    case DType::f64: return fwd_rows_f64(a, r0, r1);
+  }
+}
+
+void masked_softmax_bwd(DType dt, const SoftmaxArgs& a, int64_t r0, int64_t r1) {
+  switch (dt) {
+    case DType::f32: return bwd_rows<float>(a, r0, r1);
+    case DType::f16: return bwd_rows<f16>(a, r0, r1);
+    case DType::bf16: return bwd_rows<bf16>(a, r0, r1);
+    case DType::f64: return bwd_rows_f64(a, r0, r1);
+  }
+}
+
+}  // namespace fastbert::cpu::FASTBERT_ISA
