@@ -67,8 +67,12 @@ inline float hmax(vf v) {
   return r;
 }
 
-// exp(x), exactly 0 below -87 (vexp alone stops at exp(-86); excluded keys must weigh nothing).
-inline vf exp_or_zero(vf x) { return bitcast<vf>(bitcast<vi>(vexp(x)) & (x >= -87.0f)); }
+// e^d for d = x - max <= 0 as 2^(d log2 e) (the argument is in range, so the cheaper exp2 serves),
+// exactly 0 below 2^-125 (excluded keys, d = -inf, must weigh nothing).
+inline vf exp_or_zero(vf d) {
+  const vf t = d * 1.44269504088896341f;
+  return bitcast<vf>(bitcast<vi>(vexp2_unchecked(vmax(t, -125.0f))) & (t >= -125.0f));
+}
 
 inline vf dropout_mult(const Dropout& d, const uint32_t* rnd) {
   vu r;
