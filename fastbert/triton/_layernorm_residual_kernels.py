@@ -6,30 +6,7 @@ Maths and layouts are described there; pointer arguments are commented per kerne
 import triton
 import triton.language as tl
 
-from fastbert.triton._common import for_store
-
-
-@triton.jit
-def _keep(seed_ptr, r64, col0, n, threshold, GROUPED: tl.constexpr, BLOCK_M: tl.constexpr,
-          BLOCK_N: tl.constexpr):
-    """Dropout keep mask [BLOCK_M, BLOCK_N] of rows ``r64`` (int64) x columns ``col0 + [0, BLOCK_N)``."""
-    seed = tl.load(seed_ptr)
-    if GROUPED:
-        # n and col0 are multiples of 64: group (row, col0 / 64 + gi) holds columns 64 gi + 16 w + j,
-        # j < 16, w < 4: output w of counter 16 group + j. One counter per 4 elements; the outputs
-        # are interleaved back into element order (join + permute + reshape).
-        G: tl.constexpr = BLOCK_N // 64
-        grp = r64[:, None, None] * (n // 64) + (col0 // 64 + tl.arange(0, G))[None, :, None]
-        o0, o1, o2, o3 = tl.randint4x(seed, grp * 16 + tl.arange(0, 16)[None, None, :])
-        k = tl.join(tl.join((o0 >> 8) >= threshold, (o1 >> 8) >= threshold),
-                    tl.join((o2 >> 8) >= threshold, (o3 >> 8) >= threshold))  # [M, G, j, q, p]: w = 2p + q
-        return tl.reshape(tl.permute(k, (0, 1, 4, 3, 2)), (BLOCK_M, BLOCK_N))
-    else:  # one counter per element (4x the Philox work), output (e % 64) // 16 of it
-        e = r64[:, None] * n + (col0 + tl.arange(0, BLOCK_N))[None, :]
-        o0, o1, o2, o3 = tl.randint4x(seed, (e >> 6) * 16 + (e & 15))
-        w = (e >> 4) & 3
-        o = tl.where(w == 0, o0, tl.where(w == 1, o1, tl.where(w == 2, o2, o3)))
-        return (o >> 8) >= threshold
+from fastbert.triton._common import for_store, philox_keep as _keep
 
 
 @triton.jit
