@@ -72,4 +72,35 @@ cudaError_t layernorm_residual_bwd(DType dt, const void* grad, const void* x, co
                                    float* dx_bias, float* partial, float* row_stats, int64_t rows,
                                    int64_t n, const LayerNormResidualBwdPlan& plan, cudaStream_t stream);
 
+// ---- masked_softmax --------------------------------------------------------------------------
+// Element type of the mask: none, bool (1 byte, nonzero = attend), or an additive float mask.
+enum class MaskType : int { none = 0, b8 = 1, f32 = 2, f16 = 3, bf16 = 4 };
+
+// The mask as the kernels read it, broadcast through its strides (never materialised): element
+// (b, h, q, k) of the [B, H, Sq, Sk] scores reads data + b stride[0] + h stride[1] + q stride[2] +
+// k stride[3] (in elements; stride 0 for a broadcast dimension). data is ignored for MaskType::none.
+struct SoftmaxMask {
+  MaskType type;
+  const void* data;
+  int64_t stride[4];
+};
+
+// Forward. scores, probs: contiguous [batch, heads, queries, keys] in dtype dt; seed: int64 [1] on the
+// device (read by the kernels) or null for no dropout. Per row of keys, in fp32: x = s * scale + mask
+// (bool mask: -inf where false); p = softmax(x), zeros for a row whose max is -inf. Without a seed
+// probs = p and softmax is not touched; with one softmax (contiguous, like probs) = p and probs =
+// keep ? p * philox::scale(p_drop) : 0, the keep mask from the shared Philox stream (common/philox.h,
+// element index = flat index into [batch, heads, queries, keys]).
+cudaError_t masked_softmax_fwd(DType dt, const void* scores, const SoftmaxMask& mask, float scale,
+                               const int64_t* seed, double dropout_p, void* probs, void* softmax,
+                               int64_t batch, int64_t heads, int64_t queries, int64_t keys,
+                               cudaStream_t stream);
+
+// Backward. grad, softmax (the forward's pre-dropout p), dscores: contiguous [rows, keys] in dt; seed,
+// dropout_p: as in the forward. g = keep ? grad * philox::scale(p_drop) : 0 with a seed (the same keep
+// mask), else grad; dscores = scale * p * (g - sum over the row of g * p), in fp32.
+cudaError_t masked_softmax_bwd(DType dt, const void* grad, const void* softmax, float scale,
+                               const int64_t* seed, double dropout_p, void* dscores, int64_t rows,
+                               int64_t keys, cudaStream_t stream);
+
 }  // namespace fastbert::cuda
