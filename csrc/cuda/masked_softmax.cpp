@@ -26,13 +26,17 @@ const int64_t* seed_or_null(const std::optional<at::Tensor>& seed, double p) {
 // The mask as the kernels read it (launch.h: SoftmaxMask). Broadcast dimensions (size 1, or an
 // expanded size with stride 0) read one slice through stride 0, so nothing is materialised; a float64
 // mask becomes float32 (of that compact shape), its finite values clamped to float32's range so that
-// e.g. finfo(float64).min stays finite (-inf stays -inf). `keep` holds the tensor the pointer is into.
-cuda::SoftmaxMask kernel_mask(const std::optional<at::Tensor>& mask, at::Tensor& keep) {
+// e.g. finfo(float64).min stays finite (-inf stays -inf); a 16-bit mask of the other 16-bit type than
+// the scores' becomes float32 too (exactly; the kernels are instantiated for bool, float32 and the
+// scores' own dtype). `keep` holds the tensor the pointer is into.
+cuda::SoftmaxMask kernel_mask(const std::optional<at::Tensor>& mask, at::ScalarType scores_dtype, at::Tensor& keep) {
   cuda::SoftmaxMask out{cuda::MaskType::none, nullptr, {0, 0, 0, 0}};
   if (!mask) return out;
   keep = *mask;
   for (int d = 0; d < 4; ++d)
     if (keep.size(d) > 1 && keep.stride(d) == 0) keep = keep.narrow(d, 0, 1);
+  const auto mt = keep.scalar_type();
+  if ((mt == at::kHalf || mt == at::kBFloat16) && mt != scores_dtype) keep = keep.to(at::kFloat);
   switch (keep.scalar_type()) {
     case at::kBool: out.type = cuda::MaskType::b8; break;
     case at::kFloat: out.type = cuda::MaskType::f32; break;
@@ -64,7 +68,7 @@ std::tuple<at::Tensor, at::Tensor> masked_softmax_fwd_cuda(const at::Tensor& sco
                                         : at::empty({0}, scores.options());
   if (scores.numel() == 0) return {probs, soft};
   at::Tensor mask_keep;
-  const cuda::SoftmaxMask m = kernel_mask(mask, mask_keep);
+  const cuda::SoftmaxMask m = kernel_mask(mask, scores.scalar_type(), mask_keep);
   C10_CUDA_CHECK(cuda::masked_softmax_fwd(
       cuda::dtype_of(scores, "masked_softmax"), scores.const_data_ptr(), m, static_cast<float>(scale),
       seed_ptr, dropout_p, probs.data_ptr(), seed_ptr != nullptr ? soft.data_ptr() : nullptr,

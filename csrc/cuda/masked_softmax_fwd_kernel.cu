@@ -222,8 +222,14 @@ cudaError_t run_mask(const void* scores, const SoftmaxMask& mask, float scale, c
     case MaskType::none: return run<T, NoMask>(scores, mask, scale, drop, probs, soft, B, H, Sq, Sk, stream);
     case MaskType::b8: return run<T, uint8_t>(scores, mask, scale, drop, probs, soft, B, H, Sq, Sk, stream);
     case MaskType::f32: return run<T, float>(scores, mask, scale, drop, probs, soft, B, H, Sq, Sk, stream);
-    case MaskType::f16: return run<T, __half>(scores, mask, scale, drop, probs, soft, B, H, Sq, Sk, stream);
-    case MaskType::bf16: return run<T, __nv_bfloat16>(scores, mask, scale, drop, probs, soft, B, H, Sq, Sk, stream);
+    // 16-bit masks only of the scores' own type (the glue converts others to fp32): fewer instances
+    case MaskType::f16:
+      if constexpr (std::is_same_v<T, __half>) return run<T, __half>(scores, mask, scale, drop, probs, soft, B, H, Sq, Sk, stream);
+      break;
+    case MaskType::bf16:
+      if constexpr (std::is_same_v<T, __nv_bfloat16>)
+        return run<T, __nv_bfloat16>(scores, mask, scale, drop, probs, soft, B, H, Sq, Sk, stream);
+      break;
   }
   return cudaErrorInvalidValue;
 }
