@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import fastbert
 from fastbert import philox, reference
 from fastbert.ops.masked_softmax import canonical_mask
-from tests.utils import DTYPES, assert_close, device_backend_params, requires_c, use_backend
+from tests.utils import DTYPES, assert_close, backend_params, device_backend_params, requires_c, use_backend
 
 # [batch, heads, queries, keys]: odd key lengths, BERT's 128 and 512, one-key rows, empty tensors
 SHAPES = [(2, 3, 4, 1), (2, 2, 3, 7), (2, 3, 5, 77), (2, 2, 4, 128), (1, 2, 3, 513), (3, 1, 1, 64),
@@ -133,6 +133,18 @@ def test_scales(device, backend, scale):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_long_rows(device, backend, shape, dtype):
     check(backend, scores_like(shape, dtype, device, spread=6.0), make_mask("min_b11k", shape, dtype, device))
+
+
+@pytest.mark.usefixtures("seed", "poison")
+@pytest.mark.parametrize("backend", [p for p in backend_params("cpu") if "cpu:" in str(p)])
+@pytest.mark.parametrize("shape,dtype,p", [((1, 1, 1100, 4099), torch.float32, 0.1),
+                                           ((1, 2, 520, 4096), torch.float32, 0.0),
+                                           ((1, 1, 2100, 4096), torch.bfloat16, 0.0)], ids=str)
+def test_large_outputs_cpu(backend, shape, dtype, p):
+    """Outputs over 16 MiB take the CPU kernels' streaming stores (whole aligned vectors only; odd
+    rows mix aligned and unaligned starts); with dropout both outputs do."""
+    scores = scores_like(shape, dtype, "cpu")
+    check(backend, scores, make_mask("add_b1qk", shape, dtype, "cpu"), p=p)
 
 
 @pytest.mark.usefixtures("seed", "poison")

@@ -142,6 +142,35 @@ inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 inline void store(f16* p, vf v) { vh h = float_to_half(v); std::memcpy(p, &h, sizeof h); }
 inline void store(bf16* p, vf v) { vh h = float_to_bf16(v); std::memcpy(p, &h, sizeof h); }
 
+// Non-temporal (streaming) stores of W lanes to memory aligned to the vector's size: they bypass
+// the caches and skip the read-for-ownership of each written line, for outputs far larger than the
+// last-level cache. The caller issues stream_fence() before its results are read elsewhere.
+template <typename V>
+inline void stream_bits(void* p, V v) {
+#if defined(__AVX512F__) || defined(__AVX2__) || defined(__SSE2__)
+  if constexpr (sizeof(V) == 64) {
+    _mm512_stream_si512(static_cast<__m512i*>(p), bitcast<__m512i>(v));
+  } else if constexpr (sizeof(V) == 32) {
+    _mm256_stream_si256(static_cast<__m256i*>(p), bitcast<__m256i>(v));
+  } else if constexpr (sizeof(V) == 16) {
+    _mm_stream_si128(static_cast<__m128i*>(p), bitcast<__m128i>(v));
+  } else {
+    static_assert(sizeof(V) == 8, "stream_bits: 8 to 64 bytes");
+    _mm_stream_si64(static_cast<long long*>(p), bitcast<long long>(v));
+  }
+#else
+  std::memcpy(p, &v, sizeof v);
+#endif
+}
+inline void store_stream(float* p, vf v) { stream_bits(p, v); }
+inline void store_stream(f16* p, vf v) { stream_bits(p, float_to_half(v)); }
+inline void store_stream(bf16* p, vf v) { stream_bits(p, float_to_bf16(v)); }
+inline void stream_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
 template <typename T>
 inline vf load_partial(const T* p, int64_t n) {
   T tmp[W];

@@ -53,6 +53,7 @@ struct SoftmaxArgs {
   const void* saved = nullptr;                      // backward: the softmax the forward saved
   void* dscores = nullptr;                          // backward output
   const Dropout* dropout = nullptr;
+  bool stream = false;                              // outputs far larger than the caches: streaming stores
 };
 
 // One line per kernel; each takes the storage dtype of its tensor arguments.

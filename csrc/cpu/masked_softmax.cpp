@@ -17,6 +17,10 @@ namespace {
 // Rows per task: about 16k elements, so that short rows are not one task each.
 int64_t grain_of(int64_t k) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1)); }
 
+// Outputs this large (against 8-32 MiB last-level caches) are written with streaming stores: nothing
+// reads them back before they have left the cache anyway, and those stores skip each line's read.
+constexpr int64_t kStreamMinBytes = int64_t{16} << 20;
+
 std::tuple<at::Tensor, at::Tensor> masked_softmax_fwd_cpu(const at::Tensor& scores_, const std::optional<at::Tensor>& mask_,
                                                         double scale, double dropout_p,
                                                         const std::optional<at::Tensor>& seed) {
@@ -39,6 +43,7 @@ std::tuple<at::Tensor, at::Tensor> masked_softmax_fwd_cpu(const at::Tensor& scor
     if (!a.mask_is_bool) a.mask_dtype = cpu::dtype_of(mask);
     for (int d = 0; d < 4; ++d) a.mask_stride[d] = mask.size(d) == 1 ? 0 : mask.stride(d);
   }
+  a.stream = probs.nbytes() >= kStreamMinBytes;
   cpu::Dropout drop{};
   if (dropping) drop = cpu::dropout_of(*seed, dropout_p), a.dropout = &drop;
   const auto dt = cpu::dtype_of(scores);
@@ -58,6 +63,7 @@ at::Tensor masked_softmax_bwd_cpu(const at::Tensor& grad_, const at::Tensor& sof
   a.heads = softmax.size(1), a.queries = softmax.size(2), a.k = k;
   a.scale = static_cast<float>(scale), a.scale64 = scale;
   a.grad = grad.const_data_ptr(), a.saved = softmax.const_data_ptr(), a.dscores = ds.data_ptr();
+  a.stream = ds.nbytes() >= kStreamMinBytes;
   cpu::Dropout drop{};
   if (dropout_active(seed, dropout_p)) drop = cpu::dropout_of(*seed, dropout_p), a.dropout = &drop;
   const auto dt = cpu::dtype_of(softmax);

@@ -60,6 +60,11 @@ template <typename T>
 inline vf ld(const T* p, int64_t m) { return m == W ? load(p) : load_partial(p, m); }
 template <typename T>
 inline void st(T* p, vf v, int64_t m) { m == W ? store(p, v) : store_partial(p, v, m); }
+// An output store: streaming (non-temporal) for whole vectors when `nt` (the row is vector-aligned).
+template <typename T>
+inline void st_out(T* p, vf v, int64_t m, bool nt) { nt && m == W ? store_stream(p, v) : st(p, v, m); }
+template <typename T>
+inline bool aligned(const T* p) { return reinterpret_cast<uintptr_t>(p) % (W * sizeof(T)) == 0; }
 
 inline float hmax(vf v) {
   float r = v[0];
@@ -161,18 +166,20 @@ void fwd_rows(const SoftmaxArgs& a, int64_t r0, int64_t r1) {
       acc = vf{};
     });
     const float inv = static_cast<float>(1.0 / total);
+    const bool nt = a.stream && aligned(probs + off);  // (soft has the same layout)
     if (drop) {  // pass 3: normalise (and drop)
       philox_elements(drop->seed, off, k, rnd);
       const Dropout d = *drop;
       for_row(k, [&](int64_t i, int64_t m) {
         const vf p = load(x + i) * inv;
-        st(soft + off + i, p, m);
-        st(probs + off + i, p * dropout_mult(d, rnd + i), m);
+        st_out(soft + off + i, p, m, nt && aligned(soft + off));
+        st_out(probs + off + i, p * dropout_mult(d, rnd + i), m, nt);
       });
     } else {
-      for_row(k, [&](int64_t i, int64_t m) { st(probs + off + i, load(x + i) * inv, m); });
+      for_row(k, [&](int64_t i, int64_t m) { st_out(probs + off + i, load(x + i) * inv, m, nt); });
     }
   }
+  if (a.stream) stream_fence();
 }
 
 template <typename T>
@@ -203,10 +210,12 @@ void bwd_rows(const SoftmaxArgs& a, int64_t r0, int64_t r1) {
       acc = vf{};
     });
     const float dot = static_cast<float>(total);
+    const bool nt = a.stream && aligned(ds + off);
     for_row(k, [&](int64_t i, int64_t m) {  // pass 2: dscores
-      st(ds + off + i, scale * ld(p + off + i, m) * (load(g + i) - dot), m);
+      st_out(ds + off + i, scale * ld(p + off + i, m) * (load(g + i) - dot), m, nt);
     });
   }
+  if (a.stream) stream_fence();
 }
 
 // ---- float64 (gradcheck and fp64 users): scalar, fp64 throughout ----
