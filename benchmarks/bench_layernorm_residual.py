@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 import fastbert
-from benchmarks.bench_gelu import backend_candidates
-from benchmarks.harness import COMPILE, DTYPES, EAGER, Case, numel
+from benchmarks.candidates import timed_candidates
+from benchmarks.harness import DTYPES, Case, numel
 
 OP = "layernorm_residual"
 SHAPES = [(4096, 768), (4096, 1024)]  # B*S = 4096 tokens; BERT-base / BERT-large hidden size
@@ -41,32 +41,8 @@ def make_setup(shape, dtype, device, p, backward, use_compile=True):
         r = torch.randn(shape, dtype=dt, device=device, requires_grad=backward)
         params = [torch.randn(n, dtype=dt, device=device, requires_grad=backward) for _ in range(3)]
         dy = torch.randn(shape, dtype=dt, device=device) if backward else None
-        fns = {EAGER: eager_fn}
-        if use_compile:
-            torch._dynamo.reset()
-            fns[COMPILE] = torch.compile(eager_fn, dynamic=False)
-        fns.update(backend_candidates(device, OP, (x, r, *params),
-                                      lambda name: fastbert_fn(name)))
-        leaves = (x, r, *params)
-
-        def wrap(fn):
-            if not backward:
-                def fwd():
-                    with torch.no_grad():
-                        return fn(x, r, params[0], params[1], params[2], p)
-                return fwd
-
-            def fwd_bwd():
-                fn(x, r, params[0], params[1], params[2], p).backward(dy)
-                for t in leaves:
-                    t.grad = None
-            return fwd_bwd
-
-        candidates = {name: wrap(fn) for name, fn in fns.items()}
-        if use_compile:
-            for _ in range(2):
-                candidates[COMPILE]()
-        return candidates
+        return timed_candidates(OP, device, eager_fn, fastbert_fn, (x, r, *params, p), dy, (x, r, *params),
+                                use_compile)
     return setup
 
 

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 import fastbert
-from benchmarks.bench_gelu import backend_candidates
-from benchmarks.harness import COMPILE, DTYPES, EAGER, Case, numel
+from benchmarks.candidates import timed_candidates
+from benchmarks.harness import DTYPES, Case, numel
 
 OP = "masked_softmax"
 SHAPES = [(32, 12, 128, 128), (8, 16, 512, 512)]  # BERT-base S=128, BERT-large S=512
@@ -46,29 +46,7 @@ def make_setup(shape, dtype, device, p, backward, use_compile=True):
         x = torch.randn(shape, dtype=dt, device=device, requires_grad=backward)
         mask = padding_mask(shape[0], shape[-1], dt, device)
         dy = torch.randn(shape, dtype=dt, device=device) if backward else None
-        fns = {EAGER: eager_fn}
-        if use_compile:
-            torch._dynamo.reset()
-            fns[COMPILE] = torch.compile(eager_fn, dynamic=False)
-        fns.update(backend_candidates(device, OP, (x, mask), lambda name: fastbert_fn(name)))
-
-        def wrap(fn):
-            if not backward:
-                def fwd():
-                    with torch.no_grad():
-                        return fn(x, mask, p)
-                return fwd
-
-            def fwd_bwd():
-                fn(x, mask, p).backward(dy)
-                x.grad = None
-            return fwd_bwd
-
-        candidates = {name: wrap(fn) for name, fn in fns.items()}
-        if use_compile:
-            for _ in range(2):
-                candidates[COMPILE]()
-        return candidates
+        return timed_candidates(OP, device, eager_fn, fastbert_fn, (x, mask, p), dy, (x,), use_compile)
     return setup
 
 

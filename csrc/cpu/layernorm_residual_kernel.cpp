@@ -19,6 +19,7 @@
 #include "common/simd.h"
 #include "cpu/kernels.h"
 #include "cpu/philox_simd.h"
+#include "cpu/rows.h"
 
 namespace fastbert::cpu::FASTBERT_ISA {
 namespace {
@@ -55,41 +56,6 @@ void dropout_row(const Dropout& d, uint64_t e0, int64_t n, RowBuffers& buf) {
     store(buf.mult.data() + i, (r >> 8) >= d.threshold ? scale : zero);
   }
 }
-
-// Runs body(i, m) over a row's vectors: m = W for whole ones (a constant once inlined, so the
-// `m == W ? load : load_partial` choices fold away), m < W for the tail. flush() follows every kBlock
-// vectors and the tail: row sums accumulate in fp32 lanes per block and in fp64 across blocks, so
-// rounding does not grow with the row length (a 4099-long row in 4 lanes would lose ~2 digits).
-constexpr int64_t kBlock = 16;
-template <typename Body, typename Flush>
-inline void for_row(int64_t n, Body&& body, Flush&& flush) {
-  const int64_t whole = n / W * W;
-  int64_t i = 0;
-  while (i < whole) {
-    const int64_t end = i + kBlock * W < whole ? i + kBlock * W : whole;
-    for (; i < end; i += W) body(i, int64_t{W});
-    flush();
-  }
-  if (i < n) {
-    body(i, n - i);
-    flush();
-  }
-}
-
-template <typename T>
-inline vf ld(const T* p, int64_t m) { return m == W ? load(p) : load_partial(p, m); }
-template <typename T>
-inline void st(T* p, vf v, int64_t m) { m == W ? store(p, v) : store_partial(p, v, m); }
-inline vf head(vf v, int64_t m) { return m == W ? v : load_partial(&v[0], m); }  // lanes >= m zeroed
-
-struct Sum {  // a row sum: fp32 lanes within a block, fp64 across blocks
-  vf acc = vf{};
-  double total = 0.0;
-  void flush() {
-    for (int k = 0; k < W; ++k) total += acc[k];
-    acc = vf{};
-  }
-};
 
 // s = dropout(x + x_bias) + residual into s[0 .. n) (zeros up to the next whole vector); returns the
 // mean, summed as s - s[0] so that a large common offset does not cost precision.
@@ -271,21 +237,11 @@ void bwd_rows_f64(const LayerNormArgs& a, int64_t r0, int64_t r1) {
 }  // namespace
 
 void layernorm_residual_fwd(DType dt, const LayerNormArgs& a, int64_t r0, int64_t r1) {
-  switch (dt) {
-    case DType::f32: return fwd_rows<float>(a, r0, r1);
-    case DType::f16: return fwd_rows<f16>(a, r0, r1);
-    case DType::bf16: return fwd_rows<bf16>(a, r0, r1);
-    case DType::f64: return fwd_rows_f64(a, r0, r1);
-  }
+  FASTBERT_CPU_BY_DTYPE(dt, fwd_rows, fwd_rows_f64, a, r0, r1)
 }
 
 void layernorm_residual_bwd(DType dt, const LayerNormArgs& a, int64_t r0, int64_t r1) {
-  switch (dt) {
-    case DType::f32: return bwd_rows<float>(a, r0, r1);
-    case DType::f16: return bwd_rows<f16>(a, r0, r1);
-    case DType::bf16: return bwd_rows<bf16>(a, r0, r1);
-    case DType::f64: return bwd_rows_f64(a, r0, r1);
-  }
+  FASTBERT_CPU_BY_DTYPE(dt, bwd_rows, bwd_rows_f64, a, r0, r1)
 }
 
 }  // namespace fastbert::cpu::FASTBERT_ISA

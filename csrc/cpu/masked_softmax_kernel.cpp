@@ -17,13 +17,13 @@
 #include "common/simd.h"
 #include "cpu/kernels.h"
 #include "cpu/philox_simd.h"
+#include "cpu/rows.h"
 
 namespace fastbert::cpu::FASTBERT_ISA {
 namespace {
 using namespace fastbert::simd;
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-constexpr int64_t kBlock = 16;  // vectors per fp32 block of a row sum
 
 struct RowBuffers {  // per thread, grown to the row length (+ one vector of padding)
   std::vector<float> x, mask;
@@ -37,29 +37,6 @@ struct RowBuffers {  // per thread, grown to the row length (+ one vector of pad
 };
 thread_local RowBuffers buffers;
 
-// body(i, m) over a row's vectors (m = W for whole ones, m < W for the tail); flush() after every
-// kBlock vectors and after the tail.
-template <typename Body, typename Flush>
-inline void for_row(int64_t n, Body&& body, Flush&& flush) {
-  const int64_t whole = n / W * W;
-  int64_t i = 0;
-  while (i < whole) {
-    const int64_t end = i + kBlock * W < whole ? i + kBlock * W : whole;
-    for (; i < end; i += W) body(i, int64_t{W});
-    flush();
-  }
-  if (i < n) {
-    body(i, n - i);
-    flush();
-  }
-}
-template <typename Body>
-inline void for_row(int64_t n, Body&& body) { for_row(n, body, [] {}); }
-
-template <typename T>
-inline vf ld(const T* p, int64_t m) { return m == W ? load(p) : load_partial(p, m); }
-template <typename T>
-inline void st(T* p, vf v, int64_t m) { m == W ? store(p, v) : store_partial(p, v, m); }
 // An output store: streaming (non-temporal) for whole vectors when `nt` (the row is vector-aligned).
 template <typename T>
 inline void st_out(T* p, vf v, int64_t m, bool nt) { nt && m == W ? store_stream(p, v) : st(p, v, m); }
@@ -155,17 +132,13 @@ void fwd_rows(const SoftmaxArgs& a, int64_t r0, int64_t r1) {
       if (drop) std::memset(static_cast<void*>(soft + off), 0, k * sizeof(T));
       continue;
     }
-    vf acc = vf{};
-    double total = 0.0;
+    Sum sum;
     for_row(k, [&](int64_t i, int64_t) {  // pass 2: e = exp(x - max), the row sum
       const vf e = exp_or_zero(load(x + i) - mx);
       store(x + i, e);
-      acc += e;
-    }, [&] {
-      for (int j = 0; j < W; ++j) total += acc[j];
-      acc = vf{};
-    });
-    const float inv = static_cast<float>(1.0 / total);
+      sum.acc += e;
+    }, [&] { sum.flush(); });
+    const float inv = static_cast<float>(1.0 / sum.total);
     const bool nt = a.stream && aligned(probs + off);  // (soft has the same layout)
     if (drop) {  // pass 3: normalise (and drop)
       philox_elements(drop->seed, off, k, rnd);
@@ -198,18 +171,14 @@ void bwd_rows(const SoftmaxArgs& a, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t off = r * k;
     if (dropping) philox_elements(d.seed, off, k, rnd);
-    vf acc = vf{};
-    double total = 0.0;
+    Sum sum;
     for_row(k, [&](int64_t i, int64_t m) {  // pass 1: g (after dropout's backward), sum(g * p)
       vf gv = ld(grad + off + i, m);
       if (dropping) gv *= dropout_mult(d, rnd + i);
       store(g + i, gv);
-      acc += gv * ld(p + off + i, m);  // tail lanes load as 0
-    }, [&] {
-      for (int j = 0; j < W; ++j) total += acc[j];
-      acc = vf{};
-    });
-    const float dot = static_cast<float>(total);
+      sum.acc += gv * ld(p + off + i, m);  // tail lanes load as 0
+    }, [&] { sum.flush(); });
+    const float dot = static_cast<float>(sum.total);
     const bool nt = a.stream && aligned(ds + off);
     for_row(k, [&](int64_t i, int64_t m) {  // pass 2: dscores
       st_out(ds + off + i, scale * ld(p + off + i, m) * (load(g + i) - dot), m, nt);
@@ -275,21 +244,11 @@ void bwd_rows_f64(const SoftmaxArgs& a, int64_t r0, int64_t r1) {
 }  // namespace
 
 void masked_softmax_fwd(DType dt, const SoftmaxArgs& a, int64_t r0, int64_t r1) {
-  switch (dt) {
-    case DType::f32: return fwd_rows<float>(a, r0, r1);
-    case DType::f16: return fwd_rows<f16>(a, r0, r1);
-    case DType::bf16: return fwd_rows<bf16>(a, r0, r1);
-    case DType::f64: return fwd_rows_f64(a, r0, r1);
-  }
+  FASTBERT_CPU_BY_DTYPE(dt, fwd_rows, fwd_rows_f64, a, r0, r1)
 }
 
 void masked_softmax_bwd(DType dt, const SoftmaxArgs& a, int64_t r0, int64_t r1) {
-  switch (dt) {
-    case DType::f32: return bwd_rows<float>(a, r0, r1);
-    case DType::f16: return bwd_rows<f16>(a, r0, r1);
-    case DType::bf16: return bwd_rows<bf16>(a, r0, r1);
-    case DType::f64: return bwd_rows_f64(a, r0, r1);
-  }
+  FASTBERT_CPU_BY_DTYPE(dt, bwd_rows, bwd_rows_f64, a, r0, r1)
 }
 
 }  // namespace fastbert::cpu::FASTBERT_ISA

@@ -100,28 +100,7 @@ __global__ void __launch_bounds__(1024) bwd_stream_kernel(BwdArgs<T> a) {
 // ---- host side ------------------------------------------------------------------------------------
 constexpr int64_t kWarpMaxSk = 1024, kBlockEpl = 8, kMaxTpr = 1024, kRowsThreads = 128;
 
-struct Config {
-  int nv, tpr, rows_per_block;  // packs a thread, threads a row (G), rows a block
-  bool stream;
-};
-
-int64_t pow2_at_least(int64_t v) {
-  int64_t p = 1;
-  while (p < v) p *= 2;
-  return p;
-}
-
-Config bwd_config(int64_t Sk, int V) {
-  const int64_t packs = ceil_div(Sk, V);
-  if (Sk <= kWarpMaxSk) {
-    const int64_t G = pow2_at_least(packs < 32 ? packs : 32);
-    return {static_cast<int>(ceil_div(packs, G)), static_cast<int>(G), static_cast<int>(kRowsThreads / G), false};
-  }
-  const int nv = static_cast<int>(kBlockEpl / V);
-  if (Sk <= kMaxTpr * kBlockEpl)
-    return {nv, static_cast<int>(ceil_div(ceil_div(Sk, kBlockEpl), 32) * 32), 1, false};
-  return {nv, static_cast<int>(kMaxTpr), 1, true};
-}
+Config bwd_config(int64_t Sk, int V) { return row_config(Sk, V, kWarpMaxSk, kBlockEpl, kMaxTpr, kRowsThreads); }
 
 template <typename T, int V, int NV>
 cudaError_t launch(const BwdArgs<T>& a, const Config& cfg, cudaStream_t stream) {

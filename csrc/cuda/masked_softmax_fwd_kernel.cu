@@ -121,29 +121,7 @@ __global__ void __launch_bounds__(kMaxTpr) fwd_stream_kernel(FwdArgs<T, M> a) {
 }
 
 // ---- host side ------------------------------------------------------------------------------------
-struct Config {
-  int nv, tpr, rows_per_block;  // packs a thread, threads a row (G), rows a block
-  bool stream;
-};
-
-int64_t pow2_at_least(int64_t v) {
-  int64_t p = 1;
-  while (p < v) p *= 2;
-  return p;
-}
-
-// nv: the packs a thread needs; the smallest instantiated count >= nv is picked by launch_nv.
-Config fwd_config(int64_t Sk, int V) {
-  const int64_t packs = ceil_div(Sk, V);
-  if (Sk <= kWarpMaxSk) {
-    const int64_t G = pow2_at_least(packs < 32 ? packs : 32);
-    return {static_cast<int>(ceil_div(packs, G)), static_cast<int>(G), static_cast<int>(kRowsThreads / G), false};
-  }
-  const int nv = static_cast<int>(kBlockEpl / V);
-  if (Sk <= kMaxTpr * kBlockEpl)
-    return {nv, static_cast<int>(ceil_div(ceil_div(Sk, kBlockEpl), 32) * 32), 1, false};
-  return {nv, kMaxTpr, 1, true};
-}
+Config fwd_config(int64_t Sk, int V) { return row_config(Sk, V, kWarpMaxSk, kBlockEpl, kMaxTpr, kRowsThreads); }
 
 template <typename T, typename M, int V, int NV>
 cudaError_t launch(const FwdArgs<T, M>& a, const Config& cfg, cudaStream_t stream) {

@@ -216,4 +216,33 @@ __device__ __forceinline__ uint64_t read_seed(const Dropout& drop) {
   return drop.seed != nullptr ? static_cast<uint64_t>(*drop.seed) : 0;
 }
 
+// ---- host side: launch shapes ---------------------------------------------------------------------
+struct Config {
+  int nv, tpr, rows_per_block;  // packs a thread, threads a row (G), rows a block
+  bool stream;
+};
+
+inline int64_t pow2_at_least(int64_t v) {
+  int64_t p = 1;
+  while (p < v) p *= 2;
+  return p;
+}
+
+// Rows of Sk <= warp_max_sk: G = the power of two >= the row's V-packs (at most 32) threads a row,
+// rows_threads / G rows a block. Longer rows: one block a row, block_epl elements a thread, up to
+// max_tpr threads; beyond that the streaming kernel (max_tpr threads). nv: the packs a thread needs
+// (the launchers pick the smallest instantiated count >= nv).
+inline Config row_config(int64_t Sk, int V, int64_t warp_max_sk, int64_t block_epl, int64_t max_tpr,
+                         int64_t rows_threads) {
+  const int64_t packs = ceil_div(Sk, V);
+  if (Sk <= warp_max_sk) {
+    const int64_t G = pow2_at_least(packs < 32 ? packs : 32);
+    return {static_cast<int>(ceil_div(packs, G)), static_cast<int>(G), static_cast<int>(rows_threads / G), false};
+  }
+  const int nv = static_cast<int>(block_epl / V);
+  if (Sk <= max_tpr * block_epl)
+    return {nv, static_cast<int>(ceil_div(ceil_div(Sk, block_epl), 32) * 32), 1, false};
+  return {nv, static_cast<int>(max_tpr), 1, true};
+}
+
 }  // namespace fastbert::cuda::sm
