@@ -49,10 +49,13 @@ inline float hmax(vf v) {
   return r;
 }
 
-// e^d for d = x - max <= 0 as 2^(d log2 e) (the argument is in range, so the cheaper exp2 serves),
-// exactly 0 below 2^-125 (excluded keys, d = -inf, must weigh nothing).
-inline vf exp_or_zero(vf d) {
-  const vf t = d * 1.44269504088896341f;
+// e^(x - max) as 2^t, t = x log2(e) - max log2(e) in one fused multiply-add (`mlog2e` = the
+// rounded max log2(e)): its rounding error is the same for the whole row, a common factor that the
+// normalisation cancels, so this is as accurate as rounding (x - max) first. t <= 0 is in range, so the
+// cheaper exp2 serves; exactly 0 below 2^-125 (excluded keys, x = -inf, must weigh nothing).
+constexpr float kLog2e = 1.44269504088896341f;
+inline vf exp_or_zero(vf x, float mlog2e) {
+  const vf t = x * kLog2e - mlog2e;
   return bitcast<vf>(bitcast<vi>(vexp2_unchecked(vmax(t, -125.0f))) & (t >= -125.0f));
 }
 
@@ -132,9 +135,14 @@ void fwd_rows(const SoftmaxArgs& a, int64_t r0, int64_t r1) {
       if (drop) std::memset(static_cast<void*>(soft + off), 0, k * sizeof(T));
       continue;
     }
+    float mlog2e = mx * kLog2e;
+    if (!(std::fabs(mlog2e) < 1e38f)) {  // max near float's limit (a finite finfo.min mask on every key):
+      for_row(k, [&](int64_t i, int64_t) { store(x + i, load(x + i) - mx); });  // shift first, no overflow
+      mlog2e = 0.0f;
+    }
     Sum sum;
     for_row(k, [&](int64_t i, int64_t) {  // pass 2: e = exp(x - max), the row sum
-      const vf e = exp_or_zero(load(x + i) - mx);
+      const vf e = exp_or_zero(load(x + i), mlog2e);
       store(x + i, e);
       sum.acc += e;
     }, [&] { sum.flush(); });
