@@ -67,7 +67,8 @@ class Budget:
     warmup_s: float = 0.1
 
 
-QUICK = Budget()
+# quick: every case capped at 8 s, so `make bench` stays under 10 minutes on 2 cores
+QUICK = Budget(time_s=8.0)
 FULL = Budget(min_rounds=20, time_s=60.0, rel_ci=0.01, warmup_calls=3, warmup_s=0.5)
 
 
