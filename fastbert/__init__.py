@@ -1,7 +1,8 @@
 """fastbert: fused C++/CUDA/Triton kernels that make BERT training fast.
 
 Ops (autograd-aware, any backend): :func:`fastbert.ops.bias_gelu`,
-:func:`fastbert.ops.layernorm_residual`, :func:`fastbert.ops.masked_softmax`. Modules: :mod:`fastbert.nn`.
+:func:`fastbert.ops.layernorm_residual`, :func:`fastbert.ops.masked_softmax`,
+:func:`fastbert.ops.gather_masked`, :func:`fastbert.ops.linear_cross_entropy`. Modules: :mod:`fastbert.nn`.
 Backend choice: :func:`fastbert.backend`, ``FASTBERT_BACKEND``; ``fastbert info`` reports it.
 """
 
@@ -12,10 +13,11 @@ from fastbert import _ext  # noqa: E402  (then registers the compiled kernels)
 from fastbert import triton  # noqa: E402  (then the Triton kernels, when triton imports)
 from fastbert import backends  # noqa: E402
 from fastbert.backends import BackendUnavailable, backend, not_supported_reasons  # noqa: E402
-from fastbert.ops import bias_gelu, layernorm_residual, masked_softmax  # noqa: E402
+from fastbert.ops import (bias_gelu, gather_masked, layernorm_residual, linear_cross_entropy,  # noqa: E402
+                          masked_softmax)
 from fastbert import nn  # noqa: E402
 
 backends.refresh()
 
-__all__ = ["BackendUnavailable", "backend", "bias_gelu", "backends", "layernorm_residual", "masked_softmax", "nn", "not_supported_reasons",
-           "ops", "__version__"]
+__all__ = ["BackendUnavailable", "backend", "bias_gelu", "backends", "gather_masked", "layernorm_residual",
+           "linear_cross_entropy", "masked_softmax", "nn", "not_supported_reasons", "ops", "__version__"]

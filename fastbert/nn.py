@@ -75,3 +75,46 @@ class FusedMaskedSoftmax(torch.nn.Module):
 
     def extra_repr(self):
         return f"scale={self.scale:g}, p={self.p}"
+
+
+class MaskedTokenGather(torch.nn.Module):
+    """The labelled rows of a ``[batch, seq, H]`` hidden state: ``forward(hidden, labels) ->
+    (rows, targets, index)`` (see :func:`fastbert.ops.gather_masked`). No parameters."""
+
+    def __init__(self, ignore_index=-100):
+        super().__init__()
+        self.ignore_index = ignore_index
+
+    def forward(self, hidden, labels):
+        return ops.gather_masked(hidden, labels, self.ignore_index)
+
+    def extra_repr(self):
+        return f"ignore_index={self.ignore_index}"
+
+
+class FusedLinearCrossEntropy(torch.nn.Module):
+    """``F.cross_entropy(Linear(rows), targets)`` without the ``[M, vocab]`` logits (see
+    :func:`fastbert.ops.linear_cross_entropy`). Holds ``weight [num_classes, in_features]`` and
+    ``bias`` like ``nn.Linear`` (so a decoder's state_dict loads); tie ``weight`` to an embedding by
+    assigning the embedding's parameter. ``forward(rows, targets) -> loss``."""
+
+    def __init__(self, in_features, num_classes, bias=True, ignore_index=-100, reduction="mean",
+                 chunk_size=None, device=None, dtype=None):
+        super().__init__()
+        _checks.choice(reduction, "FusedLinearCrossEntropy", "reduction", ("mean", "sum", "none"))
+        self.in_features, self.num_classes = in_features, num_classes
+        self.ignore_index, self.reduction, self.chunk_size = ignore_index, reduction, chunk_size
+        self.weight = torch.nn.Parameter(torch.empty(num_classes, in_features, device=device, dtype=dtype))
+        if bias:
+            self.bias = torch.nn.Parameter(torch.zeros(num_classes, device=device, dtype=dtype))
+        else:
+            self.register_parameter("bias", None)
+        torch.nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, rows, targets):
+        return ops.linear_cross_entropy(rows, self.weight, self.bias, targets, self.ignore_index,
+                                        self.reduction, self.chunk_size)
+
+    def extra_repr(self):
+        return (f"{self.in_features}, {self.num_classes}, bias={self.bias is not None}, "
+                f"ignore_index={self.ignore_index}, reduction={self.reduction!r}")

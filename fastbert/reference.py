@@ -69,3 +69,56 @@ def masked_softmax(scores, mask=None, scale=1.0, dropout_p=0.0, seed=None):
         keep = philox.keep_mask(int(seed.reshape(-1)[0]), p.shape, dropout_p, p.device)
         p = torch.where(keep, p * philox.scale(dropout_p), torch.zeros((), dtype=acc, device=p.device))
     return p.to(scores.dtype)
+
+
+def gather_masked(hidden, labels, ignore_index=-100):
+    """Rows of ``hidden [N, H]`` whose ``labels [N]`` are not ``ignore_index``, row-major:
+    ``(rows, targets, index, slot)``; ``slot[n]`` is row n's place in ``rows`` (-1 if unselected)."""
+    selected = labels != ignore_index
+    index = selected.nonzero().reshape(-1)
+    slot = torch.full(labels.shape, -1, dtype=torch.int64, device=labels.device)
+    slot[index] = torch.arange(index.numel(), device=labels.device)
+    return hidden[index], labels[index].to(torch.int64), index, slot
+
+
+def gather_masked_bwd(grad, slot):
+    """The ``[N, H]`` gradient of :func:`gather_masked`: ``grad[slot[n]]`` where selected, else 0."""
+    out = grad.new_zeros((slot.shape[0], grad.shape[1]))
+    picked = slot >= 0
+    out[picked] = grad[slot[picked]]
+    return out
+
+
+def cross_entropy_fwd(logits, targets, ignore_index=-100):
+    """Per-row ``(loss, lse)`` of ``[c, V]`` logits in fp32 (fp64 for fp64): ``lse = logsumexp``,
+    ``loss = lse - logits[target]``, 0 where ``target == ignore_index``."""
+    x = logits.to(_acc(logits.dtype))
+    lse = torch.logsumexp(x, -1)
+    valid = targets != ignore_index
+    picked = x.gather(1, torch.where(valid, targets, 0).to(torch.int64)[:, None]).squeeze(1)
+    return torch.where(valid, lse - picked, torch.zeros_like(lse)), lse
+
+
+def cross_entropy_bwd_(logits, targets, row_scale, ignore_index=-100):
+    """:func:`cross_entropy_fwd`, and ``logits`` overwritten with the gradient of
+    ``sum_i row_scale[i] * loss_i``: ``(softmax - onehot(target)) * row_scale`` (0 on ignored rows)."""
+    loss, lse = cross_entropy_fwd(logits, targets, ignore_index)
+    valid = targets != ignore_index
+    g = torch.exp(logits.to(lse.dtype) - lse[:, None])
+    rows = torch.arange(g.shape[0], device=g.device)
+    g[rows[valid], targets[valid].to(torch.int64)] -= 1
+    g *= torch.where(valid, row_scale.to(g.dtype), torch.zeros_like(lse))[:, None]
+    logits.copy_(g)
+    return loss, lse
+
+
+def linear_cross_entropy(rows, weight, bias, targets, ignore_index=-100, reduction="mean"):
+    """``F.cross_entropy(rows @ weight.T + bias, targets)`` (the test oracle), with fastbert's
+    convention that a mean over no valid target is 0."""
+    logits = rows @ weight.t()
+    if bias is not None:
+        logits = logits + bias
+    if reduction == "mean":
+        n = (targets != ignore_index).sum()
+        return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum") / n.clamp(min=1)
+    return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction=reduction)

@@ -167,4 +167,49 @@ inline void check_masked_softmax_bwd(const at::Tensor& grad, const at::Tensor& s
   check_same_device(softmax, grad, op, "grad");
 }
 
+// gather_masked: hidden [N, H] float (float64 on CPU), labels [N] integer on hidden's device.
+inline void check_gather_masked(const at::Tensor& hidden, const at::Tensor& labels) {
+  constexpr const char* op = "gather_masked";
+  check_float(hidden, op, "hidden", hidden.device().is_cpu());
+  TORCH_CHECK_VALUE(hidden.dim() == 2, op, ": hidden must be 2-D [N, H] here, got ", hidden.sizes());
+  const auto lt = labels.scalar_type();
+  TORCH_CHECK_VALUE(lt == at::kLong || lt == at::kInt || lt == at::kShort || lt == at::kChar || lt == at::kByte,
+                    op, ": labels must be an integer tensor, got ", lt);
+  TORCH_CHECK_VALUE(labels.dim() == 1 && labels.size(0) == hidden.size(0), op, ": labels must have shape [",
+                    hidden.size(0), "] (hidden's rows), got ", labels.sizes());
+  check_same_device(hidden, labels, op, "labels");
+}
+
+// The backward: grad [M, H] float, slot [N] int64 (row of grad, or -1), same device.
+inline void check_gather_masked_bwd(const at::Tensor& grad, const at::Tensor& slot) {
+  constexpr const char* op = "gather_masked backward";
+  check_float(grad, op, "grad", grad.device().is_cpu());
+  TORCH_CHECK_VALUE(grad.dim() == 2, op, ": grad must be 2-D [M, H], got ", grad.sizes());
+  TORCH_CHECK_VALUE(slot.scalar_type() == at::kLong && slot.dim() == 1, op,
+                    ": slot must be a 1-D int64 tensor, got ", slot.scalar_type(), " of shape ", slot.sizes());
+  check_same_device(grad, slot, op, "slot");
+}
+
+// linear_cross_entropy kernels: logits [c, V] float (float64 on CPU), V >= 1; targets [c] int64 or
+// int32; row_scale (the backward) [c] float32 (float64 for float64 logits); all on logits' device.
+inline void check_cross_entropy(const at::Tensor& logits, const at::Tensor& targets,
+                                const std::optional<at::Tensor>& row_scale) {
+  constexpr const char* op = "linear_cross_entropy";
+  check_float(logits, op, "logits", logits.device().is_cpu());
+  TORCH_CHECK_VALUE(logits.dim() == 2 && logits.size(1) >= 1, op, ": logits must be [rows, vocab] with vocab >= 1, got ",
+                    logits.sizes());
+  TORCH_CHECK_VALUE(targets.scalar_type() == at::kLong || targets.scalar_type() == at::kInt, op,
+                    ": targets must be int64 or int32, got ", targets.scalar_type());
+  TORCH_CHECK_VALUE(targets.dim() == 1 && targets.size(0) == logits.size(0), op, ": targets must have shape [",
+                    logits.size(0), "], got ", targets.sizes());
+  check_same_device(logits, targets, op, "targets");
+  if (!row_scale) return;
+  const auto st = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK_VALUE(row_scale->scalar_type() == st && row_scale->dim() == 1 && row_scale->size(0) == logits.size(0),
+                    op, ": row_scale must be ", st, " of shape [", logits.size(0), "], got ",
+                    row_scale->scalar_type(), " of shape ", row_scale->sizes());
+  check_same_device(logits, *row_scale, op, "row_scale");
+  TORCH_CHECK_VALUE(logits.is_contiguous(), op, ": the backward overwrites logits in place: they must be contiguous");
+}
+
 }  // namespace fastbert

@@ -1,7 +1,9 @@
 """Public, autograd-aware fused ops. Each op lives in its own file (schema, fake, autograd, dispatch)."""
 
 from fastbert.ops.bias_gelu import bias_gelu
+from fastbert.ops.gather_masked import gather_masked
 from fastbert.ops.layernorm_residual import layernorm_residual
+from fastbert.ops.linear_cross_entropy import linear_cross_entropy
 from fastbert.ops.masked_softmax import masked_softmax
 
-__all__ = ["bias_gelu", "layernorm_residual", "masked_softmax"]
+__all__ = ["bias_gelu", "gather_masked", "layernorm_residual", "linear_cross_entropy", "masked_softmax"]

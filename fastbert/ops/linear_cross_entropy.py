@@ -1,0 +1,268 @@
+"""Fused linear + cross-entropy: ``F.cross_entropy(rows @ weight.T + bias, targets)`` chunk by chunk.
+
+The MLM decoder projection and its loss without ever holding the ``[M, vocab]`` logits: the rows are
+taken ``chunk_size`` at a time; each chunk's logits go into one reused ``[chunk, vocab]`` buffer
+(a torch matmul), a fused kernel turns them into the per-row loss and, in place, into the gradient
+of the logits, and two more torch matmuls add that chunk's share of the gradients of ``rows``,
+``weight`` and ``bias`` (accumulated in fp32). So the forward already holds the gradients (as
+Liger-Kernel's fused linear cross-entropy does): the backward only scales them by the incoming
+gradient. With ``reduction="none"`` the incoming gradient differs per row, so the backward instead
+recomputes each chunk's logits and runs the fused kernel with that row's scale.
+
+The fused kernel pair (one per backend), over a ``[c, V]`` logits chunk and int64 targets ``[c]``:
+
+* ``fastbert::linear_cross_entropy_fwd(logits, targets, ignore_index) -> (loss[c], lse[c])``:
+  ``lse = log(sum(exp(logits)))`` in fp32 (fp64 for fp64 logits), ``loss = lse - logits[target]``,
+  0 where ``target == ignore_index``.
+* ``fastbert::linear_cross_entropy_bwd(logits!, targets, row_scale, ignore_index) -> (loss, lse)``:
+  the same, and overwrites ``logits`` with ``(softmax(logits) - onehot(target)) * row_scale[i]``
+  (zeros on ignored rows).
+
+Edge cases: no rows (``M = 0``) or every target ignored: the loss is 0 for every reduction (not
+NaN, unlike ``F.cross_entropy``'s mean), with zero gradients. Targets outside ``[0, V)`` other than
+``ignore_index`` raise ``ValueError`` (this reads the targets: one device-to-host copy on CUDA).
+"""
+
+from typing import Optional, Tuple
+
+import torch
+
+from fastbert import backends, reference
+from fastbert.ops import _checks, _library
+
+OP = "linear_cross_entropy"
+REDUCTIONS = ("mean", "sum", "none")
+TARGET_DTYPES = (torch.int64, torch.int32)
+CHUNK_BYTES = 32 << 20  # default chunk: a [chunk, V] block of about 32 MiB
+
+
+def _stats_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _fake_fwd(logits, targets, ignore_index):
+    stats = logits.new_empty(logits.shape[:1], dtype=_stats_dtype(logits.dtype))
+    return stats, torch.empty_like(stats)
+
+
+def _fake_bwd(logits, targets, row_scale, ignore_index):
+    return _fake_fwd(logits, targets, ignore_index)
+
+
+_library.define(
+    OP,
+    "(Tensor logits, Tensor targets, int ignore_index) -> (Tensor, Tensor)",
+    "(Tensor(a!) logits, Tensor targets, Tensor row_scale, int ignore_index) -> (Tensor, Tensor)",
+    _fake_fwd, _fake_bwd)
+backends.register_op(OP)
+
+
+# backend -> (fwd, bwd) kernels, looked up at call time (the Triton ops load after this module)
+_KERNELS = {
+    "reference": lambda: (reference.cross_entropy_fwd, reference.cross_entropy_bwd_),
+    "cpu": lambda: (torch.ops.fastbert.linear_cross_entropy_fwd, torch.ops.fastbert.linear_cross_entropy_bwd),
+    "cuda": lambda: (torch.ops.fastbert.linear_cross_entropy_fwd, torch.ops.fastbert.linear_cross_entropy_bwd),
+    "triton": lambda: (torch.ops.fastbert.linear_cross_entropy_fwd_triton,
+                       torch.ops.fastbert.linear_cross_entropy_bwd_triton),
+}
+
+
+def default_chunk_size(vocab, dtype):
+    """Rows per chunk: a ``[chunk, vocab]`` block of about ``CHUNK_BYTES`` (at least 16 rows)."""
+    return max(16, CHUNK_BYTES // (max(vocab, 1) * dtype.itemsize) // 16 * 16)
+
+
+def _check_targets(targets, vocab, ignore_index):
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+    if bool(bad.any()):
+        first = targets[bad][0].item()
+        raise ValueError(f"{OP}: targets must be in [0, {vocab}) (the vocabulary size, weight.shape[0]) "
+                         f"or ignore_index={ignore_index}; got {first}")
+
+
+def _accumulate_mm(acc, a, b):
+    """``acc += a @ b`` with fp32 ``acc``: in one matmul where torch allows a half-input,
+    fp32-output product (CUDA), else with the operands upcast."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif acc.is_cuda:
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+def _chunks(m, chunk):
+    return [(s, min(m, s + chunk)) for s in range(0, m, chunk)]
+
+
+def _logits_into(buf, r, weight, bias):
+    out = buf[: r.shape[0]]
+    if bias is None:
+        return torch.mm(r, weight.t(), out=out)
+    return torch.addmm(bias, r, weight.t(), out=out)
+
+
+def _grads_of_chunks(rows, weight, bias, targets, row_scale, ignore_index, chunk, bwd, loss_rows):
+    """The gradients of ``sum_i row_scale[i] * loss_i`` (and the per-row losses into ``loss_rows``)."""
+    m, v = rows.shape[0], weight.shape[0]
+    acc = _stats_dtype(rows.dtype)
+    grad_rows = torch.empty_like(rows, memory_format=torch.contiguous_format)
+    gw = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+    gb = torch.zeros(v, dtype=acc, device=weight.device) if bias is not None else None
+    buf = rows.new_empty((min(chunk, m), v))
+    for s, e in _chunks(m, chunk):
+        r = rows[s:e]
+        logits = _logits_into(buf, r, weight, bias)
+        loss, _ = bwd(logits, targets[s:e], row_scale[s:e], ignore_index)  # logits <- dlogits
+        loss_rows[s:e] = loss
+        torch.mm(logits, weight, out=grad_rows[s:e])
+        _accumulate_mm(gw, logits.t(), r)
+        if gb is not None:
+            gb += logits.sum(0, dtype=acc)
+    return (grad_rows, gw.to(weight.dtype),
+            gb.to(bias.dtype) if gb is not None else rows.new_empty((0,)))
+
+
+def _reduce(loss_rows, n_valid, reduction, dtype):
+    if reduction == "none":
+        return loss_rows.to(dtype)
+    total = loss_rows.sum()
+    if reduction == "mean":
+        total = total / n_valid.clamp(min=1)
+    return total.to(dtype)
+
+
+@torch.library.custom_op("fastbert::linear_cross_entropy_chunked", mutates_args=())
+def linear_cross_entropy_chunked(rows: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                                 targets: torch.Tensor, ignore_index: int, reduction: str, chunk_size: int,
+                                 compute_grad: bool, backend: str
+                                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss, grad_rows, grad_weight, grad_bias)``; the gradients (of the loss itself) only when
+    ``compute_grad`` (else empty), with fused kernels of ``backend``."""
+    m = rows.shape[0]
+    targets = targets.contiguous()
+    _check_targets(targets, weight.shape[0], ignore_index)
+    fwd, bwd = _KERNELS[backend]()
+    acc = _stats_dtype(rows.dtype)
+    loss_rows = torch.zeros(m, dtype=acc, device=rows.device)
+    valid = targets != ignore_index
+    n_valid = valid.sum()
+    if compute_grad:
+        scale = 1.0 / n_valid.clamp(min=1).to(acc) if reduction == "mean" else torch.ones((), dtype=acc, device=rows.device)
+        row_scale = scale.expand(m).contiguous()
+        grads = _grads_of_chunks(rows, weight, bias, targets, row_scale, ignore_index, chunk_size, bwd, loss_rows)
+        return (_reduce(loss_rows, n_valid, reduction, rows.dtype),) + grads
+    buf = rows.new_empty((min(chunk_size, m), weight.shape[0]))
+    for s, e in _chunks(m, chunk_size):
+        loss_rows[s:e] = fwd(_logits_into(buf, rows[s:e], weight, bias), targets[s:e], ignore_index)[0]
+    return (_reduce(loss_rows, n_valid, reduction, rows.dtype),) + tuple(rows.new_empty((0,)) for _ in range(3))
+
+
+@linear_cross_entropy_chunked.register_fake
+def _(rows, weight, bias, targets, ignore_index, reduction, chunk_size, compute_grad, backend):
+    loss = rows.new_empty((rows.shape[0],) if reduction == "none" else ())
+    if not compute_grad:
+        return loss, rows.new_empty((0,)), rows.new_empty((0,)), rows.new_empty((0,))
+    return (loss, torch.empty_like(rows, memory_format=torch.contiguous_format), torch.empty_like(weight),
+            torch.empty_like(bias) if bias is not None else rows.new_empty((0,)))
+
+
+@torch.library.custom_op("fastbert::linear_cross_entropy_chunked_bwd", mutates_args=())
+def linear_cross_entropy_chunked_bwd(rows: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                                     targets: torch.Tensor, grad_loss: torch.Tensor, ignore_index: int,
+                                     chunk_size: int, backend: str
+                                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``sum_i grad_loss[i] * loss_i`` (``reduction="none"``), logits recomputed."""
+    _, bwd = _KERNELS[backend]()
+    loss_rows = torch.empty(rows.shape[0], dtype=_stats_dtype(rows.dtype), device=rows.device)
+    row_scale = grad_loss.to(loss_rows.dtype).contiguous()
+    return _grads_of_chunks(rows, weight, bias, targets.contiguous(), row_scale, ignore_index, chunk_size, bwd,
+                            loss_rows)
+
+
+@linear_cross_entropy_chunked_bwd.register_fake
+def _(rows, weight, bias, targets, grad_loss, ignore_index, chunk_size, backend):
+    return (torch.empty_like(rows, memory_format=torch.contiguous_format), torch.empty_like(weight),
+            torch.empty_like(bias) if bias is not None else rows.new_empty((0,)))
+
+
+def _setup_context(ctx, inputs, output):
+    rows, weight, bias, targets, ignore_index, reduction, chunk_size, compute_grad, backend = inputs
+    _, grad_rows, grad_weight, grad_bias = output
+    ctx.has_bias, ctx.reduction, ctx.compute_grad = bias is not None, reduction, compute_grad
+    ctx.ignore_index, ctx.chunk_size, ctx.backend = ignore_index, chunk_size, backend
+    if reduction == "none":
+        ctx.save_for_backward(rows, weight, bias, targets)
+    else:
+        ctx.save_for_backward(grad_rows, grad_weight, grad_bias)
+
+
+def _backward(ctx, grad_loss, *_unused):
+    if ctx.reduction == "none":
+        rows, weight, bias, targets = ctx.saved_tensors
+        gr, gw, gb = torch.ops.fastbert.linear_cross_entropy_chunked_bwd(
+            rows, weight, bias, targets, grad_loss, ctx.ignore_index, ctx.chunk_size, ctx.backend)
+    else:
+        if not ctx.compute_grad:
+            raise RuntimeError(f"{OP}: backward through a forward that ran without gradients "
+                               "(grad mode was off or no input required grad)")
+        gr, gw, gb = (g * grad_loss for g in ctx.saved_tensors)
+    return gr, gw, (gb if ctx.has_bias else None), None, None, None, None, None, None
+
+
+linear_cross_entropy_chunked.register_autograd(_backward, setup_context=_setup_context)
+
+
+def check_args(rows, weight, bias, targets, ignore_index, reduction, chunk_size):
+    for t, name in ((rows, "rows"), (weight, "weight"), (targets, "targets")):
+        _checks.tensor(t, OP, name)
+    _checks.tensor(bias, OP, "bias", optional=True)
+    _checks.floating(rows, OP, "rows")
+    _checks.floating(weight, OP, "weight")
+    if rows.dim() != 2 or weight.dim() != 2 or weight.shape[1] != rows.shape[1]:
+        raise ValueError(f"{OP}: rows must be [M, H] and weight [vocab, H]; got rows {list(rows.shape)} "
+                         f"and weight {list(weight.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError(f"{OP}: weight has no rows (a vocabulary of size 0)")
+    if bias is not None:
+        _checks.floating(bias, OP, "bias")
+        if bias.shape != weight.shape[:1]:
+            raise ValueError(f"{OP}: bias must have shape [{weight.shape[0]}] (weight.shape[0]), got "
+                             f"{list(bias.shape)}")
+        _checks.same_device(rows, bias, OP, "bias", "rows")
+    if targets.dtype not in TARGET_DTYPES:
+        raise ValueError(f"{OP}: targets must be int64 (or int32) class indices, got {targets.dtype}")
+    if targets.shape != rows.shape[:1]:
+        raise ValueError(f"{OP}: targets must have shape [{rows.shape[0]}] (one per row), got "
+                         f"{list(targets.shape)}")
+    _checks.same_device(rows, weight, OP, "weight", "rows")
+    _checks.same_device(rows, targets, OP, "targets", "rows")
+    _checks.choice(reduction, OP, "reduction", REDUCTIONS)
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise ValueError(f"{OP}: ignore_index must be an int, got {ignore_index!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"{OP}: chunk_size must be a positive int or None, got {chunk_size!r}")
+
+
+def linear_cross_entropy(rows, weight, bias, targets, ignore_index=-100, reduction="mean", chunk_size=None):
+    """``F.cross_entropy(rows @ weight.T + bias, targets, ignore_index=..., reduction=...)`` without
+    the ``[M, vocab]`` logits: peak extra memory is one ``[chunk_size, vocab]`` block.
+
+    Args:
+        rows: ``[M, H]`` (e.g. the transformed masked-token rows of :func:`gather_masked`).
+        weight: ``[vocab, H]`` decoder weight (BERT ties it to the word embeddings); cast to rows'
+            dtype if it differs (autocast-style master weights), likewise ``bias`` ``[vocab]`` or None.
+        targets: ``[M]`` int64 class indices; ``ignore_index`` rows add nothing.
+        reduction: ``"mean"`` over the non-ignored rows (0 when there are none), ``"sum"`` or ``"none"``.
+        chunk_size: rows per chunk (default: a ~32 MiB ``[chunk, vocab]`` block).
+    Returns the loss in rows' dtype (computed in fp32).
+    """
+    check_args(rows, weight, bias, targets, ignore_index, reduction, chunk_size)
+    weight = weight.to(rows.dtype)
+    bias = bias.to(rows.dtype) if bias is not None else None
+    name = backends.select(OP, rows, weight, bias)
+    chunk = chunk_size or default_chunk_size(weight.shape[0], rows.dtype)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (rows, weight, bias))
+    loss, *_ = torch.ops.fastbert.linear_cross_entropy_chunked(
+        rows, weight, bias, targets, ignore_index, reduction, chunk, needs_grad and reduction != "none", name)
+    return loss

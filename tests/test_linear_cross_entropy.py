@@ -1,0 +1,292 @@
+"""Fused linear + cross-entropy on every backend against the float64 reference: the fused
+softmax/cross-entropy kernels on logits chunks, and the chunked op's loss and gradients."""
+
+import importlib
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastbert
+from fastbert import reference
+from tests.utils import DTYPES, assert_close, backend_params, device_backend_params, requires_c, use_backend
+
+IGNORE = -100
+
+
+def make_targets(m, vocab, device, ignored=0.2):
+    t = torch.randint(0, vocab, (m,), device=device)
+    return torch.where(torch.rand(m, device=device) < ignored, torch.full_like(t, IGNORE), t)
+
+
+# ------------------------------------------------------------------------ the fused kernel pair
+
+def _kernels(backend):
+    name = backend.partition(":")[0]
+    return importlib.import_module("fastbert.ops.linear_cross_entropy")._KERNELS[name]()
+
+
+@pytest.mark.usefixtures("seed", "poison")
+@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows,vocab", [(5, 7), (9, 8000), (3, 30522), (1, 1), (0, 13), (17, 129)], ids=str)
+def test_kernels_match_reference(device, backend, dtype, rows, vocab):
+    logits = (torch.randn(rows, vocab, device=device) * 4).to(dtype)
+    targets = make_targets(rows, vocab, device)
+    row_scale = torch.rand(rows, device=device) + 0.5
+    with use_backend(backend):
+        fwd, bwd = _kernels(backend)
+        loss, lse = fwd(logits, targets, IGNORE)
+        grad = logits.clone()
+        loss2, lse2 = bwd(grad, targets, row_scale, IGNORE)
+    exact = reference.cross_entropy_fwd(logits.double(), targets, IGNORE)
+    exact_grad = logits.double()
+    reference.cross_entropy_bwd_(exact_grad, targets, row_scale.double(), IGNORE)
+    # eager PyTorch in the logits' dtype (its own error sets the bound)
+    x = logits.detach().requires_grad_()
+    eager_loss = F.cross_entropy(x, targets, ignore_index=IGNORE, reduction="none")
+    (eager_loss * row_scale.to(dtype)).sum().backward()
+    eager_lse = torch.logsumexp(logits, -1)
+    what = f"{backend} [{rows}, {vocab}] {dtype}"
+    for name, got in (("loss", loss), ("loss (bwd)", loss2)):
+        assert got.dtype == torch.float32, f"{what} {name}: {got.dtype}"
+        assert_close(got.to(dtype), exact[0], eager_loss.detach(), f"{what} {name}")
+    for name, got in (("lse", lse), ("lse (bwd)", lse2)):
+        assert_close(got.to(dtype), exact[1], eager_lse, f"{what} {name}")
+    assert_close(grad, exact_grad, x.grad, f"{what} dlogits")
+    ignored = targets == IGNORE
+    assert (loss[ignored] == 0).all() and (grad[ignored] == 0).all()
+
+
+@pytest.mark.usefixtures("seed")
+@pytest.mark.parametrize("device,backend", device_backend_params(kernels_only=True))
+def test_kernels_extreme_logits(device, backend):
+    """fp32 log-sum-exp: logits near fp16's largest values and very negative ones stay finite."""
+    logits = torch.randn(4, 300, device=device) * 3
+    logits[0] += 60000
+    logits[1, :10] = -60000
+    logits[2, 5] = 1e4
+    logits = logits.half()
+    targets = torch.tensor([3, 0, 5, IGNORE], device=device)
+    with use_backend(backend):
+        fwd, bwd = _kernels(backend)
+        loss, lse = fwd(logits, targets, IGNORE)
+        grad = logits.clone()
+        bwd(grad, targets, torch.ones(4, device=device), IGNORE)
+    exact = reference.cross_entropy_fwd(logits.double(), targets, IGNORE)
+    assert torch.isfinite(loss).all() and torch.isfinite(lse).all() and torch.isfinite(grad).all()
+    torch.testing.assert_close(loss.double(), exact[0], rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(lse.double(), exact[1], rtol=1e-6, atol=1e-3)
+
+
+# --------------------------------------------------------------------------- the chunked op
+
+def run(backend, rows, weight, bias, targets, reduction, chunk_size, dy=None):
+    leaves = [t.detach().requires_grad_() if t is not None else None for t in (rows, weight, bias)]
+    with use_backend(backend):
+        loss = fastbert.linear_cross_entropy(leaves[0], leaves[1], leaves[2], targets, IGNORE, reduction,
+                                             chunk_size)
+    loss.backward(dy if dy is not None else torch.ones_like(loss))
+    return [loss.detach()] + [t.grad if t is not None else None for t in leaves]
+
+
+def exact_and_eager(rows, weight, bias, targets, reduction, dy):
+    out = []
+    for cast in (torch.float64, rows.dtype):
+        leaves = [t.detach().to(cast).requires_grad_() if t is not None else None for t in (rows, weight, bias)]
+        loss = reference.linear_cross_entropy(leaves[0], leaves[1], leaves[2], targets, IGNORE, reduction)
+        loss.backward(dy.to(cast) if dy is not None else torch.ones_like(loss))
+        out.append([loss.detach()] + [t.grad if t is not None else None for t in leaves])
+    return out
+
+
+def check(backend, m, hdim, vocab, dtype, device, reduction="mean", chunk_size=None, with_bias=True, ignored=0.2):
+    rows = torch.randn(m, hdim, device=device).to(dtype)
+    weight = (torch.randn(vocab, hdim, device=device) * hdim ** -0.5).to(dtype)
+    bias = (torch.randn(vocab, device=device) * 0.1).to(dtype) if with_bias else None
+    targets = make_targets(m, vocab, device, ignored)
+    dy = torch.randn(m, device=device).to(dtype) if reduction == "none" else None
+    got = run(backend, rows, weight, bias, targets, reduction, chunk_size, dy)
+    want, base = exact_and_eager(rows, weight, bias, targets, reduction, dy)
+    what = f"{backend} M={m} H={hdim} V={vocab} {dtype} {reduction} chunk={chunk_size}"
+    for name, g, w, e in zip(("loss", "drows", "dweight", "dbias"), got, want, base):
+        if w is None:
+            assert g is None
+            continue
+        assert_close(g, w, e, f"{what} {name}")
+    return got
+
+
+@pytest.mark.usefixtures("seed", "poison")
+@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("m,hdim,vocab,chunk", [(37, 16, 7, 8), (20, 32, 8000, None), (6, 24, 30522, 4),
+                                                (13, 5, 1, 64), (40, 8, 129, 1)], ids=str)
+def test_matches_reference(device, backend, dtype, reduction, m, hdim, vocab, chunk):
+    check(backend, m, hdim, vocab, dtype, device, reduction, chunk)
+
+
+@pytest.mark.usefixtures("seed", "poison")
+@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_no_bias_and_all_labelled(device, backend, reduction):
+    check(backend, 25, 12, 300, torch.float32, device, reduction, chunk_size=7, with_bias=False, ignored=0.0)
+
+
+@pytest.mark.usefixtures("seed", "poison")
+@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("m,ignored", [(0, 0.0), (9, 1.0)], ids=["no-rows", "all-ignored"])
+def test_nothing_to_score_is_zero(device, backend, reduction, m, ignored):
+    """M = 0, or every target ignore_index: loss 0 (not NaN) and zero gradients."""
+    loss, drows, dweight, dbias = check(backend, m, 6, 11, torch.float32, device, reduction, ignored=ignored)
+    assert torch.isfinite(loss).all() and (loss == 0).all()
+    assert (drows == 0).all() and (dweight == 0).all() and (dbias == 0).all()
+
+
+@pytest.mark.usefixtures("seed")
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_non_contiguous_and_master_weights(device, backend):
+    """Strided rows and targets; an fp32 weight with bf16 rows is cast (autocast-style)."""
+    rows = torch.randn(30, 2, 16, device=device)[:, 1]
+    targets = make_targets(60, 50, device)[::2]
+    weight = torch.randn(50, 16, device=device) * 0.25
+    got = run(backend, rows, weight, None, targets, "mean", 8)
+    want = exact_and_eager(rows, weight, None, targets, "mean", None)
+    for g, w, e in zip(got[:3], want[0][:3], want[1][:3]):
+        assert_close(g, w, e, backend)
+    bf = run(backend, rows.bfloat16(), weight, None, targets, "mean", 8)
+    assert bf[0].dtype == torch.bfloat16 and bf[1].dtype == torch.bfloat16 and bf[2].dtype == torch.float32
+    torch.testing.assert_close(bf[0].float(), got[0], rtol=2e-2, atol=2e-2)
+
+
+@requires_c
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_gradcheck_cpu(reduction):
+    rows = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(9, dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([1, IGNORE, 8, 0, 3, 3, IGNORE])
+    with fastbert.backend("cpu"):
+        assert torch.autograd.gradcheck(
+            lambda r, w, b: fastbert.linear_cross_entropy(r, w, b, targets, reduction=reduction, chunk_size=3),
+            (rows, weight, bias))
+
+
+@requires_c
+def test_opcheck():
+    logits = torch.randn(6, 33)
+    targets = make_targets(6, 33, "cpu")
+    torch.library.opcheck(torch.ops.fastbert.linear_cross_entropy_fwd.default, (logits, targets, IGNORE))
+    torch.library.opcheck(torch.ops.fastbert.linear_cross_entropy_bwd.default,
+                          (logits.clone(), targets, torch.rand(6), IGNORE))
+    rows, weight = torch.randn(6, 5, requires_grad=True), torch.randn(33, 5, requires_grad=True)
+    for reduction, grad in (("mean", True), ("none", False)):
+        torch.library.opcheck(torch.ops.fastbert.linear_cross_entropy_chunked.default,
+                              (rows, weight, None, targets, IGNORE, reduction, 4, grad, "cpu"))
+
+
+@requires_c
+@pytest.mark.parametrize("backend", [p for p in backend_params("cpu") if "reference" not in str(p)])
+def test_torch_compile_fullgraph_dynamic_m(seed, backend):
+    """The MLM loss path, gather then fused loss, in one graph for any number of labelled tokens."""
+    weight = torch.randn(97, 8, requires_grad=True)
+    bias = torch.zeros(97, requires_grad=True)
+
+    def f(h, labels):
+        rows, targets, _ = fastbert.gather_masked(h, labels)
+        return fastbert.linear_cross_entropy(torch.tanh(rows), weight, bias, targets)
+
+    with use_backend(backend):
+        compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+        for frac in (0.15, 0.6, 0.0):
+            h = torch.randn(3, 11, 8, requires_grad=True)
+            labels = torch.where(torch.rand(3, 11) < frac, torch.randint(0, 97, (3, 11)), IGNORE)
+            weight.grad = bias.grad = None
+            loss = compiled(h, labels)
+            loss.backward()
+            got = (loss.detach(), h.grad, weight.grad)
+            h2, w2 = h.detach().requires_grad_(), weight.detach().requires_grad_()
+            rows = h2.reshape(-1, 8)[labels.reshape(-1) != IGNORE]
+            ref = reference.linear_cross_entropy(torch.tanh(rows), w2, bias.detach(), labels.reshape(-1)[labels.reshape(-1) != IGNORE])
+            ref.backward()
+            for g, w in zip(got, (ref.detach(), h2.grad, w2.grad)):
+                torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+_PEAK = textwrap.dedent("""
+    import resource, sys, torch, fastbert
+    from fastbert import reference
+    torch.set_num_threads(2)
+    m, h, v, fused = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "fused"
+    torch.manual_seed(0)
+    rows = torch.randn(m, h, requires_grad=True)
+    weight = torch.randn(v, h, requires_grad=True)
+    bias = torch.zeros(v, requires_grad=True)
+    targets = torch.randint(0, v, (m,))
+    for t in (rows, weight, bias):  # the gradients' own memory, touched before the baseline
+        t.grad = torch.zeros_like(t)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    loss = (fastbert.linear_cross_entropy(rows, weight, bias, targets) if fused
+            else reference.linear_cross_entropy(rows, weight, bias, targets))
+    loss.backward()
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+""")
+
+
+@requires_c
+def test_peak_memory_stays_far_below_the_logits():
+    """With vocab 30522 and M = 2048 the logits alone are 250 MB (and their gradient as much): the
+    fused loss must add less than a fifth of that, and the unfused one (checked too, so the
+    measurement can fail) far more. Peak resident memory of a fresh process, beyond its state
+    after the inputs and gradient buffers were made."""
+    m, h, v = 2048, 64, 30522
+    logits_bytes = m * v * 4
+
+    def peak(kind):
+        out = subprocess.run([sys.executable, "-c", _PEAK, str(m), str(h), str(v), kind], capture_output=True,
+                             text=True, timeout=600, env={**os.environ, "FASTBERT_BACKEND": "cpu"})
+        assert out.returncode == 0, out.stderr
+        return int(out.stdout.split()[-1])
+
+    fused, unfused = peak("fused"), peak("unfused")
+    assert unfused > logits_bytes, (fused, unfused)
+    assert fused < logits_bytes / 5, f"fused loss peak {fused / 2**20:.0f} MiB vs logits {logits_bytes / 2**20:.0f} MiB"
+
+
+def test_bad_input():
+    rows, weight = torch.randn(4, 8), torch.randn(10, 8)
+    targets = torch.tensor([1, 2, 3, IGNORE])
+    lce = fastbert.linear_cross_entropy
+    with pytest.raises(ValueError, match=r"targets must be in \[0, 10\)"):
+        lce(rows, weight, None, torch.tensor([1, 10, 3, 0]))
+    with pytest.raises(ValueError, match=r"targets must be in \[0, 10\)"):
+        lce(rows, weight, None, torch.tensor([1, -5, 3, 0]))
+    with pytest.raises(ValueError, match="targets must be int64"):
+        lce(rows, weight, None, targets.float())
+    with pytest.raises(ValueError, match="targets must have shape"):
+        lce(rows, weight, None, targets[:3])
+    with pytest.raises(ValueError, match="rows must be"):
+        lce(rows, torch.randn(10, 7), None, targets)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        lce(rows, weight, torch.zeros(9), targets)
+    with pytest.raises(ValueError, match="reduction"):
+        lce(rows, weight, None, targets, reduction="avg")
+    with pytest.raises(ValueError, match="chunk_size"):
+        lce(rows, weight, None, targets, chunk_size=0)
+    with pytest.raises(ValueError, match="weight is on meta"):
+        lce(rows, weight.to("meta"), None, targets)
+
+
+def test_module_state_dict_matches_linear():
+    lin = torch.nn.Linear(8, 21)
+    mod = fastbert.nn.FusedLinearCrossEntropy(8, 21)
+    mod.load_state_dict(lin.state_dict())
+    rows, targets = torch.randn(5, 8), torch.randint(0, 21, (5,))
+    torch.testing.assert_close(mod(rows, targets), F.cross_entropy(lin(rows), targets))
+    assert fastbert.nn.FusedLinearCrossEntropy(8, 21, bias=False).bias is None
