@@ -29,7 +29,7 @@ def timed_candidates(op, device, eager_fn, make_fn, args, dy=None, leaves=(), us
     if use_compile:
         torch._dynamo.reset()  # one compilation per case; never hit the recompile limit
         fns[COMPILE] = torch.compile(eager_fn, dynamic=False)
-    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    tensors = [a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()]  # not labels
     fns.update(backend_candidates(device, op, tensors, make_fn))
 
     def wrap(fn):

@@ -20,7 +20,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -43,7 +43,7 @@ class Case:
     shape: tuple
     dtype: str                                   # a key of DTYPES
     pass_: str                                   # "fwd" or "fwd+bwd"
-    bytes: int                                   # minimum bytes moved by one call
+    bytes: Optional[int]                         # minimum bytes moved by one call (None: compute-bound)
     setup: Callable[[], dict]                    # -> {candidate name: zero-arg callable}
     params: dict = field(default_factory=dict)   # e.g. {"approximate": "tanh"}
 
@@ -119,7 +119,8 @@ def median_ci_rel(xs):
 
 
 def gbps(nbytes, seconds):
-    return nbytes / seconds / 1e9 if seconds and seconds > 0 else None
+    """GB/s at ``seconds`` a call; None for a case without a byte count (compute-bound)."""
+    return nbytes / seconds / 1e9 if nbytes is not None and seconds and seconds > 0 else None
 
 
 def ratio(num, den):

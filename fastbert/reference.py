@@ -104,7 +104,7 @@ def cross_entropy_bwd_(logits, targets, row_scale, ignore_index=-100):
     ``sum_i row_scale[i] * loss_i``: ``(softmax - onehot(target)) * row_scale`` (0 on ignored rows)."""
     loss, lse = cross_entropy_fwd(logits, targets, ignore_index)
     valid = targets != ignore_index
-    g = torch.exp(logits.to(lse.dtype) - lse[:, None])
+    g = torch.softmax(logits.to(lse.dtype), -1)  # not exp(x - lse): lse's rounding would scale every p
     rows = torch.arange(g.shape[0], device=g.device)
     g[rows[valid], targets[valid].to(torch.int64)] -= 1
     g *= torch.where(valid, row_scale.to(g.dtype), torch.zeros_like(lse))[:, None]

@@ -290,3 +290,26 @@ def test_module_state_dict_matches_linear():
     rows, targets = torch.randn(5, 8), torch.randint(0, 21, (5,))
     torch.testing.assert_close(mod(rows, targets), F.cross_entropy(lin(rows), targets))
     assert fastbert.nn.FusedLinearCrossEntropy(8, 21, bias=False).bias is None
+
+
+@pytest.mark.usefixtures("seed")
+@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_backward_twice_with_retain_graph(device, backend, reduction):
+    """The first backward scales the forward's gradients in place and hands them out; a second
+    backward through the same graph must recompute, leaving the first one's gradients intact."""
+    rows = torch.randn(11, 6, device=device, dtype=torch.float64)
+    weight = torch.randn(23, 6, device=device, dtype=torch.float64)
+    bias = torch.randn(23, device=device, dtype=torch.float64)
+    targets = make_targets(11, 23, device)
+    leaves = [t.clone().requires_grad_() for t in (rows, weight, bias)]
+    with use_backend(backend):
+        loss = fastbert.linear_cross_entropy(*leaves, targets, reduction=reduction, chunk_size=4)
+    loss.backward(torch.tensor(2.0, dtype=loss.dtype, device=device), retain_graph=True)
+    first = [t.grad.clone() for t in leaves]
+    loss.backward(torch.tensor(0.5, dtype=loss.dtype, device=device))
+    ref_leaves = [t.clone().requires_grad_() for t in (rows, weight, bias)]
+    reference.linear_cross_entropy(*ref_leaves, targets, IGNORE, reduction).backward()
+    for leaf, got_first, ref in zip(leaves, first, ref_leaves):
+        torch.testing.assert_close(got_first, 2.0 * ref.grad)
+        torch.testing.assert_close(leaf.grad, 2.5 * ref.grad)

@@ -56,6 +56,19 @@ struct SoftmaxArgs {
   bool stream = false;                              // outputs far larger than the caches: streaming stores
 };
 
+// Cross-entropy over rows of v logits (linear_cross_entropy's fused step): contiguous [rows, v]
+// logits in the op's dtype, int64 targets, per-row loss and lse (and row_scale) in fp32 (fp64 for
+// f64 data). The backward overwrites `grad` (the logits themselves, in place) with
+// (softmax - onehot(target)) * row_scale; a row whose target is ignore_index gets loss 0 (and zeros).
+struct CrossEntropyArgs {
+  int64_t v = 0, ignore_index = -100;
+  const void* logits = nullptr;
+  const int64_t* targets = nullptr;
+  const void* row_scale = nullptr;  // backward only
+  void* grad = nullptr;             // backward only: may equal logits
+  void *loss = nullptr, *lse = nullptr;
+};
+
 // One line per kernel; each takes the storage dtype of its tensor arguments.
 #define FASTBERT_CPU_KERNELS                                                                      \
   /* y[e] = gelu(x[e] + bias[e % n]) for flat elements [e0, e1) of a contiguous [rows, n] x.  */  \
@@ -72,7 +85,9 @@ struct SoftmaxArgs {
   void layernorm_residual_bwd(DType dt, const LayerNormArgs& a, int64_t r0, int64_t r1);          \
   /* dropout(softmax(scores * scale + mask)) forward / backward over rows [r0, r1). */            \
   void masked_softmax_fwd(DType dt, const SoftmaxArgs& a, int64_t r0, int64_t r1);                \
-  void masked_softmax_bwd(DType dt, const SoftmaxArgs& a, int64_t r0, int64_t r1);
+  void masked_softmax_bwd(DType dt, const SoftmaxArgs& a, int64_t r0, int64_t r1);               \
+  /* loss, lse (and with a.grad the logits' gradient) of rows [r0, r1). */                       \
+  void cross_entropy_rows(DType dt, const CrossEntropyArgs& a, int64_t r0, int64_t r1);
 
 namespace generic { FASTBERT_CPU_KERNELS }
 namespace avx2 { FASTBERT_CPU_KERNELS }

@@ -80,15 +80,17 @@ def _check_targets(targets, vocab, ignore_index):
                          f"or ignore_index={ignore_index}; got {first}")
 
 
-def _accumulate_mm(acc, a, b):
-    """``acc += a @ b`` with fp32 ``acc``: in one matmul where torch allows a half-input,
-    fp32-output product (CUDA), else with the operands upcast."""
+def _accumulate_mm(acc, a, b, first):
+    """``acc += a @ b`` (``acc = a @ b`` when ``first``: no zero-fill pass) with fp32 ``acc``: in
+    one matmul where torch allows a half-input, fp32-output product (CUDA), else with the operands
+    upcast."""
+    beta = 0 if first else 1
     if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
+        torch.addmm(acc, a, b, beta=beta, out=acc)
     elif acc.is_cuda:
-        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+        torch.addmm(acc, a, b, beta=beta, out_dtype=acc.dtype, out=acc)
     else:
-        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+        torch.addmm(acc, a.to(acc.dtype), b.to(acc.dtype), beta=beta, out=acc)
 
 
 def _chunks(m, chunk):
@@ -107,8 +109,9 @@ def _grads_of_chunks(rows, weight, bias, targets, row_scale, ignore_index, chunk
     m, v = rows.shape[0], weight.shape[0]
     acc = _stats_dtype(rows.dtype)
     grad_rows = torch.empty_like(rows, memory_format=torch.contiguous_format)
-    gw = torch.zeros(weight.shape, dtype=acc, device=weight.device)
-    gb = torch.zeros(v, dtype=acc, device=weight.device) if bias is not None else None
+    new = torch.empty if m else torch.zeros  # the first chunk writes the sums (nothing to write when M = 0)
+    gw = new(weight.shape, dtype=acc, device=weight.device)
+    gb = new(v, dtype=acc, device=weight.device) if bias is not None else None
     buf = rows.new_empty((min(chunk, m), v))
     for s, e in _chunks(m, chunk):
         r = rows[s:e]
@@ -116,9 +119,10 @@ def _grads_of_chunks(rows, weight, bias, targets, row_scale, ignore_index, chunk
         loss, _ = bwd(logits, targets[s:e], row_scale[s:e], ignore_index)  # logits <- dlogits
         loss_rows[s:e] = loss
         torch.mm(logits, weight, out=grad_rows[s:e])
-        _accumulate_mm(gw, logits.t(), r)
+        _accumulate_mm(gw, logits.t(), r, first=s == 0)
         if gb is not None:
-            gb += logits.sum(0, dtype=acc)
+            chunk_sum = logits.sum(0, dtype=acc)
+            gb.copy_(chunk_sum) if s == 0 else gb.add_(chunk_sum)
     return (grad_rows, gw.to(weight.dtype),
             gb.to(bias.dtype) if gb is not None else rows.new_empty((0,)))
 
@@ -186,27 +190,48 @@ def _(rows, weight, bias, targets, grad_loss, ignore_index, chunk_size, backend)
             torch.empty_like(bias) if bias is not None else rows.new_empty((0,)))
 
 
+def _traced(*tensors):
+    """Whether this runs under torch.compile / AOT tracing (fake or functional tensor subclasses)."""
+    return torch.compiler.is_compiling() or any(type(t) is not torch.Tensor for t in tensors)
+
+
 def _setup_context(ctx, inputs, output):
     rows, weight, bias, targets, ignore_index, reduction, chunk_size, compute_grad, backend = inputs
     _, grad_rows, grad_weight, grad_bias = output
     ctx.has_bias, ctx.reduction, ctx.compute_grad = bias is not None, reduction, compute_grad
     ctx.ignore_index, ctx.chunk_size, ctx.backend = ignore_index, chunk_size, backend
-    if reduction == "none":
-        ctx.save_for_backward(rows, weight, bias, targets)
-    else:
-        ctx.save_for_backward(grad_rows, grad_weight, grad_bias)
+    ctx.consumed = False
+    # the gradient outputs are not differentiable: without this autograd would hand the backward a
+    # zero-filled [vocab, H] gradient for grad_weight
+    ctx.mark_non_differentiable(grad_rows, grad_weight, grad_bias)
+    ctx.set_materialize_grads(False)
+    # the inputs are alive anyway (parameters, activations): saving them costs nothing and lets any
+    # backward recompute; the forward's gradients are used by the first backward
+    ctx.save_for_backward(rows, weight, bias, targets, grad_rows, grad_weight, grad_bias)
 
 
 def _backward(ctx, grad_loss, *_unused):
-    if ctx.reduction == "none":
-        rows, weight, bias, targets = ctx.saved_tensors
+    """The gradients: recomputed chunk by chunk for ``reduction="none"`` (a per-row incoming
+    gradient); otherwise the forward's gradients times the scalar ``grad_loss``. The first eager
+    backward scales them in place (no second ``[vocab, H]`` buffer); a compiled one multiplies out
+    of place (traced once, it cannot know whether it runs again); a later backward through the same
+    graph (``retain_graph=True``, gradcheck) recomputes, since the first one handed its buffers out."""
+    if grad_loss is None:  # the loss did not reach what is being differentiated
+        return (None,) * 9
+    rows, weight, bias, targets, *grads = ctx.saved_tensors
+    if ctx.reduction == "none" or not ctx.compute_grad or ctx.consumed:
+        scale = grad_loss
+        if ctx.reduction != "none":
+            n_valid = (targets != ctx.ignore_index).sum().clamp(min=1)
+            scale = (grad_loss / n_valid if ctx.reduction == "mean" else grad_loss).expand(rows.shape[0])
         gr, gw, gb = torch.ops.fastbert.linear_cross_entropy_chunked_bwd(
-            rows, weight, bias, targets, grad_loss, ctx.ignore_index, ctx.chunk_size, ctx.backend)
+            rows, weight, bias, targets, scale, ctx.ignore_index, ctx.chunk_size, ctx.backend)
+    elif _traced(grad_loss, *grads):
+        gr, gw, gb = (g * grad_loss for g in grads)
     else:
-        if not ctx.compute_grad:
-            raise RuntimeError(f"{OP}: backward through a forward that ran without gradients "
-                               "(grad mode was off or no input required grad)")
-        gr, gw, gb = (g * grad_loss for g in ctx.saved_tensors)
+        ctx.consumed = True
+        # .data: an in-place update autograd does not track (the saved inputs stay unpackable)
+        gr, gw, gb = (g.data.mul_(grad_loss) for g in grads)
     return gr, gw, (gb if ctx.has_bias else None), None, None, None, None, None, None
 
 
