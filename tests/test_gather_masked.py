@@ -147,3 +147,13 @@ def test_module():
     rows, targets, index = gather(hidden, labels)
     assert torch.equal(rows, hidden.reshape(-1, 4)[[1, 3]]) and targets.tolist() == [2, 3]
     assert list(gather.state_dict()) == [] and "ignore_index=-1" in repr(gather)
+
+
+@pytest.mark.usefixtures("seed", "poison")
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_ignore_index_wraps_to_the_label_dtype(device, backend):
+    """As torch's ``labels != ignore_index``: for uint8 labels -100 is 156, so those rows are ignored."""
+    hidden = torch.randn(2, 5, 3, device=device)
+    labels = torch.tensor([[156, 3, 0, 156, 7], [1, 156, 156, 2, 255]], dtype=torch.uint8, device=device)
+    rows, targets, index, _ = check(backend, hidden, labels, -100)
+    assert index.tolist() == [1, 2, 4, 5, 8, 9] and targets.tolist() == [3, 0, 7, 1, 2, 255]

@@ -37,12 +37,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gather_masked_fwd_cpu
   int64_t m = 0;
   AT_DISPATCH_INTEGRAL_TYPES(labels.scalar_type(), "gather_masked", [&] {
     const scalar_t* lb = labels.const_data_ptr<scalar_t>();
+    // compared in the labels' type, as torch's `labels != ignore_index` does (uint8 labels: -100 is 156)
+    const scalar_t ignore = static_cast<scalar_t>(ignore_index);
     for (int64_t i = 0; i < n; ++i) {
-      const int64_t l = static_cast<int64_t>(lb[i]);
-      if (l == ignore_index) {
+      if (lb[i] == ignore) {
         sl[i] = -1;
       } else {
-        sl[i] = m, ix[m] = i, tg[m] = l;
+        sl[i] = m, ix[m] = i, tg[m] = static_cast<int64_t>(lb[i]);
         ++m;
       }
     }

@@ -103,4 +103,43 @@ cudaError_t masked_softmax_bwd(DType dt, const void* grad, const void* softmax, 
                                const int64_t* seed, double dropout_p, void* dscores, int64_t rows,
                                int64_t keys, cudaStream_t stream);
 
+// ---- gather_masked ---------------------------------------------------------------------------
+// Integer element type of labels / targets.
+enum class IntType : int { i64 = 0, i32 = 1, i16 = 2, i8 = 3, u8 = 4 };
+
+// Forward, stage 1 (one block, a serial loop over tiles of labels). labels: contiguous [n] of type lt;
+// row i is selected iff labels[i] != ignore_index, compared in the labels' type (ignore_index
+// converted to it, wrapping, as torch's `labels != ignore_index` does). slot: int64 [n], the number
+// of selected rows before i where selected, else -1; index, targets: int64 with room for n, their
+// first m entries = the selected i (increasing) and int64(labels[i]); count: int64 [1] on the device
+// = m. Nothing is launched for n == 0 (count is then not written).
+cudaError_t gather_masked_select(IntType lt, const void* labels, int64_t n, int64_t ignore_index,
+                                 int64_t* slot, int64_t* index, int64_t* targets, int64_t* count,
+                                 cudaStream_t stream);
+
+// Row gather (forward stage 2 with idx = index, backward with idx = slot): src rows of width
+// elements of dtype dt, row s at src + s * ld (elements; ld may differ from width); out: contiguous
+// [rows, width] in dt; idx: int64 [rows] on the device. out[r] = src row idx[r] when
+// 0 <= idx[r] < src_rows, zeros when idx[r] < 0, all-ones bits (NaN in every float dtype) when
+// idx[r] >= src_rows. One pass writes every element of out (no separate zero fill).
+cudaError_t gather_masked_rows(DType dt, const void* src, int64_t ld, int64_t src_rows,
+                               const int64_t* idx, void* out, int64_t rows, int64_t width,
+                               cudaStream_t stream);
+
+// ---- linear_cross_entropy --------------------------------------------------------------------
+// Forward. logits: contiguous [rows, vocab] in dt (vocab >= 1); targets: contiguous [rows] of type
+// tt (i64 or i32); loss, lse: fp32 [rows]. Per row, in fp32: lse = log(sum(exp(logits))) (max-shifted),
+// loss = lse - logits[target]; loss = 0 where target == ignore_index, NaN where the target is
+// outside [0, vocab) (never read).
+cudaError_t linear_cross_entropy_fwd(DType dt, const void* logits, IntType tt, const void* targets,
+                                     int64_t ignore_index, float* loss, float* lse, int64_t rows,
+                                     int64_t vocab, cudaStream_t stream);
+
+// Backward: the forward's loss and lse, and logits (contiguous, overwritten in place) =
+// (softmax(row) - onehot(target)) * row_scale[i] (fp32 [rows]), computed in fp32 and rounded to dt;
+// rows whose target is ignore_index become zeros, rows with an out-of-range target NaN.
+cudaError_t linear_cross_entropy_bwd(DType dt, void* logits, IntType tt, const void* targets,
+                                     const float* row_scale, int64_t ignore_index, float* loss,
+                                     float* lse, int64_t rows, int64_t vocab, cudaStream_t stream);
+
 }  // namespace fastbert::cuda

@@ -231,7 +231,10 @@ def _backward(ctx, grad_loss, *_unused):
     else:
         ctx.consumed = True
         # .data: an in-place update autograd does not track (the saved inputs stay unpackable)
-        gr, gw, gb = (g.data.mul_(grad_loss) for g in grads)
+        if not (grad_loss.device.type == "cpu" and grad_loss.item() == 1.0):  # loss.backward(): nothing to do
+            for g in grads:
+                g.data.mul_(grad_loss)
+        gr, gw, gb = grads
     return gr, gw, (gb if ctx.has_bias else None), None, None, None, None, None, None
 
 
