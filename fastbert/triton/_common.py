@@ -52,19 +52,21 @@ def philox_keep(seed_ptr, r64, col0, n, threshold, GROUPED: tl.constexpr, BLOCK_
         return (o >> 8) >= threshold
 
 
-def define(name, fake):
+def define(name, fake, mutates_args=(), schema=None):
     """``torch.library.triton_op`` (kernels visible to torch.compile / export, which trace the body
     and see the ``wrap_triton`` launches). Under TRITON_INTERPRET=1 the kernels are interpreted
     Python functions that cannot be traced (``wrap_triton`` hands them back unwrapped, and the body
     would launch them on fake tensors), so there the op is an opaque ``custom_op`` with a fake that
     only computes shapes; compiled graphs then call it eagerly. The schema is inferred from the
-    annotations (``Optional[Tensor]`` -> ``Tensor?``)."""
+    annotations (``Optional[Tensor]`` -> ``Tensor?``, ``int`` -> ``SymInt``) unless ``schema`` is
+    given (e.g. to match a C++ op's ``int`` and ``Tensor(a!)``); ``mutates_args`` names the
+    arguments the kernels write in place."""
     def deco(fn):
         if INTERPRET:
-            op = torch.library.custom_op(name, fn, mutates_args=())
+            op = torch.library.custom_op(name, fn, mutates_args=mutates_args, schema=schema)
             op.register_fake(fake)
             return op
-        return triton_op(name, fn, mutates_args=())
+        return triton_op(name, fn, mutates_args=mutates_args, schema=schema)
     return deco
 
 
