@@ -122,23 +122,32 @@ def format_table(rows):
     return "\n".join(out)
 
 
+def fmt_ms(v):
+    """Milliseconds to three significant digits (one decimal from 100 ms)."""
+    return "-" if v is None else format(v, ".1f" if v >= 100 else ".3g")
+
+
 def markdown_table(rows, fused="fastbert-cpu"):
     """A Markdown table of one results file's rows: per case, eager and torch.compile p50, the
-    fastbert candidate's p50 (p20-p80), its speed-ups and fraction of the copy bandwidth."""
+    fastbert candidate's p50 (p20-p80), its speed-ups, fraction of the copy bandwidth, and the peak
+    memory of eager and fastbert (MB above the pre-call level)."""
     cases = {}
     for r in rows:
         cases.setdefault(tuple(r[k] for k in KEY), {})[r["candidate"]] = r
-    out = ["| op | shape | dtype | pass | params | eager | torch.compile | fastbert | x eager | x compile | % copy bw |",
-           "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    out = ["| op | shape | dtype | pass | params | eager | torch.compile | fastbert | x eager | x compile | % copy bw "
+           "| peak MB eager / fastbert |",
+           "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for (op, shape, dtype, pass_, params), c in cases.items():
         f = c.get(fused)
         if f is None:
             continue
-        p50 = lambda name: fmt(c[name]["p50_ms"], ".1f") if name in c else "-"  # noqa: E731
+        p50 = lambda name: fmt_ms(c[name]["p50_ms"]) if name in c else "-"  # noqa: E731
+        mb = lambda name: fmt(c[name]["peak_mem_bytes"] and c[name]["peak_mem_bytes"] / 2**20, ".1f") \
+            if name in c else "-"  # noqa: E731
         out.append(f"| {op} | {shape} | {dtype} | {pass_} | {params or '-'} | {p50('eager')} | "
-                   f"{p50('torch.compile')} | {f['p50_ms']:.1f} ({f['p20_ms']:.1f}-{f['p80_ms']:.1f}) | "
+                   f"{p50('torch.compile')} | {fmt_ms(f['p50_ms'])} ({fmt_ms(f['p20_ms'])}-{fmt_ms(f['p80_ms'])}) | "
                    f"{fmt(f['speedup_vs_eager'], '.2f')} | {fmt(f['speedup_vs_compile'], '.2f')} | "
-                   f"{fmt(100 * f['frac_copy_bw'] if f['frac_copy_bw'] else None, '.0f')} |")
+                   f"{fmt(100 * f['frac_copy_bw'] if f['frac_copy_bw'] else None, '.0f')} | {mb('eager')} / {mb(fused)} |")
     return "\n".join(out)
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import bench_gelu, bench_layernorm_residual, harness, report, run
+from benchmarks import bench_gather_mlm, bench_gelu, bench_layernorm_residual, harness, report, run
 from benchmarks.harness import Budget, Case, LoadProbe
 
 
@@ -263,6 +263,45 @@ def test_layernorm_residual_cases_agree_without_dropout():
     assert len(ys) >= 2
     for y in ys[1:]:
         torch.testing.assert_close(y, ys[0], rtol=1e-5, atol=1e-5)
+
+
+def test_gather_and_mlm_head_candidates_agree():
+    """Small shapes: every gather candidate returns the same rows, every MLM head candidate (Hugging
+    Face style, gathered eager, fastbert) the same loss and gradients; the head has no byte count."""
+    cases = bench_gather_mlm.cases(shapes=[(2, 16, 8), (2, 16, 8, 50)], use_compile=False)
+    assert [(c.op, c.pass_) for c in cases] == [("gather_masked", "fwd"), ("gather_masked", "fwd+bwd"),
+                                                ("mlm_head", "fwd+bwd")]
+    assert cases[2].bytes is None and cases[2].params["mlm_grad_bytes"] == (8 * 8 + 3 * 8 + 50 * 8 + 50) * 4
+    ys = [fn() for fn in cases[0].setup().values()]
+    assert "fastbert-cpu" in cases[0].setup() and len(ys) >= 2
+    for y in ys[1:]:
+        assert torch.equal(y, ys[0])
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 16, 8)
+    labels = bench_gather_mlm.make_labels(2, 16, 50, "cpu")
+    labels[0, 0] = 3  # at least one labelled token
+    w = bench_gather_mlm.make_head(8, 50, torch.float32, "cpu")
+    results = []
+    for fn in (bench_gather_mlm.eager_head, bench_gather_mlm.eager_gathered_head,
+               bench_gather_mlm.fastbert_head("cpu")):
+        h = hidden.clone().requires_grad_()
+        for t in w.values():
+            t.grad = None
+        loss = fn(h, labels, w)
+        loss.backward()
+        results.append([loss.detach(), h.grad, w["dec_w"].grad, w["dense_w"].grad])
+    for got in results[1:]:
+        for g, ref in zip(got, results[0]):
+            torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_markdown_table_small_times_and_no_bandwidth():
+    rows = fake_rows()
+    for r in rows:
+        r["p50_ms"], r["gbps"], r["frac_copy_bw"], r["peak_mem_bytes"] = 0.0413, None, None, 3 << 20
+    line = report.markdown_table(rows, fused="fused").splitlines()[2]
+    assert "| 0.0413 |" in line and "| - | 3.0 / 3.0 |" in line
+    assert harness.gbps(None, 1.0) is None and harness.gbps(2e9, 1.0) == 2.0
 
 
 def test_run_gelu_end_to_end(tmp_path, capsys):
