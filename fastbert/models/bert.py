@@ -1,0 +1,275 @@
+"""BERT on fastbert's fused ops: ``BertModel`` and the pretraining, masked-LM and classification
+models, named as Hugging Face's so that its checkpoints load (fastbert/models/checkpoint.py).
+
+The MLM loss runs on the labelled tokens only: ``gather_masked`` picks their rows, the head's
+transform runs on those, and ``linear_cross_entropy`` scores them against the (tied) decoder without
+materialising the ``[M, vocab]`` logits. Without labels the models return the full logits instead.
+MLM accuracy needs the arg-max of the logits, which the fused loss never holds: it is computed
+(under no_grad, chunk by chunk) when ``with_accuracy`` is true, by default only in eval mode.
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastbert import ops
+from fastbert.models import checkpoint
+from fastbert.models.config import BertConfig
+from fastbert.models.layers import Embeddings, Encoder, MLMTransform, Pooler
+
+IGNORE = -100
+
+
+@dataclass
+class BertOutput:
+    last_hidden_state: torch.Tensor
+    pooler_output: Optional[torch.Tensor] = None
+
+
+@dataclass
+class PreTrainingOutput:
+    loss: Optional[torch.Tensor] = None           # mlm_loss + nsp_loss
+    mlm_loss: Optional[torch.Tensor] = None
+    nsp_loss: Optional[torch.Tensor] = None
+    mlm_accuracy: Optional[torch.Tensor] = None
+    nsp_accuracy: Optional[torch.Tensor] = None
+    prediction_logits: Optional[torch.Tensor] = None        # only without labels
+    seq_relationship_logits: Optional[torch.Tensor] = None
+
+
+@dataclass
+class MaskedLMOutput:
+    loss: Optional[torch.Tensor] = None
+    accuracy: Optional[torch.Tensor] = None
+    logits: Optional[torch.Tensor] = None          # only without labels
+
+
+@dataclass
+class SequenceClassifierOutput:
+    loss: Optional[torch.Tensor] = None
+    logits: Optional[torch.Tensor] = None
+    accuracy: Optional[torch.Tensor] = None
+
+
+def count_parameters(model):
+    """Trainable parameters, each tensor once (the tied decoder is the word embedding)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+class BertPreTrainedModel(nn.Module):
+    """Initialisation (normal(0, initializer_range) weights, zero biases, LayerNorm 1/0) and the
+    Hugging Face checkpoint methods shared by every model."""
+
+    def __init__(self, config):
+        super().__init__()
+        if not isinstance(config, BertConfig):
+            raise TypeError(f"{type(self).__name__}: config must be a fastbert BertConfig, got {type(config).__name__}")
+        self.config = config
+
+    def init_weights(self):
+        std = self.config.initializer_range
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, 0.0, std)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+            if isinstance(m, nn.Embedding) and m.padding_idx is not None:
+                with torch.no_grad():
+                    m.weight[m.padding_idx].zero_()
+            if isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            if isinstance(m, MLMHead):
+                nn.init.zeros_(m.bias)
+
+    @classmethod
+    def from_pretrained(cls, path, **config_overrides):
+        """A Hugging Face BERT checkpoint directory (``config.json`` + ``model.safetensors`` or
+        ``pytorch_model.bin``); see :func:`fastbert.models.checkpoint.load`."""
+        return checkpoint.load(cls, path, **config_overrides)
+
+    def save_pretrained(self, path):
+        """``config.json`` + ``model.safetensors`` in the layout ``transformers`` loads."""
+        checkpoint.save(self, path)
+
+
+class BertModel(BertPreTrainedModel):
+    hf_prefix = ""
+
+    def __init__(self, config, add_pooling_layer=True):
+        super().__init__(config)
+        self.embeddings = Embeddings(config)
+        self.encoder = Encoder(config)
+        self.pooler = Pooler(config) if add_pooling_layer else None
+        self.init_weights()
+
+    def check_inputs(self, input_ids, attention_mask, token_type_ids):
+        c = self.config
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+            raise ValueError(f"BERT: input_ids must be an integer tensor [batch, seq], got "
+                             f"{getattr(input_ids, 'dtype', type(input_ids))} {list(getattr(input_ids, 'shape', []))}")
+        if input_ids.shape[1] > c.max_position_embeddings:
+            raise ValueError(f"BERT: sequence length {input_ids.shape[1]} exceeds max_position_embeddings "
+                             f"{c.max_position_embeddings}")
+        for name, t, limit in (("input_ids", input_ids, c.vocab_size), ("token_type_ids", token_type_ids,
+                                                                         c.type_vocab_size)):
+            if t is None or torch.compiler.is_compiling() or t.numel() == 0:
+                continue
+            if t.shape != input_ids.shape:
+                raise ValueError(f"BERT: {name} must have shape {list(input_ids.shape)}, got {list(t.shape)}")
+            lo, hi = t.min().item(), t.max().item()  # one device-to-host copy each
+            if lo < 0 or hi >= limit:
+                raise ValueError(f"BERT: {name} must be in [0, {limit}), got values in [{lo}, {hi}]")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(f"BERT: attention_mask must have shape {list(input_ids.shape)} (1 = attend, 0 = "
+                             f"padding), got {list(attention_mask.shape)}")
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        self.check_inputs(input_ids, attention_mask, token_type_ids)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        x = self.embeddings(input_ids, token_type_ids)
+        key_mask = additive = None
+        if attention_mask is not None:
+            key_mask = attention_mask.bool()
+            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+            additive = torch.zeros(key_mask.shape, dtype=dtype, device=x.device).masked_fill_(
+                ~key_mask, torch.finfo(dtype).min)[:, None, None, :]
+        hidden = self.encoder(x, key_mask, additive)
+        return BertOutput(hidden, self.pooler(hidden) if self.pooler is not None else None)
+
+
+class MLMHead(nn.Module):
+    """HF's BertLMPredictionHead: transform, then the decoder (weight tied to the word embeddings
+    unless ``tie_word_embeddings`` is False) plus ``bias``."""
+
+    def __init__(self, config, word_embeddings):
+        super().__init__()
+        self.transform = MLMTransform(config)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.decoder.weight = word_embeddings.weight
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.fused = config.fuses("mlm_loss")
+
+    def logits(self, hidden):
+        return F.linear(self.transform(hidden), self.decoder.weight, self.bias)
+
+    def loss(self, hidden, labels, with_accuracy):
+        """``(mean MLM loss over the labelled tokens, accuracy or None)``."""
+        if labels.shape != hidden.shape[:-1]:
+            raise ValueError(f"BERT: labels must have shape {list(hidden.shape[:-1])}, got {list(labels.shape)}")
+        if not self.fused:
+            logits = self.logits(hidden)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE)
+            acc = None
+            if with_accuracy:
+                sel = labels != IGNORE
+                acc = (logits.detach()[sel].argmax(-1) == labels[sel]).float().mean()
+            return loss, acc
+        rows, targets, _ = ops.gather_masked(hidden, labels, IGNORE)
+        x = self.transform(rows)
+        loss = ops.linear_cross_entropy(x, self.decoder.weight, self.bias, targets, IGNORE)
+        return loss, (self.accuracy(x.detach(), targets) if with_accuracy else None)
+
+    @torch.no_grad()
+    def accuracy(self, x, targets, chunk=1024):
+        correct = torch.zeros((), dtype=torch.int64, device=x.device)
+        for s in range(0, x.shape[0], chunk):
+            logits = F.linear(x[s:s + chunk], self.decoder.weight.to(x.dtype), self.bias.to(x.dtype))
+            correct += (logits.argmax(-1) == targets[s:s + chunk]).sum()
+        return correct.float() / max(x.shape[0], 1)
+
+
+class PreTrainingHeads(nn.Module):
+    def __init__(self, config, word_embeddings):
+        super().__init__()
+        self.predictions = MLMHead(config, word_embeddings)
+        self.seq_relationship = nn.Linear(config.hidden_size, 2)
+
+
+class BertForPreTraining(BertPreTrainedModel):
+    """BERT with the MLM and next-sentence heads. With ``labels`` (MLM, ``-100`` = unlabelled) and
+    ``next_sentence_label`` (0 = IsNext, 1 = NotNext) it returns the losses (and accuracies);
+    without them, the prediction and seq-relationship logits."""
+
+    hf_prefix = "bert."
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.bert = BertModel(config)
+        self.cls = PreTrainingHeads(config, self.bert.embeddings.word_embeddings)
+        self.init_weights()
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, next_sentence_label=None,
+                with_accuracy=None):
+        out = self.bert(input_ids, attention_mask, token_type_ids)
+        nsp_logits = self.cls.seq_relationship(out.pooler_output)
+        with_accuracy = not self.training if with_accuracy is None else with_accuracy
+        res = PreTrainingOutput(seq_relationship_logits=nsp_logits)
+        if labels is None:
+            res.prediction_logits = self.cls.predictions.logits(out.last_hidden_state)
+        else:
+            res.mlm_loss, res.mlm_accuracy = self.cls.predictions.loss(out.last_hidden_state, labels, with_accuracy)
+            res.loss = res.mlm_loss
+        if next_sentence_label is not None:
+            res.nsp_loss = F.cross_entropy(nsp_logits, next_sentence_label.reshape(-1))
+            res.nsp_accuracy = (nsp_logits.detach().argmax(-1) == next_sentence_label.reshape(-1)).float().mean()
+            res.loss = res.nsp_loss if res.loss is None else res.loss + res.nsp_loss
+        return res
+
+
+class MLMOnlyHead(nn.Module):
+    def __init__(self, config, word_embeddings):
+        super().__init__()
+        self.predictions = MLMHead(config, word_embeddings)
+
+
+class BertForMaskedLM(BertPreTrainedModel):
+    """BERT with the MLM head only (no pooler, as Hugging Face's)."""
+
+    hf_prefix = "bert."
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.bert = BertModel(config, add_pooling_layer=False)
+        self.cls = MLMOnlyHead(config, self.bert.embeddings.word_embeddings)
+        self.init_weights()
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, with_accuracy=None):
+        hidden = self.bert(input_ids, attention_mask, token_type_ids).last_hidden_state
+        if labels is None:
+            return MaskedLMOutput(logits=self.cls.predictions.logits(hidden))
+        with_accuracy = not self.training if with_accuracy is None else with_accuracy
+        return MaskedLMOutput(*self.cls.predictions.loss(hidden, labels, with_accuracy))
+
+
+class BertForSequenceClassification(BertPreTrainedModel):
+    """Fine-tuning head: dropout and a linear layer on the pooled [CLS] output. ``num_labels == 1``
+    is regression (MSE loss), otherwise cross-entropy over the labels."""
+
+    hf_prefix = "bert."
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.bert = BertModel(config)
+        p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(p)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.init_weights()
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None):
+        pooled = self.bert(input_ids, attention_mask, token_type_ids).pooler_output
+        logits = self.classifier(self.dropout(pooled))
+        res = SequenceClassifierOutput(logits=logits)
+        if labels is not None:
+            if self.num_labels == 1:
+                res.loss = F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype))
+            else:
+                res.loss = F.cross_entropy(logits, labels.reshape(-1))
+                res.accuracy = (logits.detach().argmax(-1) == labels.reshape(-1)).float().mean()
+        return res

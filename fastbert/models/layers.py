@@ -1,0 +1,168 @@
+"""BERT's building blocks on fastbert's fused ops (or, per ``BertConfig.fused``, eager PyTorch).
+
+Module and parameter names follow Hugging Face's ``BertModel`` so checkpoints map one to one,
+except the attention projection: one ``qkv`` Linear ``[3H, H]`` (rows: query, key, value) instead of
+three, so Q, K and V come out of one matmul (fastbert/models/checkpoint.py splits and joins them).
+
+Each sub-layer output is ``layernorm_residual(x @ W.T, residual, ..., x_bias=b)``: the dense bias,
+dropout, the residual add and LayerNorm in one pass; the intermediate layer is ``x @ W.T`` then
+``bias_gelu``; attention probabilities come from ``masked_softmax`` (scale, key-padding mask and
+dropout in one pass).
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastbert import ops
+
+
+class AddNorm(nn.Module):
+    """``LayerNorm(dropout(dense(x)) + residual)``: HF's BertSelfOutput / BertOutput."""
+
+    def __init__(self, n_in, n_out, config):
+        super().__init__()
+        self.dense = nn.Linear(n_in, n_out)
+        self.LayerNorm = nn.LayerNorm(n_out, eps=config.layer_norm_eps)
+        self.p = config.hidden_dropout_prob
+        self.fused = config.fuses("layernorm_residual")
+
+    def forward(self, x, residual):
+        ln = self.LayerNorm
+        if self.fused:
+            h = F.linear(x, self.dense.weight)  # under autocast: the autocast dtype, the residual cast to it
+            return ops.layernorm_residual(h, residual.to(h.dtype), ln.weight, ln.bias, ln.eps,
+                                          x_bias=self.dense.bias, dropout_p=self.p, training=self.training)
+        h = F.dropout(self.dense(x), self.p, self.training)
+        return F.layer_norm(h + residual, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+
+
+class Intermediate(nn.Module):
+    """``gelu(dense(x))``: the dense bias and GELU fused in ``bias_gelu``."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.approximate = config.gelu_approximate
+        self.fused = config.fuses("bias_gelu")
+
+    def forward(self, x):
+        if self.fused:
+            return ops.bias_gelu(F.linear(x, self.dense.weight), self.dense.bias, self.approximate)
+        return F.gelu(self.dense(x), approximate=self.approximate)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention: one QKV matmul, ``masked_softmax`` (or SDPA), the context matmul."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.heads, self.head_dim = config.num_attention_heads, config.head_dim
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.p = config.attention_probs_dropout_prob
+        self.fused = config.fuses("masked_softmax")
+        self.sdpa = config.attention == "sdpa"
+
+    def forward(self, x, key_mask, additive_mask):
+        """``key_mask``: bool ``[B, S]`` (True = attend) or None; ``additive_mask``: its
+        ``[B, 1, 1, S]`` float form (0 / finfo.min) for the eager and SDPA paths, or None."""
+        b, s, h = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        p = self.p if self.training else 0.0
+        if self.sdpa:
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=additive_mask, dropout_p=p)
+        else:
+            scores = q @ k.transpose(-1, -2)
+            scale = 1.0 / math.sqrt(self.head_dim)
+            if self.fused:
+                probs = ops.masked_softmax(scores, key_mask, scale, dropout_p=self.p, training=self.training)
+            else:
+                x = scores * scale if additive_mask is None else scores * scale + additive_mask
+                probs = F.dropout(torch.softmax(x, -1), p, self.training)
+            ctx = probs @ v
+        return ctx.transpose(1, 2).reshape(b, s, h)
+
+
+class Attention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.self = SelfAttention(config)
+        self.output = AddNorm(config.hidden_size, config.hidden_size, config)
+
+    def forward(self, x, key_mask, additive_mask):
+        return self.output(self.self(x, key_mask, additive_mask), x)
+
+
+class Layer(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.attention = Attention(config)
+        self.intermediate = Intermediate(config)
+        self.output = AddNorm(config.intermediate_size, config.hidden_size, config)
+
+    def forward(self, x, key_mask, additive_mask):
+        a = self.attention(x, key_mask, additive_mask)
+        return self.output(self.intermediate(a), a)
+
+
+class Encoder(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.layer = nn.ModuleList(Layer(config) for _ in range(config.num_hidden_layers))
+
+    def forward(self, x, key_mask, additive_mask):
+        for layer in self.layer:
+            x = layer(x, key_mask, additive_mask)
+        return x
+
+
+class Embeddings(nn.Module):
+    """``dropout(LayerNorm(word + position + token_type))``; the add and LayerNorm fused."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.p = config.hidden_dropout_prob
+        self.fused = config.fuses("layernorm_residual")
+
+    def forward(self, input_ids, token_type_ids):
+        s = input_ids.shape[1]
+        rest = self.position_embeddings.weight[:s] + self.token_type_embeddings(token_type_ids)
+        words, ln = self.word_embeddings(input_ids), self.LayerNorm
+        if self.fused:
+            x = ops.layernorm_residual(words, rest, ln.weight, ln.bias, ln.eps)
+        else:
+            x = F.layer_norm(words + rest, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+        return F.dropout(x, self.p, self.training)
+
+
+class Pooler(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, hidden):
+        return torch.tanh(self.dense(hidden[:, 0]))
+
+
+class MLMTransform(nn.Module):
+    """HF's BertPredictionHeadTransform: ``LayerNorm(gelu(dense(x)))`` (dense bias fused into GELU)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.approximate = config.gelu_approximate
+        self.fused = config.fuses("bias_gelu")
+
+    def forward(self, x):
+        if self.fused:
+            x = ops.bias_gelu(F.linear(x, self.dense.weight), self.dense.bias, self.approximate)
+        else:
+            x = F.gelu(self.dense(x), approximate=self.approximate)
+        return self.LayerNorm(x)

@@ -1,0 +1,252 @@
+"""The BERT models: parity with Hugging Face transformers both ways (outputs, losses and every
+parameter's gradient), fused against unfused and every backend, checkpoints, bad input."""
+
+import json
+import warnings
+
+import pytest
+import torch
+
+import fastbert
+from fastbert.models import (BertConfig, BertForMaskedLM, BertForPreTraining, BertForSequenceClassification,
+                             BertModel, count_parameters)
+from fastbert.models import checkpoint
+from tests.utils import backend_params, use_backend
+
+transformers = pytest.importorskip("transformers")
+
+CLASSES = ["BertModel", "BertForPreTraining", "BertForMaskedLM", "BertForSequenceClassification"]
+FASTBERT = {c.__name__: c for c in (BertModel, BertForPreTraining, BertForMaskedLM, BertForSequenceClassification)}
+SMALL = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+             max_position_embeddings=64)
+
+
+def hf_model(name, hidden_act="gelu", **kw):
+    config = transformers.BertConfig(**{**SMALL, **kw}, hidden_act=hidden_act, attn_implementation="eager")
+    return getattr(transformers, name)(config).eval()
+
+
+def batch(vocab=99, b=3, s=11):
+    ids = torch.randint(1, vocab, (b, s))
+    mask = torch.ones(b, s, dtype=torch.long)
+    mask[1, 7:] = 0  # padding in the batch
+    tt = torch.zeros(b, s, dtype=torch.long)
+    tt[:, s // 2:] = 1
+    labels = torch.where(torch.rand(b, s) < 0.3, ids, torch.full_like(ids, -100))
+    labels[0, 0] = ids[0, 0]  # at least one labelled token
+    return dict(input_ids=ids, attention_mask=mask, token_type_ids=tt), labels
+
+
+def targets(name, labels, b=3):
+    if name == "BertForPreTraining":
+        return dict(labels=labels, next_sentence_label=torch.randint(0, 2, (b,)))
+    if name == "BertForMaskedLM":
+        return dict(labels=labels)
+    if name == "BertForSequenceClassification":
+        return dict(labels=torch.randint(0, 2, (b,)))
+    return {}
+
+
+def objective(name, out, proj):
+    """A scalar to differentiate: the loss, or a random projection of BertModel's output."""
+    return out.loss if name != "BertModel" else (out.last_hidden_state * proj).sum()
+
+
+def grads_hf_names(model):
+    g = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return checkpoint.to_hf(model, g) if isinstance(model, fastbert.models.bert.BertPreTrainedModel) else g
+
+
+def assert_grads_match(got, want):
+    assert set(want) <= set(got), sorted(set(want) - set(got))
+    scale = max(g.abs().max().item() for g in want.values())
+    for k, w in want.items():
+        err = (got[k] - w).abs().max().item()
+        assert err <= 1e-5 * w.abs().max().item() + 1e-6 * scale, f"{k}: grad error {err:.3g} (|g| {w.abs().max():.3g})"
+
+
+def run(model, name, inputs, extra, proj):
+    model.zero_grad(set_to_none=True)
+    out = model(**inputs, **extra)
+    objective(name, out, proj).backward()
+    return out
+
+
+@pytest.mark.parametrize("hidden_act", ["gelu", "gelu_new"])
+@pytest.mark.parametrize("name", CLASSES)
+def test_hugging_face_checkpoint_parity(tmp_path, seed, name, hidden_act):
+    hf = hf_model(name, hidden_act)
+    hf.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every weight found, none unused
+        fb = FASTBERT[name].from_pretrained(tmp_path).eval()
+    inputs, labels = batch()
+    extra = targets(name, labels)
+    proj = torch.randn(3, 11, 32)
+    ho, fo = run(hf, name, inputs, extra, proj), run(fb, name, inputs, extra, proj)
+    if name == "BertModel":
+        torch.testing.assert_close(fo.last_hidden_state, ho.last_hidden_state, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fo.pooler_output, ho.pooler_output, rtol=1e-5, atol=1e-5)
+    else:
+        torch.testing.assert_close(fo.loss, ho.loss, rtol=1e-5, atol=1e-6)
+    assert_grads_match(grads_hf_names(fb), grads_hf_names(hf))
+
+
+@pytest.mark.parametrize("name", CLASSES)
+def test_save_pretrained_loads_in_transformers(tmp_path, seed, name):
+    fb = FASTBERT[name](BertConfig(**SMALL, hidden_dropout_prob=0.0)).eval()
+    fb.save_pretrained(tmp_path)
+    hf, info = getattr(transformers, name).from_pretrained(tmp_path, output_loading_info=True,
+                                                           attn_implementation="eager")
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    inputs, labels = batch()
+    extra = targets(name, labels)
+    with torch.no_grad():
+        ho, fo = hf.eval()(**inputs, **extra), fb(**inputs, **extra)
+    if name == "BertModel":
+        torch.testing.assert_close(fo.last_hidden_state, ho.last_hidden_state, rtol=1e-5, atol=1e-5)
+    else:
+        torch.testing.assert_close(fo.loss, ho.loss, rtol=1e-5, atol=1e-6)
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == [name]
+
+
+def test_logits_without_labels_match(tmp_path, seed):
+    hf = hf_model("BertForPreTraining")
+    hf.save_pretrained(tmp_path)
+    fb = BertForPreTraining.from_pretrained(tmp_path).eval()
+    inputs, _ = batch()
+    with torch.no_grad():
+        ho, fo = hf(**inputs), fb(**inputs)
+    torch.testing.assert_close(fo.prediction_logits, ho.prediction_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fo.seq_relationship_logits, ho.seq_relationship_logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", backend_params("cpu"))
+def test_fused_matches_unfused_on_every_backend(seed, backend):
+    """Training mode without dropout: the fused model on each backend against the same weights on
+    eager PyTorch (``fused=False``), losses, accuracies and every gradient."""
+    config = BertConfig(**SMALL, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    fused = BertForPreTraining(config).train()
+    eager = BertForPreTraining(config.replace(fused=False)).train()
+    eager.load_state_dict(fused.state_dict())
+    inputs, labels = batch()
+    extra = dict(labels=labels, next_sentence_label=torch.tensor([0, 1, 1]), with_accuracy=True)
+    with use_backend(backend):
+        fo = run(fused, "BertForPreTraining", inputs, extra, None)
+    eo = run(eager, "BertForPreTraining", inputs, extra, None)
+    for name in ("loss", "mlm_loss", "nsp_loss", "mlm_accuracy", "nsp_accuracy"):
+        torch.testing.assert_close(getattr(fo, name), getattr(eo, name), rtol=1e-5, atol=1e-6)
+    assert_grads_match(grads_hf_names(fused), grads_hf_names(eager))
+
+
+def test_sdpa_attention_matches_fused(seed):
+    config = BertConfig(**SMALL)
+    fused = BertModel(config).eval()
+    sdpa = BertModel(config.replace(attention="sdpa")).eval()
+    sdpa.load_state_dict(fused.state_dict())
+    inputs, _ = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(sdpa(**inputs).last_hidden_state, fused(**inputs).last_hidden_state,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_is_on_in_training_and_reproducible(seed):
+    model = BertForPreTraining(BertConfig(**SMALL)).train()
+    inputs, labels = batch()
+    losses = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        losses.append(model(**inputs, labels=labels).loss)
+    torch.manual_seed(8)
+    other = model(**inputs, labels=labels).loss
+    assert torch.equal(losses[0], losses[1]) and not torch.equal(losses[0], other)
+    with torch.no_grad():
+        a, b = model.eval()(**inputs, labels=labels).loss, model(**inputs, labels=labels).loss
+    assert torch.equal(a, b)
+
+
+def test_old_names_bare_encoder_and_missing_heads(tmp_path, seed):
+    """A BertModel checkpoint in pytorch_model.bin with TF-era gamma/beta names loads into
+    BertForPreTraining with the heads reported missing (not silently random)."""
+    hf = hf_model("BertModel")
+    hf.config.save_pretrained(tmp_path)
+    sd = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+          for k, v in hf.state_dict().items()}
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    with pytest.warns(UserWarning, match=r"keep their random initialisation: .*cls\.seq_relationship\.weight"):
+        fb = BertForPreTraining.from_pretrained(tmp_path).eval()
+    inputs, _ = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(fb.bert(**inputs).last_hidden_state, hf(**inputs).last_hidden_state,
+                                   rtol=1e-5, atol=1e-5)
+    with pytest.warns(UserWarning, match=r"not used by this model: .*cls\.predictions\.bias"):
+        hf_pre = hf_model("BertForPreTraining")
+        hf_pre.save_pretrained(tmp_path / "pre")
+        BertModel.from_pretrained(tmp_path / "pre")
+
+
+def test_untied_decoder_round_trip(tmp_path, seed):
+    fb = BertForMaskedLM(BertConfig(**SMALL, tie_word_embeddings=False))
+    assert fb.cls.predictions.decoder.weight is not fb.bert.embeddings.word_embeddings.weight
+    fb.save_pretrained(tmp_path)
+    back = BertForMaskedLM.from_pretrained(tmp_path)
+    torch.testing.assert_close(back.cls.predictions.decoder.weight, fb.cls.predictions.decoder.weight)
+    tied = BertForMaskedLM(BertConfig(**SMALL))
+    assert tied.cls.predictions.decoder.weight is tied.bert.embeddings.word_embeddings.weight
+
+
+def test_mismatched_config_raises(tmp_path):
+    hf_model("BertModel").save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="does not match its config.json"):
+        BertModel.from_pretrained(tmp_path, hidden_size=64, num_attention_heads=4)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        BertModel.from_pretrained(tmp_path / "nowhere")
+
+
+def test_bad_input():
+    model = BertForPreTraining(BertConfig(**SMALL))
+    ids = torch.randint(0, 99, (2, 9))
+    with pytest.raises(ValueError, match=r"input_ids must be in \[0, 99\)"):
+        model(torch.full((2, 9), 99))
+    with pytest.raises(ValueError, match="exceeds max_position_embeddings 64"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+    with pytest.raises(ValueError, match="attention_mask must have shape"):
+        model(ids, attention_mask=torch.ones(2, 8))
+    with pytest.raises(ValueError, match=r"token_type_ids must be in \[0, 2\)"):
+        model(ids, token_type_ids=torch.full((2, 9), 2))
+    with pytest.raises(ValueError, match="input_ids must be an integer tensor"):
+        model(torch.randn(2, 9))
+    with pytest.raises(ValueError, match="labels must have shape"):
+        model(ids, labels=torch.zeros(2, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match="hidden_act"):
+        BertConfig(hidden_act="relu")
+    with pytest.raises(ValueError, match="not a multiple"):
+        BertConfig(hidden_size=100, num_attention_heads=12)
+
+
+def test_bf16_autocast_cpu(seed):
+    model = BertForPreTraining(BertConfig(**SMALL, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    inputs, labels = batch()
+    extra = dict(labels=labels, next_sentence_label=torch.tensor([0, 1, 1]))
+    ref = model(**inputs, **extra).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**inputs, **extra).loss
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    torch.testing.assert_close(loss.float(), ref, rtol=5e-2, atol=5e-2)
+
+
+def test_presets_parameter_counts_and_config_json(tmp_path):
+    assert count_parameters(BertModel(BertConfig.from_preset("base"))) == 109_482_240
+    assert count_parameters(BertForPreTraining(BertConfig.from_preset("base"))) == 110_106_428
+    large = BertConfig.from_preset("large")
+    assert (large.num_hidden_layers, large.hidden_size, large.num_attention_heads, large.intermediate_size) == \
+        (24, 1024, 16, 4096)
+    for name, approx in (("gelu", "none"), ("gelu_new", "tanh"), ("gelu_pytorch_tanh", "tanh")):
+        cfg = BertConfig.from_hf_dict(transformers.BertConfig(hidden_act=name, layer_norm_eps=1e-7,
+                                                              hidden_dropout_prob=0.2).to_dict())
+        assert cfg.gelu_approximate == approx and cfg.layer_norm_eps == 1e-7 and cfg.hidden_dropout_prob == 0.2
+        cfg.to_json_file(tmp_path / "config.json")
+        assert BertConfig.from_json_file(tmp_path / "config.json").replace(extra={}) == cfg.replace(extra={})
+    with pytest.raises(ValueError, match="unknown preset"):
+        BertConfig.from_preset("huge")
