@@ -112,8 +112,9 @@ class BertConfig:
         d.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                   if f.name not in ("fused", "attention", "extra", "num_labels")})
         d["model_type"] = "bert"
-        d["id2label"] = {str(i): f"LABEL_{i}" for i in range(self.num_labels)} if "id2label" not in self.extra \
-            else self.extra["id2label"]
+        labels = self.extra.get("id2label")
+        d["id2label"] = labels if labels and len(labels) == self.num_labels else {
+            str(i): f"LABEL_{i}" for i in range(self.num_labels)}
         d["label2id"] = {v: int(k) for k, v in d["id2label"].items()}
         return d
 
