@@ -25,7 +25,7 @@ from typing import Callable, Optional
 import torch
 
 SCHEMA = 1
-PASSES = ("fwd", "fwd+bwd")
+PASSES = ("fwd", "fwd+bwd", "step")  # step: forward + backward + optimizer step (bench_bert)
 EAGER, COMPILE = "eager", "torch.compile"  # the baselines speed-ups are computed against
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -42,10 +42,11 @@ class Case:
     op: str
     shape: tuple
     dtype: str                                   # a key of DTYPES
-    pass_: str                                   # "fwd" or "fwd+bwd"
+    pass_: str                                   # one of PASSES
     bytes: Optional[int]                         # minimum bytes moved by one call (None: compute-bound)
     setup: Callable[[], dict]                    # -> {candidate name: zero-arg callable}
     params: dict = field(default_factory=dict)   # e.g. {"approximate": "tanh"}
+    peak_memory: Optional[Callable] = None       # (fn, device) -> bytes; default harness.peak_memory
 
     def __post_init__(self):
         if self.pass_ not in PASSES:
@@ -352,7 +353,8 @@ def run_case(case, meta, budget=QUICK, timer=None, copy_gbps=None, busy_thr=None
     rows = []
     for name, fn in candidates.items():
         row = dict(zip(KEY, case.key()), candidate=name, bytes=case.bytes, copy_gbps=copy_gbps,
-                   peak_mem_bytes=peak_memory(fn, device), busy=busy, **stats[name], **load)
+                   peak_mem_bytes=(case.peak_memory or peak_memory)(fn, device), busy=busy,
+                   **stats[name], **load)
         row.update({k: meta.get(k) for k in FIELDS if k not in row})
         rows.append(row)
     return rows

@@ -319,3 +319,38 @@ def test_run_gelu_end_to_end(tmp_path, capsys):
     assert doc["meta"]["copy_gbps"] > 0 and doc["meta"]["mode"] == "quick"
     assert "torch.compile" in capsys.readouterr().out
     assert not torch.cuda.is_initialized()  # nothing touched CUDA on a CPU run
+
+
+def test_bert_step_cases_run_and_agree():
+    """A tiny BERT (batch 2, seq 16, hidden 32, 1 layer): every candidate but torch.compile runs a
+    training step; fastbert fused and unfused (same seed, same weights) start from the same loss;
+    with dropout off and the same weights, Hugging Face's model gives that loss too."""
+    from benchmarks import bench_bert
+    (case,) = bench_bert.cases(shapes=[(2, 16, 32, 1), (2, 16, 32)], use_compile=False)
+    assert (case.op, case.shape, case.pass_, case.bytes) == ("bert_pretrain", (2, 16, 32, 1), "step", None)
+    _, cfg = bench_bert.config_for(32, 1)
+    assert (cfg.num_attention_heads, cfg.intermediate_size, cfg.vocab_size) == (2, 64, 101)
+    steps = case.setup()
+    hf = bench_bert.transformers is not None
+    assert set(steps) == {"fastbert", "fastbert-unfused"} | ({"eager"} if hf else set())
+    for name, step in steps.items():
+        weights = [p.detach().clone() for p in step.model.parameters()]
+        step()
+        assert torch.isfinite(step.last_loss), name
+        assert bench_bert.count_parameters(step.model) * 16 == case.params["state_bytes"], name
+        assert any(not torch.equal(w, p) for w, p in zip(weights, step.model.parameters())), name  # AdamW stepped
+        assert case.peak_memory(step, "cpu") > 0
+    torch.testing.assert_close(steps["fastbert"].last_loss, steps["fastbert-unfused"].last_loss, rtol=0.05, atol=0)
+
+    cfg = cfg.replace(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    steps = bench_bert.make_candidates(cfg, 2, 16, use_compile=False)
+    if hf:  # the fastbert weights in Hugging Face's names (one qkv Linear split into query/key/value)
+        from fastbert.models.checkpoint import to_hf
+        missing, unused = steps["eager"].model.load_state_dict(to_hf(steps["fastbert"].model), strict=False)
+        assert not unused and all("decoder" in k for k in missing)
+    losses = {}
+    for name, step in steps.items():
+        step()
+        losses[name] = step.last_loss
+    for name, loss in losses.items():
+        torch.testing.assert_close(loss, losses["fastbert"], rtol=1e-5, atol=1e-5, msg=name)

@@ -1,0 +1,291 @@
+"""One BERT pretraining step end to end (``--ops bert``): MLM + NSP forward, backward, AdamW.
+
+A case is op ``bert_pretrain``, shape ``(batch, seq, hidden, layers)``, pass ``step``:
+``optimizer.zero_grad(set_to_none=True)``, the forward with ``labels=`` (MLM, 15% of the attended
+tokens labelled, the rest -100) and ``next_sentence_label=``, ``loss.backward()``,
+``optimizer.step()`` (``torch.optim.AdamW``, lr 1e-4, its defaults otherwise), in training mode
+(dropout 0.1). Inputs: random token ids, token types 0 for the first half and 1 for the second,
+every other sequence's last 16 tokens (S/4 if fewer) padded (``attention_mask`` 0). Candidates, each with its own
+randomly initialised model (same config, ``torch.manual_seed(0)`` before each) and optimizer:
+
+* ``fastbert``: ``fastbert.models.BertForPreTraining`` on its fused ops (bias_gelu,
+  layernorm_residual, masked_softmax, and the MLM loss on the labelled rows only through
+  gather_masked + linear_cross_entropy, never holding the ``[tokens, vocab]`` logits);
+* ``fastbert-unfused``: the same model with ``fused=False`` (eager PyTorch ops, full logits);
+* ``eager``: ``transformers.BertForPreTraining`` with the equivalent ``transformers.BertConfig``
+  (``attn_implementation="eager"``);
+* ``torch.compile``: the same transformers model under ``torch.compile(dynamic=False)`` (forward and
+  loss compiled, backward through AOTAutograd; zero_grad and AdamW eager), compiled by a first step
+  in ``setup``, outside the timed region.
+
+The transformers candidates are left out when ``transformers`` is not installed (no speed-ups then).
+Quick mode runs the ``mini`` preset (L=4, H=256, A=4, intermediate 1024, vocab 30522) at batch 8,
+sequence 128, fp32; ``--full`` adds ``base`` (L=12, H=768). Other ``--shapes BxSxHxL`` use the
+preset with that hidden size and depth, or else a config derived from H (see :func:`config_for`).
+fp32 only: other ``--dtype`` values give no bert case. GB/s is not reported (compute-bound).
+
+**Peak memory** ("peak MB"): the step's absolute peak minus what parameters, gradients and AdamW
+state hold between steps, i.e. the memory a step needs on top of its training state: activations
+saved for backward plus autograd and optimizer temporaries. ``params["state_bytes"]`` is that state,
+4 x the parameter bytes (params + grads + exp_avg + exp_avg_sq; AdamW's scalar step counters
+ignored): absolute peak = peak MB + ``state_bytes`` (+ the inputs), or subtract it from a peak you
+measured yourself. How (:func:`step_peak_memory`): the gradients are freed first (what the step's
+``zero_grad(set_to_none=True)`` does anyway), the harness measures the step's peak above that level
+(the profiler's CPU allocator events, or CUDA's max_memory_allocated), and the gradients' bytes,
+which the step allocates again, are subtracted. Freeing the gradients before the forward lets the
+activations use their room, so the number is activations + temporaries minus the gradients not yet
+produced at the peak: a little *under* the activations alone, as in a real run. (Measured without
+freeing first, the CPU profiler would not see the old gradients' frees, blocks allocated before it
+started, while CUDA would: the two would differ by the gradients.)
+
+``python -m benchmarks.bench_bert --share [--preset mini]`` (not part of ``make bench``) prints per
+candidate (fastbert, fastbert-unfused, eager) the step time, tokens per second, and the share of the
+step's self CPU time spent outside matrix multiplications (:func:`matmul_share`).
+"""
+
+import argparse
+import math
+import sys
+
+import torch
+
+from benchmarks import harness
+from benchmarks.harness import COMPILE, EAGER, Budget, Case, CpuTimer, percentile, time_candidates
+from fastbert.models import PRESETS, BertConfig, BertForPreTraining, count_parameters
+
+try:
+    import transformers
+except ImportError:  # the transformers candidates are skipped
+    transformers = None
+
+OP = "bert_pretrain"
+BATCH, SEQ = 8, 128
+QUICK_PRESETS = ["mini"]
+FULL_PRESETS = ["mini", "base"]
+LABELLED = 0.15
+IGNORE = -100
+PAD = 16          # padded tokens at the end of every other sequence
+LR = 1e-4
+FASTBERT, UNFUSED = "fastbert", "fastbert-unfused"
+CANDIDATES = (FASTBERT, UNFUSED, EAGER, COMPILE)
+# self CPU time of these ops is "matrix multiplication" (aten::matmul / linear only dispatch to them)
+MATMUL_OPS = frozenset({"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation"})
+
+
+# ------------------------------------------------------------------------------------ configs
+
+def config_for(hidden, layers, seq=SEQ):
+    """``(preset name, BertConfig)`` for a case shape's hidden size and depth: the preset with those
+    sizes, else ``"custom"``: BERT's proportions (head dim 64, intermediate 4H, vocab 30522) from
+    H >= 128, or a test-size model below (head dim 16, intermediate 2H, vocab 101)."""
+    for name, sizes in PRESETS.items():
+        if (sizes["hidden_size"], sizes["num_hidden_layers"]) == (hidden, layers):
+            return name, BertConfig.from_preset(name, max_position_embeddings=max(512, seq))
+    big = hidden >= 128 and hidden % 64 == 0
+    return "custom", BertConfig(hidden_size=hidden, num_hidden_layers=layers,
+                                num_attention_heads=hidden // 64 if big else max(1, hidden // 16),
+                                intermediate_size=(4 if big else 2) * hidden, vocab_size=30522 if big else 101,
+                                max_position_embeddings=max(512, seq))
+
+
+def hf_config(cfg):
+    """The ``transformers.BertConfig`` equivalent to a fastbert ``BertConfig``."""
+    return transformers.BertConfig(**cfg.to_hf_dict(), attn_implementation="eager")
+
+
+def parameter_count(cfg):
+    """Trainable parameters of ``BertForPreTraining(cfg)`` (tied decoder counted once), counted on
+    the meta device: nothing is allocated."""
+    with torch.device("meta"):
+        return count_parameters(BertForPreTraining(cfg))
+
+
+def state_bytes(cfg, itemsize=4):
+    """Bytes held between steps: parameters, gradients and AdamW's exp_avg and exp_avg_sq."""
+    return 4 * parameter_count(cfg) * itemsize
+
+
+# ------------------------------------------------------------------------------------ inputs
+
+def make_inputs(cfg, batch, seq, device="cpu", seed=0):
+    """The keyword arguments of one pretraining step (the same for every candidate)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    input_ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)
+    token_type_ids = torch.zeros(batch, seq, dtype=torch.long)
+    token_type_ids[:, seq // 2:] = 1
+    attention_mask = torch.ones(batch, seq, dtype=torch.long)
+    attention_mask[1::2, seq - min(PAD, seq // 4):] = 0   # every other sequence ends in padding
+    labelled = (torch.rand(batch, seq, generator=g) < LABELLED) & attention_mask.bool()
+    labelled[0, 1] = True                                 # at least one MLM target at any size
+    labels = torch.where(labelled, torch.randint(0, cfg.vocab_size, (batch, seq), generator=g),
+                         torch.full_like(input_ids, IGNORE))
+    nsp = torch.randint(0, 2, (batch,), generator=g)
+    out = dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+               labels=labels, next_sentence_label=nsp)
+    return {k: v.to(device) for k, v in out.items()}
+
+
+# ------------------------------------------------------------------------------------ candidates
+
+class Step:
+    """One training step of ``model`` (called as ``fn(**inputs)``, e.g. a compiled model) with its
+    own AdamW; returns nothing. ``last_loss`` is the detached loss of the latest step."""
+
+    def __init__(self, model, fn, inputs):
+        self.model, self.fn, self.inputs = model, fn, inputs
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+        self.last_loss = None
+
+    def __call__(self):
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.fn(**self.inputs).loss   # drop the output object (HF's holds the logits)
+        loss.backward()
+        self.optimizer.step()
+        self.last_loss = loss.detach()
+
+
+def build_model(name, cfg, device="cpu"):
+    """The (training-mode) model of candidate ``name``, initialised after ``torch.manual_seed(0)``."""
+    torch.manual_seed(0)
+    if name == FASTBERT:
+        model = BertForPreTraining(cfg)
+    elif name == UNFUSED:
+        model = BertForPreTraining(cfg.replace(fused=False))
+    elif name in (EAGER, COMPILE):
+        if transformers is None:
+            raise RuntimeError(f"candidate {name!r} needs transformers")
+        model = transformers.BertForPreTraining(hf_config(cfg))
+    else:
+        raise ValueError(f"unknown candidate {name!r}; choose from {', '.join(CANDIDATES)}")
+    return model.to(device).train()
+
+
+def make_candidates(cfg, batch, seq, device="cpu", use_compile=True, names=CANDIDATES):
+    """``{name: Step}`` for the candidates that can run here; ``torch.compile`` is compiled here (its
+    first step; the harness warms every candidate up before timing)."""
+    names = [n for n in names if (n != COMPILE or use_compile) and (transformers or n not in (EAGER, COMPILE))]
+    inputs = make_inputs(cfg, batch, seq, device)
+    out = {}
+    for name in names:
+        model = build_model(name, cfg, device)
+        fn = model
+        if name == COMPILE:
+            torch._dynamo.reset()  # one compilation per case
+            fn = torch.compile(model, dynamic=False)
+        out[name] = Step(model, fn, inputs)
+    if COMPILE in out:
+        out[COMPILE]()
+    return out
+
+
+def step_peak_memory(step, device):
+    """Peak bytes of one ``Step`` above its training state (parameters, gradients, AdamW state); see
+    the module docstring."""
+    step.optimizer.zero_grad(set_to_none=True)
+    peak = harness.peak_memory(step, device)
+    grads = {id(p): p.grad.nbytes for p in step.model.parameters() if p.grad is not None}
+    return None if peak is None else peak - sum(grads.values())
+
+
+def make_setup(cfg, batch, seq, device, use_compile):
+    def setup():
+        return make_candidates(cfg, batch, seq, device, use_compile)
+    return setup
+
+
+def cases(device="cpu", mode="quick", dtypes=None, shapes=None, use_compile=True):
+    """The pretraining-step cases: ``(batch, seq, hidden, layers)`` shapes (others ignored), fp32."""
+    if dtypes is not None and "float32" not in dtypes:
+        return []
+    if shapes is None:
+        shapes = [(BATCH, SEQ, PRESETS[p]["hidden_size"], PRESETS[p]["num_hidden_layers"])
+                  for p in (FULL_PRESETS if mode == "full" else QUICK_PRESETS)]
+    out = []
+    for shape in shapes:
+        if len(shape) != 4 or shape[3] > 64:  # e.g. gather_mlm's (B, S, H, vocab) shapes
+            continue
+        b, s, h, layers = shape
+        name, cfg = config_for(h, layers, s)
+        params = {"preset": name, "state_bytes": state_bytes(cfg)}
+        if name == "custom":
+            params.update(heads=cfg.num_attention_heads, intermediate=cfg.intermediate_size, vocab=cfg.vocab_size)
+        out.append(Case(OP, tuple(shape), "float32", "step", None, make_setup(cfg, b, s, device, use_compile),
+                        params=params, peak_memory=step_peak_memory))
+    return out
+
+
+# ------------------------------------------------------------------------------------ matmul share
+
+def matmul_share(step_fn, steps=2):
+    """Fraction of a step's self CPU time spent in matrix multiplications (self time of
+    ``MATMUL_OPS``; ``aten::matmul``/``aten::linear`` only dispatch to them), over ``steps`` calls
+    under ``torch.profiler`` after one unprofiled warm-up call. Every call runs inside a
+    ``record_function`` range, so the denominator (the sum of all self times) is the steps' whole
+    time on the calling thread, Python overhead included; backward runs on that thread too on CPU.
+    The profiler's per-op overhead counts as time outside the matmuls."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    step_fn()
+    with harness._QuietStderr(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            with record_function("bench_bert.step"):
+                step_fn()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    mm = sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS)
+    return mm / total if total > 0 else math.nan
+
+
+def share_report(preset="mini", batch=BATCH, seq=SEQ, seconds=10.0, steps=2, device="cpu"):
+    """``[{candidate, p50_ms, tokens_per_s, matmul_share}]`` for fastbert, fastbert-unfused, eager."""
+    cfg = BertConfig.from_preset(preset, max_position_embeddings=max(512, seq))
+    cands = make_candidates(cfg, batch, seq, device, use_compile=False, names=(FASTBERT, UNFUSED, EAGER))
+    budget = Budget(min_rounds=5, max_rounds=200, time_s=seconds, rel_ci=0.02, warmup_calls=1, warmup_s=0.0)
+    samples = time_candidates(cands, budget, CpuTimer())
+    rows = []
+    for name, fn in cands.items():
+        p50 = percentile(samples[name], 50)
+        rows.append(dict(candidate=name, p50_ms=p50 * 1e3, p20_ms=percentile(samples[name], 20) * 1e3,
+                         p80_ms=percentile(samples[name], 80) * 1e3, n=len(samples[name]),
+                         tokens_per_s=batch * seq / p50, matmul_share=matmul_share(fn, steps)))
+    return rows
+
+
+def format_share(rows, preset, batch, seq):
+    head = ["candidate", "step p50 ms", "p20-p80 ms", "tokens/s", "matmul %", "outside matmul %",
+            "outside matmul ms", "n"]
+    lines = [[r["candidate"], f"{r['p50_ms']:.1f}", f"{r['p20_ms']:.1f}-{r['p80_ms']:.1f}",
+              f"{r['tokens_per_s']:.0f}", f"{100 * r['matmul_share']:.1f}", f"{100 * (1 - r['matmul_share']):.1f}",
+              f"{r['p50_ms'] * (1 - r['matmul_share']):.1f}", str(r["n"])] for r in rows]
+    widths = [max(len(x) for x in col) for col in zip(head, *lines)]
+    out = [f"BERT pretraining step (MLM + NSP, AdamW), preset {preset}, batch {batch}, seq {seq}, fp32, "
+           f"{torch.get_num_threads()} threads"]
+    out += ["  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip() for line in [head] + lines]
+    out.insert(2, "  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_bert",
+                                description="Step time and the share of it outside matmuls "
+                                            "(the timed cases run through `python -m benchmarks.run --ops bert`).")
+    p.add_argument("--share", action="store_true", required=True,
+                   help="time fastbert, fastbert-unfused and eager and profile their matmul share")
+    p.add_argument("--preset", default="mini", choices=list(PRESETS))
+    p.add_argument("--batch", type=int, default=BATCH)
+    p.add_argument("--seq", type=int, default=SEQ)
+    p.add_argument("--seconds", type=float, default=10.0, help="timing cap (all candidates together)")
+    p.add_argument("--steps", type=int, default=2, help="profiled steps per candidate")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if transformers is None:
+        print("transformers is not installed: eager (Hugging Face) skipped", file=sys.stderr)
+    rows = share_report(args.preset, args.batch, args.seq, args.seconds, args.steps)
+    print(format_share(rows, args.preset, args.batch, args.seq))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
