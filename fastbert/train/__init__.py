@@ -1,9 +1,10 @@
 """Training pieces: BERT's learning-rate schedule, AdamW with its weight-decay exclusions, and
-atomic, exactly resumable checkpoints (the trainer loop and the CLI build on these)."""
+atomic, exactly resumable checkpoints, and the pretraining loop."""
 
 from fastbert.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from fastbert.train.optim import decay_groups, make_optimizer
 from fastbert.train.schedule import linear_warmup_decay, make_scheduler
+from fastbert.train.trainer import TrainConfig, pretrain
 
 __all__ = ["decay_groups", "latest_checkpoint", "linear_warmup_decay", "load_checkpoint", "make_optimizer",
-           "make_scheduler", "save_checkpoint"]
+           "make_scheduler", "pretrain", "save_checkpoint", "TrainConfig"]
