@@ -99,12 +99,13 @@ class BertPreTrainedModel(nn.Module):
 class BertModel(BertPreTrainedModel):
     hf_prefix = ""
 
-    def __init__(self, config, add_pooling_layer=True):
+    def __init__(self, config, add_pooling_layer=True, init=True):
         super().__init__(config)
         self.embeddings = Embeddings(config)
         self.encoder = Encoder(config)
         self.pooler = Pooler(config) if add_pooling_layer else None
-        self.init_weights()
+        if init:  # False inside a model with heads, which initialises everything once
+            self.init_weights()
 
     def check_inputs(self, input_ids, attention_mask, token_type_ids):
         c = self.config
@@ -114,15 +115,18 @@ class BertModel(BertPreTrainedModel):
         if input_ids.shape[1] > c.max_position_embeddings:
             raise ValueError(f"BERT: sequence length {input_ids.shape[1]} exceeds max_position_embeddings "
                              f"{c.max_position_embeddings}")
-        for name, t, limit in (("input_ids", input_ids, c.vocab_size), ("token_type_ids", token_type_ids,
-                                                                         c.type_vocab_size)):
-            if t is None or torch.compiler.is_compiling() or t.numel() == 0:
-                continue
+        ranges = [(name, t, limit) for name, t, limit in (("input_ids", input_ids, c.vocab_size),
+                                                           ("token_type_ids", token_type_ids, c.type_vocab_size))
+                  if t is not None and t.numel()]
+        for name, t, _ in ranges:
             if t.shape != input_ids.shape:
                 raise ValueError(f"BERT: {name} must have shape {list(input_ids.shape)}, got {list(t.shape)}")
-            lo, hi = t.min().item(), t.max().item()  # one device-to-host copy each
-            if lo < 0 or hi >= limit:
-                raise ValueError(f"BERT: {name} must be in [0, {limit}), got values in [{lo}, {hi}]")
+        if ranges and not torch.compiler.is_compiling():
+            bad = torch.stack([((t < 0) | (t >= limit)).any() for _, t, limit in ranges]).tolist()  # one sync
+            for (name, t, limit), b in zip(ranges, bad):
+                if b:
+                    raise ValueError(f"BERT: {name} must be in [0, {limit}), got values in "
+                                     f"[{t.min().item()}, {t.max().item()}]")
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise ValueError(f"BERT: attention_mask must have shape {list(input_ids.shape)} (1 = attend, 0 = "
                              f"padding), got {list(attention_mask.shape)}")
@@ -200,7 +204,7 @@ class BertForPreTraining(BertPreTrainedModel):
 
     def __init__(self, config):
         super().__init__(config)
-        self.bert = BertModel(config)
+        self.bert = BertModel(config, init=False)
         self.cls = PreTrainingHeads(config, self.bert.embeddings.word_embeddings)
         self.init_weights()
 
@@ -235,7 +239,7 @@ class BertForMaskedLM(BertPreTrainedModel):
 
     def __init__(self, config):
         super().__init__(config)
-        self.bert = BertModel(config, add_pooling_layer=False)
+        self.bert = BertModel(config, add_pooling_layer=False, init=False)
         self.cls = MLMOnlyHead(config, self.bert.embeddings.word_embeddings)
         self.init_weights()
 
@@ -256,7 +260,7 @@ class BertForSequenceClassification(BertPreTrainedModel):
     def __init__(self, config):
         super().__init__(config)
         self.num_labels = config.num_labels
-        self.bert = BertModel(config)
+        self.bert = BertModel(config, init=False)
         p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
         self.dropout = nn.Dropout(p)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
