@@ -1,4 +1,4 @@
-"""``fastbert`` command line: ``fastbert info`` (also ``python -m fastbert info``)."""
+"""``fastbert`` command line (also ``python -m fastbert``): ``info``, ``pretrain``, ``finetune``."""
 
 import argparse
 import json
@@ -102,7 +102,16 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
     p_info = sub.add_parser("info", help="versions, what _C was built with, backends and why not")
     p_info.add_argument("--json", action="store_true", help="print JSON instead of text")
+    from fastbert.train import commands
+    commands.add_pretrain_arguments(sub.add_parser(
+        "pretrain", help="pretrain BERT (MLM + NSP); no arguments: BERT-mini on the bundled Austen novels",
+        description=commands.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+    commands.add_finetune_arguments(sub.add_parser(
+        "finetune", help="fine-tune a pretrained checkpoint on which-novel-is-this-passage-from",
+        description=commands.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     args = parser.parse_args(argv)
+    if args.command in ("pretrain", "finetune"):
+        return commands.main(args.command, args)
     if args.command == "info":
         info = collect()
         if args.json:

@@ -52,6 +52,12 @@ def _pipeline(vocab: dict, lowercase: bool) -> Tokenizer:
     return tok
 
 
+def _sorted_vocab(trained: Tokenizer, lowercase: bool) -> Tokenizer:
+    """The trained vocabulary re-numbered: the special tokens first, then the rest sorted."""
+    rest = sorted(set(trained.get_vocab()) - set(SPECIAL_TOKENS))
+    return _pipeline({t: i for i, t in enumerate([*SPECIAL_TOKENS, *rest])}, lowercase)
+
+
 def _set_post_processor(tok: Tokenizer) -> None:
     ids = {t: tok.token_to_id(t) for t in (CLS, SEP)}
     tok.post_processor = processors.TemplateProcessing(
@@ -86,9 +92,12 @@ class WordPieceTokenizer:
     def train(cls, files: Union[PathLike, Sequence[PathLike]], vocab_size: int = 8000, lowercase: bool = True,
               min_frequency: int = 2) -> "WordPieceTokenizer":
         """Learn a WordPiece vocabulary of at most ``vocab_size`` tokens from UTF-8 text files.
-        ``[PAD] [UNK] [CLS] [SEP] [MASK]`` get ids 0..4; then every character seen, then merged pieces
-        (pieces that do not start a word carry the ``##`` prefix). Pieces seen fewer than
-        ``min_frequency`` times are not merged."""
+        ``[PAD] [UNK] [CLS] [SEP] [MASK]`` get ids 0..4, the other tokens (every character seen and
+        the merged pieces; pieces that do not start a word carry the ``##`` prefix) follow in sorted
+        order, so the ids do not depend on the hash order in which ``tokenizers`` lists them. (Its
+        trainer also breaks ties between equally frequent merges in hash order, so two trainings
+        on the same text can differ in a few rare pieces: save a tokenizer to reuse it.) Pieces
+        seen fewer than ``min_frequency`` times are not merged."""
         files = [files] if isinstance(files, (str, os.PathLike)) else list(files)
         if not files:
             raise ValueError("WordPieceTokenizer.train: no files given")
@@ -97,8 +106,7 @@ class WordPieceTokenizer:
                 raise ValueError(f"WordPieceTokenizer.train: {f} is not a file")
         tok = cls._untrained(vocab_size, lowercase, min_frequency)
         tok.train([str(f) for f in files], cls._trainer(vocab_size, min_frequency))
-        _set_post_processor(tok)
-        return cls(tok)
+        return cls(_sorted_vocab(tok, lowercase))
 
     @classmethod
     def train_from_texts(cls, texts: Iterable[str], vocab_size: int = 8000, lowercase: bool = True,
@@ -106,8 +114,7 @@ class WordPieceTokenizer:
         """:meth:`train` from an iterable of strings (sentences, paragraphs or whole documents)."""
         tok = cls._untrained(vocab_size, lowercase, min_frequency)
         tok.train_from_iterator(texts, cls._trainer(vocab_size, min_frequency))
-        _set_post_processor(tok)
-        return cls(tok)
+        return cls(_sorted_vocab(tok, lowercase))
 
     @staticmethod
     def _untrained(vocab_size, lowercase, min_frequency):

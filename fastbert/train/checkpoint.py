@@ -76,6 +76,19 @@ def save_checkpoint(out_dir, model, optimizer, scheduler, step, extra=None):
     return final
 
 
+def prune_checkpoints(out_dir, keep):
+    """Remove all but the newest ``keep`` ``step-N`` folders (never the one ``latest`` names;
+    ``keep`` 0 keeps all)."""
+    if not keep:
+        return
+    current = latest_checkpoint(out_dir)
+    steps = sorted((p for p in Path(out_dir).glob("step-*") if p.is_dir() and p.name[5:].isdigit()),
+                   key=lambda p: int(p.name[5:]))
+    for old in steps[:-keep]:
+        if old != current:
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def latest_checkpoint(out_dir):
     """The directory ``<out_dir>/latest`` names, or None when there is none."""
     pointer = Path(out_dir) / "latest"

@@ -1,32 +1,51 @@
 """The pretraining loop: AdamW (BERT's decay exclusions), warmup/decay schedule, gradient
 accumulation and clipping, optional bf16 autocast, a tqdm bar, metrics as JSON lines, and atomic
 checkpoints from which ``resume=True`` continues exactly (the resumed losses equal an uninterrupted
-run's). Ctrl-C saves a checkpoint before the ``KeyboardInterrupt`` propagates: of the last finished
-step (the unfinished one's data position, masking generator and RNG rolled back), so resuming
-reproduces the uninterrupted run. Not yet here: multi-process (torchrun/DDP) training.
+run's).
+
+Interruption: Ctrl-C (SIGINT) or SIGTERM during a step rolls the data position and the masking
+generator back to the step's start and saves the last finished step before the
+``KeyboardInterrupt`` propagates, so resuming reproduces the uninterrupted run; a signal during the
+optimizer update is held until the update is done. Any other exception saves the same way (when a
+step was finished since the start), then propagates.
 
 Data order: the examples are visited in a permutation drawn from ``seed`` (a new one each epoch);
-the position in that stream is part of the checkpoint, as is the collator's generator.
+the position in that stream is part of the checkpoint, as is the collator's generator. Dropout
+draws from torch's generator, seeded at every step from (seed, step, rank).
+
+Multi-process (``torchrun``, see :mod:`fastbert.train.distributed`): with a process group
+initialised the model runs under DistributedDataParallel. ``batch_size`` is the global micro-batch:
+every rank draws and masks the same global micro-batch and trains on its own ``1/world_size`` of
+the rows (a distinct shard), and the MLM loss of each rank is weighted by its share of the global
+masked tokens, so the gradients - and the losses - equal a single process's with the same
+``batch_size`` (up to summation order and dropout). Rank 0 logs and writes checkpoints.
 """
 
 import json
+import signal
+import threading
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
-from fastbert.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from fastbert.train.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from fastbert.train.distributed import world
 from fastbert.train.optim import make_optimizer
 from fastbert.train.schedule import make_scheduler
+
+IGNORE = -100
 
 
 @dataclass
 class TrainConfig:
     steps: int = 1000                 # optimizer steps
-    batch_size: int = 32              # examples per micro-batch
+    batch_size: int = 32              # examples per micro-batch, over all processes
     grad_accum: int = 1               # micro-batches per optimizer step
     lr: float = 1e-4                  # peak learning rate
     warmup_steps: Optional[int] = None
@@ -35,6 +54,7 @@ class TrainConfig:
     clip: float = 1.0                 # max gradient norm (0: no clipping)
     bf16: bool = False                # torch.autocast to bfloat16
     save_every: int = 0               # checkpoint every N steps (0: only at the end and on Ctrl-C)
+    keep_checkpoints: int = 2         # the newest N step-* folders stay (0: all)
     seed: int = 0
 
     def __post_init__(self):
@@ -61,13 +81,74 @@ class DataStream:
         return [self.examples[i] for i in order[k * self.batch_size:(k + 1) * self.batch_size].tolist()]
 
 
+class SignalGuard:
+    """SIGINT and SIGTERM raise ``KeyboardInterrupt``, except inside :meth:`critical`, where they
+    are held until its end (so an interrupt never lands half-way through an optimizer update).
+    Only in the main thread; elsewhere signals keep their handlers."""
+
+    def __init__(self):
+        self.inside, self.pending, self.saved = False, False, {}
+
+    def _handle(self, signum, frame):
+        if self.inside:
+            self.pending = True
+        else:
+            raise KeyboardInterrupt
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.saved[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)
+
+    @contextmanager
+    def critical(self):
+        self.inside = True
+        try:
+            yield
+        finally:
+            self.inside = False
+        if self.pending:
+            self.pending = False
+            raise KeyboardInterrupt
+
+
+def example_length(e):
+    return len(e["input_ids"] if isinstance(e, dict) else e[0])
+
+
+def check_data(model, examples, collate):
+    """Clear errors for data the model cannot take (before any work is done)."""
+    c = model.config
+    longest = max(map(example_length, examples), default=0)
+    pad_to = getattr(collate, "pad_to", None) or 0
+    if max(longest, pad_to) > c.max_position_embeddings:
+        raise ValueError(f"pretrain: sequences of up to {max(longest, pad_to)} tokens (max_seq_length) exceed the "
+                         f"model's max_position_embeddings {c.max_position_embeddings}; make the examples shorter "
+                         "or the model's positions more")
+    vocab = getattr(collate, "vocab_size", c.vocab_size)
+    if vocab != c.vocab_size:
+        raise ValueError(f"pretrain: the collator's vocabulary has {vocab} tokens but the model's has "
+                         f"{c.vocab_size}; build the model with vocab_size=tokenizer.vocab_size")
+
+
+def step_seed(seed, step, rank):
+    return (seed * 1_000_003 + step) * 4099 + rank
+
+
 def pretrain(model, examples, collate, config, out_dir, resume=False, progress=True):
     """Train ``model`` (a BertForPreTraining) for ``config.steps`` optimizer steps; returns the list
-    of per-step metrics (also appended to ``<out_dir>/metrics.jsonl``)."""
+    of per-step metrics (also appended to ``<out_dir>/metrics.jsonl`` by rank 0)."""
+    rank, size = world()
+    if config.batch_size % size:
+        raise ValueError(f"pretrain: batch_size {config.batch_size} does not split over {size} processes")
+    check_data(model, examples, collate)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
-    torch.manual_seed(config.seed)
     opt = make_optimizer(model, config.lr, config.weight_decay)
     sched = make_scheduler(opt, config.steps, config.warmup_steps, config.warmup_ratio)
     data = DataStream(examples, config.batch_size, config.seed)
@@ -76,60 +157,114 @@ def pretrain(model, examples, collate, config, out_dir, resume=False, progress=T
         path = latest_checkpoint(out)
         if path is None:
             raise ValueError(f"pretrain: resume=True but {out} has no checkpoint")
-        state = load_checkpoint(path, model, opt, sched)
+        state = load_checkpoint(path, model, opt, sched, restore_rng=False)
         step, data.position = state["step"], state["extra"]["position"]
         collate.load_state_dict(state["extra"]["collator"])
-    log = open(out / "metrics.jsonl", "a" if resume else "w")
-    history = []
+    start = step
+    net = model
+    if size > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    log = open(out / "metrics.jsonl", "a" if resume else "w") if rank == 0 else None
+    history, share = [], config.batch_size // size
 
     def checkpoint():
-        save_checkpoint(out, model, opt, sched, step, extra={"position": data.position,
-                                                             "collator": collate.state_dict(),
-                                                             "config": asdict(config)})
+        if rank == 0:
+            save_checkpoint(out, model, opt, sched, step, extra={"position": data.position,
+                                                                 "collator": collate.state_dict(),
+                                                                 "config": asdict(config), "world_size": size})
+            prune_checkpoints(out, config.keep_checkpoints)
 
     model.train()
     begun = None
-    bar = tqdm(total=config.steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=config.steps, initial=step, disable=not progress or rank != 0, unit="step", dynamic_ncols=True)
     try:
-        while step < config.steps:
-            # the state at the step's start: an interrupted step is saved as not begun
-            begun = (data.position, collate.state_dict(), torch.get_rng_state())
-            t0, tokens = time.perf_counter(), 0
-            sums = {"loss": 0.0, "mlm_loss": 0.0, "nsp_loss": 0.0, "nsp_accuracy": 0.0}
-            opt.zero_grad(set_to_none=True)
-            for _ in range(config.grad_accum):
-                batch = {k: v.to(device) for k, v in collate(data.next()).items()}
-                tokens += int(batch["attention_mask"].sum())
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
-                    res = model(**batch)
-                (res.loss / config.grad_accum).backward()
-                for k in sums:
-                    value = getattr(res, k)
-                    sums[k] += float(value.detach()) / config.grad_accum if value is not None else float("nan")
-            if config.clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip)
-            lr = opt.param_groups[0]["lr"]
-            begun = None  # from here the step counts as done (an interrupt now saves it)
-            opt.step()
-            sched.step()
-            step += 1
-            row = {"step": step, **sums, "lr": lr, "tokens_per_s": tokens / (time.perf_counter() - t0)}
-            history.append(row)
-            log.write(json.dumps(row) + "\n")
-            log.flush()
-            bar.update(1)
-            bar.set_postfix(loss=f"{sums['loss']:.3f}", mlm=f"{sums['mlm_loss']:.3f}", lr=f"{lr:.2e}")
-            if config.save_every and step % config.save_every == 0 and step < config.steps:
-                checkpoint()
-        checkpoint()
-    except KeyboardInterrupt:
-        if begun is not None:  # roll the data, masks and RNG back to the start of the unfinished step
+        with SignalGuard() as guard:
+            while step < config.steps:
+                begun = (data.position, collate.state_dict())  # an interrupted step is saved as not begun
+                torch.manual_seed(step_seed(config.seed, step, rank))
+                t0 = time.perf_counter()
+                sums = torch.zeros(5, dtype=torch.float64)  # loss, mlm_loss, nsp_loss, nsp_accuracy, tokens
+                opt.zero_grad(set_to_none=True)
+                for i in range(config.grad_accum):
+                    full = collate(data.next())
+                    batch = {k: v[rank * share:(rank + 1) * share].to(device) for k, v in full.items()}
+                    masked = int((full["labels"] != IGNORE).sum())
+                    weight = int((batch["labels"] != IGNORE).sum()) / masked * size if masked else 1.0
+                    sync = net.no_sync() if size > 1 and i < config.grad_accum - 1 else nullcontext()
+                    with sync:
+                        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
+                            res = net(**batch)
+                        nsp = res.nsp_loss if res.nsp_loss is not None else torch.zeros((), device=device)
+                        ((res.mlm_loss * weight + nsp) / config.grad_accum).backward()
+                    mlm, nsp = float(res.mlm_loss.detach()) * weight / size, float(nsp.detach()) / size
+                    acc = float(res.nsp_accuracy) / size if res.nsp_accuracy is not None else float("nan")
+                    for j, value in enumerate((mlm + nsp, mlm, nsp, acc)):
+                        sums[j] += value / config.grad_accum
+                    sums[4] += int(batch["attention_mask"].sum())
+                if size > 1:
+                    dist.all_reduce(sums)
+                if config.clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip)
+                lr = opt.param_groups[0]["lr"]
+                with guard.critical():
+                    opt.step()
+                    sched.step()
+                    step += 1
+                    begun = None  # the step is done: an interrupt from here on saves it
+                loss, mlm, nsp, acc, tokens = sums.tolist()
+                row = {"step": step, "loss": loss, "mlm_loss": mlm, "nsp_loss": nsp, "nsp_accuracy": acc,
+                       "lr": lr, "tokens_per_s": tokens / (time.perf_counter() - t0)}
+                history.append(row)
+                if log is not None:
+                    log.write(json.dumps(row) + "\n")
+                    log.flush()
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", mlm=f"{mlm:.3f}", lr=f"{lr:.2e}")
+                if config.save_every and step % config.save_every == 0 and step < config.steps:
+                    checkpoint()
+            checkpoint()
+    except BaseException:
+        if begun is not None:  # roll the data and masks back to the start of the unfinished step
             data.position = begun[0]
             collate.load_state_dict(begun[1])
-            torch.set_rng_state(begun[2])
-        checkpoint()  # the last completed step: resume continues from here
+        if step > start:
+            checkpoint()  # the last completed step: resume continues from here
         raise
     finally:
         bar.close()
-        log.close()
+        if log is not None:
+            log.close()
+    if size > 1:
+        dist.barrier()  # the final checkpoint is on disk before any rank moves on
     return history
+
+
+@torch.no_grad()
+def evaluate_pretraining(model, examples, collate, batch_size=64):
+    """MLM loss and accuracy (over all masked tokens) and NSP loss and accuracy (over examples) of
+    ``model`` on ``examples``, masked by ``collate`` (give it a fixed seed for repeatable numbers).
+    Runs in eval mode (restored after)."""
+    if not examples:
+        raise ValueError("evaluate_pretraining: no examples")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    tot = dict(mlm_loss=0.0, mlm_accuracy=0.0, nsp_loss=0.0, nsp_accuracy=0.0)
+    tokens = 0
+    try:
+        for i in range(0, len(examples), batch_size):
+            batch = {k: v.to(device) for k, v in collate(examples[i:i + batch_size]).items()}
+            res = model(**batch, with_accuracy=True)
+            n, m = batch["input_ids"].shape[0], int((batch["labels"] != IGNORE).sum())
+            tokens += m
+            tot["mlm_loss"] += float(res.mlm_loss) * m
+            tot["mlm_accuracy"] += float(res.mlm_accuracy) * m
+            tot["nsp_loss"] += float(res.nsp_loss) * n
+            tot["nsp_accuracy"] += float(res.nsp_accuracy) * n
+    finally:
+        model.train(was_training)
+    return {"mlm_loss": tot["mlm_loss"] / tokens, "mlm_accuracy": tot["mlm_accuracy"] / tokens,
+            "nsp_loss": tot["nsp_loss"] / len(examples), "nsp_accuracy": tot["nsp_accuracy"] / len(examples),
+            "examples": len(examples), "masked_tokens": tokens}

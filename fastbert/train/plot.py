@@ -1,0 +1,63 @@
+"""Loss curves: a PNG (matplotlib, no display needed) and a few text lines for the terminal."""
+
+from pathlib import Path
+
+
+def smooth(values, window):
+    """Trailing moving average (the first points average what there is)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def loss_curve_png(history, path, title="fastbert pretrain"):
+    """Plot ``loss``, ``mlm_loss`` and ``nsp_loss`` (raw and smoothed) against the step, with the
+    learning rate on a second axis; returns the path."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in history]
+    window = max(1, len(history) // 25)
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    for key, color in (("loss", "black"), ("mlm_loss", "tab:blue"), ("nsp_loss", "tab:orange")):
+        values = [h[key] for h in history if key in h]
+        if len(values) != len(steps):
+            continue
+        ax.plot(steps, values, color=color, alpha=0.25, linewidth=0.8)
+        ax.plot(steps, smooth(values, window), color=color, label=f"{key} (mean of {window})")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if all("lr" in h for h in history):
+        lr = ax.twinx()
+        lr.plot(steps, [h["lr"] for h in history], color="tab:green", linestyle=":", label="learning rate")
+        lr.set_ylabel("learning rate")
+        lr.legend(loc="upper center", fontsize=8)
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def loss_table(history, rows=10, keys=("loss", "mlm_loss", "nsp_loss")):
+    """The curve as text: ``rows`` evenly spaced steps, each the mean over its stretch of steps."""
+    if not history:
+        return "(no steps)"
+    n = len(history)
+    rows = min(rows, n)
+    lines = ["   steps      " + "".join(f"{k:>10}" for k in keys) + "   tokens/s"]
+    for r in range(rows):
+        part = history[r * n // rows:(r + 1) * n // rows]
+        means = [sum(h[k] for h in part) / len(part) for k in keys]
+        tps = sum(h["tokens_per_s"] for h in part) / len(part) if "tokens_per_s" in part[0] else float("nan")
+        lines.append(f"{part[0]['step']:>6}-{part[-1]['step']:<6} " + "".join(f"{m:>10.3f}" for m in means)
+                     + f"{tps:>11.0f}")
+    return "\n".join(lines)

@@ -1,0 +1,138 @@
+"""``fastbert pretrain`` / ``fastbert finetune`` end to end on a small slice of the bundled novels:
+outputs on disk, loss falling, a real SIGINT then ``--resume`` reproducing the uninterrupted run,
+and every bad input a clear error (exit status 2) that leaves no checkpoint half-written."""
+
+import json
+import signal
+
+import pytest
+import torch
+
+from fastbert import cli
+from fastbert.data import default_corpus_documents
+from fastbert.train import trainer
+
+SMALL = ["--preset", "tiny", "--seq-len", "64", "--vocab-size", "600", "--batch", "8", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Three documents of 250 sentences each, one sentence a paragraph."""
+    folder = tmp_path_factory.mktemp("corpus")
+    for d in default_corpus_documents()[:3]:
+        (folder / f"{d.title}.txt").write_text("\n\n".join(d.sentences[:250]) + "\n", encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def vocab(corpus, tmp_path_factory):
+    """One tokenizer for runs that must agree (tokenizers' trainer breaks merge ties in hash order)."""
+    from fastbert.data import WordPieceTokenizer, read_documents
+    tok = WordPieceTokenizer.train_from_texts([s for d in read_documents(corpus) for s in d.sentences], vocab_size=600)
+    return str(tok.save(tmp_path_factory.mktemp("tok")))
+
+
+def metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_pretrain_writes_a_run_and_learns(tmp_path, corpus, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["pretrain", *SMALL, "--corpus", str(corpus), "--steps", "30", "--lr", "2e-3",
+                     "--save-every", "10", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "MLM accuracy" in text and "tokens/s" in text
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 31))
+    assert sum(r["mlm_loss"] for r in rows[-5:]) / 5 < sum(r["mlm_loss"] for r in rows[:5]) / 5 - 0.5
+    assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 30 and 0.0 <= summary["held_out"]["mlm_accuracy"] <= 1.0
+    assert summary["held_out"]["masked_tokens"] > 0 and summary["tokens_per_s_median"] > 0
+    assert sorted(p.name for p in out.glob("step-*")) == ["step-20", "step-30"]  # the newest two are kept
+    assert (out / "latest").read_text().strip() == "step-30"
+    assert (out / "tokenizer" / "vocab.txt").exists()
+    assert json.loads((out / "run.json").read_text())["steps"] == 30
+
+
+def test_sigint_then_resume_equals_the_uninterrupted_run(tmp_path, corpus, vocab, monkeypatch):
+    args = [*SMALL, "--corpus", str(corpus), "--vocab", vocab, "--steps", "6", "--grad-accum", "2", "--warmup", "2"]
+    assert cli.main(["pretrain", *args, "--out", str(tmp_path / "full")]) == 0
+    real, calls = trainer.DataStream.next, {"n": 0}
+
+    def next_then_sigint(self):  # a real SIGINT during step 4's second micro-batch
+        calls["n"] += 1
+        if calls["n"] == 8:
+            signal.raise_signal(signal.SIGINT)
+        return real(self)
+
+    monkeypatch.setattr(trainer.DataStream, "next", next_then_sigint)
+    assert cli.main(["pretrain", *args, "--out", str(tmp_path / "cut")]) == 130
+    assert (tmp_path / "cut" / "latest").read_text().strip() == "step-3"
+    monkeypatch.setattr(trainer.DataStream, "next", real)
+    assert cli.main(["pretrain", "--out", str(tmp_path / "cut"), "--resume", "--no-progress"]) == 0
+    assert [r["loss"] for r in metrics(tmp_path / "cut")] == [r["loss"] for r in metrics(tmp_path / "full")]
+
+
+def test_a_signal_during_the_update_waits_for_it():
+    w = torch.zeros(3)
+    with trainer.SignalGuard() as guard:
+        with pytest.raises(KeyboardInterrupt):
+            with guard.critical():
+                signal.raise_signal(signal.SIGINT)
+                w += 1  # still runs: the interrupt is held to the end of the block
+        assert w.tolist() == [1, 1, 1]
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGTERM)  # outside: at once
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_finetune_compare(tmp_path, corpus, capsys):
+    src = tmp_path / "pre"
+    assert cli.main(["pretrain", *SMALL, "--corpus", str(corpus), "--steps", "3", "--out", str(src)]) == 0
+    out = tmp_path / "ft"
+    assert cli.main(["finetune", "--from", str(src), "--corpus", str(corpus), "--compare", "--seq-len", "64",
+                     "--max-steps", "4", "--batch", "8", "--out", str(out), "--no-progress"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["classes"] == sorted(p.stem for p in corpus.glob("*.txt"))
+    for run in ("pretrained", "scratch"):
+        assert res[run]["steps"] == 4 and 0.0 <= res[run]["accuracy"] <= 1.0
+        assert (out / run / "model" / "model.safetensors").exists()
+    assert "held-out accuracy" in capsys.readouterr().out
+
+
+def bad(argv, capsys, match):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert match in err, err
+
+
+def test_bad_input_is_a_clear_error(tmp_path, corpus, capsys):
+    out = ["--out", str(tmp_path / "o")]
+    (tmp_path / "empty").mkdir()
+    bad(["pretrain", *SMALL, "--corpus", str(tmp_path / "empty"), *out], capsys, "no .txt files")
+    (tmp_path / "latin1").mkdir()
+    (tmp_path / "latin1" / "a.txt").write_bytes("caf\xe9 au lait.\n".encode("latin-1"))
+    bad(["pretrain", *SMALL, "--corpus", str(tmp_path / "latin1"), *out], capsys, "not valid UTF-8 at byte offset 3")
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "the", "a", "##s"]) + "\n")
+    bad(["pretrain", *SMALL, "--corpus", str(corpus), "--vocab", str(vocab), *out], capsys, "[MASK]")
+    bad(["pretrain", *SMALL[:2], "--seq-len", "600", "--vocab-size", "600", "--corpus", str(corpus), *out], capsys,
+        "max_position_embeddings 512")
+    bad(["finetune", "--from", str(tmp_path / "nothing")], capsys, "has no tokenizer")
+    assert not any((tmp_path / "o").glob("step-*"))
+
+
+def test_resume_from_a_corrupted_checkpoint(tmp_path, corpus, capsys):
+    out = tmp_path / "run"
+    args = ["pretrain", *SMALL, "--corpus", str(corpus), "--steps", "2", "--out", str(out)]
+    assert cli.main(args) == 0
+    weights = out / "step-2" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    before = sorted(p.name for p in out.iterdir())
+    bad(["pretrain", "--out", str(out), "--resume", "--steps", "4"], capsys, "--steps 4 (run: 2)")
+    bad(["pretrain", "--out", str(out), "--resume"], capsys, "cannot read the model weights")
+    assert sorted(p.name for p in out.iterdir()) == before  # nothing new, nothing half-written
+    assert weights.read_bytes() == data[: len(data) // 2]
+    bad(["pretrain", "--out", str(tmp_path / "none"), "--resume"], capsys, "run.json does not exist")
