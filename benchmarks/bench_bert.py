@@ -193,8 +193,9 @@ def make_setup(cfg, batch, seq, device, use_compile):
     return setup
 
 
-def cases(device="cpu", mode="quick", dtypes=None, shapes=None, use_compile=True):
-    """The pretraining-step cases: ``(batch, seq, hidden, layers)`` shapes (others ignored), fp32."""
+def step_cases(op, make_setup, mode="quick", dtypes=None, shapes=None):
+    """Training-step cases of op ``op`` (shared with bench_patch): ``(batch, seq, hidden, layers)``
+    shapes (others ignored), fp32; ``make_setup(cfg, batch, seq)`` returns a case's ``setup``."""
     if dtypes is not None and "float32" not in dtypes:
         return []
     if shapes is None:
@@ -209,9 +210,14 @@ def cases(device="cpu", mode="quick", dtypes=None, shapes=None, use_compile=True
         params = {"preset": name, "state_bytes": state_bytes(cfg)}
         if name == "custom":
             params.update(heads=cfg.num_attention_heads, intermediate=cfg.intermediate_size, vocab=cfg.vocab_size)
-        out.append(Case(OP, tuple(shape), "float32", "step", None, make_setup(cfg, b, s, device, use_compile),
+        out.append(Case(op, tuple(shape), "float32", "step", None, make_setup(cfg, b, s),
                         params=params, peak_memory=step_peak_memory))
     return out
+
+
+def cases(device="cpu", mode="quick", dtypes=None, shapes=None, use_compile=True):
+    """The pretraining-step cases: ``(batch, seq, hidden, layers)`` shapes (others ignored), fp32."""
+    return step_cases(OP, lambda cfg, b, s: make_setup(cfg, b, s, device, use_compile), mode, dtypes, shapes)
 
 
 # ------------------------------------------------------------------------------------ matmul share

@@ -55,7 +55,7 @@ def test_pretrain_writes_a_run_and_learns(tmp_path, corpus, capsys):
     assert json.loads((out / "run.json").read_text())["steps"] == 30
 
 
-def test_sigint_then_resume_equals_the_uninterrupted_run(tmp_path, corpus, vocab, monkeypatch):
+def test_sigint_then_resume_equals_the_uninterrupted_run(tmp_path, corpus, vocab, monkeypatch, terminal_signals):
     args = [*SMALL, "--corpus", str(corpus), "--vocab", vocab, "--steps", "6", "--grad-accum", "2", "--warmup", "2"]
     assert cli.main(["pretrain", *args, "--out", str(tmp_path / "full")]) == 0
     real, calls = trainer.DataStream.next, {"n": 0}
@@ -74,7 +74,17 @@ def test_sigint_then_resume_equals_the_uninterrupted_run(tmp_path, corpus, vocab
     assert [r["loss"] for r in metrics(tmp_path / "cut")] == [r["loss"] for r in metrics(tmp_path / "full")]
 
 
-def test_a_signal_during_the_update_waits_for_it():
+@pytest.fixture
+def terminal_signals():
+    """SIGINT/SIGTERM as in a terminal, also when the tests run as a background job (SIGINT ignored)."""
+    saved = {sig: signal.signal(sig, handler) for sig, handler in ((signal.SIGINT, signal.default_int_handler),
+                                                                  (signal.SIGTERM, signal.SIG_DFL))}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+def test_a_signal_during_the_update_waits_for_it(terminal_signals):
     w = torch.zeros(3)
     with trainer.SignalGuard() as guard:
         with pytest.raises(KeyboardInterrupt):
@@ -84,7 +94,11 @@ def test_a_signal_during_the_update_waits_for_it():
         assert w.tolist() == [1, 1, 1]
         with pytest.raises(KeyboardInterrupt):
             signal.raise_signal(signal.SIGTERM)  # outside: at once
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with trainer.SignalGuard():
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # an ignored signal stays ignored
 
 
 def test_finetune_compare(tmp_path, corpus, capsys):

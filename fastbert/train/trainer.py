@@ -84,7 +84,8 @@ class DataStream:
 class SignalGuard:
     """SIGINT and SIGTERM raise ``KeyboardInterrupt``, except inside :meth:`critical`, where they
     are held until its end (so an interrupt never lands half-way through an optimizer update).
-    Only in the main thread; elsewhere signals keep their handlers."""
+    Only in the main thread, and not for a signal the process ignores (``nohup``, background
+    jobs); the previous handlers come back on exit."""
 
     def __init__(self):
         self.inside, self.pending, self.saved = False, False, {}
@@ -98,7 +99,8 @@ class SignalGuard:
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
-                self.saved[sig] = signal.signal(sig, self._handle)
+                if signal.getsignal(sig) is not signal.SIG_IGN:  # an ignored signal stays ignored (nohup)
+                    self.saved[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc):
