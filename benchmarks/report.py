@@ -1,4 +1,5 @@
-"""Results of a run: host facts, the terminal table, ``<host-kind>.json`` and ``.csv``.
+"""Results of a run: host facts, the terminal table, ``<host-kind>.json`` and ``.csv``, and the Markdown
+summary ``<host-kind>.md`` (``python -m benchmarks.report RESULTS.json [candidate]``).
 
 Every row is flat and self-contained (``harness.FIELDS``: the case key, the statistics, the load
 seen, the device and versions, a timestamp), so files from different runs can be compared row by
@@ -130,7 +131,9 @@ def fmt_ms(v):
 def markdown_table(rows, fused="fastbert-cpu"):
     """A Markdown table of one results file's rows: per case, eager and torch.compile p50, the
     fastbert candidate's p50 (p20-p80), its speed-ups, fraction of the copy bandwidth, and the peak
-    memory of eager and fastbert (MB above the pre-call level)."""
+    memory of eager and fastbert (MB above the pre-call level). ``fused``: the fastbert candidate's
+    name, or names tried in order per case (cases with none of them are left out)."""
+    names = (fused,) if isinstance(fused, str) else tuple(fused)
     cases = {}
     for r in rows:
         cases.setdefault(tuple(r[k] for k in KEY), {})[r["candidate"]] = r
@@ -138,9 +141,10 @@ def markdown_table(rows, fused="fastbert-cpu"):
            "| peak MB eager / fastbert |",
            "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for (op, shape, dtype, pass_, params), c in cases.items():
-        f = c.get(fused)
-        if f is None:
+        fused = next((n for n in names if n in c), None)
+        if fused is None:
             continue
+        f = c[fused]
         p50 = lambda name: fmt_ms(c[name]["p50_ms"]) if name in c else "-"  # noqa: E731
         mb = lambda name: fmt(c[name]["peak_mem_bytes"] and c[name]["peak_mem_bytes"] / 2**20, ".1f") \
             if name in c else "-"  # noqa: E731
@@ -151,8 +155,42 @@ def markdown_table(rows, fused="fastbert-cpu"):
     return "\n".join(out)
 
 
+def markdown_summary(doc, name="results", fused=None):
+    """Markdown for a results file ``doc`` (named ``name``): the machine, dates, commits, versions,
+    copy bandwidth and load seen, then :func:`markdown_table` (``fused`` default: the candidate
+    ``fastbert-<device>``, else ``fastbert``)."""
+    meta, rows = doc.get("meta", {}), doc["rows"]
+    fused = fused or (f"fastbert-{meta.get('device', 'cpu')}", "fastbert")
+    seen = lambda k: ", ".join(sorted({str(r[k]) for r in rows if r.get(k) is not None})  # noqa: E731
+                               or [str(meta.get(k, "-"))])
+    dates = sorted({r["timestamp"][:10] for r in rows if r.get("timestamp")})
+    loads = [r["other_load_cores"] for r in rows if r.get("other_load_cores") is not None]
+    copy = sorted({f"{r['copy_gbps']:.1f}" for r in rows if r.get("copy_gbps")}, key=float) or ["-"]
+    return "\n".join([
+        f"# Benchmarks: {meta.get('device_name') or meta.get('host_kind')}", "",
+        f"`{name}` (`{meta.get('host_kind')}`): {len(rows)} rows, measured "
+        f"{' to '.join(dict.fromkeys([dates[0], dates[-1]])) if dates else '-'}, commit {seen('git_commit')}; "
+        f"torch {seen('torch')}, triton {seen('triton')}, fastbert {seen('fastbert')}; "
+        f"{seen('torch_threads')} threads; measured copy bandwidth {'-'.join(dict.fromkeys([copy[0], copy[-1]]))} "
+        f"GB/s; mode {meta.get('mode', '-')} (latest run); other load during the runs <= "
+        f"{fmt(max(loads, default=None), '.2f')} cores, {sum(bool(r.get('busy')) for r in rows)} rows flagged "
+        "busy.", "",
+        f"p50 in ms (p20-p80 for fastbert: `{'`, else `'.join((fused,) if isinstance(fused, str) else fused)}`); "
+        f"regenerate with `python -m benchmarks.report {name}`.", "",
+        markdown_table(rows, fused), ""])
+
+
+def write_markdown(results_path, fused=None):
+    """Write ``<results-stem>.md`` (:func:`markdown_summary`) next to a results file; its path."""
+    path = Path(results_path)
+    out = path.with_suffix(".md")
+    out.write_text(markdown_summary(json.loads(path.read_text()), path.as_posix(), fused))
+    return out
+
+
 if __name__ == "__main__":  # python -m benchmarks.report results/<host>.json [candidate]
     import sys
 
-    doc = json.loads(Path(sys.argv[1]).read_text())
-    print(markdown_table(doc["rows"], *sys.argv[2:3]))
+    md = write_markdown(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None)
+    print(md.read_text(), end="")
+    print(f"wrote {md}", file=sys.stderr)

@@ -2,7 +2,10 @@
 
 Discovers ``benchmarks/bench_<op>.py`` modules (each defines ``cases(device, mode, dtypes, shapes)``),
 measures the machine's copy bandwidth once, runs every case (candidates interleaved), prints the
-table and writes ``<out>/<host-kind>.json`` and ``.csv``.
+table and writes ``<out>/<host-kind>.json`` and ``.csv``, and the plots ``<host-kind>-speedup.png``
+and ``-bandwidth.png`` (``benchmarks.plots``). ``--compare OLD.json`` then compares this run's rows
+with OLD's rows of the ops (dtypes, shapes) selected (``benchmarks.compare``);
+``--fail-if-regression PCT`` makes a regression beyond noise and PCT percent exit 1.
 """
 
 import argparse
@@ -16,7 +19,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 import benchmarks
-from benchmarks import harness, report
+from benchmarks import compare, harness, report
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -52,8 +55,15 @@ def parse_args(argv=None):
                    "wait up to S seconds for a 1 s window without other load (default 0)")
     p.add_argument("--no-merge", action="store_true", help="overwrite the results files instead "
                    "of replacing only the cases that were run")
+    p.add_argument("--no-plots", action="store_true", help="do not write the PNG plots")
+    p.add_argument("--compare", metavar="OLD.json", help="compare this run's rows with a results file")
+    p.add_argument("--fail-if-regression", type=float, metavar="PCT", help="with --compare: exit 1 "
+                   "when a row (not busy) is slower by more than PCT percent and beyond its noise")
     p.set_defaults(mode="quick")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.fail_if_regression is not None and not args.compare:
+        p.error("--fail-if-regression needs --compare OLD.json")
+    return args
 
 
 def main(argv=None):
@@ -72,6 +82,7 @@ def main(argv=None):
         sys.exit(f"unknown op(s) {', '.join(unknown)}; available: {', '.join(sorted(modules))}")
     dtypes = [harness.dtype_name(d) for d in _split(args.dtype)] or None
     shapes = [tuple(int(d) for d in s.lower().split("x")) for s in _split(args.shapes)] or None
+    old = compare.load(args.compare)[1] if args.compare else None  # before the run overwrites it
     budget = harness.FULL if args.mode == "full" else harness.QUICK
     if args.case_seconds is not None:
         budget = dataclasses.replace(budget, time_s=args.case_seconds)
@@ -106,7 +117,18 @@ def main(argv=None):
     print(f"\n{len(cases)} cases, {len(rows)} rows in {wall:.0f} s; other load seen "
           f"{min(loads, default=0):.2f}-{max(loads, default=0):.2f} cores, "
           f"{busy} rows flagged busy (*); wrote {json_path} and {csv_path}")
-    return 0
+    if not args.no_plots:
+        try:
+            from benchmarks import plots
+            print("wrote " + (" and ".join(map(str, plots.write_plots(json_path))) or "no plot: nothing to plot"))
+        except Exception as e:  # the results are written; a plot must not fail the run
+            print(f"plots not written: {type(e).__name__}: {e}", file=sys.stderr)
+    if old is None:
+        return 0
+    keep = lambda r: r.get("op") in ops and (dtypes is None or r.get("dtype") in dtypes) and (  # noqa: E731
+        shapes is None or r.get("shape") in {harness.shape_str(s) for s in shapes})
+    print(f"\ncompared with {args.compare} as it was before this run (its rows of the ops, dtypes, shapes run):")
+    return compare.report(compare.compare(rows, [r for r in old if keep(r)]), args.fail_if_regression)
 
 
 if __name__ == "__main__":

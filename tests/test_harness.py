@@ -309,7 +309,9 @@ def test_run_gelu_end_to_end(tmp_path, capsys):
                    "--case-seconds", "0.1", "--copy-mib", "4", "--device", "cpu",
                    "--out", str(tmp_path)])
     assert rc == 0
-    files = sorted(p.name for p in tmp_path.iterdir())
+    pngs = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert [n.rsplit("-", 1)[1] for n in pngs] == ["bandwidth.png", "speedup.png"]
+    files = sorted(p.name for p in tmp_path.iterdir() if p.suffix in (".csv", ".json"))
     assert len(files) == 2 and files[0].endswith(".csv") and files[1].endswith(".json")
     doc = json.loads((tmp_path / files[1]).read_text())
     rows = doc["rows"]
@@ -354,3 +356,23 @@ def test_bert_step_cases_run_and_agree():
         losses[name] = step.last_loss
     for name, loss in losses.items():
         torch.testing.assert_close(loss, losses["fastbert"], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_patch_step_cases_run_and_agree():
+    """bench_patch: transformers' BertForPreTraining eager vs fastbert.patch'ed, tiny shape: both
+    candidates take a step; with dropout off (same weights) they start from the same loss."""
+    from benchmarks import bench_bert, bench_patch
+    if bench_bert.transformers is None:
+        pytest.skip("transformers not installed")
+    (case,) = bench_patch.cases(shapes=[(2, 16, 32, 1)])
+    assert (case.op, case.shape, case.pass_) == ("hf_patch_step", (2, 16, 32, 1), "step")
+    for name, step in case.setup().items():
+        step()
+        assert torch.isfinite(step.last_loss), name
+        assert case.peak_memory(step, "cpu") > 0
+    _, cfg = bench_bert.config_for(32, 1)
+    steps = bench_patch.make_candidates(cfg.replace(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0), 2, 16)
+    assert "layernorm_residual x2" in str(steps["patched"].patch_report)
+    for step in steps.values():
+        step()
+    torch.testing.assert_close(steps["patched"].last_loss, steps["eager"].last_loss, rtol=1e-5, atol=1e-6)
