@@ -14,7 +14,7 @@ test: $(VENV)/.built
 	$(PY) -m pytest -q tests
 
 bench: $(VENV)/.built
-	$(PY) -m benchmarks.run --quick
+	$(VENV)/bin/fastbert bench --quick
 
 info: $(VENV)/.built
 	$(PY) -m fastbert info

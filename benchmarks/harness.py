@@ -7,7 +7,8 @@ Data model (kept flat so a CLI can compare runs):
 * :func:`run_case` times the candidates of a case interleaved (round-robin per round, the order
   rotated each round) after a warm-up, and returns one flat *row* dict per candidate (``FIELDS``).
 * :mod:`benchmarks.report` prints the table and writes ``<host-kind>.json``/``.csv`` (long format,
-  the same rows) with the run-level facts from its ``host_info``.
+  the same rows; and the dated copies ``<host-kind>-<YYYY-MM-DD>.*``) with the run-level facts
+  from its ``host_info``.
 
 Timing: CPU - ``time.perf_counter`` around each call (the returned value is freed after the clock
 stops); CUDA - CUDA events around each call after an L2 flush, or chunks of
@@ -35,6 +36,9 @@ FIELDS = ["op", "shape", "dtype", "pass", "params", "candidate", "n", "p20_ms", 
           "steal_cores", "busy", "device", "device_name", "host_kind", "torch", "triton",
           "fastbert", "git_commit", "torch_threads", "timestamp"]
 KEY = ("op", "shape", "dtype", "pass", "params")  # identifies a case across runs
+# candidates some cases add to eager, torch.compile and fastbert-<backend> (a bench module whose
+# candidates are all its own lists them in its CANDIDATES, as bench_bert and bench_patch do)
+OTHER_CANDIDATES = {"mlm_head": ("eager+gather",)}
 
 
 @dataclass
@@ -93,6 +97,48 @@ def dtype_name(name):
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)} (or fp32/bf16/fp16)")
     return name
+
+
+def fastbert_candidates(device=None, op=None, dtype=None):
+    """``fastbert-<backend>`` names as ``benchmarks.candidates`` makes them (never the reference
+    backend, the test oracle; never triton on CPU). With ``device``: only the backends that can
+    run there (and run ``op`` in ``dtype`` when given), by fastbert's availability rules."""
+    import fastbert
+    out = []
+    for name in fastbert.backends.BACKENDS:
+        if name == "reference" or (name == "triton" and device == "cpu"):
+            continue
+        if device is None or not fastbert.backends.reasons_for(
+                name, op, {device}, {DTYPES[dtype]} if dtype else set()):
+            out.append(f"fastbert-{name}")
+    return out
+
+
+def known_candidates(modules):
+    """Every candidate name the bench ``modules`` can produce (what ``--backends`` accepts)."""
+    names = [EAGER, COMPILE, *fastbert_candidates()]
+    for module in modules:
+        names += getattr(module, "CANDIDATES", ())
+    for extra in OTHER_CANDIDATES.values():
+        names += extra
+    return list(dict.fromkeys(names))
+
+
+def expected_candidates(module, case, device):
+    """The candidate names ``case`` (of bench ``module``) should have here, without running its
+    ``setup()``: the module's ``CANDIDATES``, else eager, torch.compile, the op's
+    ``OTHER_CANDIDATES`` and the fastbert backends that can run on ``device`` in the case's dtype.
+    A guess: ``setup()`` may still leave one out (a missing kernel, transformers not installed)."""
+    names = getattr(module, "CANDIDATES", None)
+    if names is not None:
+        return list(names)
+    return [EAGER, COMPILE, *OTHER_CANDIDATES.get(case.op, ()),
+            *fastbert_candidates(device, case.op, case.dtype)]
+
+
+def select_candidates(candidates, names=None):
+    """``candidates`` (``{name: fn}``) restricted to ``names`` (None: all), in their order."""
+    return dict(candidates) if names is None else {n: f for n, f in candidates.items() if n in names}
 
 
 # ---------------------------------------------------------------- statistics
@@ -339,11 +385,15 @@ def wait_quiet(max_s, ncores, threshold=None, window_s=1.0, probe=LoadProbe, sle
 
 # ---------------------------------------------------------------- running
 
-def run_case(case, meta, budget=QUICK, timer=None, copy_gbps=None, busy_thr=None, probe=None):
-    """Set the case up, time its candidates, and return one row per candidate (``FIELDS``)."""
+def run_case(case, meta, budget=QUICK, timer=None, copy_gbps=None, busy_thr=None, probe=None,
+             backends=None):
+    """Set the case up, time its candidates (only those named in ``backends`` when given), and
+    return one row per candidate (``FIELDS``); no row when none of them is left."""
     device = meta["device"]
     timer = timer or make_timer(device)
-    candidates = case.setup()
+    candidates = select_candidates(case.setup(), backends)
+    if not candidates:
+        return []
     probe = probe or LoadProbe()
     probe.start()
     samples = time_candidates(candidates, budget, timer)

@@ -1,5 +1,7 @@
-"""Results of a run: host facts, the terminal table, ``<host-kind>.json`` and ``.csv``, and the Markdown
-summary ``<host-kind>.md`` (``python -m benchmarks.report RESULTS.json [candidate]``).
+"""Results of a run: host facts, the terminal table, ``<host-kind>.json`` and ``.csv`` (the latest
+results of the machine) with their dated copies ``<host-kind>-<YYYY-MM-DD>.json`` and ``.csv`` (that
+day's results), and the Markdown summary ``<host-kind>.md`` (``python -m benchmarks.report
+RESULTS.json [candidate]``).
 
 Every row is flat and self-contained (``harness.FIELDS``: the case key, the statistics, the load
 seen, the device and versions, a timestamp), so files from different runs can be compared row by
@@ -65,17 +67,38 @@ def host_info(device):
             "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
-def write_results(rows, meta, out_dir, merge=True):
-    """Write ``<host_kind>.json`` and ``.csv``; rows of cases not re-run are kept from the old file."""
+def run_date(meta):
+    """``YYYY-MM-DD`` (UTC) of the run: the date of ``meta["timestamp"]``, else today's."""
+    stamp = meta.get("timestamp") or datetime.now(timezone.utc).isoformat()
+    return stamp[:10]
+
+
+def results_names(meta):
+    """Stems of a run's results files: the latest ``<host_kind>`` and the dated ``<host_kind>-<date>``."""
+    return meta["host_kind"], f"{meta['host_kind']}-{run_date(meta)}"
+
+
+def write_results(rows, meta, out_dir, merge=True, by_candidate=False):
+    """Write ``<host_kind>.json`` and ``.csv`` (the latest results) and the dated copies
+    ``<host_kind>-<YYYY-MM-DD>.json`` and ``.csv`` (the run's date, UTC). With ``merge``, each file
+    keeps the rows of its old version that this run did not measure: the cases not run, or with
+    ``by_candidate`` (a run of some candidates only) the case x candidate rows not run. Returns the
+    paths of the latest ``.json`` and ``.csv``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{meta['host_kind']}.json"
     rows = [{k: _finite(r.get(k)) for k in FIELDS} for r in rows]
+    paths = [_write(out_dir / f"{name}.json", rows, meta, merge, by_candidate) for name in results_names(meta)]
+    return paths[0]
+
+
+def _write(path, rows, meta, merge, by_candidate):
+    fields = KEY + ("candidate",) if by_candidate else KEY
+    key = lambda r: tuple(r.get(k) for k in fields)  # noqa: E731
     if merge and path.exists():
         old = json.loads(path.read_text())
         if old.get("schema") == SCHEMA:
-            new = {tuple(r[k] for k in KEY) for r in rows}
-            rows = [r for r in old["rows"] if tuple(r.get(k) for k in KEY) not in new] + rows
+            new = {key(r) for r in rows}
+            rows = [r for r in old["rows"] if key(r) not in new] + rows
     head = {"schema": SCHEMA, "host_kind": meta["host_kind"], "meta": meta, "fields": FIELDS}
     dump = lambda v, **kw: json.dumps(v, default=str, allow_nan=False, **kw)  # noqa: E731
     # one row a line: small diffs between runs, and a file a person can read

@@ -1,16 +1,19 @@
 """Run the op benchmarks: ``python -m benchmarks.run [--quick|--full] [--ops gelu] [--dtype ...]``.
 
 Discovers ``benchmarks/bench_<op>.py`` modules (each defines ``cases(device, mode, dtypes, shapes)``),
-measures the machine's copy bandwidth once, runs every case (candidates interleaved), prints the
-table and writes ``<out>/<host-kind>.json`` and ``.csv``, and the plots ``<host-kind>-speedup.png``
-and ``-bandwidth.png`` (``benchmarks.plots``). ``--compare OLD.json`` then compares this run's rows
-with OLD's rows of the ops (dtypes, shapes) selected (``benchmarks.compare``);
-``--fail-if-regression PCT`` makes a regression beyond noise and PCT percent exit 1.
+measures the machine's copy bandwidth once, runs every case (candidates interleaved; only those
+named by ``--backends`` when given), prints the table and writes ``<out>/<host-kind>.json`` and
+``.csv`` (the latest results) and their dated copies ``<out>/<host-kind>-<YYYY-MM-DD>.json`` and
+``.csv``, and the plots ``<host-kind>-speedup.png`` and ``-bandwidth.png`` (``benchmarks.plots``).
+``--compare OLD.json`` then compares this run's rows with OLD's rows of the ops (dtypes, shapes,
+backends) selected (``benchmarks.compare``); ``--fail-if-regression PCT`` makes a regression beyond
+noise and PCT percent exit 1.
 """
 
 import argparse
 import dataclasses
 import importlib
+import inspect
 import pkgutil
 import sys
 import time
@@ -35,7 +38,7 @@ def _split(values):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="fastbert bench", description=__doc__.split("\n")[0])
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", dest="mode", action="store_const", const="quick",
                       help="default: the main shapes, adaptive repeats capped per case (< 10 min on 2 cores)")
@@ -44,6 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--ops", nargs="+", help="ops to run (bench_<op>.py names), default all")
     p.add_argument("--dtype", nargs="+", help="float32, bfloat16, float16 (or fp32/bf16/fp16)")
     p.add_argument("--shapes", nargs="+", help="override the shapes, e.g. 4096x3072")
+    p.add_argument("--backends", nargs="+", metavar="NAME", help="candidates to time, e.g. eager "
+                   "fastbert-cpu (default all); without eager the x eager ratios are blank")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--out", default=str(RESULTS), help="results directory (default benchmarks/results)")
     p.add_argument("--case-seconds", type=float, help="time cap per case (overrides the mode's)")
@@ -80,6 +85,11 @@ def main(argv=None):
     unknown = sorted(set(ops) - set(modules))
     if unknown:
         sys.exit(f"unknown op(s) {', '.join(unknown)}; available: {', '.join(sorted(modules))}")
+    backends = _split(args.backends) or None
+    known = harness.known_candidates(modules.values())
+    if set(backends or ()) - set(known):
+        sys.exit(f"unknown backend(s) {', '.join(sorted(set(backends) - set(known)))}; "
+                 f"known candidates: {', '.join(known)}")
     dtypes = [harness.dtype_name(d) for d in _split(args.dtype)] or None
     shapes = [tuple(int(d) for d in s.lower().split("x")) for s in _split(args.shapes)] or None
     old = compare.load(args.compare)[1] if args.compare else None  # before the run overwrites it
@@ -100,23 +110,37 @@ def main(argv=None):
           f"(other load {report.fmt(copy['other_load_cores'], '.2f')} cores, "
           f"loadavg {copy['loadavg_1m']:.2f}{', BUSY' if copy['copy_busy'] else ''})", flush=True)
 
-    cases = [c for op in ops for c in modules[op].cases(device=device, mode=args.mode,
-                                                        dtypes=dtypes, shapes=shapes)]
+    cases = []
+    for op in ops:
+        kw = dict(device=device, mode=args.mode, dtypes=dtypes, shapes=shapes)
+        if backends and harness.COMPILE not in backends and "use_compile" in inspect.signature(
+                modules[op].cases).parameters:
+            kw["use_compile"] = False  # no compilation for a candidate that is not timed
+        cases += modules[op].cases(**kw)
     rows = []
     with tqdm(cases, unit="case", file=sys.stderr, dynamic_ncols=True) as bar:
         for case in bar:
             bar.set_postfix_str(" ".join(case.key()).strip())
             quiet()
             rows += harness.run_case(case, meta, budget, timer, copy["copy_gbps"],
-                                     args.busy_threshold)
+                                     args.busy_threshold, backends=backends)
     wall = time.perf_counter() - wall0
+    absent = [b for b in backends or () if not any(r["candidate"] == b for r in rows)]
+    if absent:
+        print(f"no case has the candidate(s) {', '.join(absent)} here", file=sys.stderr)
+    if not rows:
+        print(f"\n{len(cases)} cases, no rows; nothing written")
+        return 0
     print(report.format_table(rows))
-    json_path, csv_path = report.write_results(rows, meta, args.out, merge=not args.no_merge)
+    json_path, csv_path = report.write_results(rows, meta, args.out, merge=not args.no_merge,
+                                               by_candidate=backends is not None)
+    dated = Path(args.out) / report.results_names(meta)[1]
     busy = sum(1 for r in rows if r["busy"])
     loads = [r["other_load_cores"] for r in rows if r["other_load_cores"] is not None]
     print(f"\n{len(cases)} cases, {len(rows)} rows in {wall:.0f} s; other load seen "
           f"{min(loads, default=0):.2f}-{max(loads, default=0):.2f} cores, "
-          f"{busy} rows flagged busy (*); wrote {json_path} and {csv_path}")
+          f"{busy} rows flagged busy (*); wrote {json_path} and {csv_path}, and the dated "
+          f"copies {dated}.json and .csv")
     if not args.no_plots:
         try:
             from benchmarks import plots
@@ -126,8 +150,10 @@ def main(argv=None):
     if old is None:
         return 0
     keep = lambda r: r.get("op") in ops and (dtypes is None or r.get("dtype") in dtypes) and (  # noqa: E731
-        shapes is None or r.get("shape") in {harness.shape_str(s) for s in shapes})
-    print(f"\ncompared with {args.compare} as it was before this run (its rows of the ops, dtypes, shapes run):")
+        shapes is None or r.get("shape") in {harness.shape_str(s) for s in shapes}) and (
+        backends is None or r.get("candidate") in backends)
+    print(f"\ncompared with {args.compare} as it was before this run (its rows of the ops, dtypes, shapes"
+          f"{', backends' if backends else ''} run):")
     return compare.report(compare.compare(rows, [r for r in old if keep(r)]), args.fail_if_regression)
 
 

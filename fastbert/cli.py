@@ -1,4 +1,4 @@
-"""``fastbert`` command line (also ``python -m fastbert``): ``info``, ``pretrain``, ``finetune``."""
+"""``fastbert`` command line (also ``python -m fastbert``): ``info``, ``bench``, ``pretrain``, ``finetune``."""
 
 import argparse
 import json
@@ -97,11 +97,32 @@ def print_info(info):
         print(f"  {op:<{width}}  " + ", ".join(f"{d} tensors -> {b}" for d, b in per_device.items()))
 
 
+def bench(argv):
+    """``fastbert bench ...``: the benchmark suite (``benchmarks/run.py``, same flags), from the
+    source tree this fastbert was installed from (``pip install -e .`` / ``make``)."""
+    from pathlib import Path
+    root = Path(fastbert.__file__).resolve().parent.parent
+    if (root / "benchmarks" / "run.py").is_file():
+        sys.path.insert(0, str(root))
+    try:
+        from benchmarks import run
+    except ImportError:
+        print("fastbert bench: the benchmark suite (benchmarks/) ships with fastbert's source tree; install "
+              "fastbert from a checkout (pip install -e .) and run it there", file=sys.stderr)
+        return 2
+    return run.main(argv)
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # every other flag belongs to the suite: fastbert bench --help lists them
+        return bench(argv[1:])
     parser = argparse.ArgumentParser(prog="fastbert", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p_info = sub.add_parser("info", help="versions, what _C was built with, backends and why not")
     p_info.add_argument("--json", action="store_true", help="print JSON instead of text")
+    sub.add_parser("bench", help="run the benchmark suite (fastbert bench --help: --quick/--full, --ops, "
+                   "--dtype, --device, --compare, ...)")
     from fastbert.train import commands
     commands.add_pretrain_arguments(sub.add_parser(
         "pretrain", help="pretrain BERT (MLM + NSP); no arguments: BERT-mini on the bundled Austen novels",

@@ -106,3 +106,18 @@ def test_info_tells_the_truth(as_module):
     text = subprocess.run([sys.executable, "-m", "fastbert", "info"], capture_output=True, text=True,
                           env=ENV, timeout=300)
     assert "backends:" in text.stdout and "bias_gelu" in text.stdout
+
+
+def test_fastbert_bench_runs_the_suite(tmp_path):
+    """``fastbert bench`` (the console script make bench calls) runs benchmarks/run.py from any
+    directory: one tiny gelu case, results written where --out says."""
+    exe = os.path.join(os.path.dirname(sys.executable), "fastbert")
+    if not os.path.exists(exe):
+        pytest.skip("console script not installed (package not pip-installed)")
+    cmd = [exe, "bench", "--ops", "gelu", "--dtype", "fp32", "--shapes", "8x16", "--case-seconds", "0.5",
+           "--copy-mib", "8", "--out", str(tmp_path), "--no-plots"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "bias_gelu" in out.stdout and list(tmp_path.glob("*.json"))
+    bad = subprocess.run([exe, "bench", "--ops", "nope"], capture_output=True, text=True, env=ENV, timeout=300)
+    assert bad.returncode != 0 and "unknown op" in bad.stderr

@@ -136,6 +136,21 @@ def test_run_compare_after_a_run(tmp_path, monkeypatch, capsys, new_p50, rc):
     assert {p.name for p in tmp_path.glob("*.png")} == {"cpu-test-2c-speedup.png", "cpu-test-2c-bandwidth.png"}
 
 
+def test_run_backends_compare_and_files(tmp_path, monkeypatch, capsys):
+    """--backends fastbert-cpu --compare: only that candidate's old rows are compared (eager is not
+    'removed'); the latest file keeps eager's row, the dated file has the run's rows."""
+    old = [row(candidate="eager", p50=2.0), row(p50=1.0)]
+    old_path = write(tmp_path / f"{META['host_kind']}.json", old)
+    fake_run(monkeypatch, [row(p50=1.0)])
+    assert run.main(["--device", "cpu", "--out", str(tmp_path), "--compare", old_path,
+                     "--backends", "fastbert-cpu", "--fail-if-regression", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "1 rows: 0 faster, 0 slower, 1 within noise, 0 added, 0 removed" in out
+    candidates = lambda name: [r["candidate"] for r in json.loads((tmp_path / name).read_text())["rows"]]  # noqa: E731
+    assert candidates(f"{META['host_kind']}.json") == ["eager", "fastbert-cpu"]
+    assert candidates(f"{META['host_kind']}-2026-01-02.json") == ["fastbert-cpu"]
+
+
 def test_plots_written(tmp_path):
     rows = [row(candidate=c, shape=s, pass_=p, speedup=sp) for s in ("64x64", "128x64") for p in ("fwd", "fwd+bwd")
             for c, sp in (("eager", 1.0), ("torch.compile", 1.5), ("fastbert-cpu", 3.0))]

@@ -5,6 +5,10 @@ import itertools
 import json
 import math
 import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -202,6 +206,9 @@ def test_json_and_csv_schema_and_merge(tmp_path):
     rows[0]["median_ci_rel"] = math.inf  # non-finite numbers are written as null / empty
     jpath, cpath = report.write_results(rows, META, tmp_path)
     assert jpath.name == "cpu-fake-2c.json" and cpath.name == "cpu-fake-2c.csv"
+    dated = tmp_path / "cpu-fake-2c-2026-01-01.json"  # the run's date (META's timestamp)
+    assert dated.read_text() == jpath.read_text()
+    assert dated.with_suffix(".csv").read_text() == cpath.read_text()
     doc = json.loads(jpath.read_text())
     assert doc["schema"] == harness.SCHEMA and doc["fields"] == harness.FIELDS
     assert doc["meta"]["host_kind"] == "cpu-fake-2c" and len(doc["rows"]) == 6
@@ -225,6 +232,45 @@ def test_json_and_csv_schema_and_merge(tmp_path):
     assert {r["timestamp"] for r in doc["rows"] if r["shape"] == "4x8"} == {META["timestamp"]}
     report.write_results(new, META, tmp_path, merge=False)
     assert len(json.loads(jpath.read_text())["rows"]) == 3
+
+
+def test_dated_results_hold_that_days_rows(tmp_path):
+    report.write_results(fake_rows((4, 8)), META, tmp_path)
+    report.write_results(fake_rows((2, 2)), META, tmp_path)  # the same day: merged into the dated file
+    next_day = dict(META, timestamp="2026-01-02T09:00:00+00:00")
+    report.write_results(fake_rows((2, 2)), next_day, tmp_path)
+    shapes = lambda name: sorted({r["shape"] for r in json.loads((tmp_path / name).read_text())["rows"]})  # noqa: E731
+    assert shapes("cpu-fake-2c-2026-01-01.json") == ["2x2", "4x8"]
+    assert shapes("cpu-fake-2c-2026-01-02.json") == ["2x2"]
+    assert shapes("cpu-fake-2c.json") == ["2x2", "4x8"]  # the latest: every case ever run
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "cpu-fake-2c-2026-01-01.csv", "cpu-fake-2c-2026-01-01.json", "cpu-fake-2c-2026-01-02.csv",
+        "cpu-fake-2c-2026-01-02.json", "cpu-fake-2c.csv", "cpu-fake-2c.json"]
+
+
+def test_merge_by_candidate_keeps_the_other_candidates(tmp_path):
+    report.write_results(fake_rows(), META, tmp_path)
+    fused = [dict(r, timestamp="later") for r in fake_rows() if r["candidate"] == "fused"]
+    jpath, _ = report.write_results(fused, META, tmp_path, by_candidate=True)
+    rows = json.loads(jpath.read_text())["rows"]
+    assert sorted((r["candidate"], r["timestamp"]) for r in rows) == [
+        ("eager", META["timestamp"]), ("fused", "later"), ("torch.compile", META["timestamp"])]
+    jpath, _ = report.write_results(fused, META, tmp_path)  # by case: the case's other rows go
+    assert [r["candidate"] for r in json.loads(jpath.read_text())["rows"]] == ["fused"]
+
+
+def test_run_case_keeps_the_backends_named():
+    budget = Budget(min_rounds=6, max_rounds=6, warmup_calls=1, warmup_s=0)
+    run_case = lambda backends: harness.run_case(  # noqa: E731
+        fake_case(), META, budget, FakeTimer([1e-3, 2e-3]), copy_gbps=10.0, backends=backends,
+        probe=fake_probe(stat=[(0, 0), (100, 0)], own=[0, 2]))
+    rows = run_case(["fused", "eager"])
+    assert [r["candidate"] for r in rows] == ["eager", "fused"]  # the case's order
+    assert rows[1]["speedup_vs_eager"] is not None and rows[1]["speedup_vs_compile"] is None
+    (row,) = run_case(["fused"])  # without eager: no ratio over it
+    assert row["speedup_vs_eager"] is None and row["speedup_vs_compile"] is None
+    assert run_case(["fastbert-cuda"]) == []
+    assert "fused" in report.format_table([row])
 
 
 def test_table_marks_busy_rows():
@@ -309,11 +355,18 @@ def test_run_gelu_end_to_end(tmp_path, capsys):
                    "--case-seconds", "0.1", "--copy-mib", "4", "--device", "cpu",
                    "--out", str(tmp_path)])
     assert rc == 0
+    kind = report.host_info("cpu")["host_kind"]
     pngs = sorted(p.name for p in tmp_path.glob("*.png"))
-    assert [n.rsplit("-", 1)[1] for n in pngs] == ["bandwidth.png", "speedup.png"]
+    assert pngs == [f"{kind}-bandwidth.png", f"{kind}-speedup.png"]  # of the latest file
     files = sorted(p.name for p in tmp_path.iterdir() if p.suffix in (".csv", ".json"))
-    assert len(files) == 2 and files[0].endswith(".csv") and files[1].endswith(".json")
-    doc = json.loads((tmp_path / files[1]).read_text())
+    assert len(files) == 4
+    (dated,) = [f for f in files if f.endswith(".json") and f != f"{kind}.json"]
+    assert re.fullmatch(re.escape(kind) + r"-\d{4}-\d\d-\d\d\.json", dated)
+    assert set(files) == {f"{kind}.json", f"{kind}.csv", dated, dated.replace(".json", ".csv")}
+    doc = json.loads((tmp_path / f"{kind}.json").read_text())
+    assert json.loads((tmp_path / dated).read_text())["rows"] == doc["rows"]
+    assert (tmp_path / f"{kind}.csv").read_text() == (tmp_path / dated).with_suffix(".csv").read_text()
+    assert dated == f"{kind}-{doc['meta']['timestamp'][:10]}.json"
     rows = doc["rows"]
     assert {r["candidate"] for r in rows} == {"eager", "torch.compile", "fastbert-cpu"}
     assert {(r["pass"], r["bytes"]) for r in rows} == {("fwd", 1024), ("fwd+bwd", 2560)}
@@ -321,6 +374,70 @@ def test_run_gelu_end_to_end(tmp_path, capsys):
     assert doc["meta"]["copy_gbps"] > 0 and doc["meta"]["mode"] == "quick"
     assert "torch.compile" in capsys.readouterr().out
     assert not torch.cuda.is_initialized()  # nothing touched CUDA on a CPU run
+
+
+def test_run_backends_without_eager(tmp_path, capsys):
+    """--backends fastbert-cpu: only its rows (no torch.compile compiled), ratios over eager blank,
+    the table and plots drawn all the same; the latest file keeps the other candidates' rows."""
+    argv = ["--ops", "gelu", "--dtype", "fp32", "--shapes", "8x16", "--case-seconds", "0.05",
+            "--copy-mib", "4", "--device", "cpu", "--out", str(tmp_path)]
+    assert run.main(argv + ["--backends", "eager"]) == 0
+    assert run.main(argv + ["--backends", "fastbert-cpu"]) == 0
+    out = capsys.readouterr()
+    assert "plots not written" not in out.err
+    kind = report.host_info("cpu")["host_kind"]
+    rows = json.loads((tmp_path / f"{kind}.json").read_text())["rows"]
+    assert sorted((r["candidate"], r["pass"]) for r in rows) == [
+        ("eager", "fwd"), ("eager", "fwd+bwd"), ("fastbert-cpu", "fwd"), ("fastbert-cpu", "fwd+bwd")]
+    assert {(r["candidate"], r["speedup_vs_eager"], r["speedup_vs_compile"]) for r in rows} == {
+        ("eager", 1.0, None), ("fastbert-cpu", None, None)}  # each run: no ratio over what it left out
+    assert (tmp_path / f"{kind}-bandwidth.png").exists()
+
+
+def test_run_unknown_backend_lists_the_known_ones():
+    with pytest.raises(SystemExit, match=r"unknown backend\(s\) fastbert-nope; known candidates: eager, "
+                                         r"torch\.compile, fastbert-cuda, fastbert-triton, fastbert-cpu"):
+        run.main(["--ops", "gelu", "--device", "cpu", "--backends", "eager", "fastbert-nope"])
+    known = harness.known_candidates(run.discover().values())
+    assert {"eager+gather", "fastbert", "fastbert-unfused", "patched"} <= set(known)
+    assert "fastbert-reference" not in known  # the test oracle is not benchmarked
+
+
+def test_expected_candidates_match_the_cases():
+    """What test_bench.py names its tests after, without a setup, is what a setup gives (CPU)."""
+    modules = run.discover()
+    for op, kw in (("gelu", {"shapes": [(3, 8)]}), ("gather_mlm", {"shapes": [(2, 16, 8), (2, 16, 8, 50)]})):
+        for case in modules[op].cases(dtypes=["float32"], use_compile=False, **kw):
+            expected = harness.expected_candidates(modules[op], case, "cpu")
+            assert [n for n in expected if n != harness.COMPILE] == list(case.setup()), case.key()
+    assert harness.expected_candidates(bench_gelu, bench_gelu.cases()[0], "cpu") == [
+        "eager", "torch.compile", "fastbert-cpu"]
+
+
+def test_pytest_benchmark_collects_and_runs_one_case(tmp_path):
+    """``pytest benchmarks/ --benchmark-only``: one test per case x candidate, narrowed by --bench-*
+    and -k; the plain ``pytest`` (testpaths) never collects benchmarks/."""
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    pytest_ = lambda *a: subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", *a], cwd=root, env=env,
+        capture_output=True, text=True, timeout=300)
+    narrow = ["benchmarks/", "--benchmark-only", "--bench-ops", "gelu", "--bench-shapes", "8x16",
+              "--bench-dtype", "fp32"]
+    got = pytest_(*narrow, "--collect-only")
+    assert got.returncode == 0, got.stdout + got.stderr
+    ids = [line.split("::")[1] for line in got.stdout.splitlines() if "::" in line]
+    assert ids == [f"test_gelu[8x16-float32-{p}-approximate=none-{c}]" for p in ("fwd", "fwd+bwd")
+                   for c in ("eager", "torch.compile", "fastbert-cpu")]
+    got = pytest_(*narrow, "-k", "fwd+bwd and fastbert-cpu", "--bench-rounds", "2",
+                  "--benchmark-json", str(tmp_path / "b.json"))
+    assert got.returncode == 0 and "1 passed" in got.stdout, got.stdout + got.stderr
+    (bench,) = json.loads((tmp_path / "b.json").read_text())["benchmarks"]
+    assert bench["group"] == "bias_gelu 8x16 float32 fwd+bwd approximate=none"
+    assert bench["stats"]["rounds"] == 2 and bench["extra_info"]["candidate"] == "fastbert-cpu"
+    got = pytest_("--collect-only", "tests/test_harness.py")
+    assert got.returncode == 0 and "benchmarks/" not in got.stdout
+    assert 'testpaths = ["tests"]' in (root / "pyproject.toml").read_text()  # `make test`, plain pytest
 
 
 def test_bert_step_cases_run_and_agree():
