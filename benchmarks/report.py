@@ -14,6 +14,7 @@ import math
 import os
 import re
 import subprocess
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -183,7 +184,7 @@ def markdown_summary(doc, name="results", fused=None):
     copy bandwidth and load seen, then :func:`markdown_table` (``fused`` default: the candidate
     ``fastbert-<device>``, else ``fastbert``)."""
     meta, rows = doc.get("meta", {}), doc["rows"]
-    fused = fused or (f"fastbert-{meta.get('device', 'cpu')}", "fastbert")
+    fused = fused or (f"fastbert-{meta.get('device', 'cpu')}", "fastbert", "patched")
     seen = lambda k: ", ".join(sorted({str(r[k]) for r in rows if r.get(k) is not None})  # noqa: E731
                                or [str(meta.get(k, "-"))])
     dates = sorted({r["timestamp"][:10] for r in rows if r.get("timestamp")})
@@ -211,9 +212,32 @@ def write_markdown(results_path, fused=None):
     return out
 
 
-if __name__ == "__main__":  # python -m benchmarks.report results/<host>.json [candidate]
-    import sys
+BEGIN, END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
 
-    md = write_markdown(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None)
+
+def update_readme(readme, summary):
+    """Replace the text between the ``BEGIN`` / ``END`` markers of ``readme`` with ``summary``
+    (its ``#`` title line dropped); ``ValueError`` when the markers are missing."""
+    path = Path(readme)
+    text = path.read_text()
+    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
+        raise ValueError(f"{path}: needs one {BEGIN} ... {END} block")
+    body = "\n".join(summary.splitlines()[1:]).strip()
+    head, rest = text.split(BEGIN)
+    path.write_text(f"{head}{BEGIN}\n{body}\n{END}{rest.split(END, 1)[1]}")
+    return path
+
+
+if __name__ == "__main__":  # python -m benchmarks.report results/<host>.json [--candidate C] [--readme README.md]
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.report", description="Markdown summary of a results file")
+    p.add_argument("results")
+    p.add_argument("--candidate", help="the fastbert candidate of the table (default fastbert-<device>, else fastbert)")
+    p.add_argument("--readme", help="also put the summary between the benchmark markers of this README")
+    args = p.parse_args()
+    md = write_markdown(args.results, args.candidate)
     print(md.read_text(), end="")
     print(f"wrote {md}", file=sys.stderr)
+    if args.readme:
+        print(f"updated {update_readme(args.readme, md.read_text())}", file=sys.stderr)

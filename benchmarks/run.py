@@ -141,6 +141,8 @@ def main(argv=None):
           f"{min(loads, default=0):.2f}-{max(loads, default=0):.2f} cores, "
           f"{busy} rows flagged busy (*); wrote {json_path} and {csv_path}, and the dated "
           f"copies {dated}.json and .csv")
+    print(f"wrote {report.write_markdown(json_path)} (python -m benchmarks.report {json_path} --readme README.md "
+          "puts it in the README)")
     if not args.no_plots:
         try:
             from benchmarks import plots

@@ -181,3 +181,13 @@ def test_markdown_summary_written(tmp_path):
     assert "measured 2026-01-02, commit abc; torch 2.0" in text and "1 rows flagged busy" in text
     assert "| bias_gelu | 64x64 | float32 | fwd | approximate=none | 2 | 1.5 | 1 (0.95-1.05) | 2.00 | 1.33 |" in text
     assert "| bert_pretrain | 64x64 | float32 | step | preset=mini |" in text  # its fused candidate: fastbert
+
+
+def test_readme_block_is_replaced(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{report.BEGIN}\nold table\n{report.END}\nafter\n")
+    report.update_readme(readme, "# Benchmarks: X\n\nline one\n| a | b |\n")
+    assert readme.read_text() == f"intro\n{report.BEGIN}\nline one\n| a | b |\n{report.END}\nafter\n"
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError, match="needs one"):
+        report.update_readme(readme, "# t\nx\n")
