@@ -146,7 +146,7 @@ class _MaskedLM:
     def forward(self, *args, **kwargs):
         spec = self.fastbert_mlm
         original = type(self).fastbert_original.forward
-        a = inspect.signature(original).bind(self, *args, **kwargs).arguments
+        a = _signature(original).bind(self, *args, **kwargs).arguments
         extra = dict(a.pop("kwargs", {}))
         labels, nsp_labels = a.pop("labels", None), a.pop("next_sentence_label", None)
         return_dict = extra.pop("return_dict", None)
@@ -175,6 +175,12 @@ class _MaskedLM:
             res = _output_class(self, spec)(loss=loss, prediction_logits=logits, seq_relationship_logits=nsp_logits,
                                             hidden_states=out.hidden_states, attentions=out.attentions)
         return res.to_tuple() if return_dict is False else res
+
+
+@functools.lru_cache(maxsize=None)
+def _signature(forward):
+    """The original forward's signature, computed once per class (not on every call)."""
+    return inspect.signature(forward)
 
 
 def _activation(act):

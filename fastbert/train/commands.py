@@ -86,12 +86,12 @@ def load_documents(corpus):
     return read_documents(corpus) if corpus else default_corpus_documents()
 
 
-def make_tokenizer(s, out, sentences, env):
+def make_tokenizer(s, out, sentences, env, resume):
     """Load the run's tokenizer (resume), the one given by --vocab, or train one (rank 0, the
     others wait and load it); saved in ``<out>/tokenizer``."""
     from fastbert.data import WordPieceTokenizer
     folder = out / "tokenizer"
-    if (folder / "tokenizer.json").exists() and s.get("_resumed"):
+    if resume and (folder / "tokenizer.json").exists():
         return WordPieceTokenizer.load(folder)
     if env.main:
         if s["vocab"]:
@@ -119,12 +119,13 @@ def pretrain_command(args):
     say = print if env.main else (lambda *a, **k: None)
     t0 = time.time()
     train_docs, held_docs = split_documents(load_documents(s["corpus"]), s["eval_fraction"])
-    tok = make_tokenizer({**s, "_resumed": args.resume}, out, [x for d in train_docs for x in d.sentences], env)
+    tok = make_tokenizer(s, out, [x for d in train_docs for x in d.sentences], env, args.resume)
     examples = nsp_examples(train_docs, tok, max_seq_length=s["seq_len"], seed=s["seed"])
     held = nsp_examples(held_docs, tok, max_seq_length=s["seq_len"], seed=s["seed"] + 1) if len(held_docs) > 1 else []
     torch.manual_seed(s["seed"])
-    if args.resume and latest_checkpoint(out) is not None:
-        config = BertConfig.from_json_file(latest_checkpoint(out) / "config.json")
+    last = latest_checkpoint(out) if args.resume else None
+    if last is not None:
+        config = BertConfig.from_json_file(last / "config.json")
     else:
         config = BertConfig.from_preset(s["preset"], vocab_size=tok.vocab_size)
     model = BertForPreTraining(config).to(env.device)
