@@ -146,7 +146,7 @@ class _MaskedLM:
     def forward(self, *args, **kwargs):
         spec = self.fastbert_mlm
         original = type(self).fastbert_original.forward
-        a = _signature(original).bind(self, *args, **kwargs).arguments
+        a = type(self).fastbert_signature.bind(self, *args, **kwargs).arguments
         extra = dict(a.pop("kwargs", {}))
         labels, nsp_labels = a.pop("labels", None), a.pop("next_sentence_label", None)
         return_dict = extra.pop("return_dict", None)
@@ -175,12 +175,6 @@ class _MaskedLM:
             res = _output_class(self, spec)(loss=loss, prediction_logits=logits, seq_relationship_logits=nsp_logits,
                                             hidden_states=out.hidden_states, attentions=out.attentions)
         return res.to_tuple() if return_dict is False else res
-
-
-@functools.lru_cache(maxsize=None)
-def _signature(forward):
-    """The original forward's signature, computed once per class (not on every call)."""
-    return inspect.signature(forward)
 
 
 def _activation(act):
@@ -228,6 +222,7 @@ def _swap(module, mixin, **attrs):
         body = {"fastbert_original": cls, "__module__": __name__}
         if mixin is _MaskedLM:  # keep the original signature visible (Trainer drops dataset columns by it)
             body["forward"] = functools.wraps(cls.forward)(lambda self, *a, **k: _MaskedLM.forward(self, *a, **k))
+            body["fastbert_signature"] = inspect.signature(cls.forward)  # bound on every call: computed once
         sub = type(f"Fused{cls.__name__}", (mixin, cls), body)
         _SUBCLASSES[(cls, mixin)] = sub
     for k, v in attrs.items():
