@@ -122,3 +122,39 @@ def linear_cross_entropy(rows, weight, bias, targets, ignore_index=-100, reducti
         n = (targets != ignore_index).sum()
         return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum") / n.clamp(min=1)
     return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction=reduction)
+
+
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p=0.0, seed=None):
+    """Attention within each packed sequence: ``(out [T, heads, D], lse [heads, T])``.
+
+    ``q, k, v``: ``[T, heads, D]``, sequence ``b`` is rows ``cu_seqlens[b] : cu_seqlens[b + 1]``.
+    ``out = dropout(softmax(q k^T * scale)) v`` per sequence and head; ``lse`` is the fp32 (fp64 for
+    fp64) log-sum-exp of each query row's scaled scores (-inf for no keys: never, in self-attention).
+    Dropout element of (head h, query row t, key j of t's sequence) is ``(h * T + t) * max_seqlen + j``
+    on the shared Philox stream (:mod:`fastbert.philox`).
+    """
+    from fastbert import philox
+
+    acc = _acc(q.dtype)
+    t_all, heads, _ = q.shape
+    keep = None
+    if seed is not None and dropout_p > 0:
+        keep = philox.keep_mask(int(seed.reshape(-1)[0]), (heads, t_all, max_seqlen), dropout_p, q.device)
+    outs, lses = [], []
+    cu = cu_seqlens.tolist()
+    for b in range(len(cu) - 1):
+        s, e = cu[b], cu[b + 1]
+        if e == s:
+            continue
+        qb, kb, vb = (t[s:e].to(acc).transpose(0, 1) for t in (q, k, v))  # [heads, L, D]
+        x = (qb @ kb.transpose(-1, -2)) * scale
+        lse = torch.logsumexp(x, -1)
+        p = torch.exp(x - lse[..., None])
+        if keep is not None:
+            p = torch.where(keep[:, s:e, :e - s], p * philox.scale(dropout_p), torch.zeros((), dtype=acc,
+                                                                                          device=p.device))
+        outs.append((p @ vb).transpose(0, 1))
+        lses.append(lse)
+    out = torch.cat(outs) if outs else q.new_zeros(q.shape, dtype=acc)
+    lse = torch.cat(lses, 1) if lses else q.new_zeros((heads, 0), dtype=acc)
+    return out.to(q.dtype), lse.to(acc)

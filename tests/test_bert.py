@@ -32,7 +32,8 @@ def batch(vocab=99, b=3, s=11):
     mask[1, 7:] = 0  # padding in the batch
     tt = torch.zeros(b, s, dtype=torch.long)
     tt[:, s // 2:] = 1
-    labels = torch.where(torch.rand(b, s) < 0.3, ids, torch.full_like(ids, -100))
+    # labelled real tokens only (unpadded models ignore labels at padding: see test_unpad.py)
+    labels = torch.where((torch.rand(b, s) < 0.3) & mask.bool(), ids, torch.full_like(ids, -100))
     labels[0, 0] = ids[0, 0]  # at least one labelled token
     return dict(input_ids=ids, attention_mask=mask, token_type_ids=tt), labels
 
@@ -72,20 +73,29 @@ def run(model, name, inputs, extra, proj):
     return out
 
 
+def at_real(hidden, inputs, unpad):
+    """Unpadded models compute real positions only (zeros elsewhere): compare those."""
+    return hidden[inputs["attention_mask"].bool()] if unpad else hidden
+
+
+@pytest.mark.parametrize("unpad", [True, False], ids=["unpadded", "padded"])
 @pytest.mark.parametrize("hidden_act", ["gelu", "gelu_new"])
 @pytest.mark.parametrize("name", CLASSES)
-def test_hugging_face_checkpoint_parity(tmp_path, seed, name, hidden_act):
+def test_hugging_face_checkpoint_parity(tmp_path, seed, name, hidden_act, unpad):
     hf = hf_model(name, hidden_act)
     hf.save_pretrained(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # every weight found, none unused
-        fb = FASTBERT[name].from_pretrained(tmp_path).eval()
+        fb = FASTBERT[name].from_pretrained(tmp_path, unpad=unpad).eval()
     inputs, labels = batch()
     extra = targets(name, labels)
     proj = torch.randn(3, 11, 32)
+    if unpad:  # padding positions are not computed: they carry no gradient
+        proj = proj * inputs["attention_mask"][..., None]
     ho, fo = run(hf, name, inputs, extra, proj), run(fb, name, inputs, extra, proj)
     if name == "BertModel":
-        torch.testing.assert_close(fo.last_hidden_state, ho.last_hidden_state, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(at_real(fo.last_hidden_state, inputs, unpad),
+                                   at_real(ho.last_hidden_state, inputs, unpad), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(fo.pooler_output, ho.pooler_output, rtol=1e-5, atol=1e-5)
     else:
         torch.testing.assert_close(fo.loss, ho.loss, rtol=1e-5, atol=1e-6)
@@ -104,7 +114,8 @@ def test_save_pretrained_loads_in_transformers(tmp_path, seed, name):
     with torch.no_grad():
         ho, fo = hf.eval()(**inputs, **extra), fb(**inputs, **extra)
     if name == "BertModel":
-        torch.testing.assert_close(fo.last_hidden_state, ho.last_hidden_state, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(at_real(fo.last_hidden_state, inputs, True),
+                                   at_real(ho.last_hidden_state, inputs, True), rtol=1e-5, atol=1e-5)
     else:
         torch.testing.assert_close(fo.loss, ho.loss, rtol=1e-5, atol=1e-6)
     assert json.loads((tmp_path / "config.json").read_text())["architectures"] == [name]
@@ -117,7 +128,8 @@ def test_logits_without_labels_match(tmp_path, seed):
     inputs, _ = batch()
     with torch.no_grad():
         ho, fo = hf(**inputs), fb(**inputs)
-    torch.testing.assert_close(fo.prediction_logits, ho.prediction_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(at_real(fo.prediction_logits, inputs, True), at_real(ho.prediction_logits, inputs, True),
+                               rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fo.seq_relationship_logits, ho.seq_relationship_logits, rtol=1e-5, atol=1e-5)
 
 
@@ -177,8 +189,8 @@ def test_old_names_bare_encoder_and_missing_heads(tmp_path, seed):
         fb = BertForPreTraining.from_pretrained(tmp_path).eval()
     inputs, _ = batch()
     with torch.no_grad():
-        torch.testing.assert_close(fb.bert(**inputs).last_hidden_state, hf(**inputs).last_hidden_state,
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(at_real(fb.bert(**inputs).last_hidden_state, inputs, True),
+                                   at_real(hf(**inputs).last_hidden_state, inputs, True), rtol=1e-5, atol=1e-5)
     with pytest.warns(UserWarning, match=r"not used by this model: .*cls\.predictions\.bias"):
         hf_pre = hf_model("BertForPreTraining")
         hf_pre.save_pretrained(tmp_path / "pre")

@@ -6,6 +6,16 @@ transform runs on those, and ``linear_cross_entropy`` scores them against the (t
 materialising the ``[M, vocab]`` logits. Without labels the models return the full logits instead.
 MLM accuracy needs the arg-max of the logits, which the fused loss never holds: it is computed
 (under no_grad, chunk by chunk) when ``with_accuracy`` is true, by default only in eval mode.
+
+Unpadded execution (``BertConfig.unpad``, on by default): given an ``attention_mask``, ``BertModel``
+selects the real tokens once (:func:`fastbert.ops.packing`: token, position and token-type ids are
+picked before the embeddings, positions as the padded path numbers them), and the embeddings, every
+encoder layer, the MLM gather and head run on those ``T`` tokens only; attention sees each sequence's
+own tokens. ``last_hidden_state`` is rebuilt as ``[B, S, H]`` with zeros at padding positions
+(:func:`fastbert.ops.pad`), the pooler reads each sequence's first real token (its ``[CLS]``, also
+under left padding), and MLM labels at padding positions are ignored. A row whose mask is all zeros
+has no real token: its hidden states are zeros and its pooled output is the pooler of a zero vector
+(``tanh(pooler.dense.bias)``), never NaN. ``unpad=False`` computes every position (the padded path).
 """
 
 from dataclasses import dataclass
@@ -27,6 +37,8 @@ IGNORE = -100
 class BertOutput:
     last_hidden_state: torch.Tensor
     pooler_output: Optional[torch.Tensor] = None
+    packed: Optional[torch.Tensor] = None              # unpadded path: the real tokens' hidden states [T, H]
+    packing: Optional[ops.Packing] = None              # ... and where they sit in [B, S]
 
 
 @dataclass
@@ -135,15 +147,40 @@ class BertModel(BertPreTrainedModel):
         self.check_inputs(input_ids, attention_mask, token_type_ids)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
+        if self.config.unpad and attention_mask is not None:
+            return self.forward_unpadded(input_ids, attention_mask, token_type_ids)
         x = self.embeddings(input_ids, token_type_ids)
         key_mask = additive = None
         if attention_mask is not None:
-            key_mask = attention_mask.bool()
-            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-            additive = torch.zeros(key_mask.shape, dtype=dtype, device=x.device).masked_fill_(
-                ~key_mask, torch.finfo(dtype).min)[:, None, None, :]
+            key_mask, additive = self.masks(attention_mask, x)
         hidden = self.encoder(x, key_mask, additive)
-        return BertOutput(hidden, self.pooler(hidden) if self.pooler is not None else None)
+        return BertOutput(hidden, self.pooler(hidden[:, 0]) if self.pooler is not None else None)
+
+    @staticmethod
+    def masks(attention_mask, x):
+        """The bool key-padding mask ``[B, S]`` and its additive ``[B, 1, 1, S]`` form for eager/SDPA."""
+        key_mask = attention_mask.bool()
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        additive = torch.zeros(key_mask.shape, dtype=dtype, device=x.device).masked_fill_(
+            ~key_mask, torch.finfo(dtype).min)[:, None, None, :]
+        return key_mask, additive
+
+    def forward_unpadded(self, input_ids, attention_mask, token_type_ids):
+        """The encoder on the real tokens only (see the module docstring)."""
+        p = ops.packing(attention_mask)
+        idx = p.indices
+        x = self.embeddings(input_ids.reshape(-1)[idx], token_type_ids.reshape(-1)[idx], idx % p.seqlen)
+        key_mask = additive = None
+        if not all(self.encoder.layer[0].attention.self.varlen.values()):  # pad-attend-unpad needs masks
+            key_mask, additive = self.masks(p.slot.view(p.batch, p.seqlen) >= 0, x)
+        x = self.encoder(x, key_mask, additive, p)
+        pooled = None
+        if self.pooler is not None:
+            first = p.cu_seqlens[:-1].long()
+            nonempty = (p.cu_seqlens[1:] > p.cu_seqlens[:-1])[:, None]
+            cls = x[first.clamp(max=max(p.total - 1, 0))] if p.total else x.new_zeros((p.batch, x.shape[-1]))
+            pooled = self.pooler(torch.where(nonempty, cls, torch.zeros((), dtype=cls.dtype, device=cls.device)))
+        return BertOutput(ops.pad(x, p), pooled, x, p)
 
 
 class MLMHead(nn.Module):
@@ -188,6 +225,23 @@ class MLMHead(nn.Module):
         return correct.float() / max(x.shape[0], 1)
 
 
+def _mlm_rows(out, labels):
+    """``(hidden, labels)`` for the MLM loss: the packed rows and their labels when unpadded."""
+    p = out.packing
+    if p is None:
+        return out.last_hidden_state, labels
+    if labels.shape != (p.batch, p.seqlen):
+        raise ValueError(f"BERT: labels must have shape {[p.batch, p.seqlen]}, got {list(labels.shape)}")
+    return out.packed, labels.reshape(-1)[p.indices]
+
+
+def _full_logits(head, out):
+    """``[B, S, vocab]`` logits; unpadded, computed on the real tokens (zeros at padding)."""
+    if out.packing is None:
+        return head.logits(out.last_hidden_state)
+    return ops.pad(head.logits(out.packed), out.packing)
+
+
 class PreTrainingHeads(nn.Module):
     def __init__(self, config, word_embeddings):
         super().__init__()
@@ -215,9 +269,9 @@ class BertForPreTraining(BertPreTrainedModel):
         with_accuracy = not self.training if with_accuracy is None else with_accuracy
         res = PreTrainingOutput(seq_relationship_logits=nsp_logits)
         if labels is None:
-            res.prediction_logits = self.cls.predictions.logits(out.last_hidden_state)
+            res.prediction_logits = _full_logits(self.cls.predictions, out)
         else:
-            res.mlm_loss, res.mlm_accuracy = self.cls.predictions.loss(out.last_hidden_state, labels, with_accuracy)
+            res.mlm_loss, res.mlm_accuracy = self.cls.predictions.loss(*_mlm_rows(out, labels), with_accuracy)
             res.loss = res.mlm_loss
         if next_sentence_label is not None:
             res.nsp_loss = F.cross_entropy(nsp_logits, next_sentence_label.reshape(-1))
@@ -244,11 +298,11 @@ class BertForMaskedLM(BertPreTrainedModel):
         self.init_weights()
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, with_accuracy=None):
-        hidden = self.bert(input_ids, attention_mask, token_type_ids).last_hidden_state
+        out = self.bert(input_ids, attention_mask, token_type_ids)
         if labels is None:
-            return MaskedLMOutput(logits=self.cls.predictions.logits(hidden))
+            return MaskedLMOutput(logits=_full_logits(self.cls.predictions, out))
         with_accuracy = not self.training if with_accuracy is None else with_accuracy
-        return MaskedLMOutput(*self.cls.predictions.loss(hidden, labels, with_accuracy))
+        return MaskedLMOutput(*self.cls.predictions.loss(*_mlm_rows(out, labels), with_accuracy))
 
 
 class BertForSequenceClassification(BertPreTrainedModel):

@@ -3,7 +3,12 @@
 Field names are Hugging Face's (``hidden_size``, ``num_hidden_layers``, ...), so a ``config.json``
 reads and writes as it is. fastbert's own fields: ``fused`` (``True``: every fused op; ``False``:
 eager PyTorch; or a collection of op names to fuse, the others eager) and ``attention``
-(``"fused"``: ``masked_softmax`` between two matmuls; ``"sdpa"``: ``F.scaled_dot_product_attention``).
+(``"fused"``: ``masked_softmax`` between two matmuls; ``"sdpa"``: ``F.scaled_dot_product_attention``),
+``unpad`` (``True``, the default: with an ``attention_mask``, only the real tokens are computed, see
+fastbert/models/bert.py; ``False``: every position, padding included) and ``unpad_attention``
+(``"varlen"``: :func:`fastbert.ops.varlen_attention` on the packed tokens; ``"pad"``: re-pad Q/K/V,
+attend as the padded path does, unpad the context; ``"auto"``: the faster one measured for the device,
+:data:`UNPAD_ATTENTION`).
 """
 
 import dataclasses
@@ -16,6 +21,12 @@ from typing import Optional, Union
 HIDDEN_ACTS = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_tanh": "tanh"}
 FUSABLE = ("bias_gelu", "layernorm_residual", "masked_softmax", "mlm_loss")
 ATTENTION = ("fused", "sdpa")
+UNPAD_ATTENTION_CHOICES = ("auto", "varlen", "pad")
+# unpad_attention="auto": per device type, the attention measured faster on unpadded batches
+# (benchmarks/bench_bert.py's realistic case; see the README's benchmark table)
+UNPAD_ATTENTION = {"cpu": "varlen", "cuda": "varlen"}
+
+FASTBERT_FIELDS = ("fused", "attention", "unpad", "unpad_attention", "extra")  # not in config.json
 
 # Google's BERT sizes (the miniatures of "Well-Read Students Learn Better" for tiny/mini/small)
 PRESETS = {
@@ -47,6 +58,8 @@ class BertConfig:
     classifier_dropout: Optional[float] = None
     fused: Union[bool, tuple] = True
     attention: str = "fused"
+    unpad: bool = True
+    unpad_attention: str = "auto"
     extra: dict = field(default_factory=dict, repr=False)  # other config.json entries, kept for saving
 
     def __post_init__(self):
@@ -65,6 +78,11 @@ class BertConfig:
                 raise ValueError(f"BertConfig: {name} must be in [0, 1), got {getattr(self, name)!r}")
         if self.attention not in ATTENTION:
             raise ValueError(f"BertConfig: attention must be one of {ATTENTION}, got {self.attention!r}")
+        if self.unpad_attention not in UNPAD_ATTENTION_CHOICES:
+            raise ValueError(f"BertConfig: unpad_attention must be one of {UNPAD_ATTENTION_CHOICES}, got "
+                             f"{self.unpad_attention!r}")
+        if not isinstance(self.unpad, bool):
+            raise ValueError(f"BertConfig: unpad must be True or False, got {self.unpad!r}")
         if not isinstance(self.fused, bool):
             self.fused = tuple(self.fused)
             unknown = set(self.fused) - set(FUSABLE)
@@ -78,6 +96,12 @@ class BertConfig:
     @property
     def head_dim(self):
         return self.hidden_size // self.num_attention_heads
+
+    def attention_for_unpadded(self, device_type):
+        """``"varlen"`` or ``"pad"``: how attention runs on unpadded tokens of this device type."""
+        if self.unpad_attention != "auto":
+            return self.unpad_attention
+        return UNPAD_ATTENTION.get(device_type, "pad")
 
     def fuses(self, op):
         """Whether ``op`` (one of ``FUSABLE``) runs on fastbert's fused kernel."""
@@ -98,7 +122,7 @@ class BertConfig:
     def from_hf_dict(cls, d, **overrides):
         if d.get("model_type", "bert") != "bert":
             raise ValueError(f"BertConfig: config.json is for model_type {d['model_type']!r}, not 'bert'")
-        names = {f.name for f in dataclasses.fields(cls)} - {"fused", "attention", "extra"}
+        names = {f.name for f in dataclasses.fields(cls)} - set(FASTBERT_FIELDS)
         known = {k: v for k, v in d.items() if k in names}
         if "id2label" in d and "num_labels" not in d:
             known["num_labels"] = len(d["id2label"])
@@ -110,7 +134,7 @@ class BertConfig:
     def to_hf_dict(self):
         d = {k: v for k, v in self.extra.items() if k not in ("transformers_version",)}
         d.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                  if f.name not in ("fused", "attention", "extra", "num_labels")})
+                  if f.name not in FASTBERT_FIELDS + ("num_labels",)})
         d["model_type"] = "bert"
         labels = self.extra.get("id2label")
         d["id2label"] = labels if labels and len(labels) == self.num_labels else {

@@ -8,6 +8,11 @@ Each sub-layer output is ``layernorm_residual(x @ W.T, residual, ..., x_bias=b)`
 dropout, the residual add and LayerNorm in one pass; the intermediate layer is ``x @ W.T`` then
 ``bias_gelu``; attention probabilities come from ``masked_softmax`` (scale, key-padding mask and
 dropout in one pass).
+
+Unpadded execution (``BertConfig.unpad``, fastbert/models/bert.py): the encoder then runs on the
+real tokens ``[T, H]`` of a :class:`fastbert.ops.Packing`; every layer but attention is token-wise
+and runs as it is, attention sees each sequence's own tokens (``varlen_attention``, or re-padded Q/K/V
+through the padded path's attention and the context unpadded again).
 """
 
 import math
@@ -64,25 +69,45 @@ class SelfAttention(nn.Module):
         self.p = config.attention_probs_dropout_prob
         self.fused = config.fuses("masked_softmax")
         self.sdpa = config.attention == "sdpa"
+        self.varlen = {d: config.attention_for_unpadded(d) == "varlen" for d in ("cpu", "cuda")}
 
-    def forward(self, x, key_mask, additive_mask):
-        """``key_mask``: bool ``[B, S]`` (True = attend) or None; ``additive_mask``: its
-        ``[B, 1, 1, S]`` float form (0 / finfo.min) for the eager and SDPA paths, or None."""
+    def forward(self, x, key_mask, additive_mask, packing=None):
+        """``x``: ``[B, S, H]``, or the packed ``[T, H]`` when ``packing`` is given. ``key_mask``:
+        bool ``[B, S]`` (True = attend) or None; ``additive_mask``: its ``[B, 1, 1, S]`` float form
+        (0 / finfo.min) for the eager and SDPA paths, or None."""
+        if packing is not None:
+            return self.packed(x, key_mask, additive_mask, packing)
         b, s, h = x.shape
         q, k, v = self.qkv(x).view(b, s, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.attend(q, k, v, key_mask, additive_mask).transpose(1, 2).reshape(b, s, h)
+
+    def packed(self, x, key_mask, additive_mask, p):
+        """Attention on packed tokens ``[T, H]``: each sequence attends to its own tokens only."""
+        t, h = x.shape
+        qkv = self.qkv(x)
+        if self.varlen.get(x.device.type, False):
+            q, k, v = qkv.view(t, 3, self.heads, self.head_dim).unbind(1)
+            ctx = ops.varlen_attention(q, k, v, p.cu_seqlens, p.max_seqlen, 1.0 / math.sqrt(self.head_dim),
+                                       self.p if self.training else 0.0)
+            return ctx.reshape(t, h)
+        padded = ops.pad(qkv, p).view(p.batch, p.seqlen, 3, self.heads, self.head_dim)
+        q, k, v = padded.permute(2, 0, 3, 1, 4).unbind(0)
+        ctx = self.attend(q, k, v, key_mask, additive_mask).transpose(1, 2)
+        return ops.unpad(ctx.reshape(p.batch, p.seqlen, h), p)
+
+    def attend(self, q, k, v, key_mask, additive_mask):
+        """``[B, heads, S, D]`` context of padded ``q, k, v``."""
         p = self.p if self.training else 0.0
         if self.sdpa:
-            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=additive_mask, dropout_p=p)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=additive_mask, dropout_p=p)
+        scores = q @ k.transpose(-1, -2)
+        scale = 1.0 / math.sqrt(self.head_dim)
+        if self.fused:
+            probs = ops.masked_softmax(scores, key_mask, scale, dropout_p=self.p, training=self.training)
         else:
-            scores = q @ k.transpose(-1, -2)
-            scale = 1.0 / math.sqrt(self.head_dim)
-            if self.fused:
-                probs = ops.masked_softmax(scores, key_mask, scale, dropout_p=self.p, training=self.training)
-            else:
-                x = scores * scale if additive_mask is None else scores * scale + additive_mask
-                probs = F.dropout(torch.softmax(x, -1), p, self.training)
-            ctx = probs @ v
-        return ctx.transpose(1, 2).reshape(b, s, h)
+            x = scores * scale if additive_mask is None else scores * scale + additive_mask
+            probs = F.dropout(torch.softmax(x, -1), p, self.training)
+        return probs @ v
 
 
 class Attention(nn.Module):
@@ -91,8 +116,8 @@ class Attention(nn.Module):
         self.self = SelfAttention(config)
         self.output = AddNorm(config.hidden_size, config.hidden_size, config)
 
-    def forward(self, x, key_mask, additive_mask):
-        return self.output(self.self(x, key_mask, additive_mask), x)
+    def forward(self, x, key_mask, additive_mask, packing=None):
+        return self.output(self.self(x, key_mask, additive_mask, packing), x)
 
 
 class Layer(nn.Module):
@@ -102,8 +127,8 @@ class Layer(nn.Module):
         self.intermediate = Intermediate(config)
         self.output = AddNorm(config.intermediate_size, config.hidden_size, config)
 
-    def forward(self, x, key_mask, additive_mask):
-        a = self.attention(x, key_mask, additive_mask)
+    def forward(self, x, key_mask, additive_mask, packing=None):
+        a = self.attention(x, key_mask, additive_mask, packing)
         return self.output(self.intermediate(a), a)
 
 
@@ -112,9 +137,9 @@ class Encoder(nn.Module):
         super().__init__()
         self.layer = nn.ModuleList(Layer(config) for _ in range(config.num_hidden_layers))
 
-    def forward(self, x, key_mask, additive_mask):
+    def forward(self, x, key_mask, additive_mask, packing=None):
         for layer in self.layer:
-            x = layer(x, key_mask, additive_mask)
+            x = layer(x, key_mask, additive_mask, packing)
         return x
 
 
@@ -130,9 +155,13 @@ class Embeddings(nn.Module):
         self.p = config.hidden_dropout_prob
         self.fused = config.fuses("layernorm_residual")
 
-    def forward(self, input_ids, token_type_ids):
-        s = input_ids.shape[1]
-        rest = self.position_embeddings.weight[:s] + self.token_type_embeddings(token_type_ids)
+    def forward(self, input_ids, token_type_ids, position_ids=None):
+        """``[B, S]`` ids (positions ``0 .. S-1``), or packed ``[T]`` ids with their ``position_ids``."""
+        if position_ids is None:
+            pos = self.position_embeddings.weight[:input_ids.shape[1]]
+        else:
+            pos = self.position_embeddings(position_ids)
+        rest = pos + self.token_type_embeddings(token_type_ids)
         words, ln = self.word_embeddings(input_ids), self.LayerNorm
         if self.fused:
             x = ops.layernorm_residual(words, rest, ln.weight, ln.bias, ln.eps)
@@ -146,8 +175,9 @@ class Pooler(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def forward(self, hidden):
-        return torch.tanh(self.dense(hidden[:, 0]))
+    def forward(self, cls):
+        """``tanh(dense(cls))`` of each sequence's first token ``[B, H]``."""
+        return torch.tanh(self.dense(cls))
 
 
 class MLMTransform(nn.Module):

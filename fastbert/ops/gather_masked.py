@@ -52,6 +52,20 @@ def backward(ctx, bwd_op, grad, _grad_targets=None, _grad_index=None, _grad_slot
 
 _library.register_autograd(f"fastbert::{OP}_fwd", torch.ops.fastbert.gather_masked_bwd.default,
                            setup_context, backward)
+
+
+def bwd_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+
+
+def bwd_backward(ctx, fwd_op, grad):
+    """The backward's own gradient (it is :func:`fastbert.ops.pad`): the gather of the selected rows."""
+    (slot,) = ctx.saved_tensors
+    return fwd_op(grad.contiguous(), slot, -1)[0], None
+
+
+_library.register_autograd(f"fastbert::{OP}_bwd", torch.ops.fastbert.gather_masked_fwd.default,
+                           bwd_setup_context, bwd_backward)
 backends.register_op(OP)
 
 

@@ -155,6 +155,7 @@ def pretrain_command(args):
                "examples": len(examples), "device": str(env.device), "processes": env.world_size,
                "wall_s": round(time.time() - t0, 1),
                "tokens_per_s_median": sorted(h["tokens_per_s"] for h in history)[len(history) // 2],
+               "padding": padding_summary(model, [h.get("padding", 0.0) for h in history]),
                "first_mlm_loss": history[0]["mlm_loss"], "last_mlm_loss_mean10":
                    sum(h["mlm_loss"] for h in history[-10:]) / len(history[-10:])}
     if held:
@@ -169,6 +170,7 @@ def pretrain_command(args):
         h = summary["held_out"]
         print(f"held out ({h['examples']} pairs, {h['masked_tokens']} masked tokens): MLM loss {h['mlm_loss']:.3f}, "
               f"MLM accuracy {h['mlm_accuracy']:.1%}, NSP accuracy {h['nsp_accuracy']:.1%}")
+    print(padding_line(summary["padding"]))
     print(f"median {summary['tokens_per_s_median']:.0f} tokens/s; {summary['wall_s']:.0f} s in all; "
           f"loss curve {png}; checkpoint {latest_checkpoint(out)}")
     return 0
@@ -229,13 +231,29 @@ def finetune_command(args):
         res = finetune(model.to(device), train, test, tok.pad_id, fc, out_dir=out / run, progress=args.progress)
         model.save_pretrained(out / run / "model")
         results[run] = {"accuracy": res["accuracy"], "evals": res["evals"], "steps": len(res["history"]),
-                        "wall_s": round(time.time() - t0, 1)}
+                        "wall_s": round(time.time() - t0, 1),
+                        "padding": padding_summary(model, [h["padding"] for h in res["history"]])}
+        print(padding_line(results[run]["padding"]))
         print(f"{run}: held-out accuracy {res['accuracy']:.1%} after {len(res['history'])} steps "
               f"({results[run]['wall_s']:.0f} s)")
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"checkpoint": str(ckpt), "classes": [d.title for d in docs],
                                                   "train": len(train), "test": len(test), **results}, indent=1) + "\n")
     return 0
+
+
+def padding_summary(model, fractions):
+    """The mean padding fraction of the batches, and whether the model computed the padding."""
+    config = getattr(model, "config", None)
+    unpadded = bool(getattr(config, "unpad", False))
+    mean = sum(fractions) / len(fractions) if fractions else 0.0
+    return {"batch_padding": round(mean, 4), "unpadded": unpadded, "computed_padding": 0.0 if unpadded else round(mean, 4)}
+
+
+def padding_line(p):
+    how = ("unpadded execution: only real tokens computed" if p["unpadded"]
+           else "padded execution (unpad=False): padding computed too")
+    return f"batches were {p['batch_padding']:.1%} padding; {how}"
 
 
 def max_class_share(passages):

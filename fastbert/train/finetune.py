@@ -108,8 +108,8 @@ def finetune(model, train, test, pad_id, config=None, out_dir=None, progress=Tru
     """Fine-tune ``model`` (a ``BertForSequenceClassification``) on ``train`` passages, evaluating on
     ``test`` after each epoch (and at ``config.max_steps`` if it ends the run mid-epoch).
 
-    Returns ``{"history": [{"step", "epoch", "loss", "accuracy", "lr"}, ...] (one per step; ``lr``
-    is the rate the step used), "evals": [{"epoch", "step", "accuracy", "loss", "per_class"}, ...],
+    Returns ``{"history": [{"step", "epoch", "loss", "accuracy", "lr", "padding"}, ...] (one per step;
+    ``lr`` is the rate the step used, ``padding`` the batch's fraction of padding positions), "evals": [{"epoch", "step", "accuracy", "loss", "per_class"}, ...],
     "accuracy": the last evaluation's test accuracy}``. With ``out_dir``, every step and evaluation
     is also appended to ``<out_dir>/finetune_metrics.jsonl`` (a ``"kind"`` field: ``"train"`` or
     ``"eval"``). Seeds the global torch RNG with ``config.seed`` (dropout); the model ends in the
@@ -161,8 +161,10 @@ def finetune(model, train, test, pad_id, config=None, out_dir=None, progress=Tru
                 opt.step()
                 sched.step()
                 step += 1
+                mask = batch["attention_mask"]
                 row = {"step": step, "epoch": epoch, "loss": float(res.loss.detach()),
-                       "accuracy": float(res.accuracy), "lr": lr}
+                       "accuracy": float(res.accuracy), "lr": lr,
+                       "padding": 1.0 - int(mask.sum()) / max(mask.numel(), 1)}
                 history.append(row)
                 record("train", row)
                 bar.update(1)

@@ -187,7 +187,7 @@ def pretrain(model, examples, collate, config, out_dir, resume=False, progress=T
                 begun = (data.position, collate.state_dict())  # an interrupted step is saved as not begun
                 torch.manual_seed(step_seed(config.seed, step, rank))
                 t0 = time.perf_counter()
-                sums = torch.zeros(5, dtype=torch.float64)  # loss, mlm_loss, nsp_loss, nsp_accuracy, tokens
+                sums = torch.zeros(6, dtype=torch.float64)  # loss, mlm_loss, nsp_loss, nsp_accuracy, tokens, positions
                 opt.zero_grad(set_to_none=True)
                 for i in range(config.grad_accum):
                     full = collate(data.next())
@@ -205,6 +205,7 @@ def pretrain(model, examples, collate, config, out_dir, resume=False, progress=T
                     for j, value in enumerate((mlm + nsp, mlm, nsp, acc)):
                         sums[j] += value / config.grad_accum
                     sums[4] += int(batch["attention_mask"].sum())
+                    sums[5] += batch["attention_mask"].numel()
                 if size > 1:
                     dist.all_reduce(sums)
                 if config.clip:
@@ -215,9 +216,10 @@ def pretrain(model, examples, collate, config, out_dir, resume=False, progress=T
                     sched.step()
                     step += 1
                     begun = None  # the step is done: an interrupt from here on saves it
-                loss, mlm, nsp, acc, tokens = sums.tolist()
+                loss, mlm, nsp, acc, tokens, positions = sums.tolist()
                 row = {"step": step, "loss": loss, "mlm_loss": mlm, "nsp_loss": nsp, "nsp_accuracy": acc,
-                       "lr": lr, "tokens_per_s": tokens / (time.perf_counter() - t0)}
+                       "lr": lr, "tokens_per_s": tokens / (time.perf_counter() - t0),
+                       "padding": 1.0 - tokens / positions if positions else 0.0}
                 history.append(row)
                 if log is not None:
                     log.write(json.dumps(row) + "\n")

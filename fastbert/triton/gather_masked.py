@@ -37,7 +37,7 @@ from torch.library import wrap_triton
 from fastbert.ops import _library
 from fastbert.ops.gather_masked import _fake_bwd as _ops_fake_bwd
 from fastbert.ops.gather_masked import _fake_fwd as _ops_fake_fwd
-from fastbert.ops.gather_masked import OP, backward, check_args, setup_context
+from fastbert.ops.gather_masked import OP, backward, bwd_backward, bwd_setup_context, check_args, setup_context
 from fastbert.triton._common import aot_spec, check_device, check_dtypes, define
 
 _SCAN_BLOCK = 4096  # labels per step of the scan: 16 per thread over 8 warps
@@ -193,6 +193,8 @@ def gather_masked_bwd_triton(grad: torch.Tensor, slot: torch.Tensor) -> torch.Te
 
 _library.register_autograd("fastbert::gather_masked_fwd_triton",
                            torch.ops.fastbert.gather_masked_bwd_triton.default, setup_context, backward)
+_library.register_autograd("fastbert::gather_masked_bwd_triton",
+                           torch.ops.fastbert.gather_masked_fwd_triton.default, bwd_setup_context, bwd_backward)
 
 
 # ------------------------------------------------------------------------ ahead-of-time compile list
