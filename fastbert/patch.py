@@ -24,7 +24,20 @@ What is replaced, in every layer of the encoder:
   :func:`fastbert.ops.linear_cross_entropy`, never building ``[tokens, vocab]`` logits. The
   returned logits (``logits`` / ``prediction_logits``) are then ``[labelled tokens, vocab]``, in
   row-major order of ``labels != -100``, and detached (the gradient flows through ``loss``).
-  Without ``labels`` the model returns its full logits, as before.
+  Without ``labels`` the model returns its full logits, as before;
+* unpadded execution (``unpad=True``, the default; needs ``attention``): the encoder model
+  (``BertModel``, ``RobertaModel``, ``ElectraModel``, ... also as the ``.bert`` / ``.roberta`` /
+  ``.electra`` of a heads model) runs the embeddings on the padded batch (position and token-type ids
+  exactly transformers'), keeps the real tokens (:func:`fastbert.ops.unpad`), runs every layer on
+  them only (attention by :func:`fastbert.ops.varlen_attention`, each token within its own
+  sequence) and pads back once (:func:`fastbert.ops.pad`). ``last_hidden_state`` is ``[B, S, H]``
+  with **zeros at padding positions**; ``pooler_output`` is the pooler on each row's first real
+  token (its [CLS]: the same as transformers with right padding; under left padding transformers
+  pools position 0, a pad); a row whose mask is all zeros gives zeros (``pooler_output =
+  tanh(pooler.dense.bias)``), never NaN. Batches without padding, and calls with no
+  ``attention_mask``, a mask that is not ``[batch, seq]``, ``output_attentions``,
+  ``output_hidden_states`` (argument or config), ``encoder_hidden_states`` or a cache, run the padded
+  path above (decoder / cross-attention configs are never unpadded; the report says so).
 
 How: each patched module's class is swapped for a subclass whose ``forward`` is fastbert's (the
 parameters, their names and the state dict are untouched); :func:`unpatch` swaps it back. One
@@ -45,7 +58,10 @@ from fastbert import ops
 
 ATTENTION = "fastbert"
 GELU = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}   # hidden_act -> bias_gelu's approximate
-OPTIONS = ("gelu", "layernorm", "attention", "mlm_loss")
+OPTIONS = ("gelu", "layernorm", "attention", "mlm_loss", "unpad")
+# The kwargs that carry packed sequences to the attention function (the names transformers' own
+# flash-attention varlen path uses, so its packed-batch collators work with the fastbert attention too).
+CU_SEQLENS, MAX_SEQLEN = "cu_seq_lens_q", "max_length_q"
 
 
 @dataclass(frozen=True)
@@ -104,11 +120,13 @@ class PatchReport:
     model_type: str
     replaced: Dict[str, int] = field(default_factory=dict)          # what -> how many modules
     left_alone: List[Tuple[str, str]] = field(default_factory=list)  # (what, why)
+    notes: List[str] = field(default_factory=list)                  # how a replacement behaves per call
 
     def __str__(self):
         lines = [f"fastbert.patch ({self.model_type}): replaced "
                  + (", ".join(f"{k} x{v}" for k, v in self.replaced.items()) or "nothing")]
         lines += [f"  left alone: {what}: {why}" for what, why in self.left_alone]
+        lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
 
 
@@ -177,6 +195,103 @@ class _MaskedLM:
         return res.to_tuple() if return_dict is False else res
 
 
+class _Unpadded:
+    """*Model (the encoder model, also inside a heads model): the encoder on the real tokens only.
+
+    The embeddings run on the padded inputs (so position and token-type ids are exactly
+    transformers'), :func:`fastbert.ops.unpad` keeps the real tokens ``[T, H]``, every encoder layer
+    runs on them as one packed sequence ``[1, T, H]`` (token-wise layers on T rows, attention by
+    :func:`fastbert.ops.varlen_attention` within each sequence), and :func:`fastbert.ops.pad` rebuilds
+    ``last_hidden_state [B, S, H]``, zeros at padding. The pooler reads each row's first real token
+    (its [CLS]: position 0 with right padding, as transformers; the first unmasked position with left
+    padding, where transformers reads a pad). A row with no real token is all zeros and pools zeros
+    (``pooler_output = tanh(pooler.dense.bias)``). A batch without padding, and calls the unpadded
+    path cannot serve (see :func:`_padded_because`), run the padded forward (the other patched layers
+    still fused)."""
+    fastbert_op = "unpad"
+
+    def forward(self, *args, **kwargs):
+        original = type(self).fastbert_original.forward
+        a = type(self).fastbert_signature.bind(self, *args, **kwargs).arguments
+        extra = dict(a.pop("kwargs", {}))
+        if _padded_because(self, a, extra) is not None:
+            return original(self, *args, **kwargs)
+        mask = a["attention_mask"]
+        device = (a.get("input_ids") if a.get("input_ids") is not None else a.get("inputs_embeds")).device
+        packing = ops.packing(mask.to(device))
+        if packing.total == packing.batch * packing.seqlen:  # no padding: the padded path is cheaper
+            return original(self, *args, **kwargs)
+        return_dict = extra.pop("return_dict", None)
+        if return_dict is None:
+            return_dict = getattr(self.config, "return_dict", True)
+        for k in ("output_attentions", "output_hidden_states", "use_cache", "encoder_attention_mask",
+                  "cache", "past_key_values", "encoder_hidden_states"):
+            extra.pop(k, None)
+        emb = self.embeddings(input_ids=a.get("input_ids"), token_type_ids=a.get("token_type_ids"),
+                              position_ids=a.get("position_ids"), inputs_embeds=a.get("inputs_embeds"))
+        if packing.total == 0:  # no real token in the batch: nothing to run
+            return _output(self, emb.new_zeros(packing.batch, packing.seqlen, self.config.hidden_size), return_dict)
+        x = ops.unpad(emb, packing)                                   # [T, E]
+        if getattr(self, "embeddings_project", None) is not None:    # ELECTRA: E -> H on the real rows only
+            x = self.embeddings_project(x)
+        extra[CU_SEQLENS] = extra["cu_seq_lens_k"] = packing.cu_seqlens
+        extra[MAX_SEQLEN] = extra["max_length_k"] = packing.max_seqlen
+        packed = self.encoder(x.unsqueeze(0), attention_mask=None, **extra)[0][0]   # [T, H]
+        seq = ops.pad(packed, packing)                                # [B, S, H], zeros at padding
+        return _output(self, seq, return_dict, _first_tokens(packed, packing))
+
+
+def _output(model, seq, return_dict, first=None):
+    """The base model's output: ``last_hidden_state`` and, where the model has a pooler, its output
+    on each row's first real token (zeros for a row without one)."""
+    from transformers import modeling_outputs as mo
+    if hasattr(model, "pooler"):
+        pooled = None
+        if model.pooler is not None:
+            if first is None:
+                first = seq.new_zeros(seq.shape[0], seq.shape[-1])
+            pooled = model.pooler(first.unsqueeze(1))
+        out = mo.BaseModelOutputWithPoolingAndCrossAttentions(last_hidden_state=seq, pooler_output=pooled)
+    else:
+        out = mo.BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=seq)
+    return out if return_dict else out.to_tuple()
+
+
+def _padded_because(model, a, extra):
+    """Why this call of an unpadded model runs transformers' padded forward instead (None: it doesn't)."""
+    config = model.config
+    mask = a.get("attention_mask")
+    ids = a.get("input_ids") if a.get("input_ids") is not None else a.get("inputs_embeds")
+    if mask is None:
+        return "no attention_mask (nothing to unpad)"
+    if (not isinstance(mask, torch.Tensor) or mask.dim() != 2 or ids is None
+            or tuple(mask.shape) != tuple(ids.shape[:2])):
+        return "attention_mask is not a [batch, seq] padding mask"
+    if config._attn_implementation != ATTENTION:
+        return f"attention implementation is {config._attn_implementation!r}, not {ATTENTION!r}"
+    for flag in ("output_attentions", "output_hidden_states"):
+        value = extra.get(flag)
+        if value is None:
+            value = getattr(config, flag, False)
+        if value:
+            return flag
+    for name in ("encoder_hidden_states", "encoder_attention_mask", "cache", "past_key_values", "head_mask"):
+        if a.get(name) is not None or extra.get(name) is not None:
+            return name
+    if extra.get(CU_SEQLENS) is not None:
+        return "the caller packs the sequences itself"
+    return None
+
+
+def _first_tokens(packed, p):
+    """Each sequence's first packed row ``[B, H]``; zeros for a sequence with no token."""
+    lengths = p.cu_seqlens[1:] - p.cu_seqlens[:-1]
+    if p.total == 0:
+        return packed.new_zeros((p.batch, packed.shape[-1]))
+    rows = packed.index_select(0, p.cu_seqlens[:-1].long().clamp(max=p.total - 1))
+    return torch.where((lengths > 0).unsqueeze(1), rows, rows.new_zeros(()))
+
+
 def _activation(act):
     if callable(act):
         return act
@@ -193,9 +308,23 @@ def _output_class(model, spec):
 
 def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers' attention interface: ``softmax(QK^T * scaling + mask)``, dropout, ``@ V``,
-    with the softmax, mask and dropout in :func:`fastbert.ops.masked_softmax`."""
+    with the softmax, mask and dropout in :func:`fastbert.ops.masked_softmax`.
+
+    Packed sequences (batch 1, no mask, ``cu_seq_lens_q`` / ``max_length_q`` in the kwargs, as
+    transformers passes them to flash-attention's varlen path; the unpadded encoder passes them so)
+    run :func:`fastbert.ops.varlen_attention` instead: each token attends to its own sequence only.
+    No attention probabilities exist then: the weights returned are ``None``."""
     if scaling is None:
         scaling = query.size(-1) ** -0.5
+    cu_seqlens = kwargs.get(CU_SEQLENS)
+    if cu_seqlens is not None and attention_mask is None and query.shape[0] == 1:
+        max_seqlen = kwargs.get(MAX_SEQLEN)
+        if max_seqlen is None:
+            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
+        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [1, heads, T, D] -> [T, heads, D]
+        out = ops.varlen_attention(q, k, v, cu_seqlens.to(torch.int32), int(max_seqlen), scaling,
+                                   dropout if module.training else 0.0)
+        return out.unsqueeze(0), None  # [1, T, heads, D], as the padded path's transpose(1, 2)
     scores = torch.matmul(query, key.transpose(2, 3))
     probs = ops.masked_softmax(scores, attention_mask, scaling, dropout_p=dropout, training=dropout > 0)
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
@@ -220,14 +349,27 @@ def _swap(module, mixin, **attrs):
     sub = _SUBCLASSES.get((cls, mixin))
     if sub is None:
         body = {"fastbert_original": cls, "__module__": __name__}
-        if mixin is _MaskedLM:  # keep the original signature visible (Trainer drops dataset columns by it)
-            body["forward"] = functools.wraps(cls.forward)(lambda self, *a, **k: _MaskedLM.forward(self, *a, **k))
+        if mixin in (_MaskedLM, _Unpadded):  # keep the original signature visible (Trainer drops dataset columns by it)
+            body["forward"] = functools.wraps(cls.forward)(lambda self, *a, _m=mixin, **k: _m.forward(self, *a, **k))
             body["fastbert_signature"] = inspect.signature(cls.forward)  # bound on every call: computed once
         sub = type(f"Fused{cls.__name__}", (mixin, cls), body)
         _SUBCLASSES[(cls, mixin)] = sub
+        _register_outputs(module, sub)
     for k, v in attrs.items():
         setattr(module, k, v)
     module.__class__ = sub
+
+
+def _register_outputs(module, sub):
+    """transformers (5.x) finds what a model's ``output_attentions`` / ``output_hidden_states`` record in
+    a registry keyed by the model's class name: give the fused subclass its original's entry."""
+    try:
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+    except ImportError:
+        return
+    entry = getattr(module, "_can_record_outputs", None)
+    if entry is not None:
+        dict.__setitem__(_CAN_RECORD_REGISTRY, str(sub), entry)
 
 
 def _family(model, caller):
@@ -249,9 +391,10 @@ def _original_name(module):
     return getattr(type(module), "fastbert_original", type(module)).__name__
 
 
-def patch(model, *, gelu=True, layernorm=True, attention=True, mlm_loss=True):
+def patch(model, *, gelu=True, layernorm=True, attention=True, mlm_loss=True, unpad=True):
     """Patch a built transformers BERT-family model in place (see the module docstring); returns a
-    :class:`PatchReport`. Patching a patched model again changes nothing."""
+    :class:`PatchReport`. Patching a patched model again changes nothing. ``unpad`` (needs
+    ``attention``) runs the encoder on the real tokens only (see :class:`_Unpadded`)."""
     kind, fam = _family(model, "patch")
     report = PatchReport(kind)
     config = model.config
@@ -279,8 +422,9 @@ def patch(model, *, gelu=True, layernorm=True, attention=True, mlm_loss=True):
                                   f"activation {act!r} is not one of {', '.join(GELU)}"))
     if mlm_loss and _original_name(model) not in fam.mlm:
         report.left_alone.append(("mlm_loss", f"{_original_name(model)} has no MLM loss to fuse"))
+    decoder = config.is_decoder or getattr(config, "add_cross_attention", False)
     if attention:
-        if config.is_decoder or getattr(config, "add_cross_attention", False):
+        if decoder:
             report.left_alone.append(("attention", "decoder / cross-attention configs keep their attention"))
         else:
             current = config._attn_implementation
@@ -289,6 +433,24 @@ def patch(model, *, gelu=True, layernorm=True, attention=True, mlm_loss=True):
                 model.fastbert_attn_before = current
                 model.set_attn_implementation(ATTENTION)
             count("attention")
+    if unpad:
+        if decoder:
+            report.left_alone.append(("unpad", "decoder / cross-attention configs run padded"))
+        elif not attention:
+            report.left_alone.append(("unpad", "needs attention=True (the fastbert attention runs packed sequences)"))
+        else:
+            for m in model.modules():
+                if _original_name(m) == f"{fam.prefix}Model":
+                    _swap(m, _Unpadded)
+                    count("unpad")
+            if "unpad" in report.replaced:
+                report.notes.append(
+                    "unpad: last_hidden_state is zero at padding positions; the pooler reads each row's first real "
+                    "token; a row with no real token gives zeros (pooler: tanh(bias)). Batches without padding, and "
+                    "calls with no attention_mask, a non-[batch, seq] mask, output_attentions, output_hidden_states, "
+                    "encoder_hidden_states or a cache, run the padded path")
+            else:
+                report.left_alone.append(("unpad", f"no {fam.prefix}Model inside {_original_name(model)}"))
     return report
 
 

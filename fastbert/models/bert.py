@@ -11,7 +11,7 @@ Unpadded execution (``BertConfig.unpad``, on by default): given an ``attention_m
 selects the real tokens once (:func:`fastbert.ops.packing`: token, position and token-type ids are
 picked before the embeddings, positions as the padded path numbers them), and the embeddings, every
 encoder layer, the MLM gather and head run on those ``T`` tokens only; attention sees each sequence's
-own tokens. ``last_hidden_state`` is rebuilt as ``[B, S, H]`` with zeros at padding positions
+own tokens (a batch without padding runs the padded path, with no mask). ``last_hidden_state`` is rebuilt as ``[B, S, H]`` with zeros at padding positions
 (:func:`fastbert.ops.pad`), the pooler reads each sequence's first real token (its ``[CLS]``, also
 under left padding), and MLM labels at padding positions are ignored. A row whose mask is all zeros
 has no real token: its hidden states are zeros and its pooled output is the pooler of a zero vector
@@ -168,6 +168,8 @@ class BertModel(BertPreTrainedModel):
     def forward_unpadded(self, input_ids, attention_mask, token_type_ids):
         """The encoder on the real tokens only (see the module docstring)."""
         p = ops.packing(attention_mask)
+        if p.total == p.batch * p.seqlen:  # no padding: the padded path, without a mask
+            return self.forward(input_ids, None, token_type_ids)
         idx = p.indices
         x = self.embeddings(input_ids.reshape(-1)[idx], token_type_ids.reshape(-1)[idx], idx % p.seqlen)
         key_mask = additive = None
