@@ -155,6 +155,7 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p=0.0, seed
                                                                                           device=p.device))
         outs.append((p @ vb).transpose(0, 1))
         lses.append(lse)
-    out = torch.cat(outs) if outs else q.new_zeros(q.shape, dtype=acc)
+    # no sequences (T = 0): an empty output that is still in q's, k's and v's autograd graph
+    out = torch.cat(outs) if outs else (q.to(acc) + k.to(acc) + v.to(acc)) * 0
     lse = torch.cat(lses, 1) if lses else q.new_zeros((heads, 0), dtype=acc)
     return out.to(q.dtype), lse.to(acc)

@@ -19,6 +19,7 @@ if available:
         from fastbert.triton import masked_softmax  # noqa: F401  (fastbert::masked_softmax_*_triton)
         from fastbert.triton import gather_masked  # noqa: F401  (fastbert::gather_masked_*_triton)
         from fastbert.triton import linear_cross_entropy  # noqa: F401  (fastbert::linear_cross_entropy_*_triton)
+        from fastbert.triton import varlen_attention  # noqa: F401  (fastbert::varlen_attention_*_triton)
     except Exception as e:  # e.g. a torch/triton pair whose triton_op or jit rejects the kernels
         available = False
         error = f"fastbert's Triton kernels failed to load ({type(e).__name__}: {e})"
