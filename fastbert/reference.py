@@ -149,7 +149,7 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p=0.0, seed
         qb, kb, vb = (t[s:e].to(acc).transpose(0, 1) for t in (q, k, v))  # [heads, L, D]
         x = (qb @ kb.transpose(-1, -2)) * scale
         lse = torch.logsumexp(x, -1)
-        p = torch.exp(x - lse[..., None])
+        p = torch.softmax(x, -1)  # not exp(x - lse): lse's rounding would scale every probability
         if keep is not None:
             p = torch.where(keep[:, s:e, :e - s], p * philox.scale(dropout_p), torch.zeros((), dtype=acc,
                                                                                           device=p.device))

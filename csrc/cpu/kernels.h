@@ -94,3 +94,33 @@ namespace avx2 { FASTBERT_CPU_KERNELS }
 namespace avx512 { FASTBERT_CPU_KERNELS }
 
 }  // namespace fastbert::cpu
+
+// ---- varlen_attention (csrc/cpu/varlen_attention.cpp) -------------------------------------------
+namespace fastbert::cpu {
+
+// One (sequence, head) pair of n tokens: contiguous [n, n] scratch in the accumulation type (fp32;
+// fp64 for f64 data). Dropout element of query row i, key j is e0 + i * e_step + j.
+struct VarlenSoftmaxArgs {
+  int64_t n = 0;
+  void* s = nullptr;          // in: the scaled scores; out: the probabilities after dropout
+  void* dp = nullptr;         // backward: in dO v^T, out dS = p (dp * keep / (1 - p_drop) - D)
+  void* lse = nullptr;        // [n]: the forward writes it (the backward recomputes max and sum instead)
+  const Dropout* dropout = nullptr;
+  uint64_t e0 = 0, e_step = 0;
+};
+
+#define FASTBERT_CPU_VARLEN_KERNELS                                                                \
+  /* softmax (lse, dropout) of a pair's scores / its backward; acc is f32 or f64. */              \
+  void varlen_softmax_fwd(DType acc, const VarlenSoftmaxArgs& a);                                  \
+  void varlen_softmax_bwd(DType acc, const VarlenSoftmaxArgs& a);                                  \
+  /* dst[r * d + c] = src[r * ld_src + c] (storage dtype dt -> fp32; nothing for f64) and back. */ \
+  void varlen_rows_to_f32(DType dt, const void* src, int64_t ld_src, int64_t rows, int64_t d,      \
+                          float* dst);                                                             \
+  void varlen_rows_from_f32(DType dt, const float* src, int64_t rows, int64_t d, void* dst,        \
+                            int64_t ld_dst);
+
+namespace generic { FASTBERT_CPU_VARLEN_KERNELS }
+namespace avx2 { FASTBERT_CPU_VARLEN_KERNELS }
+namespace avx512 { FASTBERT_CPU_VARLEN_KERNELS }
+
+}  // namespace fastbert::cpu
