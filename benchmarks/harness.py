@@ -51,6 +51,7 @@ class Case:
     setup: Callable[[], dict]                    # -> {candidate name: zero-arg callable}
     params: dict = field(default_factory=dict)   # e.g. {"approximate": "tanh"}
     peak_memory: Optional[Callable] = None       # (fn, device) -> bytes; default harness.peak_memory
+    budget: Optional["Budget"] = None            # replaces the run's budget (calls that take seconds)
 
     def __post_init__(self):
         if self.pass_ not in PASSES:
@@ -128,7 +129,10 @@ def expected_candidates(module, case, device):
     """The candidate names ``case`` (of bench ``module``) should have here, without running its
     ``setup()``: the module's ``CANDIDATES``, else eager, torch.compile, the op's
     ``OTHER_CANDIDATES`` and the fastbert backends that can run on ``device`` in the case's dtype.
-    A guess: ``setup()`` may still leave one out (a missing kernel, transformers not installed)."""
+    A guess: ``setup()`` may still leave one out (a missing kernel, transformers not installed).
+    A module whose cases differ in candidates says which per case: ``case_candidates(case)``."""
+    if hasattr(module, "case_candidates"):
+        return list(module.case_candidates(case))
     names = getattr(module, "CANDIDATES", None)
     if names is not None:
         return list(names)
@@ -388,8 +392,10 @@ def wait_quiet(max_s, ncores, threshold=None, window_s=1.0, probe=LoadProbe, sle
 def run_case(case, meta, budget=QUICK, timer=None, copy_gbps=None, busy_thr=None, probe=None,
              backends=None):
     """Set the case up, time its candidates (only those named in ``backends`` when given), and
-    return one row per candidate (``FIELDS``); no row when none of them is left."""
+    return one row per candidate (``FIELDS``); no row when none of them is left. A case's own
+    ``budget`` replaces ``budget``."""
     device = meta["device"]
+    budget = case.budget or budget
     timer = timer or make_timer(device)
     candidates = select_candidates(case.setup(), backends)
     if not candidates:

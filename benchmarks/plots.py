@@ -37,6 +37,8 @@ def cases_by_op(rows):
 def case_label(key, rows):
     shape, dtype, pass_, params = key
     busy = "*" if any(r.get("busy") for r in rows.values()) else ""
+    if len(params or "") > 30:  # long params (e.g. bench_realistic's): one k=v a line
+        params = params.replace(",", "\n")
     return f"{shape}{busy}\n{SHORT.get(dtype, dtype)} {pass_}" + (f"\n{params}" if params else "")
 
 

@@ -38,6 +38,7 @@ def _split(values):
 
 
 def parse_args(argv=None):
+    from fastbert.models.config import PRESETS
     p = argparse.ArgumentParser(prog="fastbert bench", description=__doc__.split("\n")[0])
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", dest="mode", action="store_const", const="quick",
@@ -50,6 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--backends", nargs="+", metavar="NAME", help="candidates to time, e.g. eager "
                    "fastbert-cpu (default all); without eager the x eager ratios are blank")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--preset", choices=list(PRESETS), help="model preset of the cases that take one "
+                   "(realistic: default base; tiny for a smoke test)")
     p.add_argument("--out", default=str(RESULTS), help="results directory (default benchmarks/results)")
     p.add_argument("--case-seconds", type=float, help="time cap per case (overrides the mode's)")
     p.add_argument("--copy-mib", type=int, default=256, help="buffer size of the copy-bandwidth probe")
@@ -113,6 +116,8 @@ def main(argv=None):
     cases = []
     for op in ops:
         kw = dict(device=device, mode=args.mode, dtypes=dtypes, shapes=shapes)
+        if args.preset and "preset" in inspect.signature(modules[op].cases).parameters:
+            kw["preset"] = args.preset
         if backends and harness.COMPILE not in backends and "use_compile" in inspect.signature(
                 modules[op].cases).parameters:
             kw["use_compile"] = False  # no compilation for a candidate that is not timed
@@ -132,6 +137,10 @@ def main(argv=None):
         print(f"\n{len(cases)} cases, no rows; nothing written")
         return 0
     print(report.format_table(rows))
+    for op in ops:  # what a bench module adds below the table (e.g. realistic: the padding overhead)
+        text = getattr(modules[op], "summary", lambda rows: "")(rows)
+        if text:
+            print(text)
     json_path, csv_path = report.write_results(rows, meta, args.out, merge=not args.no_merge,
                                                by_candidate=backends is not None)
     dated = Path(args.out) / report.results_names(meta)[1]
