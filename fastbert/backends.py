@@ -26,6 +26,9 @@ DTYPES = {"cuda": _HALF, "triton": _HALF, "cpu": _HALF + (torch.float64,),
 DEVICES = {"cuda": ("cuda",), "triton": ("cuda", "cpu"), "cpu": ("cpu",), "reference": None}
 
 OPS = []            # op names registered by fastbert/ops/<op>.py
+# (op, backend) pairs with no kernel by design, and what runs instead
+NOT_IMPLEMENTED = {("varlen_attention", "cuda"): "no CUDA kernel for varlen_attention (CUDA tensors run its "
+                                                 "Triton kernels)"}
 _global = {}        # backend -> reasons it cannot run anywhere in this process
 _op_missing = {}    # (op, backend) -> reason the op has no kernel on that backend
 _TRITON_INTERPRET = False
@@ -85,7 +88,8 @@ def refresh():
         for name, key in (("cpu", "CPU"), ("cuda", "CUDA")):
             if not _global[name] and not torch._C._dispatch_has_kernel_for_dispatch_key(
                     f"fastbert::{op}_fwd", key):
-                _op_missing[(op, name)] = f"no {key} kernel is registered for fastbert::{op}_fwd"
+                _op_missing[(op, name)] = NOT_IMPLEMENTED.get(
+                    (op, name), f"no {key} kernel is registered for fastbert::{op}_fwd")
         if not _global["triton"] and not hasattr(torch.ops.fastbert, f"{op}_fwd_triton"):
             _op_missing[(op, "triton")] = f"no Triton kernel for {op}"
 

@@ -55,6 +55,10 @@ def test_ci_builds_cuda():
 @requires_cuda_build
 @pytest.mark.parametrize("op", backends.OPS)
 def test_cuda_kernels_registered(op):
+    if (op, "cuda") in backends.NOT_IMPLEMENTED:  # by design: the table must stay true
+        assert not torch._C._dispatch_has_kernel_for_dispatch_key(f"fastbert::{op}_fwd", "CUDA")
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastbert::{op}_fwd", "CPU")
+        return
     for suffix in ("fwd", "bwd"):
         name = f"fastbert::{op}_{suffix}"
         assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA"), name

@@ -49,6 +49,10 @@ def test_pretrain_writes_a_run_and_learns(tmp_path, corpus, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 30 and 0.0 <= summary["held_out"]["mlm_accuracy"] <= 1.0
     assert summary["held_out"]["masked_tokens"] > 0 and summary["tokens_per_s_median"] > 0
+    pad = summary["padding"]  # the batches' padding, logged per step; the unpadded model computes none of it
+    assert pad["unpadded"] is True and pad["computed_padding"] == 0.0 and "padding; unpadded execution" in text
+    assert all(0.0 <= r["padding"] < 1.0 for r in rows)
+    assert pad["batch_padding"] == pytest.approx(sum(r["padding"] for r in rows) / len(rows), abs=1e-4)
     assert sorted(p.name for p in out.glob("step-*")) == ["step-20", "step-30"]  # the newest two are kept
     assert (out / "latest").read_text().strip() == "step-30"
     assert (out / "tokenizer" / "vocab.txt").exists()
@@ -112,6 +116,12 @@ def test_finetune_compare(tmp_path, corpus, capsys):
     for run in ("pretrained", "scratch"):
         assert res[run]["steps"] == 4 and 0.0 <= res[run]["accuracy"] <= 1.0
         assert (out / run / "model" / "model.safetensors").exists()
+        steps = [json.loads(line) for line in (out / run / "finetune_metrics.jsonl").read_text().splitlines()
+                 if json.loads(line)["kind"] == "train"]
+        assert all(0.0 <= r["padding"] < 1.0 for r in steps) and max(r["padding"] for r in steps) > 0
+        assert res[run]["padding"]["unpadded"] is True
+        assert res[run]["padding"]["batch_padding"] == pytest.approx(sum(r["padding"] for r in steps) / len(steps),
+                                                                     abs=1e-4)
     assert "held-out accuracy" in capsys.readouterr().out
 
 

@@ -17,16 +17,20 @@ eager softmax's; pre-scaling the scores to base 2 would add the rounding of larg
 computes the scores in the same orientation, ``q k^T`` (``k q^T`` rounds differently), so that the
 backward's ``p`` is consistent with the forward's ``lse``.
 
-Backward, with ``p = exp(s - lse)``, ``P = keep ? p * p_scale : 0`` (the dropped probabilities),
+Backward, with ``p`` the softmax, ``P = keep ? p * p_scale : 0`` (the dropped probabilities),
 ``dP = dO v^T``, ``dp = keep ? dP * p_scale : 0`` and ``Delta_i = sum_d dO_i O_i = sum_j p_ij dp_ij``:
-``dS = p (dp - Delta)``, ``dq = scale dS k``, ``dk = scale dS^T q``, ``dv = P^T dO``.
+``dS = p (dp - Delta)``, ``dq = scale dS k``, ``dk = scale dS^T q``, ``dv = P^T dO``. fp16/bf16 rebuild
+``p = exp(s - lse)`` from the forward's ``lse`` and take ``Delta = rowsum(dO * O)``, as
+flash-attention. fp32 (``exact_softmax``) rebuilds ``p = exp(s - m) * (1 / l)`` from each row's max
+``m`` and sum ``l`` of ``exp(s - m)``, recomputed, and takes ``Delta = rowsum(p dp)``: eager softmax's
+roundings (``exp(s - lse)`` would carry the fp32 ``lse``'s rounding, an ulp of ``|lse|``, into every
+probability, several times eager's error in ``dq``).
 
-1. ``_varlen_bwd_dq_kernel`` (a block of queries, looping over the key blocks): first ``Delta`` of its
-   rows, written to an fp32 ``[heads, T]`` workspace -- ``rowsum(dO * O)`` for fp16/bf16, as
-   flash-attention, ``rowsum(p dp)`` in a first pass over the keys for fp32 (``exact_delta``) --
-   then ``dq``.
-2. ``_varlen_bwd_dkdv_kernel`` (a block of keys, looping over the query blocks, reading ``Delta``):
-   ``dk`` and ``dv``. No atomics: each output row is written by one program.
+1. ``_varlen_bwd_dq_kernel`` (a block of queries, looping over the key blocks): for fp32 first ``m``
+   and ``l`` of its rows (an online pass over the keys, as the forward) and ``Delta`` (a second pass),
+   then ``dq``. ``Delta`` (and ``m``, ``1 / l``) go to fp32 ``[heads, T]`` workspaces.
+2. ``_varlen_bwd_dkdv_kernel`` (a block of keys, looping over the query blocks, reading ``Delta`` and
+   ``lse`` or ``m``, ``1 / l``): ``dk`` and ``dv``. No atomics: each output row is written by one program.
 
 Matrix products take the storage dtype (the probabilities and ``dS`` are rounded to it, as
 flash-attention does) and accumulate in fp32; fp32 inputs use full-precision (``ieee``) products,
@@ -138,17 +142,19 @@ def _varlen_fwd_kernel(
 def _varlen_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr,  # [T, H, D] strided (token, head strides below; element stride 1)
     do_ptr, o_ptr,  # [T, H, D] contiguous: the output's gradient and the forward output
-    lse_ptr,    # [H, T] fp32 log-sum-exp from the forward
+    lse_ptr,    # [H, T] fp32 log-sum-exp from the forward; not read when EXACT_SOFTMAX
     cu_ptr,     # [B + 1] int32 cumulative sequence lengths
     seed_ptr,   # [1] int64 Philox seed; not read unless DROPOUT
     dq_ptr,     # [T, H, D] contiguous, q's dtype (output)
-    delta_ptr,  # [H, T] fp32 (output, read by _varlen_bwd_dkdv_kernel): rowsum(dO * O)
+    delta_ptr,  # [H, T] fp32 (output, read by _varlen_bwd_dkdv_kernel): Delta of each row
+    m_ptr, il_ptr,  # [H, T] fp32 (outputs when EXACT_SOFTMAX, for _varlen_bwd_dkdv_kernel): each row's
+                    # max score m and 1 / l, l the sum of exp(s - m); not written otherwise
     sq_t, sq_h, sk_t, sk_h, sv_t, sv_h,
     T, H, max_seqlen,
     scale,      # multiplies q k^T (and dS for dq)
     threshold, p_scale,
     DROPOUT: tl.constexpr, GROUPED: tl.constexpr, HEAD_DIM: tl.constexpr,
-    EXACT_DELTA: tl.constexpr,  # Delta from p and dp (a first pass over the keys), not from O
+    EXACT_SOFTMAX: tl.constexpr,  # p = exp(s - m) / l from recomputed row statistics, Delta = rowsum(p dp)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # program (pid_m, h, b): query rows [pid_m*BLOCK_M, +BLOCK_M) of sequence b, head h
@@ -169,9 +175,28 @@ def _varlen_bwd_dq_kernel(
     qmask = mrow[:, None] & dmask[None, :]
     offs_c = t_m[:, None] * (H * HEAD_DIM) + h64 * HEAD_DIM + offs_d[None, :]  # contiguous [T, H, D]
     do = tl.load(do_ptr + offs_c, mask=qmask, other=0.0)
-    lse = tl.load(lse_ptr + (h64 * T + t_m), mask=mrow, other=0.0)
     q = tl.load(q_ptr + (t_m[:, None] * sq_t + h64 * sq_h + offs_d[None, :]), mask=qmask, other=0.0)
-    if EXACT_DELTA:  # Delta = rowsum(p dp), a first pass over the keys: the dp it cancels against
+    if EXACT_SOFTMAX:
+        # 1. the row statistics, online as the forward computes them: m the max score, l the sum of
+        # exp(s - m). p = exp(s - m) * (1 / l) then rounds as eager softmax does (no fp32 lse, whose
+        # rounding, an ulp of |lse|, would scale every probability of the row).
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for n0 in range(0, seqlen, BLOCK_N):
+            cols = n0 + offs_n
+            ncol = cols < seqlen
+            t_n = (start + cols).to(tl.int64)
+            kvmask = ncol[:, None] & dmask[None, :]
+            k = tl.load(k_ptr + (t_n[:, None] * sk_t + h64 * sk_h + offs_d[None, :]), mask=kvmask, other=0.0)
+            s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)) * scale
+            s = tl.where(ncol[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), 1)
+            m_i = m_new
+        inv_l = 1.0 / l_i
+        tl.store(m_ptr + (h64 * T + t_m), m_i, mask=mrow)
+        tl.store(il_ptr + (h64 * T + t_m), inv_l, mask=mrow)
+        # 2. Delta = rowsum(p dp): the dp it cancels against in dS (exactly 0 for a one-token row)
         delta = tl.zeros([BLOCK_M], dtype=tl.float32)
         for n0 in range(0, seqlen, BLOCK_N):
             cols = n0 + offs_n
@@ -181,17 +206,19 @@ def _varlen_bwd_dq_kernel(
             k = tl.load(k_ptr + (t_n[:, None] * sk_t + h64 * sk_h + offs_d[None, :]), mask=kvmask, other=0.0)
             v = tl.load(v_ptr + (t_n[:, None] * sv_t + h64 * sv_h + offs_d[None, :]), mask=kvmask, other=0.0)
             s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)) * scale
-            p = tl.where(ncol[None, :], tl.exp(s - lse[:, None]), 0.0)
+            p = tl.where(ncol[None, :], tl.exp(s - m_i[:, None]) * inv_l[:, None], 0.0)
             dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32))
             if DROPOUT:
                 keep = philox_keep(seed_ptr, h64 * T + t_m, n0, max_seqlen, threshold, GROUPED, BLOCK_M,
                                    BLOCK_N)
                 dp = tl.where(keep, dp * p_scale, 0.0)
             delta += tl.sum(p * dp, 1)
-    else:  # Delta = rowsum(dO * O) (flash-attention's: no extra pass)
+    else:  # p = exp(s - lse), Delta = rowsum(dO * O) (flash-attention's: no extra pass)
+        m_i = tl.load(lse_ptr + (h64 * T + t_m), mask=mrow, other=0.0)
         o = tl.load(o_ptr + offs_c, mask=qmask, other=0.0)
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     tl.store(delta_ptr + (h64 * T + t_m), delta, mask=mrow)
+    # 3. dq = scale sum_j dS_ij k_j
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for n0 in range(0, seqlen, BLOCK_N):
         cols = n0 + offs_n
@@ -201,7 +228,10 @@ def _varlen_bwd_dq_kernel(
         k = tl.load(k_ptr + (t_n[:, None] * sk_t + h64 * sk_h + offs_d[None, :]), mask=kvmask, other=0.0)
         v = tl.load(v_ptr + (t_n[:, None] * sv_t + h64 * sv_h + offs_d[None, :]), mask=kvmask, other=0.0)
         s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)) * scale
-        p = tl.where(ncol[None, :], tl.exp(s - lse[:, None]), 0.0)
+        if EXACT_SOFTMAX:
+            p = tl.where(ncol[None, :], tl.exp(s - m_i[:, None]) * inv_l[:, None], 0.0)
+        else:
+            p = tl.where(ncol[None, :], tl.exp(s - m_i[:, None]), 0.0)  # m_i holds lse here
         dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32))
         if DROPOUT:
             keep = philox_keep(seed_ptr, h64 * T + t_m, n0, max_seqlen, threshold, GROUPED, BLOCK_M, BLOCK_N)
@@ -215,8 +245,9 @@ def _varlen_bwd_dq_kernel(
 def _varlen_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr,  # [T, H, D] strided (token, head strides below; element stride 1)
     do_ptr,     # [T, H, D] contiguous: the output's gradient
-    lse_ptr,    # [H, T] fp32 log-sum-exp from the forward
-    delta_ptr,  # [H, T] fp32 rowsum(dO * O) from _varlen_bwd_dq_kernel
+    lse_ptr,    # [H, T] fp32 log-sum-exp from the forward; not read when EXACT_SOFTMAX
+    delta_ptr,  # [H, T] fp32 Delta from _varlen_bwd_dq_kernel
+    m_ptr, il_ptr,  # [H, T] fp32 row max m and 1 / l from _varlen_bwd_dq_kernel; read only when EXACT_SOFTMAX
     cu_ptr,     # [B + 1] int32 cumulative sequence lengths
     seed_ptr,   # [1] int64 Philox seed; not read unless DROPOUT
     dk_ptr, dv_ptr,  # [T, H, D] contiguous, q's dtype (outputs)
@@ -224,6 +255,7 @@ def _varlen_bwd_dkdv_kernel(
     T, H, max_seqlen,
     scale, threshold, p_scale,
     DROPOUT: tl.constexpr, GROUPED: tl.constexpr, HEAD_DIM: tl.constexpr,
+    EXACT_SOFTMAX: tl.constexpr,  # p = exp(s - m) * (1 / l), as the dq kernel; else exp(s - lse)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # program (pid_n, h, b): key rows [pid_n*BLOCK_N, +BLOCK_N) of sequence b, head h, looping over
@@ -255,12 +287,19 @@ def _varlen_bwd_dkdv_kernel(
         q = tl.load(q_ptr + (t_m[:, None] * sq_t + h64 * sq_h + offs_d[None, :]), mask=qmask, other=0.0)
         do = tl.load(do_ptr + (t_m[:, None] * (H * HEAD_DIM) + h64 * HEAD_DIM + offs_d[None, :]),
                      mask=qmask, other=0.0)
-        lse = tl.load(lse_ptr + (h64 * T + t_m), mask=mrow, other=0.0)
+        if EXACT_SOFTMAX:
+            m_i = tl.load(m_ptr + (h64 * T + t_m), mask=mrow, other=0.0)
+            inv_l = tl.load(il_ptr + (h64 * T + t_m), mask=mrow, other=0.0)
+        else:
+            m_i = tl.load(lse_ptr + (h64 * T + t_m), mask=mrow, other=0.0)  # lse: p = exp(s - lse)
         delta = tl.load(delta_ptr + (h64 * T + t_m), mask=mrow, other=0.0)
         # score tiles [BLOCK_M queries, BLOCK_N keys], computed as the forward and the dq pass
-        # compute them (q k^T, not k q^T: the same roundings, so p is consistent with lse)
+        # compute them (q k^T, not k q^T: the same roundings, so p is consistent with lse / m, l)
         s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)) * scale
-        p = tl.where(mrow[:, None] & ncol[None, :], tl.exp(s - lse[:, None]), 0.0)
+        p = tl.exp(s - m_i[:, None])
+        if EXACT_SOFTMAX:
+            p = p * inv_l[:, None]
+        p = tl.where(mrow[:, None] & ncol[None, :], p, 0.0)
         dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32))
         if DROPOUT:
             keep = philox_keep(seed_ptr, h64 * T + t_m, n0, max_seqlen, threshold, GROUPED, BLOCK_M, BLOCK_N)
@@ -299,11 +338,15 @@ def block_config(head_dim, dtype, kernel):
     return bm, bn, bd, nw, ns
 
 
-def exact_delta(dtype):
-    """fp32 takes ``Delta = rowsum(p dp)`` (a second pass over the keys in the dq kernel): ``dS = p (dp -
-    Delta)`` cancels, and ``rowsum(dO * O)`` rounds apart from the ``dp`` it cancels against by more
-    than eager's softmax backward (exactly 0 for a one-token sequence there). fp16/bf16 take
-    flash-attention's ``rowsum(dO * O)``: their rounded ``p`` and ``dS`` products dominate."""
+def exact_softmax(dtype):
+    """fp32 rebuilds the probabilities as eager softmax rounds them, ``p = exp(s - m) * (1 / l)`` from
+    each row's max ``m`` and sum ``l`` (recomputed in a first pass over the keys in the dq kernel):
+    ``exp(s - lse)`` carries the rounding of the fp32 ``lse`` (an ulp of ``|lse|``) into every
+    probability, several times eager's error in ``dq``. It also takes ``Delta = rowsum(p dp)`` (a second
+    pass): ``dS = p (dp - Delta)`` cancels, and ``rowsum(dO * O)`` rounds apart from the ``dp`` it
+    cancels against by more than eager's softmax backward (exactly 0 for a one-token sequence there).
+    fp16/bf16 take flash-attention's ``exp(s - lse)`` and ``rowsum(dO * O)``: their rounded ``p`` and
+    ``dS`` products dominate."""
     return dtype in (torch.float32, "fp32")
 
 
@@ -413,18 +456,20 @@ def varlen_attention_bwd_triton(grad: torch.Tensor, q: torch.Tensor, k: torch.Te
         return z[0], z[1], z[2]
     dq = torch.empty((t_all, heads, d), dtype=q.dtype, device=q.device)
     dk, dv = torch.empty_like(dq), torch.empty_like(dq)
+    exact = exact_softmax(q.dtype)
+    # fp32 [heads, T] workspaces: Delta, and (exact softmax only) each row's max score m and 1 / l
     delta = torch.empty((heads, t_all), dtype=torch.float32, device=q.device)
+    m, inv_l = (torch.empty_like(delta), torch.empty_like(delta)) if exact else (lse, lse)  # lse: never read
     drop, strides, threshold, p_scale = _launch_args(q, k, v, max_seqlen, dropout_p, seed)
     seed_arg = seed if drop else cu_seqlens
     per, consts = _consts(q, "dq", drop, max_seqlen)
-    consts["EXACT_DELTA"] = exact_delta(q.dtype)
     wrap_triton(_varlen_bwd_dq_kernel)[(triton.cdiv(max_seqlen, per), heads, batch)](
-        q, k, v, grad, out, lse, cu_seqlens, seed_arg, dq, delta, *strides, t_all, heads, max_seqlen,
-        float(scale), threshold, p_scale, **consts)
+        q, k, v, grad, out, lse, cu_seqlens, seed_arg, dq, delta, m, inv_l, *strides, t_all, heads, max_seqlen,
+        float(scale), threshold, p_scale, EXACT_SOFTMAX=exact, **consts)
     per, consts = _consts(q, "dkdv", drop, max_seqlen)
     wrap_triton(_varlen_bwd_dkdv_kernel)[(triton.cdiv(max_seqlen, per), heads, batch)](
-        q, k, v, grad, lse, delta, cu_seqlens, seed_arg, dk, dv, *strides, t_all, heads, max_seqlen,
-        float(scale), threshold, p_scale, **consts)
+        q, k, v, grad, lse, delta, m, inv_l, cu_seqlens, seed_arg, dk, dv, *strides, t_all, heads, max_seqlen,
+        float(scale), threshold, p_scale, EXACT_SOFTMAX=exact, **consts)
     return dq, dk, dv
 
 
@@ -460,8 +505,8 @@ def _aot_specs():
         label = (f"H={heads},D={d},max_seqlen={max_seqlen},{s},{'dropout' if drop else 'no-dropout'}"
                  f"{',grouped' if grouped else ''}")
         consts = dict(DROPOUT=drop, GROUPED=grouped, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
-        if kernel is _varlen_bwd_dq_kernel:
-            consts["EXACT_DELTA"] = exact_delta(s)
+        if kernel is not _varlen_fwd_kernel:
+            consts["EXACT_SOFTMAX"] = exact_softmax(s)
         spec = aot_spec(kernel, label, sig, consts, nw, div16)
         spec["num_stages"] = ns
         specs.append(spec)
@@ -471,11 +516,13 @@ def _aot_specs():
             add(_varlen_fwd_kernel, s, drop, max_seqlen, {"out_ptr": f"*{s}", "lse_ptr": "*fp32"},
                 ("out_ptr", "lse_ptr"))
             add(_varlen_bwd_dq_kernel, s, drop, max_seqlen,
-                {"do_ptr": f"*{s}", "o_ptr": f"*{s}", "lse_ptr": "*fp32", "dq_ptr": f"*{s}", "delta_ptr": "*fp32"},
-                ("do_ptr", "o_ptr", "lse_ptr", "dq_ptr", "delta_ptr"))
+                {"do_ptr": f"*{s}", "o_ptr": f"*{s}", "lse_ptr": "*fp32", "dq_ptr": f"*{s}", "delta_ptr": "*fp32",
+                 "m_ptr": "*fp32", "il_ptr": "*fp32"},
+                ("do_ptr", "o_ptr", "lse_ptr", "dq_ptr", "delta_ptr", "m_ptr", "il_ptr"))
             add(_varlen_bwd_dkdv_kernel, s, drop, max_seqlen,
-                {"do_ptr": f"*{s}", "lse_ptr": "*fp32", "delta_ptr": "*fp32", "dk_ptr": f"*{s}", "dv_ptr": f"*{s}"},
-                ("do_ptr", "lse_ptr", "delta_ptr", "dk_ptr", "dv_ptr"))
+                {"do_ptr": f"*{s}", "lse_ptr": "*fp32", "delta_ptr": "*fp32", "m_ptr": "*fp32", "il_ptr": "*fp32",
+                 "dk_ptr": f"*{s}", "dv_ptr": f"*{s}"},
+                ("do_ptr", "lse_ptr", "delta_ptr", "m_ptr", "il_ptr", "dk_ptr", "dv_ptr"))
     return specs
 
 
