@@ -11,6 +11,7 @@ transformers = pytest.importorskip("transformers")
 import fastbert  # noqa: E402
 from fastbert import ops  # noqa: E402
 from fastbert.patch import FAMILIES, patch, patch_transformers, supported, unpatch, unpatch_transformers  # noqa: E402
+from tests.utils import assert_grads_match  # noqa: E402
 
 V, S, B = 101, 13, 3
 CONFIGS = {
@@ -63,19 +64,12 @@ def step(model, inputs, proj):
     return out, loss.detach(), grads
 
 
-def assert_grads_match(got, want):
-    assert set(got) == set(want), sorted(set(got) ^ set(want))
-    scale = max(g.abs().max().item() for g in want.values())
-    for k, w in want.items():
-        err = (got[k] - w).abs().max().item()
-        assert err <= 1e-5 * w.abs().max().item() + 1e-6 * scale, f"{k}: grad error {err:.3g} (|g| {w.abs().max():.3g})"
-
-
 @pytest.fixture
 def calls(monkeypatch):
     """How many times each fused op ran."""
     counts = {}
-    for name in ("bias_gelu", "layernorm_residual", "masked_softmax", "gather_masked", "linear_cross_entropy"):
+    for name in ("bias_gelu", "layernorm_residual", "masked_softmax", "gather_masked", "linear_cross_entropy",
+                 "varlen_attention", "unpad", "pad"):
         real = getattr(ops, name)
 
         def counted(*a, _real=real, _name=name, **k):

@@ -15,14 +15,10 @@ transformers = pytest.importorskip("transformers")
 from fastbert import ops  # noqa: E402
 from fastbert.patch import patch, patch_transformers, supported, unpatch, unpatch_transformers  # noqa: E402
 
+from tests.test_patch import CONFIGS, calls  # noqa: E402,F401  (the families' configs; the op-call counter fixture)
+from tests.utils import assert_grads_match  # noqa: E402
+
 V, S, H = 101, 11, 32
-CONFIGS = {
-    "bert": ("BertConfig", "Bert", dict()),
-    "roberta": ("RobertaConfig", "Roberta", dict(pad_token_id=1)),
-    "xlm-roberta": ("XLMRobertaConfig", "XLMRoberta", dict(pad_token_id=1)),
-    "camembert": ("CamembertConfig", "Camembert", dict(pad_token_id=1)),
-    "electra": ("ElectraConfig", "Electra", dict(embedding_size=24)),
-}
 HEADS = ("Model", "ForSequenceClassification", "ForMaskedLM", "ForTokenClassification", "ForPreTraining")
 CASES = [(k, w) for k in CONFIGS for w in HEADS if w != "ForPreTraining" or k in ("bert", "electra")]
 LENGTHS = (S, 1, 5, 8)  # a full row, a row of one token, two padded rows
@@ -90,15 +86,6 @@ def step(model, inputs, proj):
     return out, loss.detach(), grads
 
 
-def assert_grads_match(got, want):
-    assert set(got) == set(want), sorted(set(got) ^ set(want))
-    scale = max(g.abs().max().item() for g in want.values())
-    for k, w in want.items():
-        assert torch.isfinite(got[k]).all(), k
-        err = (got[k] - w).abs().max().item()
-        assert err <= 1e-5 * w.abs().max().item() + 1e-6 * scale, f"{k}: grad error {err:.3g} (|g| {w.abs().max():.3g})"
-
-
 def assert_outputs_match(got, want, inputs, what):
     real = inputs["attention_mask"] != 0
     if what == "Model":
@@ -110,20 +97,6 @@ def assert_outputs_match(got, want, inputs, what):
         torch.testing.assert_close(got.logits[real], want.logits[real], rtol=1e-5, atol=1e-5)
     elif what == "ForSequenceClassification":
         torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
-
-
-@pytest.fixture
-def calls(monkeypatch):
-    """How many times each op ran."""
-    counts = {}
-    for name in ("masked_softmax", "varlen_attention", "unpad", "pad"):
-        real = getattr(ops, name)
-
-        def counted(*a, _real=real, _name=name, **k):
-            counts[_name] = counts.get(_name, 0) + 1
-            return _real(*a, **k)
-        monkeypatch.setattr(ops, name, counted)
-    return counts
 
 
 @pytest.mark.parametrize("kind,what", CASES)
@@ -143,7 +116,9 @@ def test_unpadded_matches_transformers_and_padded_patch(kind, what, seed, calls)
     assert type(model.base_model).__name__ == f"Fused{CONFIGS[kind][1]}Model"
     calls.clear()
     out, loss, grads = step(model, inputs, proj)
-    assert calls == {"unpad": 1, "pad": 1, "varlen_attention": 2}, calls
+    assert {k: calls.get(k, 0) for k in ("unpad", "pad", "varlen_attention", "masked_softmax")} == {
+        "unpad": 1, "pad": 1, "varlen_attention": 2, "masked_softmax": 0}, calls
+    assert calls["bias_gelu"] >= 2 and calls["layernorm_residual"] == 4  # token-wise ops (+ the MLM head's GELU)
     for ref_loss, ref_grads in ((want_loss, want_grads), (padded_loss, padded_grads)):
         torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
         assert_grads_match(grads, ref_grads)

@@ -111,3 +111,17 @@ def assert_close(actual, ref64, eager, what=""):
     bound = 2 * eager_err + TOLERANCES[actual.dtype].atol * scale
     assert err <= bound, (f"{what}: max error {err:.3g} > 2 x eager error {eager_err:.3g} + "
                           f"atol {TOLERANCES[actual.dtype].atol:g} x scale {scale:.3g}")
+
+
+def assert_grads_match(got, want, same_keys=True):
+    """Parameter gradients ``{name: grad}``: finite, and each within 1e-5 of its own largest value
+    plus 1e-6 of the largest gradient of all (fp32 models, different op order)."""
+    if same_keys:
+        assert set(got) == set(want), sorted(set(got) ^ set(want))
+    else:
+        assert set(want) <= set(got), sorted(set(want) - set(got))
+    scale = max(g.abs().max().item() for g in want.values())
+    for k, w in want.items():
+        assert torch.isfinite(got[k]).all(), f"{k}: non-finite gradient"
+        err = (got[k] - w).abs().max().item()
+        assert err <= 1e-5 * w.abs().max().item() + 1e-6 * scale, f"{k}: grad error {err:.3g} (|g| {w.abs().max():.3g})"
