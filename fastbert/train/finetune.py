@@ -109,8 +109,9 @@ def finetune(model, train, test, pad_id, config=None, out_dir=None, progress=Tru
     ``test`` after each epoch (and at ``config.max_steps`` if it ends the run mid-epoch).
 
     Returns ``{"history": [{"step", "epoch", "loss", "accuracy", "lr", "padding"}, ...] (one per step;
-    ``lr`` is the rate the step used, ``padding`` the batch's fraction of padding positions), "evals": [{"epoch", "step", "accuracy", "loss", "per_class"}, ...],
-    "accuracy": the last evaluation's test accuracy}``. With ``out_dir``, every step and evaluation
+    ``lr`` is the rate the step used, ``padding`` the batch's fraction of padding positions),
+    "evals": [{"epoch", "step", "accuracy", "loss", "per_class"}, ...], "accuracy": the last
+    evaluation's test accuracy}``. With ``out_dir``, every step and evaluation
     is also appended to ``<out_dir>/finetune_metrics.jsonl`` (a ``"kind"`` field: ``"train"`` or
     ``"eval"``). Seeds the global torch RNG with ``config.seed`` (dropout); the model ends in the
     train/eval mode it started in."""
