@@ -6,7 +6,7 @@ Maths and layouts are described there; pointer arguments are commented per kerne
 import triton
 import triton.language as tl
 
-from fastbert.triton._common import for_store, philox_keep as _keep
+from fastbert.triton._common import for_store, philox_keep
 
 
 @triton.jit
@@ -34,7 +34,7 @@ def _tile(x_ptr, res_ptr, xb, seed_ptr, r64, rmask, col0, n, threshold, scale,
         h += xb
     keep = mask
     if DROPOUT:
-        keep = _keep(seed_ptr, r64, col0, n, threshold, GROUPED, BLOCK_M, BLOCK_N)
+        keep = philox_keep(seed_ptr, r64, col0, n, threshold, GROUPED, BLOCK_M, BLOCK_N)
         h = tl.where(keep, h * scale, 0.0)
     return h + tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32), keep, mask, offs
 
@@ -57,7 +57,7 @@ def _ln_fwd_kernel(
     LOOPED: tl.constexpr,   # False: BLOCK_N >= n, rows stay in registers; True: chunks of BLOCK_N
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    nf = n.to(tl.float32)
+    nf = tl.cast(n, tl.float32)
     row0 = tl.program_id(0) * rows_per_prog
     if not LOOPED:
         # rows [row0, +rows_per_prog) in tiles of BLOCK_M rows; the parameters are read once per
@@ -169,8 +169,8 @@ def _ln_bwd_kernel(
             c1 = tl.load(stats_ptr + 2 * r64, mask=rmask, other=0.0)
             c2 = tl.load(stats_ptr + 2 * r64 + 1, mask=rmask, other=0.0)
         else:
-            c1 = tl.div_rn(tl.sum(g, 1), n.to(tl.float32))
-            c2 = tl.div_rn(tl.sum(g * s_hat, 1), n.to(tl.float32))
+            c1 = tl.div_rn(tl.sum(g, 1), tl.cast(n, tl.float32))
+            c2 = tl.div_rn(tl.sum(g * s_hat, 1), tl.cast(n, tl.float32))
         ds = rstd[:, None] * (g - c1[:, None] - s_hat * c2[:, None])
         tl.store(dres_ptr + offs, for_store(ds, dres_ptr), mask=mask)
         if DROPOUT:
@@ -212,8 +212,8 @@ def _ln_bwd_stats_kernel(
         g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32) * _row(w_ptr, c, n, True)
         acc1 += g
         acc2 += g * (s - mean[:, None]) * rstd[:, None]
-    tl.store(stats_ptr + 2 * r64, tl.div_rn(tl.sum(acc1, 1), n.to(tl.float32)), mask=rmask)
-    tl.store(stats_ptr + 2 * r64 + 1, tl.div_rn(tl.sum(acc2, 1), n.to(tl.float32)), mask=rmask)
+    tl.store(stats_ptr + 2 * r64, tl.div_rn(tl.sum(acc1, 1), tl.cast(n, tl.float32)), mask=rmask)
+    tl.store(stats_ptr + 2 * r64 + 1, tl.div_rn(tl.sum(acc2, 1), tl.cast(n, tl.float32)), mask=rmask)
 
 
 @triton.jit

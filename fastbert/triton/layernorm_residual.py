@@ -70,6 +70,9 @@ def fwd_config(n, dropout):
     return max(1, num_warps * 32 * per_thread // bn), bn, num_warps, False
 
 
+_BWD_MAX_ROWS = 1024
+
+
 def bwd_config(n, dropout):
     """``(BLOCK_M, BLOCK_N, num_warps, looped)`` of the backward for rows of length ``n``.
 
@@ -84,7 +87,8 @@ def bwd_config(n, dropout):
     bn = triton.next_power_of_2(max(n, 1))
     num_warps = 4 if bn <= 1024 else 8
     per_thread = min(per_thread, 16 if bn >= 4096 else 32)
-    return max(1, num_warps * 32 * per_thread // bn), bn, num_warps, False
+    # very short rows: at most _BWD_MAX_ROWS rows a tile (the per-row statistics would spill)
+    return max(1, min(_BWD_MAX_ROWS, num_warps * 32 * per_thread // bn)), bn, num_warps, False
 
 
 def reduce_config(n_blocks):
@@ -230,7 +234,11 @@ def _aot_specs():
                ("fp32" if a in ("eps", "scale") else "i32") for a in names}
         div16 = tuple(a for a in names if a.endswith("_ptr")) + (("n",) if n % 16 == 0 else ())
         label = f"n={n},x={x},w={w},xb={xb},{'dropout' if drop else 'no-dropout'}"
-        return label, sig, div16, dict(HAS_XBIAS=xb is not None, DROPOUT=drop, GROUPED=n % 64 == 0)
+        flags = dict(HAS_XBIAS=xb is not None, DROPOUT=drop, GROUPED=n % 64 == 0)
+        if n == 1:  # a GPU launch turns an int argument equal to 1 into a constant, as here
+            del sig["n"]
+            flags["n"] = 1
+        return label, sig, div16, flags
 
     def args(kernel):  # runtime arguments (the constexprs are the UPPER_CASE ones)
         return [a for a in kernel.arg_names if not a.isupper()]
@@ -264,6 +272,9 @@ def _aot_specs():
         bwd(_BWD_MAX_N, x, x, x, True)
         fwd(4 * _FWD_MAX_N, x, x, x, True)  # looped
         bwd(4 * _FWD_MAX_N, x, x, x, True)  # stats + looped
+    for drop in (False, True):              # rows of one element: n == 1 is specialised to a constant
+        fwd(1, "fp32", "fp32", "fp32", drop)
+        bwd(1, "fp32", "fp32", "fp32", drop)
     for n in (1000, _FWD_MAX_N // 2 - 1):   # per-element counters
         fwd(n, "bf16", "bf16", "bf16", True)
     for n in (1000, _BWD_MAX_N // 2 - 1):
