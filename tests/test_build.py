@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,3 +90,16 @@ def test_so_holds_gpu_code_for_every_arch():
             continue
         sm = "sm_" + arch.replace(".", "").replace("+PTX", "")
         assert sm in listing, f"{sm} missing from {so}:\n{listing}"
+
+
+def test_build_requirements_match_the_metadata():
+    """``license = "Apache-2.0"`` (a PEP 639 string) needs setuptools >= 77 to build at all: the
+    declared build floor must be at least that (an image with an older setuptools failed at once)."""
+    import re
+    import tomllib
+
+    meta = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
+    if isinstance(meta["project"].get("license"), str):
+        req = next(r for r in meta["build-system"]["requires"] if r.startswith("setuptools"))
+        floor = re.search(r">=\s*(\d+)", req)
+        assert floor and int(floor.group(1)) >= 77, f"build-system requires {req!r}; PEP 639 licenses need >= 77"
