@@ -173,7 +173,7 @@ class BertModel(BertPreTrainedModel):
         idx = p.indices
         x = self.embeddings(input_ids.reshape(-1)[idx], token_type_ids.reshape(-1)[idx], idx % p.seqlen)
         key_mask = additive = None
-        if not all(self.encoder.layer[0].attention.self.varlen.values()):  # pad-attend-unpad needs masks
+        if self.config.attention_for_unpadded(input_ids.device.type) == "pad":  # pad-attend-unpad: masks
             key_mask, additive = self.masks(p.slot.view(p.batch, p.seqlen) >= 0, x)
         x = self.encoder(x, key_mask, additive, p)
         pooled = None
