@@ -86,6 +86,15 @@ def step(model, inputs, proj):
     return out, loss.detach(), grads
 
 
+def projection_mass(out, inputs, proj):
+    """Sum of the magnitudes of the terms of ``step``'s bare-model objective."""
+    real = (inputs["attention_mask"] != 0).unsqueeze(-1)
+    mass = (out.last_hidden_state * proj * real).abs().sum()
+    if getattr(out, "pooler_output", None) is not None:
+        mass = mass + (out.pooler_output * proj[:, 0]).abs().sum()
+    return mass.item()
+
+
 def assert_outputs_match(got, want, inputs, what):
     real = inputs["attention_mask"] != 0
     if what == "Model":
@@ -119,8 +128,11 @@ def test_unpadded_matches_transformers_and_padded_patch(kind, what, seed, calls)
     assert {k: calls.get(k, 0) for k in ("unpad", "pad", "varlen_attention", "masked_softmax")} == {
         "unpad": 1, "pad": 1, "varlen_attention": 2, "masked_softmax": 0}, calls
     assert calls["bias_gelu"] >= 2 and calls["layernorm_residual"] == 4  # token-wise ops (+ the MLM head's GELU)
+    # the bare model's objective is a projection: a sum of many terms that cancel, so its rounding
+    # scales with the terms' magnitudes (1e-6 of them), not with the small result
+    atol = 1e-6 if getattr(out, "loss", None) is not None else 1e-6 * projection_mass(want_out, inputs, proj)
     for ref_loss, ref_grads in ((want_loss, want_grads), (padded_loss, padded_grads)):
-        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=atol)
         assert_grads_match(grads, ref_grads)
     assert_outputs_match(out, want_out, inputs, what)
     assert_outputs_match(out, padded_out, inputs, what)
