@@ -13,7 +13,7 @@ from fastbert import ops  # noqa: E402  (defines the op schemas first)
 from fastbert import _ext  # noqa: E402  (then registers the compiled kernels)
 from fastbert import triton  # noqa: E402  (then the Triton kernels, when triton imports)
 from fastbert import backends  # noqa: E402
-from fastbert.backends import BackendUnavailable, backend, not_supported_reasons  # noqa: E402
+from fastbert.backends import BackendUnavailable, ReferenceFallbackWarning, backend, not_supported_reasons  # noqa: E402
 from fastbert.ops import (bias_gelu, gather_masked, layernorm_residual, linear_cross_entropy,  # noqa: E402
                           masked_softmax)
 from fastbert import nn  # noqa: E402
@@ -21,6 +21,6 @@ from fastbert.patch import patch, patch_transformers, unpatch, unpatch_transform
 
 backends.refresh()
 
-__all__ = ["BackendUnavailable", "backend", "bias_gelu", "backends", "gather_masked", "layernorm_residual",
+__all__ = ["BackendUnavailable", "ReferenceFallbackWarning", "backend", "bias_gelu", "backends", "gather_masked", "layernorm_residual",
            "linear_cross_entropy", "masked_softmax", "nn", "not_supported_reasons", "ops", "patch", "patch_transformers",
            "unpatch", "unpatch_transformers", "__version__"]

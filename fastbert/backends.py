@@ -7,7 +7,12 @@ Backends: ``cuda`` (csrc/cuda kernels in fastbert._C), ``triton`` (fastbert/trit
 :func:`not_supported_reasons` is empty: CUDA tensors cuda -> triton -> reference, CPU tensors
 cpu -> reference. ``FASTBERT_BACKEND=<name>`` or ``with fastbert.backend(name):`` forces one; a
 forced backend that cannot run raises :class:`BackendUnavailable` listing the reasons, never a
-silent fallback.
+silent fallback. When ``auto`` runs the (slow, eager) reference backend on CUDA tensors it warns once
+per op and set of reasons (:class:`ReferenceFallbackWarning`, which names the reasons).
+
+Callers pass the tensors whose dtype a kernel constrains as positional arguments and tensors the
+kernels' glue converts (a float mask, a bias added in fp32) as ``converted=``: their device counts,
+and a dtype in :data:`CONVERTED` for that (op, backend) is accepted as well as :data:`DTYPES`.
 
 Everything :func:`select` reads is plain Python state (refreshed by :func:`refresh`), so it traces
 under ``torch.compile(fullgraph=True)``.
@@ -15,6 +20,7 @@ under ``torch.compile(fullgraph=True)``.
 
 import contextlib
 import os
+import warnings
 
 import torch
 
@@ -24,6 +30,12 @@ _HALF = (torch.float32, torch.float16, torch.bfloat16)
 DTYPES = {"cuda": _HALF, "triton": _HALF, "cpu": _HALF + (torch.float64,),
           "reference": _HALF + (torch.float64,)}
 DEVICES = {"cuda": ("cuda",), "triton": ("cuda", "cpu"), "cpu": ("cpu",), "reference": None}
+# (op, backend) -> further dtypes of the ``converted=`` tensors: the CUDA glue (csrc/cuda) converts a
+# float64 additive mask (finite values clamped to fp32's range) and a float64 x_bias to fp32. The
+# Triton glue checks x_bias to be fp32/fp16/bf16 and casts a float64 mask without clamping
+# (finfo(float64).min becomes -inf), so float64 stays off it.
+CONVERTED = {("masked_softmax", "cuda"): (torch.float64,), ("layernorm_residual", "cuda"): (torch.float64,)}
+WARN_DEVICES = ("cuda",)  # device types on which ``auto`` warns when it runs the reference backend
 
 OPS = []            # op names registered by fastbert/ops/<op>.py
 # (op, backend) pairs with no kernel by design, and what runs instead
@@ -32,10 +44,15 @@ NOT_IMPLEMENTED = {("varlen_attention", "cuda"): "no CUDA kernel for varlen_atte
 _global = {}        # backend -> reasons it cannot run anywhere in this process
 _op_missing = {}    # (op, backend) -> reason the op has no kernel on that backend
 _TRITON_INTERPRET = False
+_warned = set()     # (op, device, reasons) already warned about by select
 
 
 class BackendUnavailable(RuntimeError):
     """A forced backend cannot run the op on these inputs."""
+
+
+class ReferenceFallbackWarning(UserWarning):
+    """``auto`` ran an op on the (slow, eager PyTorch) reference backend for CUDA tensors."""
 
 
 def _check_name(name):
@@ -109,13 +126,16 @@ def availability(name):
     return reasons
 
 
-def not_supported_reasons(name, op, *tensors):
-    """Why backend ``name`` cannot run ``op`` on these tensors (``None`` entries are ignored)."""
+def not_supported_reasons(name, op, *tensors, converted=()):
+    """Why backend ``name`` cannot run ``op`` on these tensors (``None`` entries are ignored);
+    ``converted`` tensors' dtypes may also be those of :data:`CONVERTED` (see the module docstring)."""
     tensors = [t for t in tensors if t is not None]
-    return reasons_for(name, op, {t.device.type for t in tensors}, {t.dtype for t in tensors})
+    converted = [t for t in converted if t is not None]
+    return reasons_for(name, op, {t.device.type for t in tensors + converted}, {t.dtype for t in tensors},
+                       {t.dtype for t in converted})
 
 
-def reasons_for(name, op, devices, dtypes):
+def reasons_for(name, op, devices, dtypes, converted_dtypes=()):
     """As :func:`not_supported_reasons`, for device types and dtypes instead of tensors."""
     reasons = list(_global[_check_name(name)])
     missing = _op_missing.get((op, name))
@@ -127,24 +147,43 @@ def reasons_for(name, op, devices, dtypes):
             reasons.append(f"tensors on {dev} (it runs {' and '.join(allowed)} tensors)")
     if name == "triton" and "cpu" in devices and not _TRITON_INTERPRET:
         reasons.append("CPU tensors run on triton only under TRITON_INTERPRET=1")
-    for dt in sorted(set(dtypes), key=str):
-        if dt not in DTYPES[name]:
-            reasons.append(f"dtype {str(dt).replace('torch.', '')} is not supported (it supports "
-                           f"{', '.join(str(d).replace('torch.', '') for d in DTYPES[name])})")
+    extra = CONVERTED.get((op, name), ())
+    bad = (set(dtypes) - set(DTYPES[name])) | (set(converted_dtypes) - set(DTYPES[name]) - set(extra))
+    for dt in sorted(bad, key=str):
+        reasons.append(f"dtype {str(dt).replace('torch.', '')} is not supported (it supports "
+                       f"{', '.join(str(d).replace('torch.', '') for d in DTYPES[name])})")
     return reasons
 
 
-def select(op, *tensors):
+def select(op, *tensors, converted=()):
     """The backend that runs ``op`` on these tensors (see the module docstring)."""
     forced = _forced
     if forced != "auto":
-        reasons = not_supported_reasons(forced, op, *tensors)
+        reasons = not_supported_reasons(forced, op, *tensors, converted=converted)
         if reasons:
             raise BackendUnavailable(
                 f"fastbert: backend '{forced}' cannot run {op} here: " + "; ".join(reasons))
         return forced
     device = next(t.device.type for t in tensors if t is not None)
+    why = []
     for name in PRIORITY.get(device, ("reference",)):
-        if not not_supported_reasons(name, op, *tensors):
+        reasons = not_supported_reasons(name, op, *tensors, converted=converted)
+        if not reasons:
+            if name == "reference" and device in WARN_DEVICES:
+                _warn_reference(op, device, why)
             return name
+        why.append(f"{name}: {'; '.join(reasons)}")
     return "reference"
+
+
+def _warn_reference(op, device, why):
+    """Warn once per (op, device, reasons) that ``auto`` runs the reference backend. Skipped while
+    torch.compile traces (a warning there would break ``fullgraph=True``); eager calls warn."""
+    if torch.compiler.is_compiling():
+        return
+    key = (op, device, tuple(why))
+    if key in _warned:
+        return
+    _warned.add(key)
+    warnings.warn(f"fastbert: {op} runs on the reference backend (eager PyTorch, slow) for {device} "
+                  f"tensors because " + " | ".join(why), ReferenceFallbackWarning, stacklevel=4)

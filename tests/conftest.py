@@ -39,3 +39,30 @@ def _auto_backend():
     yield
     if fastbert._ext.C is not None:
         fastbert._ext.C.set_cpu_isa("auto")
+
+
+# ---------------------------------------------------------------- Triton launch recording
+# Every fastbert Triton launch of the session is recorded as the specialisation a CUDA launch would
+# compile (tests/triton_launches.py); tests/test_triton_aot.py, moved last, compiles them for sm_80
+# and sm_90. FASTBERT_RECORD_LAUNCHES=<file> also writes them to a JSON file at the end.
+
+def pytest_sessionstart(session):
+    from tests import triton_launches
+
+    triton_launches.install()
+
+
+def pytest_collection_modifyitems(session, config, items):
+    aot = [i for i in items if i.nodeid.split("::")[0].endswith("test_triton_aot.py")]
+    if aot:
+        moved = set(map(id, aot))
+        items[:] = [i for i in items if id(i) not in moved] + aot
+
+
+def pytest_sessionfinish(session, exitstatus):
+    from tests import triton_launches
+
+    path = os.environ.get("FASTBERT_RECORD_LAUNCHES")
+    if path:
+        triton_launches.dump(path)
+    triton_launches.uninstall()

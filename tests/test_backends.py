@@ -4,9 +4,11 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fastbert
 from fastbert import backends
@@ -36,6 +38,68 @@ def test_reasons_name_the_problem():
     assert any("dtype float64 is not supported" in r for r in reasons)
     if not backends._TRITON_INTERPRET:
         assert any("TRITON_INTERPRET" in r for r in backends.reasons_for("triton", "bias_gelu", {"cpu"}, set()))
+
+
+def test_converted_tensors_accept_the_dtypes_the_glue_converts():
+    """A float64 mask / x_bias (converted by the CUDA glue) does not rule the cuda backend out; a
+    float64 tensor whose dtype the kernel takes as is does, and triton takes no float64 x_bias."""
+    f32, f64 = {torch.float32}, {torch.float64}
+    assert backends.reasons_for("cuda", "masked_softmax", {"cuda"}, f32, f64) == backends.reasons_for(
+        "cuda", "masked_softmax", {"cuda"}, f32)
+    assert backends.reasons_for("cuda", "layernorm_residual", {"cuda"}, f32, f64) == backends.reasons_for(
+        "cuda", "layernorm_residual", {"cuda"}, f32)
+    assert any("float64" in r for r in backends.reasons_for("cuda", "masked_softmax", {"cuda"}, f64))
+    assert any("float64" in r for r in backends.reasons_for("cuda", "bias_gelu", {"cuda"}, f32, f64))
+    assert any("float64" in r for r in backends.reasons_for("triton", "layernorm_residual", {"cuda"}, f32, f64))
+    # a converted tensor's device still counts
+    assert any("tensors on cpu" in r for r in backends.not_supported_reasons(
+        "cuda", "masked_softmax", torch.empty(1, device="meta"), converted=(torch.zeros(1),)))
+
+
+def _fallback_warnings(record):
+    return [str(w.message) for w in record if issubclass(w.category, backends.ReferenceFallbackWarning)]
+
+
+def test_auto_warns_once_when_cuda_tensors_run_the_reference(monkeypatch):
+    """One ReferenceFallbackWarning per (op, reasons), naming each faster backend's reasons; none
+    for CPU tensors or a forced reference."""
+    monkeypatch.setattr(backends, "_warned", set())
+    monkeypatch.setitem(backends._global, "triton", ["triton is off in this test"])
+    with FakeTensorMode(), warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        x = torch.randn(4, 8, device="cuda", dtype=torch.float64)  # no GPU backend takes float64
+        for _ in range(3):
+            assert backends.select("bias_gelu", x) == "reference"
+        assert backends.select("bias_gelu", x, x[0]) == "reference"  # same reasons: no second warning
+        assert backends.select("masked_softmax", x.view(1, 1, 4, 8)) == "reference"  # another op: one more
+        with fastbert.backend("reference"):
+            backends.select("bias_gelu", x.float())
+        backends.select("bias_gelu", torch.randn(2, 2, dtype=torch.float64))  # CPU: no warning
+    got = _fallback_warnings(record)
+    assert len(got) == 2, got
+    assert got[0].startswith("fastbert: bias_gelu runs on the reference backend") and "masked_softmax" in got[1]
+    assert "cuda: " in got[0] and "dtype float64 is not supported" in got[0]
+    assert "triton: triton is off in this test" in got[0]
+
+
+@requires_c
+def test_reference_fallback_warning_does_not_break_fullgraph_compile(monkeypatch):
+    """select's warning is skipped while torch.compile traces (fullgraph=True); eager calls warn."""
+    monkeypatch.setattr(backends, "_warned", set())
+    monkeypatch.setattr(backends, "WARN_DEVICES", ("cpu",))  # CPU tensors stand in for CUDA ones here
+    monkeypatch.setitem(backends._global, "cpu", ["cpu is off in this test"])
+    x = torch.randn(3, 8)
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        compiled = torch.compile(lambda t: fastbert.ops.bias_gelu(t, None), fullgraph=True, backend="eager")
+        torch.testing.assert_close(compiled(x), torch.nn.functional.gelu(x))
+        assert _fallback_warnings(record) == []
+        fastbert.ops.bias_gelu(x)
+        fastbert.ops.bias_gelu(x)
+    torch._dynamo.reset()
+    got = _fallback_warnings(record)
+    assert len(got) == 1 and "cpu: cpu is off in this test" in got[0]
 
 
 def test_context_manager_restores_on_error():

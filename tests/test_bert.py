@@ -144,6 +144,26 @@ def test_fused_matches_unfused_on_every_backend(seed, backend):
     assert_grads_match(grads_hf_names(fused), grads_hf_names(eager), same_keys=False)
 
 
+@pytest.mark.parametrize("unpad", [True, False], ids=["unpadded", "padded"])
+@pytest.mark.parametrize("backend", backend_params("cuda"))
+def test_fused_matches_unfused_on_cuda(seed, backend, unpad):
+    """The same check on CUDA tensors (GPU only): every fused kernel of the backend inside the model,
+    unpadded (varlen attention) and padded."""
+    config = BertConfig(**SMALL, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, unpad=unpad)
+    fused = BertForPreTraining(config).train().cuda()
+    eager = BertForPreTraining(config.replace(fused=False)).train().cuda()
+    eager.load_state_dict(fused.state_dict())
+    inputs, labels = batch()
+    inputs = {k: v.cuda() for k, v in inputs.items()}
+    extra = dict(labels=labels.cuda(), next_sentence_label=torch.tensor([0, 1, 1]).cuda(), with_accuracy=True)
+    with use_backend(backend):
+        fo = run(fused, "BertForPreTraining", inputs, extra, None)
+    eo = run(eager, "BertForPreTraining", inputs, extra, None)
+    for name in ("loss", "mlm_loss", "nsp_loss", "mlm_accuracy", "nsp_accuracy"):
+        torch.testing.assert_close(getattr(fo, name), getattr(eo, name), rtol=1e-5, atol=1e-6)
+    assert_grads_match(grads_hf_names(fused), grads_hf_names(eager), same_keys=False)
+
+
 def test_sdpa_attention_matches_fused(seed):
     config = BertConfig(**SMALL)
     fused = BertModel(config).eval()

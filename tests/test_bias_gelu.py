@@ -6,8 +6,8 @@ import torch.nn.functional as F
 
 import fastbert
 from fastbert import reference
-from tests.utils import (DTYPES, assert_close, backend_params, device_backend_params, requires_c,
-                         use_backend)
+from tests.utils import (DTYPES, HAS_CUDA, assert_close, backend_params, device_backend_params,
+                         requires_c, use_backend)
 
 SHAPES = [(3, 1), (5, 7), (4, 127), (2, 768), (3, 1023), (2, 3072), (1, 4096), (2, 3, 768), (0, 5),
           (300, 40)]  # the last: many row blocks in the dbias reductions
@@ -68,6 +68,56 @@ def check(backend, x, b, approximate):
 def test_matches_reference(device, backend, dtype, shape, approximate, bias):
     x, b = make_inputs(shape, dtype, device, bias)
     check(backend, x, b, approximate)
+
+
+@pytest.mark.usefixtures("seed")
+@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("approximate", APPROXIMATE)
+def test_nonfinite_z_gradient_matches_reference(device, backend, dtype, approximate):
+    """NaN z = x + bias gives a NaN gradient and +-inf z the reference's (torch's) NaN, in dx and in
+    dbias's column; the kernels' clamps used to turn them into finite values (0, 1/2 or 1). The
+    other elements keep their gradients."""
+    x, b = make_inputs((4, 9), dtype, device)
+    x[0, 1], x[1, 2], x[2, 3] = float("nan"), float("inf"), float("-inf")
+    b[5] = float("nan")  # a whole column of NaN z
+    dy = torch.randn_like(x)
+    _, dx, db = run(backend, x, b, approximate, dy)
+    _, dx64, db64 = exact(x, b, approximate, dy)
+    _, dx_eager, db_eager = eager(x, b, approximate, dy)
+    for name, got, want, base in (("dx", dx, dx64, dx_eager), ("dbias", db, db64, db_eager)):
+        assert torch.equal(got.isnan(), want.isnan()), (
+            f"{backend} {name}: NaN at {got.isnan().nonzero().tolist()}, reference NaN at "
+            f"{want.isnan().nonzero().tolist()}")
+        finite = want.isfinite()
+        assert_close(got[finite], want[finite], base[finite].to(got.dtype), f"{backend} {name} {approximate}")
+
+
+def ulps(a, b):
+    """Distance in units in the last place of a's dtype between same-dtype a and b (0 where equal,
+    +-0 included)."""
+    ints = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}[a.dtype]
+    d = (a.view(ints).long() - b.view(ints).long()).abs()
+    return torch.where(a == b, 0, d)
+
+
+@pytest.mark.usefixtures("seed")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("approximate", APPROXIMATE)
+@pytest.mark.parametrize("shape", [(64, 768), (5, 7)], ids=str)
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (none visible)")
+def test_cuda_and_triton_agree_to_the_ulp(dtype, approximate, shape):
+    """The two GPU backends run the same operations (csrc/cuda/bias_gelu_kernel.cu inlines the PTX
+    that Triton emits for fp32 division and exp2): y and dx agree within one ulp of the dtype."""
+    x, b = make_inputs(shape, dtype, "cuda")
+    dy = torch.randn_like(x)
+    got_cuda = run("cuda", x, b, approximate, dy)
+    got_triton = run("triton", x, b, approximate, dy)
+    for name, c, t in zip(("y", "dx"), got_cuda, got_triton):
+        d = ulps(c, t)
+        assert d.max() <= 1, f"{name}: {d.max()} ulps apart at {d.argmax()}: cuda {c.view(-1)[d.argmax()]}, " \
+                             f"triton {t.view(-1)[d.argmax()]}"
 
 
 @pytest.mark.usefixtures("seed", "poison")

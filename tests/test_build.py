@@ -103,3 +103,38 @@ def test_build_requirements_match_the_metadata():
         req = next(r for r in meta["build-system"]["requires"] if r.startswith("setuptools"))
         floor = re.search(r">=\s*(\d+)", req)
         assert floor and int(floor.group(1)) >= 77, f"build-system requires {req!r}; PEP 639 licenses need >= 77"
+
+
+def test_version_floors_are_the_tested_minimum():
+    """pyproject.toml's floors for torch (runtime and build), triton and transformers are exactly the
+    versions CI's second environment pins (.ci/min-versions.txt): the oldest ones that are tested."""
+    import re
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", (root / ".ci" / "min-versions.txt").read_text(), re.M))
+    assert set(pins) == {"torch", "triton", "transformers"}, pins
+    meta = tomllib.loads((root / "pyproject.toml").read_text())
+    extras = meta["project"]["optional-dependencies"]
+    lists = {"[build-system] requires": meta["build-system"]["requires"],
+             "[project] dependencies": meta["project"]["dependencies"],
+             "the triton extra": extras["triton"], "the test extra": extras["test"]}
+    expected = {"[build-system] requires": "torch", "[project] dependencies": "torch",
+                "the triton extra": "triton", "the test extra": "transformers"}
+
+    def release(v):  # "2.11" and "2.11.0" are the same floor
+        parts = [int(x) for x in v.split(".")]
+        while parts and parts[-1] == 0:
+            parts.pop()
+        return parts
+
+    for where, reqs in lists.items():
+        for req in reqs:
+            name = re.match(r"[A-Za-z0-9_.-]+", req).group(0)
+            if name not in pins:
+                continue
+            floor = re.fullmatch(rf"{re.escape(name)}\s*>=\s*([0-9.]+)", req)
+            assert floor, f"{where}: {req!r} must be exactly '{name}>=<floor>'"
+            assert release(floor.group(1)) == release(pins[name]), \
+                f"{where}: {req!r}, but CI's oldest environment tests {name}=={pins[name]} (.ci/min-versions.txt)"
+        assert any(r.startswith(expected[where]) for r in reqs), f"{where} names no {expected[where]} floor"

@@ -274,3 +274,25 @@ def test_module_matches_layernorm_and_loads_its_state_dict(seed):
     assert "p=0.1" in repr(m)
     with pytest.raises(ValueError, match="p must be in"):
         fastbert.nn.FusedLayerNormResidual(8, p=1.5)
+
+
+@pytest.mark.skipif(not fastbert.triton.available, reason="needs triton")
+@pytest.mark.parametrize("sms", [108, 132], ids=["A100", "H100"])
+def test_triton_backward_grid_is_one_wave(sms):
+    """The Triton backward's row blocks fit one resident wave of programs (64K registers and 2048
+    threads per SM: 2 programs of 4 warps, 1 of 8, at up to 255 registers a thread), for BERT's and
+    odd shapes, single and multiple column blocks; the old fixed 256 made two waves on an A100."""
+    from fastbert.triton import layernorm_residual as ln
+
+    for n in (768, 1024, 1000, 4096, 32768):
+        bm, bn, num_warps, _ = ln.bwd_config(n, True)
+        wave = ln.wave_programs(sms, 65536, 2048, num_warps)
+        assert wave == sms * 8 // num_warps
+        col_blocks = -(-n // bn)
+        max_blocks = max(1, wave // col_blocks)
+        for rows in (1, 217, 4096, 16384, 512 * 128 + 3):
+            per = ln.rows_per_program(rows, bm, max_blocks)
+            assert per % bm == 0 and per * max_blocks >= rows
+            assert -(-rows // per) * col_blocks <= max(wave, col_blocks)
+    # without a device (the interpreter here) the launcher keeps the fixed bound
+    assert ln.max_row_blocks(torch.device("cpu"), 4, 1) == ln._MAX_ROW_BLOCKS

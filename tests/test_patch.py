@@ -96,7 +96,10 @@ def test_patched_matches_transformers(kind, what, train, seed, calls):
     fused_mlm = what in ("ForMaskedLM", "ForPreTraining")
     assert calls["bias_gelu"] == 2 + fused_mlm and calls["layernorm_residual"] == 4 and calls["masked_softmax"] == 2
     assert calls.get("linear_cross_entropy", 0) == fused_mlm
-    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+    # the bare model's objective is a projection: a sum of many terms that cancel, so its rounding
+    # scales with the terms' magnitudes (1e-6 of them), not with the small result
+    atol = 1e-6 if what != "Model" else 1e-6 * (want_out.last_hidden_state * proj).abs().sum().item()
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=atol)
     assert_grads_match(grads, want_grads)
     if fused_mlm:  # the logits of the labelled rows only
         key = "logits" if what == "ForMaskedLM" else "prediction_logits"

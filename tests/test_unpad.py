@@ -81,6 +81,19 @@ def test_unpad_pad_gradcheck_and_integer_ids(seed):
     assert torch.equal(ops.pad(ops.unpad(ids, p), p), ids * (p.slot.view(3, 13) >= 0))
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_unpad_rows_opcheck_and_second_order(seed, backend):
+    """``fastbert::unpad_rows`` (the copy behind unpad and pad): opcheck, and gradients of gradients."""
+    if backend == "cpu" and fastbert._ext.C is None:
+        pytest.skip("fastbert._C is not available")
+    p = ops.packing(MASKS["holes"]())
+    x = torch.randn(3 * 13, 4, dtype=torch.float64, requires_grad=True)
+    for args in ((x, p.indices, p.slot, backend), (torch.randn(p.total, 4), p.slot, p.indices, backend)):
+        torch.library.opcheck(torch.ops.fastbert.unpad_rows.default, args)
+    with use_backend(backend):
+        torch.autograd.gradgradcheck(lambda t: ops.pad(ops.unpad(t.view(3, 13, 4), p) ** 2, p), (x,))
+
+
 def test_bad_input_names_the_argument():
     with pytest.raises(ValueError, match="attention_mask"):
         ops.packing(torch.ones(2, 3, 4))

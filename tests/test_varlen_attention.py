@@ -122,6 +122,16 @@ def test_matches_reference(backend, dtype, lengths, heads, d):
 
 
 @pytest.mark.usefixtures("seed", "poison")
+@pytest.mark.parametrize("backend", backend_params("cuda"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("p", [0.0, 0.2])
+@pytest.mark.parametrize("lengths,heads,d", CASES + [([300, 1, 128, 77, 0, 512], 12, 64)], ids=str)
+def test_matches_reference_cuda(backend, dtype, p, lengths, heads, d):
+    """CUDA tensors (the Triton kernels on a GPU), full-size cases and BERT's 12 x 64 heads."""
+    check(backend, lengths, heads, d, dtype, p=p, device="cuda")
+
+
+@pytest.mark.usefixtures("seed", "poison")
 @pytest.mark.parametrize("backend", backend_params("cpu"))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_random_lengths_dropout(backend, dtype):

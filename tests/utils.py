@@ -34,7 +34,8 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 HAS_CUDA = torch.cuda.is_available()
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (none visible)")
+# the tests that need a GPU: `pytest -m gpu` selects them (scripts/gpu_check.sh)
+requires_cuda = (pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (none visible)"))
 requires_c = pytest.mark.skipif(fastbert._ext.C is None,
                                 reason=f"fastbert._C not built: {fastbert._ext.error}")
 

@@ -26,7 +26,8 @@ constexpr float kSqrt2OverPi = 0.79788456080286536f;
 constexpr float kCubic = 0.044715f;
 constexpr float kLog2e = 1.44269504088896341f;
 // |z| >= 10 saturates the tanh form to fp32 precision (|u| > 43, e^(-2|u|) < 1e-38); clamping z
-// inside u keeps z^3 and exp finite for any input, so gelu'(huge) is exactly 1 or 0.
+// inside u keeps z^3 and exp finite for any finite input, so gelu'(huge) is exactly 1 or 0. NaN and
+// +-inf z get a NaN gradient (torch's value; the clamps alone would return 1, 0 or a finite value).
 constexpr float kTanhClamp = 10.0f;
 
 // Phi(z) without cancellation: with a = |z| / sqrt 2, erfc(a) = exp(-a^2) erfcx(a) and erfcx(a) =
@@ -93,7 +94,9 @@ inline vf gelu_grad(vf z) {
     const vf e = vexp(-2.0f * u);
     const vf s = 1.0f / (1.0f + e);
     const vf du = kSqrt2OverPi * (1.0f + 3.0f * kCubic * c2);
-    return s + 2.0f * c * (s * s * e) * du;  // s (1 - s) = e s^2, without cancellation
+    // s (1 - s) = e s^2, without cancellation; z - z (0 for finite z) keeps NaN and +-inf z a NaN
+    // gradient, as torch gives it, where the clamp would make them finite
+    return (s + 2.0f * c * (s * s * e) * du) + (z - z);
   }
   // gelu'(z) - 1/2 = erf(x)/2 + z phi(z) (x = z/sqrt 2) is odd and tends to 0 like z phi(z); one
   // rational x P(x^2) / Q(x^2) on |x| <= 4.3 fits it to 6.3e-8 (scripts/fit_gelu.py backward), which
@@ -114,7 +117,7 @@ inline vf gelu_grad(vf z) {
   q = q * x2 + 1.513924648e-01f;
   q = q * x2 + 5.683082142e-01f;
   q = q * x2 + 1.0f;
-  return (x * p) / q + 0.5f;
+  return ((x * p) / q + 0.5f) + (z - z);  // z - z: NaN for NaN/inf z (the clamp hides them), else 0
 }
 
 // Double precision: a scalar path for gradcheck and fp64 users, exact to the last bits of libm.

@@ -12,30 +12,52 @@
 // tails, where 0.5 + erff / 2 cancels); exact backward: the CPU kernel's fitted rational for gelu'
 // (scripts/fit_gelu.py); tanh: e = exp(-2|u|) <= 1, s = 1 / (1 + e)
 // (u >= 0) or e / (1 + e) (u < 0), s (1 - s) = e / (1 + e)^2: no overflow, no cancellation.
-// Divisors lie in [1, 2] (tanh) and [1, 960] (rational), where __fdividef is within 2 ulp.
+// Same arithmetic as the Triton kernels (fastbert/triton/bias_gelu.py), operation for operation, with
+// the PTX instructions Triton emits for fp32 `/` and tl.exp2 (div_full, exp2_ftz below), so the two
+// GPU backends agree to the ulp. div.full.f32 (2 ulp, full range) rather than IEEE div.rn.f32
+// (__fdiv_rn, tl.div_rn): div.rn's slow-path call made ew_kernel spill at its 32-register budget
+// (16-44 bytes on sm_80/sm_90) and the backward tile kernels too (8-16 bytes).
+// NaN and +-inf z give a NaN gradient, as torch's gelu backward (and the reference backend) do: the
+// clamps below would otherwise turn them into finite values, so gelu_grad adds z - z (0 for finite z)
+// to the clamped argument.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include "cuda/common.cuh"
 #include "cuda/launch.h"
+#include "cuda/wave.cuh"
 
 namespace fastbert::cuda {
 namespace {
 
 constexpr float kSqrt1_2 = 0.70710678118654752f, kSqrt2OverPi = 0.79788456080286536f, kCubic = 0.044715f;
+constexpr float kMinus2Log2e = -2.88539008177792682f;  // exp(-2 v) = exp2(kMinus2Log2e * v)
+
+// a / b and 2^x as Triton compiles fp32 `/` and tl.exp2: div.full.f32, ex2.approx.ftz.f32 (one
+// MUFU.EX2; results below 2^-126 flush to 0).
+__device__ __forceinline__ float div_full(float a, float b) {
+  float r;
+  asm("div.full.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+__device__ __forceinline__ float exp2_ftz(float x) {
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+}
 
 // Phi(z) without cancellation, as the CPU kernel computes it: a = |z| / sqrt 2 (clamped at 9),
 // erfc(a) = exp(-a^2) P(a) / Q(a) (erfcx fitted to 7e-8 relative, scripts/fit_gelu.py forward),
-// Phi = erfc(a) / 2 for z < 0, 1 - erfc(a) / 2 otherwise. ~20 instructions with exp2f (MUFU.EX2).
+// Phi = erfc(a) / 2 for z < 0, 1 - erfc(a) / 2 otherwise. ~20 instructions with one MUFU.EX2.
 __device__ __forceinline__ float normal_cdf(float z) {
   const float a = fminf(fabsf(z) * kSqrt1_2, 9.0f);
-  const float e = exp2f(a * a * -1.44269504088896341f);
+  const float e = exp2_ftz(a * a * -1.44269504088896341f);  // >= 2^-117: never flushed
   const float p = ((0.5f * 7.583220580e-02f * a + 0.5f * 4.137109122e-01f) * a + 0.5f * 9.406895939e-01f) * a +
                   0.5f * 9.999999283e-01f;
   const float q = (((1.344987700e-01f * a + 7.316200554e-01f) * a + 1.748460695e+00f) * a + 2.069064260e+00f) * a +
                   1.0f;
-  const float half_erfc = __fdividef(e * p, q);  // q in [1, 1.6e3]
+  const float half_erfc = div_full(e * p, q);  // q in [1, 1.6e3]
   return z < 0.0f ? half_erfc : 1.0f - half_erfc;
 }
 
@@ -43,25 +65,26 @@ template <bool TANH>
 __device__ __forceinline__ float gelu(float z) {
   if (TANH) {
     const float u = kSqrt2OverPi * z * (1.0f + kCubic * z * z);
-    const float e = expf(-2.0f * fabsf(u));
-    return __fdividef(u >= 0.0f ? z : z * e, 1.0f + e);
+    const float e = exp2_ftz(kMinus2Log2e * fabsf(u));
+    return div_full(u >= 0.0f ? z : z * e, 1.0f + e);
   }
   return z * normal_cdf(z);
 }
 
 template <bool TANH>
 __device__ __forceinline__ float gelu_grad(float z) {
+  // z - z (0 for finite z, NaN for NaN and +-inf) added to the clamped argument carries a NaN through
   if (TANH) {  // |z| >= 10 saturates (e < 1e-38); the clamp keeps z^2 finite so 0 * inf cannot occur
-    const float c = fminf(fmaxf(z, -10.0f), 10.0f);
+    const float c = fminf(fmaxf(z, -10.0f), 10.0f) + (z - z);
     const float c2 = c * c, u = kSqrt2OverPi * c * (1.0f + kCubic * c2);
-    const float e = expf(-2.0f * fabsf(u));
-    const float r = __fdividef(1.0f, 1.0f + e), s = u >= 0.0f ? r : e * r;
-    const float du = kSqrt2OverPi * (1.0f + 3.0f * kCubic * c2);
+    const float e = exp2_ftz(kMinus2Log2e * fabsf(u));
+    const float r = div_full(1.0f, 1.0f + e), s = u >= 0.0f ? r : e * r;
+    const float du = kSqrt2OverPi * (1.0f + 0.134145f * c2);  // 3 * 0.044715, rounded once (as Triton)
     return s + 2.0f * c * (e * r * r) * du;
   }
   // h(x) = gelu'(z) - 1/2 with x = z / sqrt 2 is odd and tends to 0 like z phi(z): x P(x^2) / Q(x^2)
   // fits it to 6.3e-8 on |x| <= 4.3 (clamped beyond, where |h - 1/2| < 3e-8).
-  const float x = fminf(fmaxf(z * kSqrt1_2, -4.3f), 4.3f), x2 = x * x;
+  const float x = fminf(fmaxf(z * kSqrt1_2, -4.3f), 4.3f) + (z - z), x2 = x * x;
   const float P[8] = {-2.202739187e-09f, 1.984200941e-07f, -1.614478798e-06f, 7.645411882e-04f,
                       -1.271909522e-03f, 8.187313760e-02f, -1.109946955e-01f, 1.128379771e+00f};
   const float Q[6] = {2.031874595e-04f, 2.551617771e-03f, 2.463029804e-02f, 1.513924648e-01f,
@@ -69,7 +92,7 @@ __device__ __forceinline__ float gelu_grad(float z) {
   float p = P[0], q = Q[0];
   for (int i = 1; i < 8; ++i) p = p * x2 + P[i];  // constant trip counts: fully unrolled, the
   for (int i = 1; i < 6; ++i) q = q * x2 + Q[i];  // coefficients folded into the FFMAs
-  return __fdividef(x * p, q) + 0.5f;
+  return div_full(x * p, q) + 0.5f;
 }
 
 // ---- elementwise: forward, and backward without dbias -------------------------------------------
@@ -202,26 +225,31 @@ cudaError_t dispatch(DType dt, F&& f) {
 }
 
 
+// Grid: one resident wave (SMs x blocks per SM at the kernel's occupancy, cached per device: wave.cuh),
+// fewer for less work.
+template <typename T, int V, bool TANH, bool BWD>
+cudaError_t launch_ew(const void* dy, const void* x, const float* bias, void* out, int64_t nvec, int64_t n,
+                      cudaStream_t stream) {
+  int64_t wave = 0;
+  if (const cudaError_t err = resident_wave<ew_kernel<T, V, TANH, BWD>, kBlock>(&wave)) return err;
+  const int64_t grid = ceil_div(nvec, kBlock) < wave ? ceil_div(nvec, kBlock) : wave;
+  ew_kernel<T, V, TANH, BWD><<<static_cast<unsigned>(grid), kBlock, 0, stream>>>(
+      static_cast<const T*>(dy), static_cast<const T*>(x), bias, static_cast<T*>(out), nvec, n);
+  return cudaGetLastError();
+}
+
 // 16-byte packs when every row holds whole packs and all pointers are 16-byte aligned, else V = 1.
-// Grid: one resident wave (SMs x blocks per SM at the kernel's occupancy), fewer for less work.
 template <typename T, bool BWD>
 cudaError_t elementwise(const void* dy, const void* x, const float* bias, void* out, int64_t total,
                         int64_t n, bool tanh, cudaStream_t stream) {
   constexpr int V = kVec<T>;
   const bool vec = n % V == 0 && aligned16(x) && aligned16(out) && (!BWD || aligned16(dy)) &&
                    (bias == nullptr || aligned16(bias));
-  const auto kernel = vec ? (tanh ? ew_kernel<T, V, true, BWD> : ew_kernel<T, V, false, BWD>)
-                          : (tanh ? ew_kernel<T, 1, true, BWD> : ew_kernel<T, 1, false, BWD>);
-  int dev = 0, sms = 0, per_sm = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (!err) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  if (!err) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kBlock, 0);
-  if (err) return err;
-  const int64_t nvec = total / (vec ? V : 1), wave = int64_t{sms} * (per_sm > 0 ? per_sm : 1);
-  const int64_t grid = ceil_div(nvec, kBlock) < wave ? ceil_div(nvec, kBlock) : wave;
-  kernel<<<static_cast<unsigned>(grid), kBlock, 0, stream>>>(
-      static_cast<const T*>(dy), static_cast<const T*>(x), bias, static_cast<T*>(out), nvec, n);
-  return cudaGetLastError();
+  const int64_t nvec = total / (vec ? V : 1);
+  return vec ? (tanh ? launch_ew<T, V, true, BWD>(dy, x, bias, out, nvec, n, stream)
+                     : launch_ew<T, V, false, BWD>(dy, x, bias, out, nvec, n, stream))
+             : (tanh ? launch_ew<T, 1, true, BWD>(dy, x, bias, out, nvec, n, stream)
+                     : launch_ew<T, 1, false, BWD>(dy, x, bias, out, nvec, n, stream));
 }
 
 }  // namespace

@@ -17,6 +17,7 @@
 
 #include "cuda/common.cuh"
 #include "cuda/launch.h"
+#include "cuda/wave.cuh"
 
 namespace fastbert::cuda {
 namespace {
@@ -151,13 +152,9 @@ template <typename U>
 cudaError_t copy_rows(const void* src, int64_t ld_bytes, int64_t src_rows, const int64_t* idx, void* out,
                       int64_t rows, int64_t row_bytes, cudaStream_t stream) {
   constexpr int64_t u = sizeof(U);
-  int dev = 0, sms = 0, per_sm = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (!err) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  if (!err) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, rows_kernel<U>, kCopyThreads, 0);
-  if (err) return err;
+  int64_t wave = 0;  // SMs x blocks per SM, cached per device (wave.cuh)
+  if (const cudaError_t err = resident_wave<rows_kernel<U>, kCopyThreads>(&wave)) return err;
   const int64_t width = row_bytes / u, blocks = ceil_div(rows * width, kCopyThreads);
-  const int64_t wave = int64_t{sms} * (per_sm > 0 ? per_sm : 1);
   rows_kernel<U><<<static_cast<unsigned>(blocks < wave ? blocks : wave), kCopyThreads, 0, stream>>>(
       static_cast<const U*>(src), ld_bytes / u, src_rows, idx, static_cast<U*>(out), rows, width);
   return cudaGetLastError();

@@ -8,7 +8,11 @@
 //   pass 2   (backward only) x <- (exp(x - sh(M)) / S - [c == t]) * row_scale[row], rounded to the
 //            logits' dtype (the gradient of row_scale * loss); ignored rows <- 0; out-of-range t <- NaN.
 // Kernel shape: one block per row, 32..512 threads (a power of two, ~4 packs a thread, 512 for the
-// BERT vocabularies). A row is walked as a scalar head up to its first 16-byte boundary, 16-byte packs,
+// BERT vocabularies). At most 32 registers a thread (__launch_bounds__ minimum of 4 blocks), so four
+// 512-thread blocks fill an SM: one wave is 432 rows on an A100 (108 SMs) and 528 on an H100 (132),
+// and the default chunk of BERT's vocabulary (fastbert/ops/linear_cross_entropy.py: 400 fp16/bf16
+// rows, 192 fp32) is one wave on both. Uncapped, the sm_90 backward took 40 registers (3 blocks an
+// SM, 396 rows a wave): a 400-row chunk ran a second wave of 4 rows. A row is walked as a scalar head up to its first 16-byte boundary, 16-byte packs,
 // and a scalar tail, so rows of any length and alignment (V = 30522 fp16 rows start 4 bytes apart
 // mod 16) read and write whole 16-byte packs.
 #include <cuda_runtime.h>
@@ -93,7 +97,7 @@ __device__ __forceinline__ void for_row(const T* row, int64_t vocab, FS&& scalar
 // Row blockIdx.x of logits [rows, vocab] (contiguous). targets [rows] (type I); loss, lse: fp32 [rows].
 // BWD: also overwrites the row in place (pass 2) with the gradient scaled by row_scale[row] (fp32).
 template <typename T, typename I, bool BWD>
-__global__ void __launch_bounds__(kMaxThreads)
+__global__ void __launch_bounds__(kMaxThreads, 4)
     ce_kernel(T* logits, const I* __restrict__ targets, const float* __restrict__ row_scale, int64_t ignore,
               float* __restrict__ loss, float* __restrict__ lse_out, int64_t vocab) {
   constexpr int V = kVec<T>;

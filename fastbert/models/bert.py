@@ -133,7 +133,10 @@ class BertModel(BertPreTrainedModel):
         for name, t, _ in ranges:
             if t.shape != input_ids.shape:
                 raise ValueError(f"BERT: {name} must have shape {list(input_ids.shape)}, got {list(t.shape)}")
-        if ranges and not torch.compiler.is_compiling():
+        if ranges and not torch.compiler.is_compiling() and input_ids.device.type != "cpu":
+            for name, t, limit in ranges:  # no host read on GPUs (cudagraph-safe): an asynchronous device assert
+                torch._assert_async(((t >= 0) & (t < limit)).all(), f"BERT: {name} must be in [0, {limit})")
+        elif ranges and not torch.compiler.is_compiling():
             bad = torch.stack([((t < 0) | (t >= limit)).any() for _, t, limit in ranges]).tolist()  # one sync
             for (name, t, limit), b in zip(ranges, bad):
                 if b:

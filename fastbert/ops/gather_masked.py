@@ -4,8 +4,12 @@ BERT's MLM head needs only the ~15% of tokens that carry a label; gathering them
 transform and the vocabulary projection run on those rows alone. Forward returns
 ``(rows[M, H], targets[M], index[M])``: ``index`` holds the flat positions (into ``B * S``) of the
 selected tokens and ``targets = labels.flatten()[index]`` (int64). ``M`` depends on the data, so the
-forward reads the labels before it allocates (on CUDA: one device-to-host copy of a count), and
-under ``torch.compile`` ``M`` is a data-dependent size.
+forward reads the labels before it allocates (on CUDA: one device-to-host copy of a count, the
+documented data-dependent gather size: the one host synchronisation of fastbert's ops), and under
+``torch.compile`` ``M`` is a data-dependent size. The forward ops (``fastbert::gather_masked_fwd``,
+``fastbert::gather_masked_fwd_triton``) are therefore tagged ``torch.Tag.cudagraph_unsafe``
+(``_library.SYNC_TAGS``): CUDA graphs are split around them. The backward has static shapes and
+no host read.
 
 Backward writes the whole ``[B, S, H]`` gradient in one pass over its rows: row ``n`` is the
 incoming gradient row ``slot[n]`` when the token was selected, zeros otherwise (no separate
@@ -36,7 +40,7 @@ _library.define(
     OP,
     "(Tensor hidden, Tensor labels, int ignore_index) -> (Tensor, Tensor, Tensor, Tensor)",
     "(Tensor grad, Tensor slot) -> Tensor",
-    _fake_fwd, _fake_bwd)
+    _fake_fwd, _fake_bwd, fwd_tags=_library.SYNC_TAGS)  # the forward reads M back: cudagraph_unsafe
 
 
 def setup_context(ctx, inputs, output):
@@ -59,7 +63,7 @@ def bwd_setup_context(ctx, inputs, output):
 
 
 def bwd_backward(ctx, fwd_op, grad):
-    """The backward's own gradient (it is :func:`fastbert.ops.pad`): the gather of the selected rows."""
+    """The backward's own gradient (double backward): the gather of the selected rows."""
     (slot,) = ctx.saved_tensors
     return fwd_op(grad.contiguous(), slot, -1)[0], None
 

@@ -128,5 +128,5 @@ def layernorm_residual(x, residual, weight, bias, eps=1e-12, *, x_bias=None, dro
     """
     check_args(x, residual, weight, bias, eps, x_bias, dropout_p)
     seed = philox.draw_seed(x.device) if training and dropout_p > 0 else None
-    name = backends.select(OP, x, residual, weight, bias, x_bias)
+    name = backends.select(OP, x, residual, weight, bias, converted=(x_bias,))  # x_bias: any float dtype
     return _IMPLS[name](x, residual, weight, bias, float(eps), x_bias, float(dropout_p), seed)

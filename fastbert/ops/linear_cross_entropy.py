@@ -20,7 +20,9 @@ The fused kernel pair (one per backend), over a ``[c, V]`` logits chunk and int6
 
 Edge cases: no rows (``M = 0``) or every target ignored: the loss is 0 for every reduction (not
 NaN, unlike ``F.cross_entropy``'s mean), with zero gradients. Targets outside ``[0, V)`` other than
-``ignore_index`` raise ``ValueError`` (this reads the targets: one device-to-host copy on CUDA).
+``ignore_index`` raise ``ValueError`` on CPU; on CUDA they fail an asynchronous device-side assert
+(``torch._assert_async``): the op does not read anything back to the host, so it is
+cudagraph-safe and never stalls the launch queue.
 """
 
 from typing import Optional, Tuple
@@ -73,7 +75,16 @@ def default_chunk_size(vocab, dtype):
 
 
 def _check_targets(targets, vocab, ignore_index):
+    """Targets outside ``[0, vocab)`` other than ``ignore_index`` are an error. CPU tensors, where
+    reading them costs nothing: a ``ValueError`` naming the first. Other devices: an asynchronous
+    device-side assertion (``torch._assert_async``), so the op never waits for the GPU and CUDA
+    graphs can capture it; a bad target then fails the next synchronising call with a CUDA
+    device-side assert carrying this message (as ``F.cross_entropy`` on CUDA)."""
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+    if targets.device.type != "cpu":
+        torch._assert_async(~bad.any(), f"{OP}: targets must be in [0, {vocab}) (the vocabulary size, "
+                            f"weight.shape[0]) or ignore_index={ignore_index}")
+        return
     if bool(bad.any()):
         first = targets[bad][0].item()
         raise ValueError(f"{OP}: targets must be in [0, {vocab}) (the vocabulary size, weight.shape[0]) "

@@ -121,5 +121,6 @@ def masked_softmax(scores, mask=None, scale=1.0, dropout_p=0.0, training=False):
     check_args(scores, scale, dropout_p)
     mask = canonical_mask(scores, mask)
     seed = philox.draw_seed(scores.device) if training and dropout_p > 0 else None
-    name = backends.select(OP, scores, mask if mask is not None and mask.dtype != torch.bool else None)
+    # the glue converts a float mask (float64 included, backends.CONVERTED); a bool mask has no float dtype
+    name = backends.select(OP, scores, converted=(mask,) if mask is not None and mask.dtype != torch.bool else ())
     return _IMPLS[name](scores, mask, float(scale), float(dropout_p), seed)

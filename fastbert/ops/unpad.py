@@ -8,10 +8,17 @@ padding, holes, rows with no real token (length 0: nothing of them is computed, 
 gives them zeros).
 
 ``unpad(x, packing)`` -> ``x[B, S, ...]`` as ``[T, ...]`` and ``pad(rows, packing)`` -> ``[B, S, ...]``
-(zeros at padding) are the fused row copies of :mod:`fastbert.ops.gather_masked` (every backend): the
-gather with ``labels = slot`` and ``ignore_index = -1`` selects exactly the real rows in order, and its
-one-pass backward (every output row written once, zeros included) is :func:`pad`. Each is the other's
-backward, so both are differentiable in one pass. Integer tensors (token ids) are indexed directly.
+(zeros at padding) are one row-copy op, ``fastbert::unpad_rows(x, index, inverse, backend)``: output row
+``i`` is ``x[index[i]]``, zeros where ``index[i] < 0``, every row written once by the backend's kernel
+(the one-pass backward kernel of :mod:`fastbert.ops.gather_masked`, ``out[n] = x[slot[n]]``). ``unpad``
+copies with ``index = indices``, ``pad`` with ``index = slot``; the gradient of each is the copy with
+the other index, so both are differentiable in one pass (and so are their gradients). Integer
+tensors (token ids) are indexed directly.
+
+Host reads (CUDA): ``packing`` reads the number of real tokens ``T`` (``nonzero``) and ``max_seqlen``
+back to the host, once per batch: they size everything after it (flash-attention's ``unpad_input``
+does the same). ``unpad`` and ``pad`` have static output shapes (``T`` is known) and read nothing
+back, forward or backward, so they can run inside CUDA graphs.
 """
 
 import math
@@ -58,18 +65,39 @@ def packing(attention_mask):
     return Packing(indices, cu_seqlens, max_seqlen, slot, b, s)
 
 
-_GATHER = {
-    "reference": lambda x, slot: reference.gather_masked(x, slot, -1)[0],
-    "cpu": lambda x, slot: torch.ops.fastbert.gather_masked_fwd(x, slot, -1)[0],
-    "cuda": lambda x, slot: torch.ops.fastbert.gather_masked_fwd(x, slot, -1)[0],
-    "triton": lambda x, slot: torch.ops.fastbert.gather_masked_fwd_triton(x, slot, -1)[0],
-}
-_SCATTER = {
+_ROW_COPY = {
     "reference": reference.gather_masked_bwd,
-    "cpu": lambda rows, slot: torch.ops.fastbert.gather_masked_bwd(rows, slot),
-    "cuda": lambda rows, slot: torch.ops.fastbert.gather_masked_bwd(rows, slot),
-    "triton": lambda rows, slot: torch.ops.fastbert.gather_masked_bwd_triton(rows, slot),
+    "cpu": lambda x, index: torch.ops.fastbert.gather_masked_bwd(x, index),
+    "cuda": lambda x, index: torch.ops.fastbert.gather_masked_bwd(x, index),
+    "triton": lambda x, index: torch.ops.fastbert.gather_masked_bwd_triton(x, index),
 }
+
+
+@torch.library.custom_op("fastbert::unpad_rows", mutates_args=())
+def unpad_rows(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, backend: str) -> torch.Tensor:
+    """``[len(index), H]``: row ``i`` is ``x[index[i]]``, zeros where ``index[i] < 0``, with ``backend``'s
+    kernel. ``inverse`` is the index of the opposite copy (``slot`` for ``indices`` and vice versa):
+    the gradient is ``unpad_rows(grad, inverse, index)``."""
+    return _ROW_COPY[backend](x, index)
+
+
+@unpad_rows.register_fake
+def _(x, index, inverse, backend):
+    return x.new_empty((index.shape[0], x.shape[1]))
+
+
+def _setup_context(ctx, inputs, output):
+    _, index, inverse, backend = inputs
+    ctx.save_for_backward(index, inverse)
+    ctx.backend = backend
+
+
+def _backward(ctx, grad):
+    index, inverse = ctx.saved_tensors
+    return torch.ops.fastbert.unpad_rows(grad, inverse, index, ctx.backend), None, None, None
+
+
+unpad_rows.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _check_packing(p):
@@ -93,8 +121,8 @@ def unpad(x, p):
     if not x.is_floating_point():
         return x.reshape((-1,) + rest)[p.indices]
     x2 = x.reshape(p.batch * p.seqlen, math.prod(rest))
-    rows = _GATHER[backends.select(GATHER, x2)](x2, p.slot)
-    return rows.reshape((rows.shape[0],) + rest)
+    rows = torch.ops.fastbert.unpad_rows(x2, p.indices, p.slot, backends.select(GATHER, x2))
+    return rows.reshape((p.total,) + rest)
 
 
 def pad(rows, p):
@@ -107,5 +135,5 @@ def pad(rows, p):
         out[p.indices] = rows
         return out.reshape((p.batch, p.seqlen) + rest)
     r2 = rows.reshape(p.total, math.prod(rest))
-    out = _SCATTER[backends.select(GATHER, r2)](r2, p.slot)
+    out = torch.ops.fastbert.unpad_rows(r2, p.slot, p.indices, backends.select(GATHER, r2))
     return out.reshape((p.batch, p.seqlen) + rest)

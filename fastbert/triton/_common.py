@@ -8,6 +8,14 @@ import triton.language as tl
 from torch.library import triton_op
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+if INTERPRET:
+    def wrap_triton(kernel):
+        """The kernel itself: under the interpreter the ops are opaque custom ops (``define``), never
+        traced, so there is nothing to wrap (torch 2.11's ``wrap_triton`` rejects interpreted kernels:
+        "wrap_triton only works on functions annotated with triton.jit")."""
+        return kernel
+else:
+    from torch.library import wrap_triton  # noqa: F401  (the launchers import it from here)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The interpreter's fp32 -> bf16 cast truncates (GPUs round to nearest even); under it, round first.
 _ROUND_BF16 = tl.constexpr(INTERPRET)
@@ -32,7 +40,8 @@ def philox_keep(seed_ptr, r64, col0, n, threshold, GROUPED: tl.constexpr, BLOCK_
     """Dropout keep mask [BLOCK_M, BLOCK_N] of rows ``r64`` (int64) x columns ``col0 + [0, BLOCK_N)``
     of a contiguous [rows, n] tensor: element ``e = r n + c`` on the shared Philox stream
     (fastbert/philox.py), kept iff its top 24 bits are ``>= threshold``. GROUPED needs ``n`` and
-    ``col0`` multiples of 64 (and BLOCK_N a multiple of 64)."""
+    ``col0`` multiples of 64 (and BLOCK_N a multiple of 64). The counters go to ``tl.philox`` as two
+    uint32 words, so every triton runs Philox4x32-10 (``tl.randint4x`` does so only from triton 3.4)."""
     seed = tl.load(seed_ptr)
     if GROUPED:
         # n and col0 are multiples of 64: group (row, col0 / 64 + gi) holds columns 64 gi + 16 w + j,
@@ -40,13 +49,30 @@ def philox_keep(seed_ptr, r64, col0, n, threshold, GROUPED: tl.constexpr, BLOCK_
         # are interleaved back into element order (join + permute + reshape).
         G: tl.constexpr = BLOCK_N // 64
         grp = r64[:, None, None] * (n // 64) + (col0 // 64 + tl.arange(0, G))[None, :, None]
-        o0, o1, o2, o3 = tl.randint4x(seed, grp * 16 + tl.arange(0, 16)[None, None, :])
+        c = grp * 16 + tl.arange(0, 16)[None, None, :]
+        # 32-bit Philox on every triton: counter words (low, high, 0, 0) as uint32 (triton < 3.4's
+        # tl.randint4x ran int64 counters as 64-bit Philox, a different stream)
+        c_lo = c.to(tl.uint32)
+        zero = c_lo * 0
+        o0, o1, o2, o3 = tl.philox(seed, c_lo, (c >> 32).to(tl.uint32), zero, zero)
         k = tl.join(tl.join((o0 >> 8) >= threshold, (o1 >> 8) >= threshold),
                     tl.join((o2 >> 8) >= threshold, (o3 >> 8) >= threshold))  # [M, G, j, q, p]: w = 2p + q
         return tl.reshape(tl.permute(k, (0, 1, 4, 3, 2)), (BLOCK_M, BLOCK_N))
-    else:  # one counter per element (4x the Philox work), output (e % 64) // 16 of it
+    else:
+        # One counter per element: 4x GROUPED's Philox work, paid only by rows whose length is not a
+        # multiple of 64 (BERT's 768/1024 and Sk = 128/512 are grouped). Why not group the whole
+        # 64-element groups and draw only the tails per element: the groups are blocks of the flat
+        # index r n + c, so with n % 64 != 0 they start at column (-r n) mod 64, a different phase in
+        # each row of the tile, and lining a row's outputs up with its columns needs a per-row
+        # rotation across lanes that a static register layout cannot express. (Columns c + 16 k,
+        # k < 4, span at most two groups, so 2 counters per 4 elements plus per-row selects would
+        # halve the work: a third GROUPED mode for every dropout kernel, not done.) The CUDA kernels
+        # group any alignment with warp ballots (ln::keep_bits) except on their scalar paths.
         e = r64[:, None] * n + (col0 + tl.arange(0, BLOCK_N))[None, :]
-        o0, o1, o2, o3 = tl.randint4x(seed, (e >> 6) * 16 + (e & 15))
+        c = (e >> 6) * 16 + (e & 15)
+        c_lo = c.to(tl.uint32)
+        zero = c_lo * 0
+        o0, o1, o2, o3 = tl.philox(seed, c_lo, (c >> 32).to(tl.uint32), zero, zero)  # as above
         w = (e >> 4) & 3
         o = tl.where(w == 0, o0, tl.where(w == 1, o1, tl.where(w == 2, o2, o3)))
         return (o >> 8) >= threshold
@@ -83,8 +109,10 @@ def check_dtypes(op, **tensors):
 
 
 def aot_spec(kernel, label, signature, constexprs, num_warps, divisible_by_16):
-    """One ahead-of-time compile entry for an ``AOT_SPECS`` list (see fastbert/triton/aot.py)."""
+    """One ahead-of-time compile entry for an ``AOT_SPECS`` list (see fastbert/triton/aot.py).
+    ``num_stages`` is None (the backend's default, as the launchers pass none); a launcher that
+    passes one sets ``spec["num_stages"]``."""
     blocks = "x".join(f"{v}" for k, v in constexprs.items() if k.startswith("BLOCK_"))
     return dict(name=f"{kernel.__name__.strip('_')}[{label},{blocks},w{num_warps}]", kernel=kernel,
-                signature=signature, constexprs=constexprs, num_warps=num_warps, num_stages=1,
+                signature=signature, constexprs=constexprs, num_warps=num_warps, num_stages=None,
                 divisible_by_16=divisible_by_16)

@@ -20,15 +20,24 @@ def _row(ptr, c, n, LOAD: tl.constexpr):
 
 
 @triton.jit
+def _offsets(r64, col0, n, BLOCK_N: tl.constexpr):
+    """int64 element offsets (rows * n may pass 2^31) of rows ``r64`` x columns ``col0 + [0, BLOCK_N)``.
+    Kernels compute the offsets they store through with this, not from ``_tile``'s result: torch.compile's
+    mutation analysis takes every pointer argument of a helper whose result addresses a store as written
+    (and then copies those inputs before each launch)."""
+    return r64[:, None] * n + (col0 + tl.arange(0, BLOCK_N))[None, :]
+
+
+@triton.jit
 def _tile(x_ptr, res_ptr, xb, seed_ptr, r64, rmask, col0, n, threshold, scale,
           HAS_XBIAS: tl.constexpr, DROPOUT: tl.constexpr, GROUPED: tl.constexpr,
           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Rows ``r64`` x columns ``col0 + [0, BLOCK_N)``: ``(s, keep, mask, offs)`` with the fp32 pre-norm
-    sum ``s = dropout(x + xb) + residual`` (0 beyond column n, finite on masked rows) and the keep
-    mask; ``xb``: the fp32 x_bias row (``_row``; ignored without HAS_XBIAS)."""
+    """Rows ``r64`` x columns ``col0 + [0, BLOCK_N)``: ``(s, keep, mask)`` with the fp32 pre-norm
+    sum ``s = dropout(x + xb) + residual`` (0 beyond column n, finite on masked rows), the keep
+    mask and the in-bounds mask; ``xb``: the fp32 x_bias row (``_row``; ignored without HAS_XBIAS)."""
     c = col0 + tl.arange(0, BLOCK_N)
     mask = rmask[:, None] & (c < n)[None, :]
-    offs = r64[:, None] * n + c[None, :]  # int64: rows * n may pass 2^31
+    offs = _offsets(r64, col0, n, BLOCK_N)
     h = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_XBIAS:
         h += xb
@@ -36,7 +45,7 @@ def _tile(x_ptr, res_ptr, xb, seed_ptr, r64, rmask, col0, n, threshold, scale,
     if DROPOUT:
         keep = philox_keep(seed_ptr, r64, col0, n, threshold, GROUPED, BLOCK_M, BLOCK_N)
         h = tl.where(keep, h * scale, 0.0)
-    return h + tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32), keep, mask, offs
+    return h + tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32), keep, mask
 
 
 @triton.jit
@@ -70,8 +79,9 @@ def _ln_fwd_kernel(
         for start in range(row0, row1, BLOCK_M):
             r = start + tl.arange(0, BLOCK_M)
             rmask = r < row1
-            s, keep, mask, offs = _tile(x_ptr, res_ptr, xb, seed_ptr, r.to(tl.int64), rmask, 0, n,
-                                        threshold, scale, HAS_XBIAS, DROPOUT, GROUPED, BLOCK_M, BLOCK_N)
+            r64 = r.to(tl.int64)
+            s, keep, mask = _tile(x_ptr, res_ptr, xb, seed_ptr, r64, rmask, 0, n,
+                                  threshold, scale, HAS_XBIAS, DROPOUT, GROUPED, BLOCK_M, BLOCK_N)
             m0 = tl.div_rn(tl.sum(s, 1), nf)
             d = tl.where(mask, s - m0[:, None], 0.0)  # exact for rows with a large mean
             sd = tl.sum(d, 1)
@@ -81,7 +91,7 @@ def _ln_fwd_kernel(
             tl.store(mean_ptr + r, m0 + corr, mask=rmask)
             tl.store(rstd_ptr + r, rstd, mask=rmask)
             y = (d - corr[:, None]) * rstd[:, None] * w + b
-            tl.store(y_ptr + offs, for_store(y, y_ptr), mask=mask)
+            tl.store(y_ptr + _offsets(r64, 0, n, BLOCK_N), for_store(y, y_ptr), mask=mask)
     else:
         r = row0 + tl.arange(0, BLOCK_M)
         rmask = r < rows
@@ -92,9 +102,9 @@ def _ln_fwd_kernel(
         m2 = tl.zeros([BLOCK_M], dtype=tl.float32)
         for col0 in range(0, n, BLOCK_N):
             c = col0 + tl.arange(0, BLOCK_N)
-            s, keep, mask, offs = _tile(x_ptr, res_ptr, _row(xb_ptr, c, n, HAS_XBIAS), seed_ptr, r64,
-                                        rmask, col0, n, threshold, scale, HAS_XBIAS, DROPOUT, GROUPED,
-                                        BLOCK_M, BLOCK_N)
+            s, keep, mask = _tile(x_ptr, res_ptr, _row(xb_ptr, c, n, HAS_XBIAS), seed_ptr, r64,
+                                  rmask, col0, n, threshold, scale, HAS_XBIAS, DROPOUT, GROUPED,
+                                  BLOCK_M, BLOCK_N)
             nb = tl.minimum(n - col0, BLOCK_N).to(tl.float32)
             mb0 = tl.div_rn(tl.sum(s, 1), nb)
             d = tl.where(mask, s - mb0[:, None], 0.0)
@@ -110,11 +120,11 @@ def _ln_fwd_kernel(
         # pass 2: recompute s chunk by chunk and write y
         for col0 in range(0, n, BLOCK_N):
             c = col0 + tl.arange(0, BLOCK_N)
-            s, keep, mask, offs = _tile(x_ptr, res_ptr, _row(xb_ptr, c, n, HAS_XBIAS), seed_ptr, r64,
-                                        rmask, col0, n, threshold, scale, HAS_XBIAS, DROPOUT, GROUPED,
-                                        BLOCK_M, BLOCK_N)
+            s, keep, mask = _tile(x_ptr, res_ptr, _row(xb_ptr, c, n, HAS_XBIAS), seed_ptr, r64,
+                                  rmask, col0, n, threshold, scale, HAS_XBIAS, DROPOUT, GROUPED,
+                                  BLOCK_M, BLOCK_N)
             y = (s - mean[:, None]) * rstd[:, None] * _row(w_ptr, c, n, True) + _row(b_ptr, c, n, True)
-            tl.store(y_ptr + offs, for_store(y, y_ptr), mask=mask)
+            tl.store(y_ptr + _offsets(r64, col0, n, BLOCK_N), for_store(y, y_ptr), mask=mask)
 
 
 @triton.jit
@@ -158,8 +168,9 @@ def _ln_bwd_kernel(
         r = start + tl.arange(0, BLOCK_M)
         rmask = r < row1
         r64 = r.to(tl.int64)
-        s, keep, mask, offs = _tile(x_ptr, res_ptr, xb, seed_ptr, r64, rmask, col0, n, threshold, scale,
-                                    HAS_XBIAS, DROPOUT, GROUPED, BLOCK_M, BLOCK_N)
+        s, keep, mask = _tile(x_ptr, res_ptr, xb, seed_ptr, r64, rmask, col0, n, threshold, scale,
+                              HAS_XBIAS, DROPOUT, GROUPED, BLOCK_M, BLOCK_N)
+        offs = _offsets(r64, col0, n, BLOCK_N)
         mean = tl.load(mean_ptr + r, mask=rmask, other=0.0)
         rstd = tl.load(rstd_ptr + r, mask=rmask, other=0.0)  # masked rows: s_hat = 0, ds = 0
         s_hat = (s - mean[:, None]) * rstd[:, None]
@@ -207,9 +218,10 @@ def _ln_bwd_stats_kernel(
     acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for col0 in range(0, n, BLOCK_N):
         c = col0 + tl.arange(0, BLOCK_N)
-        s, keep, mask, offs = _tile(x_ptr, res_ptr, _row(xb_ptr, c, n, HAS_XBIAS), seed_ptr, r64, rmask,
-                                    col0, n, threshold, scale, HAS_XBIAS, DROPOUT, GROUPED, BLOCK_M, BLOCK_N)
-        g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32) * _row(w_ptr, c, n, True)
+        s, keep, mask = _tile(x_ptr, res_ptr, _row(xb_ptr, c, n, HAS_XBIAS), seed_ptr, r64, rmask,
+                              col0, n, threshold, scale, HAS_XBIAS, DROPOUT, GROUPED, BLOCK_M, BLOCK_N)
+        g = tl.load(dy_ptr + _offsets(r64, col0, n, BLOCK_N), mask=mask, other=0.0).to(tl.float32)
+        g *= _row(w_ptr, c, n, True)
         acc1 += g
         acc2 += g * (s - mean[:, None]) * rstd[:, None]
     tl.store(stats_ptr + 2 * r64, tl.div_rn(tl.sum(acc1, 1), tl.cast(n, tl.float32)), mask=rmask)

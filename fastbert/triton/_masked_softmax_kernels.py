@@ -13,13 +13,22 @@ from fastbert.triton._common import for_store, philox_keep
 
 
 @triton.jit
+def _offsets(r, c, n):
+    """int64 element offsets (rows * n may pass 2^31) of rows ``r`` x columns ``c`` of the contiguous
+    scores/outputs. Kernels compute the offsets they store through with this, not from a helper that
+    also takes pointers: torch.compile's mutation analysis takes every pointer argument of a helper
+    whose result addresses a store as written (and then copies those inputs before each launch)."""
+    return r.to(tl.int64)[:, None] * n + c[None, :]
+
+
+@triton.jit
 def _logits(s_ptr, m_ptr, r, rmask, c, n, H, Sq, msb, msh, msq, msk, scale,
             HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr):
-    """``(x, offs, inb)`` for rows ``r`` [BLOCK_M] x columns ``c`` [BLOCK_N]: fp32
-    ``x = s * scale + mask`` (bool mask: ``-inf`` where False), ``-inf`` outside the tensor; ``offs``
-    the int64 element offsets into the contiguous scores/outputs; ``inb`` the in-bounds mask."""
+    """``(x, inb)`` for rows ``r`` [BLOCK_M] x columns ``c`` [BLOCK_N]: fp32
+    ``x = s * scale + mask`` (bool mask: ``-inf`` where False), ``-inf`` outside the tensor; ``inb``
+    the in-bounds mask."""
     inb = rmask[:, None] & (c < n)[None, :]
-    offs = r.to(tl.int64)[:, None] * n + c[None, :]  # int64: rows * n may pass 2^31
+    offs = _offsets(r, c, n)
     x = tl.load(s_ptr + offs, mask=inb, other=0.0).to(tl.float32) * scale
     if HAS_MASK:
         bh = r // Sq
@@ -33,7 +42,7 @@ def _logits(s_ptr, m_ptr, r, rmask, c, n, H, Sq, msb, msh, msq, msk, scale,
             x = tl.where(inb, x + m.to(tl.float32), float("-inf"))
     else:
         x = tl.where(inb, x, float("-inf"))
-    return x, offs, inb
+    return x, inb
 
 
 @triton.jit
@@ -67,8 +76,9 @@ def _softmax_fwd_kernel(
     r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = r < rows
     c = tl.arange(0, BLOCK_N)
-    x, offs, inb = _logits(s_ptr, m_ptr, r, rmask, c, n, H, Sq, msb, msh, msq, msk, scale,
-                           HAS_MASK, BOOL_MASK)
+    x, inb = _logits(s_ptr, m_ptr, r, rmask, c, n, H, Sq, msb, msh, msq, msk, scale,
+                     HAS_MASK, BOOL_MASK)
+    offs = _offsets(r, c, n)
     mx = _finite_max(tl.max(x, 1))
     e = tl.exp(x - mx[:, None])
     p = e * _recip(tl.sum(e, 1))[:, None]
@@ -94,8 +104,8 @@ def _softmax_fwd_stream_kernel(
     lsum = tl.zeros([BLOCK_M], dtype=tl.float32)
     for col0 in range(0, n, BLOCK_N):
         c = col0 + tl.arange(0, BLOCK_N)
-        x, offs, inb = _logits(s_ptr, m_ptr, r, rmask, c, n, H, Sq, msb, msh, msq, msk, scale,
-                               HAS_MASK, BOOL_MASK)
+        x, inb = _logits(s_ptr, m_ptr, r, rmask, c, n, H, Sq, msb, msh, msq, msk, scale,
+                         HAS_MASK, BOOL_MASK)
         m_new = tl.maximum(m, tl.max(x, 1))
         m_safe = _finite_max(m_new)  # all -inf so far: lsum stays 0 (exp(-inf - 0) = 0)
         lsum = lsum * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), 1)
@@ -106,8 +116,9 @@ def _softmax_fwd_stream_kernel(
     # pass 2: recompute x chunk by chunk and write the normalised (and dropped-out) output
     for col0 in range(0, n, BLOCK_N):
         c = col0 + tl.arange(0, BLOCK_N)
-        x, offs, inb = _logits(s_ptr, m_ptr, r, rmask, c, n, H, Sq, msb, msh, msq, msk, scale,
-                               HAS_MASK, BOOL_MASK)
+        x, inb = _logits(s_ptr, m_ptr, r, rmask, c, n, H, Sq, msb, msh, msq, msk, scale,
+                         HAS_MASK, BOOL_MASK)
+        offs = _offsets(r, c, n)
         p = tl.exp(x - m[:, None]) * inv[:, None]
         if DROPOUT:
             tl.store(soft_ptr + offs, for_store(p, soft_ptr), mask=inb)
@@ -120,18 +131,19 @@ def _softmax_fwd_stream_kernel(
 def _grad_tile(dy_ptr, soft_ptr, seed_ptr, r, rmask, col0, n, threshold, p_scale,
                DROPOUT: tl.constexpr, GROUPED: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr):
-    """``(g, p, offs, inb)`` for rows ``r`` x columns ``col0 + [0, BLOCK_N)``: fp32 softmax ``p`` and
-    ``g`` = the dropout backward of the incoming gradient (``keep ? dy p_scale : 0``); 0 outside."""
+    """``(g, p, inb)`` for rows ``r`` x columns ``col0 + [0, BLOCK_N)``: fp32 softmax ``p`` and
+    ``g`` = the dropout backward of the incoming gradient (``keep ? dy p_scale : 0``), 0 outside;
+    ``inb`` the in-bounds mask."""
     c = col0 + tl.arange(0, BLOCK_N)
     inb = rmask[:, None] & (c < n)[None, :]
     r64 = r.to(tl.int64)
-    offs = r64[:, None] * n + c[None, :]
+    offs = _offsets(r, c, n)
     p = tl.load(soft_ptr + offs, mask=inb, other=0.0).to(tl.float32)
     g = tl.load(dy_ptr + offs, mask=inb, other=0.0).to(tl.float32)
     if DROPOUT:
         keep = philox_keep(seed_ptr, r64, col0, n, threshold, GROUPED, BLOCK_M, BLOCK_N)
         g = tl.where(keep, g * p_scale, 0.0)
-    return g, p, offs, inb
+    return g, p, inb
 
 
 @triton.jit
@@ -148,11 +160,11 @@ def _softmax_bwd_kernel(
     # dscores = scale * p * (g - sum_row(g p)): the softmax Jacobian-vector product, times the
     # derivative of x = s * scale + mask with respect to s
     r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    g, p, offs, inb = _grad_tile(dy_ptr, soft_ptr, seed_ptr, r, r < rows, 0, n, threshold, p_scale,
-                                 DROPOUT, GROUPED, BLOCK_M, BLOCK_N)
+    g, p, inb = _grad_tile(dy_ptr, soft_ptr, seed_ptr, r, r < rows, 0, n, threshold, p_scale,
+                           DROPOUT, GROUPED, BLOCK_M, BLOCK_N)
     dot = tl.sum(g * p, 1)
     ds = p * (g - dot[:, None]) * scale
-    tl.store(ds_ptr + offs, for_store(ds, ds_ptr), mask=inb)
+    tl.store(ds_ptr + _offsets(r, tl.arange(0, BLOCK_N), n), for_store(ds, ds_ptr), mask=inb)
 
 
 @triton.jit
@@ -167,13 +179,13 @@ def _softmax_bwd_stream_kernel(
     # pass 1: sum_row(g p), accumulated per lane and reduced once
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for col0 in range(0, n, BLOCK_N):
-        g, p, offs, inb = _grad_tile(dy_ptr, soft_ptr, seed_ptr, r, rmask, col0, n, threshold,
-                                     p_scale, DROPOUT, GROUPED, BLOCK_M, BLOCK_N)
+        g, p, inb = _grad_tile(dy_ptr, soft_ptr, seed_ptr, r, rmask, col0, n, threshold,
+                               p_scale, DROPOUT, GROUPED, BLOCK_M, BLOCK_N)
         acc += g * p
     dot = tl.sum(acc, 1)
     # pass 2: reload (and regenerate the dropout mask) and write dscores
     for col0 in range(0, n, BLOCK_N):
-        g, p, offs, inb = _grad_tile(dy_ptr, soft_ptr, seed_ptr, r, rmask, col0, n, threshold,
-                                     p_scale, DROPOUT, GROUPED, BLOCK_M, BLOCK_N)
+        g, p, inb = _grad_tile(dy_ptr, soft_ptr, seed_ptr, r, rmask, col0, n, threshold,
+                               p_scale, DROPOUT, GROUPED, BLOCK_M, BLOCK_N)
         ds = p * (g - dot[:, None]) * scale
-        tl.store(ds_ptr + offs, for_store(ds, ds_ptr), mask=inb)
+        tl.store(ds_ptr + _offsets(r, col0 + tl.arange(0, BLOCK_N), n), for_store(ds, ds_ptr), mask=inb)

@@ -1,21 +1,33 @@
-"""Ahead-of-time compile check: every Triton kernel in fastbert lowers to a cubin for real GPUs.
+"""Ahead-of-time compile check: every Triton kernel in fastbert lowers to a cubin for real GPUs,
+with the specialisations real launches produce.
 
-``compile_all(arch)`` compiles each specialisation listed in the ``AOT_SPECS`` of the
-``fastbert.triton`` modules with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch,
-32))`` -- no GPU and no driver needed -- and reports per kernel the registers, spill bytes, stack
-and whether a cubin came out. Triton's compiled metadata has no register/spill counts without a
-driver (they come from loading the cubin), so they are read from ``ptxas -v`` run on the kernel's
-PTX (Triton's bundled ptxas) and, for registers, from ``cuobjdump --dump-resource-usage`` of the
-cubin Triton produced when that tool is bundled too.
+``compile_all(arch, launches=...)`` compiles each specialisation listed in the ``AOT_SPECS`` of the
+``fastbert.triton`` modules (production BERT shapes) and each launch spec in ``launches`` with
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` -- no GPU and no driver
+needed -- and reports per kernel the registers, spill bytes, stack and whether a cubin came out.
+Registers and spills are read from the ``ptxas -v`` log of Triton's own ptxas run (Triton's
+compiled metadata has no register/spill counts without a driver); when Triton's cache served the
+kernel, ``ptxas -v`` is run on its PTX, and registers are taken from ``cuobjdump
+--dump-resource-usage`` of the cubin when that tool is bundled.
 
-Run ``python -m fastbert.triton.aot`` (TRITON_INTERPRET must be unset: interpreted kernels cannot
-be compiled): prints a table and exits 1 if any kernel failed to compile or spills, or if a
-launchable kernel (a module-level ``triton.jit`` function named ``*_kernel``) has no spec.
+``launch_spec(kernel, args, options)`` turns one launch (the arguments a launcher passes) into a
+spec with exactly the specialisation Triton's JIT computes on a CUDA launch (ints equal to 1 become
+constants, multiples of 16 and 16-byte-aligned pointers get ``tt.divisibility``, i32/i64 by value,
+the backend's default ``num_stages``), using Triton's own binder. tests/triton_launches.py records
+every launch of the test suite that way; tests/test_triton_aot.py compiles them.
 
-A spec is a dict: ``name``, ``kernel`` (a ``triton.jit`` function), ``signature`` (runtime argument
-name -> Triton type such as ``"*bf16"`` or ``"i32"``), ``constexprs`` (name -> value),
-``num_warps``, ``num_stages`` and ``divisible_by_16`` (arguments a real launch would see as
-16-aligned pointers / multiples of 16, so the compiled code matches what runs).
+Run ``python -m fastbert.triton.aot [--launches FILE]`` (TRITON_INTERPRET must be unset:
+interpreted kernels cannot be compiled): prints a table and exits 1 if any kernel failed to compile
+or spills, or if a launchable kernel (a module-level ``triton.jit`` function named ``*_kernel``) has
+no ``AOT_SPECS`` entry.
+
+A spec is a dict: ``name``, ``kernel`` (a ``triton.jit`` function; or ``kernel_id``,
+``"module:qualname"``, resolved in the compiling process), ``signature`` (runtime argument name ->
+Triton type such as ``"*bf16"`` or ``"i32"``), ``constexprs`` (name -> value), ``num_warps``,
+``num_stages`` (None: the backend's default, 3, as for a launch that passes none),
+``divisible_by_16`` (arguments a real launch would see as 16-aligned pointers / multiples of 16, so
+the compiled code matches what runs), and optionally ``attrs`` (name -> ``[[attribute, value],
+...]``, used instead of ``divisible_by_16``) and ``options`` (other compile options).
 """
 
 import argparse
@@ -28,6 +40,10 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from fastbert.triton.launch_spec import (  # noqa: F401  (launch specs: re-exported for callers of aot)
+    _num_stages, _value, kernel_id, launch_spec, load_launches, resolve_kernel, spec_from_json, spec_key,
+    spec_to_json)
 
 ARCHS = (80, 90)
 
@@ -49,7 +65,7 @@ def specs():
         raise RuntimeError(ft.error)
     out = []
     for info in pkgutil.iter_modules(ft.__path__):
-        if info.name == "aot":
+        if info.name in ("aot", "launch_spec"):
             continue
         mod = importlib.import_module(f"fastbert.triton.{info.name}")
         out.extend(getattr(mod, "AOT_SPECS", ()))
@@ -66,7 +82,7 @@ def uncovered():
     covered = {id(s["kernel"]) for s in specs()}
     missing = []
     for info in pkgutil.iter_modules(ft.__path__):
-        if info.name == "aot":
+        if info.name in ("aot", "launch_spec"):
             continue
         mod = importlib.import_module(f"fastbert.triton.{info.name}")
         for attr, obj in vars(mod).items():
@@ -78,9 +94,14 @@ def uncovered():
 def _source(spec):
     from triton.compiler import ASTSource
 
+    from triton.runtime.jit import JITFunction
+
     kernel = spec["kernel"]
+    if not isinstance(kernel, JITFunction) and spec.get("kernel_id"):
+        kernel = resolve_kernel(spec["kernel_id"])
     names = list(kernel.arg_names)
-    consts, sig = spec["constexprs"], spec["signature"]
+    consts = {a: _value(v) for a, v in spec["constexprs"].items()}
+    sig = spec["signature"]
     missing = [a for a in names if a not in consts and a not in sig]
     unknown = [a for a in list(consts) + list(sig) if a not in names]
     if missing or unknown:
@@ -90,7 +111,10 @@ def _source(spec):
     if _is_v4_triton():
         signature = {a: ("constexpr" if a in consts else sig[a]) for a in names}
         constexprs = {(names.index(a),): v for a, v in consts.items()}
-        attrs = {(i,): [["tt.divisibility", 16]] for i in div16}
+        if "attrs" in spec:  # exactly the attributes a launch computed (launch_spec)
+            attrs = {(names.index(a),): [list(x) for x in v] for a, v in spec["attrs"].items()}
+        else:
+            attrs = {(i,): [["tt.divisibility", 16]] for i in div16}
         return ASTSource(kernel, signature, constexprs, attrs)
     # Triton 3.0-3.2 (best effort): signature without constexprs, AttrsDescriptor for the hints.
     signature = {a: sig[a] for a in names if a not in consts}
@@ -120,8 +144,20 @@ def _tool(name):
     return path if os.path.exists(path) else shutil.which(name)
 
 
+def _parse_ptxas_log(log):
+    """``(registers, spill_stores, spill_loads, stack)`` from a ``ptxas -v`` log of one kernel, or
+    None when the log has no usage lines."""
+    regs = re.search(r"Used (\d+) registers", log)
+    spill = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    if regs is None or spill is None:
+        return None
+    stack, stores, loads = map(int, spill.groups())
+    return int(regs.group(1)), stores, loads, stack
+
+
 def _ptxas_usage(ptx, fmad=True):
-    """``(registers, spill_stores, spill_loads, stack)`` from ``ptxas -v`` on the PTX."""
+    """``(registers, spill_stores, spill_loads, stack)`` from ``ptxas -v`` on the PTX (when Triton's
+    own ptxas log was not seen: its cache served the kernel)."""
     ptxas = _tool("ptxas")
     if ptxas is None:
         raise RuntimeError("ptxas not found (neither bundled with triton nor on PATH)")
@@ -136,12 +172,35 @@ def _ptxas_usage(ptx, fmad=True):
     log = r.stdout + r.stderr
     if r.returncode != 0:
         raise RuntimeError(f"ptxas -v failed ({r.returncode}): {log.strip()[-2000:]}")
-    regs = re.search(r"Used (\d+) registers", log)
-    spill = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
-    if regs is None or spill is None:
+    usage = _parse_ptxas_log(log)
+    if usage is None:
         raise RuntimeError(f"could not parse ptxas -v output: {log.strip()[-2000:]}")
-    stack, stores, loads = map(int, spill.groups())
-    return int(regs.group(1)), stores, loads, stack
+    return usage
+
+
+def _compile_logged(src, target, options):
+    """``triton.compile`` with Triton's own ``ptxas -v`` log captured (it prints it when
+    ``knobs.nvidia.dump_ptxas_log`` is set): ``(compiled kernel, log)``; the log is empty when the
+    kernel came from Triton's cache."""
+    import contextlib
+    import io
+
+    import triton
+
+    try:
+        from triton import knobs
+        nv = knobs.nvidia
+        saved = nv.dump_ptxas_log
+    except Exception:  # no knobs: no log, ptxas is rerun
+        return triton.compile(src, target=target, options=options), ""
+    buf = io.StringIO()
+    nv.dump_ptxas_log = True
+    try:
+        with contextlib.redirect_stdout(buf):
+            ck = triton.compile(src, target=target, options=options)
+    finally:
+        nv.dump_ptxas_log = saved
+    return ck, buf.getvalue()
 
 
 def _cubin_registers(cubin):
@@ -160,7 +219,6 @@ def _cubin_registers(cubin):
 
 def compile_one(spec, arch):
     """Compile one spec for ``sm_<arch>``; returns a result dict (``error`` set on failure)."""
-    import triton
     from triton.backends.compiler import GPUTarget
 
     res = dict(name=spec["name"], arch=arch, registers=None, spill_bytes=None, spill_stores=None,
@@ -168,13 +226,14 @@ def compile_one(spec, arch):
                seconds=0.0)
     t0 = time.perf_counter()
     try:
-        options = {"num_warps": spec.get("num_warps", 4), "num_stages": spec.get("num_stages", 1)}
-        ck = triton.compile(_source(spec), target=GPUTarget("cuda", arch, 32), options=options)
+        options = dict(spec.get("options", {}), num_warps=spec.get("num_warps", 4),
+                       num_stages=_num_stages(spec))
+        ck, log = _compile_logged(_source(spec), GPUTarget("cuda", arch, 32), options)
         cubin = ck.asm.get("cubin")
         res["cubin"] = bool(cubin)
         res["shared_bytes"] = getattr(ck.metadata, "shared", None)
         fmad = getattr(ck.metadata, "enable_fp_fusion", True)
-        regs, stores, loads, stack = _ptxas_usage(ck.asm["ptx"], fmad)
+        regs, stores, loads, stack = _parse_ptxas_log(log) or _ptxas_usage(ck.asm["ptx"], fmad)
         if cubin:
             regs = _cubin_registers(cubin) or regs
         res.update(registers=regs, spill_stores=stores, spill_loads=loads,
@@ -185,32 +244,42 @@ def compile_one(spec, arch):
     return res
 
 
+_WORK = []  # the specs compile_all is compiling (forked workers inherit them)
+
+
 def _compile_index(job):
     i, arch = job
-    return compile_one(specs()[i], arch)
+    return compile_one(_WORK[i], arch)
 
 
-def compile_all(arch=ARCHS, name_filter=None, jobs=None):
-    """Compile every ``AOT_SPECS`` entry for each arch in ``arch`` (an int or a sequence of ints,
-    e.g. 80 and 90), in ``jobs`` forked processes (default: one per CPU). Returns one result dict
-    per (kernel, arch), in spec order: name, arch, registers, spill_bytes (stores + loads),
-    spill_stores, spill_loads, stack_bytes, shared_bytes, cubin (bool), error (None or the
-    message), seconds."""
+def compile_all(arch=ARCHS, name_filter=None, jobs=None, launches=()):
+    """Compile every ``AOT_SPECS`` entry and every spec in ``launches`` (``launch_spec`` dicts) for
+    each arch in ``arch`` (an int or a sequence of ints, e.g. 80 and 90), in ``jobs`` forked
+    processes (default: one per CPU). Returns one result dict per (spec, arch), in spec order
+    (``AOT_SPECS`` first): name, arch, registers, spill_bytes (stores + loads), spill_stores,
+    spill_loads, stack_bytes, shared_bytes, cubin (bool), error (None or the message), seconds,
+    and ``launch`` (True for a spec from ``launches``)."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
     from triton.runtime.jit import JITFunction
 
     archs = (arch,) if isinstance(arch, int) else tuple(arch)
-    all_specs = specs()
-    work = []
+    all_specs = specs() + list(launches)
+    n_aot = len(all_specs) - len(launches)
+    selected, first = [], {}  # spec index -> index of the first spec that compiles the same code
     for i, spec in enumerate(all_specs):
         if name_filter and name_filter not in spec["name"]:
             continue
         if not isinstance(spec["kernel"], JITFunction):
             raise RuntimeError(f"{spec['name']}: not a compilable triton.jit kernel "
                                f"({type(spec['kernel']).__name__}); is TRITON_INTERPRET set?")
-        work.extend((i, a) for a in archs)
-    jobs = min(jobs or os.cpu_count() or 1, len(work))
+        selected.append(i)
+        first.setdefault(spec_key(spec), i)
+    same = {i: first[spec_key(all_specs[i])] for i in selected}
+    work = [(i, a) for i in selected if same[i] == i for a in archs]
+    _WORK[:] = all_specs
+    jobs = min(jobs or os.cpu_count() or 1, len(work)) if work else 1
+    results = None
     if jobs > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
@@ -221,8 +290,18 @@ def compile_all(arch=ARCHS, name_filter=None, jobs=None):
             ctx = None
         if ctx is not None:
             with ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
-                return list(pool.map(_compile_index, work))
-    return [compile_one(all_specs[i], a) for i, a in work]
+                results = list(pool.map(_compile_index, work, chunksize=4))
+    if results is None:
+        results = [compile_one(all_specs[i], a) for i, a in work]
+    done = dict(zip(work, results))
+    out = []
+    for i in selected:  # a spec that compiles the same code as an earlier one shares its result
+        for a in archs:
+            r = dict(done[(same[i], a)], name=all_specs[i]["name"], launch=i >= n_aot)
+            if same[i] != i:
+                r.update(seconds=0.0, same_as=all_specs[same[i]]["name"])
+            out.append(r)
+    return out
 
 
 def ok(result):
@@ -251,6 +330,8 @@ def main(argv=None):
     p.add_argument("--filter", default=None, help="only kernels whose spec name contains this")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--jobs", "-j", type=int, default=None, help="parallel compiles (default: CPUs)")
+    p.add_argument("--launches", default=None,
+                   help="also compile the launch specs in this JSON file (tests/triton_launches.py)")
     args = p.parse_args(argv)
     try:
         import triton
@@ -258,15 +339,19 @@ def main(argv=None):
         print(f"triton is not importable: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    results = compile_all(args.arch, args.filter, args.jobs)
+    launches = load_launches(args.launches) if args.launches else ()
+    results = compile_all(args.arch, args.filter, args.jobs, launches)
     print(format_table(results))
     bad = [r for r in results if not ok(r)]
     missing = [] if args.filter else uncovered()
     for name in missing:
         print(f"{name}: no AOT_SPECS entry compiles this kernel")
-    print(f"\n{len(results)} compiles (triton {triton.__version__}, archs "
-          f"{', '.join(f'sm_{a}' for a in args.arch)}) in {time.perf_counter() - t0:.1f}s: "
-          f"{len(results) - len(bad)} ok, {len(bad)} failed or spilled")
+    n_launch = sum(r["launch"] for r in results)
+    shared = sum("same_as" in r for r in results)
+    print(f"\n{len(results)} results ({len(results) - n_launch} AOT_SPECS, {n_launch} recorded launches; "
+          f"{len(results) - shared} compiles, {shared} shared with an equal spec) (triton "
+          f"{triton.__version__}, archs {', '.join(f'sm_{a}' for a in args.arch)}) in "
+          f"{time.perf_counter() - t0:.1f}s: {len(results) - len(bad)} ok, {len(bad)} failed or spilled")
     if args.json:
         import json
 

@@ -6,10 +6,19 @@ Maths (fp32 whatever the storage dtype; ``z = x + bias``):
            ``gelu'(z) = Phi(z) + z phi(z)``, ``phi(z) = exp(-z^2 / 2) / sqrt(2 pi)``.
 * tanh     ``y = z s``, ``s = (1 + tanh u) / 2 = sigmoid(2u)``, ``u = sqrt(2/pi) (z + 0.044715 z^3)``;
            ``gelu'(z) = s + 2 z s (1 - s) u'``, ``u' = sqrt(2/pi) (1 + 3 * 0.044715 z^2)``.
-           With ``t = exp(-2|u|)`` (in (0, 1], never overflows) and ``r = 1 / (1 + t)``:
-           ``s = r`` for ``u >= 0`` and ``t r`` for ``u < 0``, and ``s (1 - s) = t r^2`` -- no
+           With ``e = exp(-2|u|)`` (in (0, 1], never overflows) and ``r = 1 / (1 + e)``:
+           ``s = r`` for ``u >= 0`` and ``e r`` for ``u < 0``, and ``s (1 - s) = e r^2`` -- no
            cancellation and no inf * 0 for large ``|z|`` (libdevice tanh is not available in the
-           interpreter, so tanh is built from ``exp``).
+           interpreter, so tanh is built from ``exp2``).
+
+The arithmetic is the CUDA kernel's (csrc/cuda/bias_gelu_kernel.cu) operation for operation, so the
+two GPU backends agree to the ulp: the same fitted rationals (exact GELU: Phi from an erfcx rational,
+gelu' from one rational in ``z / sqrt 2``), the same expressions in the same order, and the same PTX
+for the two non-IEEE steps: fp32 ``/`` is ``div.full.f32`` (2 ulp; the CUDA kernel emits it by inline
+asm) and every exponential is ``tl.exp2`` of a pre-scaled argument, ``ex2.approx.ftz.f32`` (inline
+asm there too). Not ``tl.div_rn``: IEEE ``div.rn.f32`` has a slow-path call that made the CUDA
+elementwise kernel spill at its 32-register budget. NaN and +-inf ``z`` give a NaN gradient, as
+torch's does.
 
 Backward recomputes ``z`` from ``x`` and ``bias`` and writes ``dx = dy gelu'(z)``. ``dbias`` (the column
 sums of ``dx``) is reduced deterministically in two stages and without atomics: the backward kernel
@@ -26,7 +35,7 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
+from fastbert.triton._common import wrap_triton
 
 from fastbert.ops import _library
 from fastbert.ops.bias_gelu import _fake_bwd as _ops_fake_bwd
@@ -36,13 +45,12 @@ from fastbert.triton._common import aot_spec, check_device, check_dtypes, define
 
 @triton.jit
 def _gelu(z, APPROX_TANH: tl.constexpr):
-    """gelu(z) for fp32 z."""
+    """gelu(z) for fp32 z; the CUDA kernel's arithmetic (csrc/cuda/bias_gelu_kernel.cu gelu)."""
     if APPROX_TANH:
-        u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
-        t = tl.exp(-2.0 * tl.abs(u))
-        r = 1.0 / (1.0 + t)
-        s = tl.where(u >= 0.0, r, t * r)  # sigmoid(2u) = (1 + tanh u) / 2
-        return z * s
+        u = 0.7978845608028654 * z * (1.0 + 0.044715 * z * z)
+        e = tl.exp2(-2.8853900817779268 * tl.abs(u))  # exp(-2|u|) in (0, 1]: never overflows
+        # z sigmoid(2u) = z / (1 + e) for u >= 0, z e / (1 + e) for u < 0
+        return tl.where(u >= 0.0, z, z * e) / (1.0 + e)
     else:
         return z * _normal_cdf(z)
 
@@ -62,20 +70,38 @@ def _normal_cdf(z):
 
 @triton.jit
 def _gelu_grad(z, APPROX_TANH: tl.constexpr):
-    """gelu'(z) for fp32 z."""
+    """gelu'(z) for fp32 z; the CUDA kernel's arithmetic (csrc/cuda/bias_gelu_kernel.cu gelu_grad).
+    NaN and +-inf z give NaN, as torch's gelu backward does: the clamps would make them finite, so
+    ``z - z`` (0 for finite z, NaN otherwise) is added to the clamped argument."""
     if APPROX_TANH:
-        z2 = z * z
-        u = 0.7978845608028654 * (z + 0.044715 * z2 * z)
-        t = tl.exp(-2.0 * tl.abs(u))
-        r = 1.0 / (1.0 + t)
-        s = tl.where(u >= 0.0, r, t * r)
-        du = 0.7978845608028654 * (1.0 + 0.134145 * z2)  # 0.134145 = 3 * 0.044715
-        w = t * r * r  # s (1 - s)
-        # w == 0 once |u| > ~44: the term is 0 there (also when z^2 overflowed and du is inf).
-        return s + tl.where(w > 0.0, 2.0 * z * du * w, 0.0)
+        # |z| >= 10 saturates (e < 1e-38); the clamp keeps z^2 finite, so 0 * inf cannot occur
+        c = tl.minimum(tl.maximum(z, -10.0), 10.0) + (z - z)
+        c2 = c * c
+        u = 0.7978845608028654 * c * (1.0 + 0.044715 * c2)
+        e = tl.exp2(-2.8853900817779268 * tl.abs(u))  # exp(-2|u|)
+        r = 1.0 / (1.0 + e)
+        s = tl.where(u >= 0.0, r, e * r)  # sigmoid(2u); s (1 - s) = e r^2
+        du = 0.7978845608028654 * (1.0 + 0.134145 * c2)  # 0.134145 = 3 * 0.044715
+        return s + 2.0 * c * (e * r * r) * du
     else:
-        phi = 0.3989422804014327 * tl.exp(-0.5 * z * z)  # exp(-z^2/2) / sqrt(2 pi)
-        return 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476)) + z * phi
+        # h(x) = gelu'(z) - 1/2 with x = z / sqrt 2 is odd and tends to 0 like z phi(z): x P(x^2) /
+        # Q(x^2) fits it to 6.3e-8 on |x| <= 4.3 (clamped beyond, where |h - 1/2| < 3e-8;
+        # scripts/fit_gelu.py backward)
+        x = tl.minimum(tl.maximum(z * 0.7071067811865476, -4.3), 4.3) + (z - z)
+        x2 = x * x
+        p = -2.202739187e-09 * x2 + 1.984200941e-07
+        p = p * x2 + -1.614478798e-06
+        p = p * x2 + 7.645411882e-04
+        p = p * x2 + -1.271909522e-03
+        p = p * x2 + 8.187313760e-02
+        p = p * x2 + -1.109946955e-01
+        p = p * x2 + 1.128379771e+00
+        q = 2.031874595e-04 * x2 + 2.551617771e-03
+        q = q * x2 + 2.463029804e-02
+        q = q * x2 + 1.513924648e-01
+        q = q * x2 + 5.683082142e-01
+        q = q * x2 + 1.0
+        return x * p / q + 0.5
 
 
 @triton.jit
@@ -179,6 +205,9 @@ def _dbias_reduce_kernel(
 # four of fp32); enough bytes in flight per SM on sm_80/sm_90 with several programs resident.
 _TILE = 2048
 _NUM_WARPS = 4
+# the backward's gelu' (a rational of degree 14/10 and a divide per element) over 16 elements per
+# thread spilled on sm_90 (80 registers); 8 warps: 8 per thread, ~50 registers
+_BWD_WARPS = 8
 _MAX_BLOCK_N = 1024
 # dbias: at most this many row blocks (fp32 workspace <= _MAX_ROW_BLOCKS * n * 4 bytes). 256 row
 # blocks x (n / BLOCK_N) column blocks keeps every SM busy for BERT shapes (e.g. 768 programs of
@@ -278,7 +307,7 @@ def bias_gelu_bwd_triton(grad: torch.Tensor, x: torch.Tensor, bias: Optional[tor
         dbias = (torch.zeros_like(bias, memory_format=torch.contiguous_format) if want_db
                  else x.new_empty((0,)))
         return dx, dbias
-    block_m, block_n, num_warps = block_config(n)
+    block_m, block_n, _ = block_config(n)
     per = rows_per_program(rows, block_m) if want_db else block_m
     n_blocks = triton.cdiv(rows, per)
     # stage 1 workspace; without dbias the kernel never touches it (x stands in as the pointer:
@@ -287,7 +316,7 @@ def bias_gelu_bwd_triton(grad: torch.Tensor, x: torch.Tensor, bias: Optional[tor
     wrap_triton(_bias_gelu_bwd_kernel)[(n_blocks, triton.cdiv(n, block_n))](
         grad, x, x if bias is None else bias.contiguous(), dx, partial, rows, n, per,
         HAS_BIAS=bias is not None, NEED_DBIAS=want_db, APPROX_TANH=approximate == "tanh",
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_BWD_WARPS)
     if not want_db:
         return dx, x.new_empty((0,))
     # stage 2: fixed-order sum of the row-block partials, cast to bias's dtype
@@ -327,7 +356,8 @@ def _aot_specs():
             ("x_ptr", "bias_ptr", "y_ptr", "n"))
 
     def bwd(n, x, b, need_db, tanh):
-        bm, bn, nw = block_config(n)
+        bm, bn, _ = block_config(n)
+        nw = _BWD_WARPS
         sig = {"dy_ptr": f"*{x}", "x_ptr": f"*{x}", "bias_ptr": f"*{b or x}", "dx_ptr": f"*{x}",
                "partial_ptr": "*fp32" if need_db else f"*{x}", "rows": "i32", "n": "i32",
                "rows_per_prog": "i32"}

@@ -32,7 +32,7 @@ from typing import Tuple
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
+from fastbert.triton._common import wrap_triton
 
 from fastbert.ops import _library
 from fastbert.ops.gather_masked import _fake_bwd as _ops_fake_bwd
@@ -151,7 +151,8 @@ def _fake_bwd(grad, slot):
 
 
 @torch.library.custom_op("fastbert::gather_masked_fwd_triton", mutates_args=(),
-                         schema="(Tensor hidden, Tensor labels, int ignore_index) -> (Tensor, Tensor, Tensor, Tensor)")
+                         schema="(Tensor hidden, Tensor labels, int ignore_index) -> (Tensor, Tensor, Tensor, Tensor)",
+                         **_library.sync_tags_kwargs())  # reads M back: torch.Tag.cudagraph_unsafe
 def gather_masked_fwd_triton(hidden: torch.Tensor, labels: torch.Tensor, ignore_index: int
                              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _check(hidden, labels, ignore_index)

@@ -13,9 +13,10 @@ Backward recomputes ``s`` (and the dropout mask) from the saved inputs and fp32 
 ``ds = rstd (g - mean(g) - s_hat mean(g s_hat))`` (the LayerNorm input gradient), ``dresidual = ds``,
 ``dx = keep ? ds scale : 0`` (only with dropout; without it dx is ds), ``dweight = sum_rows dy s_hat``,
 ``dbias = sum_rows dy``, ``dx_bias = sum_rows dx``. The column sums reduce in two deterministic stages
-without atomics: each program walks a fixed block of rows (fixed by the shape) and keeps its fp32
-column partials in registers, writes them to ``partial[n_row_blocks, K, n]``; a second kernel adds
-the row blocks up in order.
+without atomics: each program walks a fixed block of rows and keeps its fp32 column partials in
+registers, writes them to ``partial[n_row_blocks, K, n]``; a second kernel adds the row blocks up in
+order. The row blocking is fixed by the shape and the GPU model (one resident wave of programs, see
+``wave_programs``), so the sums are bitwise reproducible on a given model of GPU.
 
 Dropout draws from the shared Philox stream (fastbert/philox.py): element ``e`` (flat index into
 [rows, n]) takes output ``(e % 64) // 16`` of counter ``16 (e // 64) + e % 16``. When ``n % 64 == 0``
@@ -23,18 +24,19 @@ Dropout draws from the shared Philox stream (fastbert/philox.py): element ``e`` 
 back into element order (``GROUPED``); otherwise each element draws its own counter.
 """
 
+import functools
 from typing import Optional, Tuple
 
 import torch
 import triton
-from torch.library import wrap_triton
+from fastbert.triton._common import wrap_triton
 
 from fastbert import philox
 from fastbert.ops import _library
 from fastbert.ops.layernorm_residual import _fake_bwd as _ops_fake_bwd
 from fastbert.ops.layernorm_residual import _fake_fwd as _ops_fake_fwd
 from fastbert.ops.layernorm_residual import OP, backward, check_args, dropout_active, setup_context
-from fastbert.triton._common import aot_spec, check_device, check_dtypes, define
+from fastbert.triton._common import INTERPRET, aot_spec, check_device, check_dtypes, define
 from fastbert.triton._layernorm_residual_kernels import (_ln_bwd_kernel, _ln_bwd_stats_kernel, _ln_fwd_kernel,
                                                       _ln_param_reduce_kernel)
 
@@ -44,7 +46,7 @@ from fastbert.triton._layernorm_residual_kernels import (_ln_bwd_kernel, _ln_bwd
 _FWD_MAX_N = 8192    # longer rows: the looped forward (chunks of _LOOP_BLOCK_N)
 _BWD_MAX_N = 4096    # longer rows: _ln_bwd_stats_kernel + a 2-D grid of column blocks
 _LOOP_BLOCK_N = 2048
-_MAX_ROW_BLOCKS = 256   # backward row blocks (fp32 workspace <= 3 * _MAX_ROW_BLOCKS * n * 4 bytes)
+_MAX_ROW_BLOCKS = 256   # backward row blocks without a device to size them (interpreter, no CUDA)
 _FWD_MAX_PROGRAMS = 32768
 
 
@@ -87,6 +89,8 @@ def bwd_config(n, dropout):
     bn = triton.next_power_of_2(max(n, 1))
     num_warps = 4 if bn <= 1024 else 8
     per_thread = min(per_thread, 16 if bn >= 4096 else 32)
+    if n % 16:  # unaligned rows: per-element addresses, half the elements (32 a thread spilled)
+        per_thread //= 2
     # very short rows: at most _BWD_MAX_ROWS rows a tile (the per-row statistics would spill)
     return max(1, min(_BWD_MAX_ROWS, num_warps * 32 * per_thread // bn)), bn, num_warps, False
 
@@ -96,11 +100,47 @@ def reduce_config(n_blocks):
     return (8, 256, 4) if n_blocks <= 8 else (32, 64, 4)
 
 
-def rows_per_program(rows, block_m):
+def rows_per_program(rows, block_m, max_blocks=_MAX_ROW_BLOCKS):
     """Rows per backward program (one dweight/dbias/dx_bias partial each): a multiple of ``block_m``
-    giving at most _MAX_ROW_BLOCKS row blocks; depends on the shape only (reproducible sums)."""
-    per = triton.cdiv(triton.cdiv(rows, _MAX_ROW_BLOCKS), block_m) * block_m
+    giving at most ``max_blocks`` row blocks; fixed by its arguments (reproducible sums)."""
+    per = triton.cdiv(triton.cdiv(rows, max_blocks), block_m) * block_m
     return max(per, block_m)
+
+
+def wave_programs(sms, regs_per_sm, threads_per_sm, num_warps):
+    """Backward programs of ``num_warps`` warps that a GPU runs at once (one wave).
+
+    programs = SMs x programs per SM; an SM holds as many programs as both its thread slots
+    (``threads_per_sm // (32 num_warps)``) and its registers allow. Triton sets no register cap, so
+    ptxas may give the backward kernel up to 255 registers a thread, allocated 256 per thread (8192
+    a warp): ``regs_per_sm // (256 * 32 num_warps)`` programs fit whatever the compiler chose. That
+    bound is the occupancy of the training configs, with dropout and x_bias (196-242 registers on
+    sm_80/sm_90 in the AOT table: 2 programs of 4 warps or 1 of 8 per SM on 64K registers), so an
+    A100 (108 SMs) runs 216 programs of the BERT config in one wave where 256 made a second, mostly
+    idle one; configs that need fewer registers (no dropout: ~150-170, 3 per SM) keep a third of
+    their slots free rather than risk a second wave (as 256 programs on an H100, 132 SMs, did).
+    """
+    threads = 32 * num_warps
+    per_sm = min(threads_per_sm // threads, regs_per_sm // (256 * threads))
+    return sms * max(1, per_sm)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_wave(index, num_warps):
+    """``wave_programs`` of CUDA device ``index``: its properties are queried once per device."""
+    p = torch.cuda.get_device_properties(index)
+    return wave_programs(p.multi_processor_count, p.regs_per_multiprocessor,
+                         p.max_threads_per_multi_processor, num_warps)
+
+
+def max_row_blocks(device, num_warps, col_blocks):
+    """Backward row blocks for a grid of ``col_blocks`` column blocks: one wave of programs on
+    ``device`` (at least one row block), or _MAX_ROW_BLOCKS where no device is queried (the
+    interpreter's CPU tensors; CUDA tensors traced without a GPU, e.g. fake tensors)."""
+    if INTERPRET or device.type != "cuda" or not torch.cuda.is_available():
+        return _MAX_ROW_BLOCKS
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return max(1, _device_wave(index, num_warps) // col_blocks)
 
 
 # ------------------------------------------------------------------------------------------- ops
@@ -191,7 +231,7 @@ def layernorm_residual_bwd_triton(grad: torch.Tensor, x: torch.Tensor, residual:
         wrap_triton(_ln_bwd_stats_kernel)[(rows,)](
             grad, x, residual, weight, xb, seed_arg, mean, rstd, stats, rows, n, threshold, scale,
             **flags, BLOCK_M=1, BLOCK_N=bn, num_warps=num_warps)
-    per = rows_per_program(rows, bm)
+    per = rows_per_program(rows, bm, max_row_blocks(x.device, num_warps, triton.cdiv(n, bn)))
     n_blocks = triton.cdiv(rows, per)
     k = 3 if x_bias is not None else 2
     partial = mean.new_empty((n_blocks, k, n))  # stage 1 workspace (fp32)

@@ -17,14 +17,24 @@ Per row ``i`` of the ``[c, V]`` logits ``x`` (fp32 maths whatever the storage dt
 Launch: rows up to ``_MAX_BLOCK_V`` logits are one power-of-two block in registers (16 elements per
 thread over 4 to 8 warps, several rows per program when ``V`` is small: V = 7 -> 256 rows,
 129 -> 8, 8000 -> 1 row over 8 warps, 32 per thread); longer rows (BERT's 30522) stream in chunks of
-``_STREAM_BLOCK_V``, one row per program. The grid is ``cdiv(c, BLOCK_M)`` programs.
+``_STREAM_BLOCK_V``, one row per program (the backward in ``_STREAM_BWD_BLOCK_V``). The grid is
+``cdiv(c, BLOCK_M)`` programs.
+
+Waves: a streamed chunk of ``c`` rows is ``c`` programs of 8 warps, and the default chunk of BERT's
+vocabulary (fastbert/ops/linear_cross_entropy.py, ~24 MiB: 400 fp16/bf16 rows, 192 fp32) should run
+in one wave on an A100 (108 SMs) and an H100 (132). The forward (32 registers: 8 programs an SM by
+threads) takes 864 / 1056 rows a wave. The backward with 4096-column chunks took 74-96 registers
+(2-3 programs an SM: 216-324 / 264-396 rows), so 400 rows made two waves, the second of 4 to 184
+rows; with 2048-column chunks it takes 40-48 registers (AOT, sm_80 / sm_90: 5-6 programs an SM, 540+
+rows a wave) and keeps about the same bytes in flight per SM (5-6 x 8 instead of 2-3 x 16 elements
+a thread).
 """
 
 from typing import Tuple
 
 import torch
 import triton
-from torch.library import wrap_triton
+from fastbert.triton._common import wrap_triton
 
 from fastbert.ops.linear_cross_entropy import OP, TARGET_DTYPES
 from fastbert.ops.linear_cross_entropy import _fake_bwd as _ops_fake_bwd
@@ -34,17 +44,22 @@ from fastbert.triton._linear_cross_entropy_kernels import _ce_bwd_kernel, _ce_fw
 
 _MAX_BLOCK_V = 8192     # longer rows: streamed
 _STREAM_BLOCK_V = 4096  # streaming chunk: 16 elements per thread over 8 warps
+_STREAM_BWD_BLOCK_V = 2048  # the backward's: 8 per thread, <= 48 registers (see Waves above)
 
 
-def block_config(v):
-    """``(BLOCK_M, BLOCK_V, num_warps, one_block)`` for rows of ``v`` logits (forward and backward):
-    one power-of-two block with 16 elements per thread (32 at 8192) over 4 to 8 warps and as many
-    rows as fill it, or one row per program streamed in ``_STREAM_BLOCK_V`` chunks."""
+def block_config(v, backward=False):
+    """``(BLOCK_M, BLOCK_V, num_warps, one_block)`` for rows of ``v`` logits: one power-of-two block
+    with 16 elements per thread (32 at 8192) over 4 to 8 warps and as many rows as fill it, or one
+    row per program streamed in ``_STREAM_BLOCK_V`` chunks (``_STREAM_BWD_BLOCK_V`` for the
+    ``backward``)."""
     if v > _MAX_BLOCK_V:
-        return 1, _STREAM_BLOCK_V, 8, False
+        return 1, _STREAM_BWD_BLOCK_V if backward else _STREAM_BLOCK_V, 8, False
     bv = triton.next_power_of_2(max(v, 1))
     num_warps = min(8, max(4, bv // 512))
-    return min(256, max(1, num_warps * 32 * 16 // bv)), bv, num_warps, True
+    bm = min(256, max(1, num_warps * 32 * 16 // bv))
+    if backward and v % 16:  # unaligned rows: half the rows (4 rows of 512 spilled on sm_90)
+        bm = max(1, bm // 2)
+    return bm, bv, num_warps, True
 
 
 # ------------------------------------------------------------------------------------------- ops
@@ -110,7 +125,7 @@ def linear_cross_entropy_bwd_triton(logits: torch.Tensor, targets: torch.Tensor,
     if rows == 0:
         return loss, lse
     work = logits if logits.is_contiguous() else logits.contiguous()  # written in place, then copied back
-    bm, bv, num_warps, one_block = block_config(v)
+    bm, bv, num_warps, one_block = block_config(v, backward=True)
     wrap_triton(_ce_bwd_kernel)[(triton.cdiv(rows, bm),)](
         work, targets, row_scale, loss, lse, rows, v, ignore_index, ONE_BLOCK=one_block, BLOCK_M=bm,
         BLOCK_V=bv, num_warps=num_warps)
@@ -129,12 +144,13 @@ def _aot_specs():
     specs = []
 
     def add(v, s, tgt="i64"):
-        bm, bv, nw, one = block_config(v)
+        bm, bv, nw, _ = block_config(v)
         div16 = ("logits_ptr", "targets_ptr", "loss_ptr", "lse_ptr") + (("V",) if v % 16 == 0 else ())
         base = {"logits_ptr": f"*{s}", "targets_ptr": f"*{tgt}", "loss_ptr": "*fp32", "lse_ptr": "*fp32",
                 "rows": "i32", "V": "i32", "ignore_index": "i32"}
         label = f"V={v},{s},targets={tgt}"
         specs.append(aot_spec(_ce_fwd_kernel, label, base, dict(BLOCK_M=bm, BLOCK_V=bv), nw, div16))
+        bm, bv, nw, one = block_config(v, backward=True)
         specs.append(aot_spec(_ce_bwd_kernel, label, {**base, "scale_ptr": "*fp32"},
                               dict(ONE_BLOCK=one, BLOCK_M=bm, BLOCK_V=bv), nw, div16 + ("scale_ptr",)))
 

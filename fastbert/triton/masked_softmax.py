@@ -26,7 +26,7 @@ from typing import Optional, Tuple
 
 import torch
 import triton
-from torch.library import wrap_triton
+from fastbert.triton._common import wrap_triton
 
 from fastbert import philox
 from fastbert.ops import _library

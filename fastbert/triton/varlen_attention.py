@@ -10,7 +10,7 @@ from typing import Optional, Tuple
 import torch
 import triton
 from torch._subclasses.fake_tensor import is_fake
-from torch.library import wrap_triton
+from fastbert.triton._common import wrap_triton
 
 from fastbert import philox
 from fastbert.ops import _library
@@ -30,17 +30,27 @@ from fastbert.triton._varlen_attention_kernels import (_varlen_bwd_dkdv_kernel, 
 # counters); fp32's FMA products need 8 warps in the backward.
 _CONFIGS = {
     "half": {"fwd": (64, 64, 4, 2), "dq": (64, 64, 4, 2), "dkdv": (64, 32, 4, 2)},
-    "fp32": {"fwd": (32, 32, 4, 1), "dq": (32, 32, 8, 1), "dkdv": (32, 32, 8, 1)},
+    # fp32 fwd on 4 warps spilled on sm_90 with triton 3.6 (168 registers); 8 warps: ~80
+    "fp32": {"fwd": (32, 32, 8, 1), "dq": (32, 32, 8, 1), "dkdv": (32, 32, 8, 1)},
 }
 
 
-def block_config(head_dim, dtype, kernel):
+def block_config(head_dim, dtype, kernel, dropout=False):
     """``(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages)`` of ``kernel`` ("fwd", "dq" or "dkdv"):
     fp16/bf16 tiles use tensor-core products, fp32 tiles full-precision FMA products (more
     registers, smaller tiles); the head dimension is padded to a power of two (at least 16, the
     smallest ``tl.dot``)."""
     bd = max(16, triton.next_power_of_2(max(head_dim, 1)))
     bm, bn, nw, ns = _CONFIGS["fp32" if dtype in (torch.float32, "fp32") else "half"][kernel]
+    if head_dim % 16:  # padded head dim (masked loads): half the query rows (full tiles spilled on sm_80)
+        bm = max(16, bm // 2)  # (16: the smallest tl.dot)
+    elif bd == 16 and kernel == "dq" and bm == 32:  # fp32 dq at head dim 16 spilled 16 bytes (80 registers)
+        bm = 16
+    if dropout and bm == 64:  # the Philox rounds on top of the 64 x 64 half tiles spilled on sm_80 (triton 3.6)
+        if kernel == "fwd":
+            nw = 8
+        elif kernel == "dq":
+            bm = 32
     return bm, bn, bd, nw, ns
 
 
@@ -113,7 +123,7 @@ def _launch_args(q, k, v, max_seqlen, dropout_p, seed):
 
 def _consts(q, kernel, drop, max_seqlen):
     """(grid rows per program, constexpr and launch keyword arguments) of ``kernel``."""
-    bm, bn, bd, num_warps, num_stages = block_config(q.shape[2], q.dtype, kernel)
+    bm, bn, bd, num_warps, num_stages = block_config(q.shape[2], q.dtype, kernel, drop)
     return (bn if kernel == "dkdv" else bm,
             dict(DROPOUT=drop, GROUPED=drop and _grouped(max_seqlen, bn), HEAD_DIM=q.shape[2],
                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=num_warps, num_stages=num_stages))
@@ -196,7 +206,7 @@ def _aot_specs():
     names = {_varlen_fwd_kernel: "fwd", _varlen_bwd_dq_kernel: "dq", _varlen_bwd_dkdv_kernel: "dkdv"}
 
     def add(kernel, s, drop, max_seqlen, extra_sig, extra_ptrs):
-        bm, bn, bd, nw, ns = block_config(d, s, names[kernel])
+        bm, bn, bd, nw, ns = block_config(d, s, names[kernel], drop)
         grouped = drop and _grouped(max_seqlen, bn)
         if drop and max_seqlen % 64 == 0 and not grouped:
             return  # the same code as the odd max_seqlen's
