@@ -1,23 +1,16 @@
 """The cuda and triton backends' Python glue (fastbert/ops/*.py) on fake CUDA tensors: no GPU needed.
 
 ``FakeTensorMode`` makes CUDA tensors without a device; custom ops run their fake (shape-only)
-kernels, so every line of Python glue runs as it would on a GPU: backend choice, argument
-preparation, the ``acc.is_cuda`` matmul of the chunked cross-entropy, the autograd formulas.
-
-Host syncs: a fake tensor has no data, so ``.item()``, ``bool()``, ``.tolist()``, ``nonzero`` or a
-boolean-mask index of one raises a data-dependent error (``FakeTensorMode`` without a shape env).
-An op that completes in that mode read nothing back to the host, so CUDA graphs can capture it.
-The documented exceptions: the gather (``gather_masked``), whose output size depends on the labels
-(its forward ops carry ``torch.Tag.cudagraph_unsafe`` and run here with a shape env, where the size
-is a symbolic data-dependent size), and ``packing``, which reads ``T`` and ``max_seqlen`` of a batch.
-
-Backward: the autograd engine needs a real CUDA device even for fake tensors
-(``hasPrimaryContext``), so the backward calls each op's registered formula directly
-(``setup_context`` + ``backward``, what torch.library's autograd wrapper calls) on the forward
-op's recorded inputs and outputs, with the backend's bwd op.
-
-The triton backend's launchers (the bodies of its ops) are traced elsewhere (tests/test_triton_trace.py);
-here its ops are opaque custom ops and only fastbert/ops' glue around them runs.
+kernels, so the glue runs as on a GPU: backend choice, argument preparation, the ``acc.is_cuda``
+matmul of the chunked cross-entropy, the autograd formulas. Host syncs: without a shape env,
+``.item()``, ``bool()``, ``.tolist()``, ``nonzero`` or a boolean-mask index of a fake tensor raise,
+so an op that completes read nothing back and CUDA graphs can capture it. The documented
+exceptions: the gather (its forward ops carry ``torch.Tag.cudagraph_unsafe`` and run here with a
+shape env: a data-dependent size) and ``packing`` (it reads ``T`` and ``max_seqlen`` of a batch).
+Backward: the autograd engine needs a real CUDA device (``hasPrimaryContext``), so each op's
+registered formula (``setup_context`` + ``backward``) is called directly on the forward's recorded
+inputs and outputs. The triton launchers' bodies are traced by tests/test_triton_trace.py; here
+the triton ops are opaque custom ops and only fastbert/ops' glue around them runs.
 """
 
 import importlib
