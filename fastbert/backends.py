@@ -14,11 +14,22 @@ Callers pass the tensors whose dtype a kernel constrains as positional arguments
 kernels' glue converts (a float mask, a bias added in fp32) as ``converted=``: their device counts,
 and a dtype in :data:`CONVERTED` for that (op, backend) is accepted as well as :data:`DTYPES`.
 
-Everything :func:`select` reads is plain Python state (refreshed by :func:`refresh`), so it traces
-under ``torch.compile(fullgraph=True)``.
+``FASTBERT_BACKEND`` sets the process default; ``with fastbert.backend(name):`` overrides it for the
+current thread (and asyncio task) only, through a :class:`contextvars.ContextVar`: other threads keep
+their own choice, and leaving the block restores the previous one even when it raises or when blocks
+in several threads exit in any order.
+
+Everything else :func:`select` reads is plain Python state (refreshed by :func:`refresh`), so it
+traces under ``torch.compile(fullgraph=True)``. Where dynamo traces ``ContextVar.get`` (torch 2.14
+does), a compiled function is guarded on the calling thread's choice. On older dynamo (torch 2.11,
+where ``ContextVar.get`` graph-breaks) the compiled region reads the tracing thread's choice as a
+constant and is guarded on the choice most recently entered or left in any thread: switching
+backends recompiles, but a compiled function run at once by threads with *different* overrides may
+run the choice it was traced with.
 """
 
 import contextlib
+import contextvars
 import os
 import warnings
 
@@ -61,23 +72,55 @@ def _check_name(name):
     return name
 
 
-_forced = _check_name(os.environ.get("FASTBERT_BACKEND", "auto").strip().lower() or "auto")
+DEFAULT = _check_name(os.environ.get("FASTBERT_BACKEND", "auto").strip().lower() or "auto")
+_override = contextvars.ContextVar("fastbert_backend", default=DEFAULT)
+# The choice most recently put in effect by entering or leaving ``backend()`` in any thread: what a
+# compiled region is guarded on where dynamo cannot trace ContextVar.get (see the module docstring).
+_last = DEFAULT
+
+
+def _dynamo_traces_contextvar():
+    try:
+        from torch._dynamo.variables import misc
+    except Exception:  # pragma: no cover - a torch without dynamo
+        return False
+    return hasattr(misc, "ContextVarVariable")
+
+
+_DYNAMO_TRACES_CONTEXTVAR = _dynamo_traces_contextvar()
 
 
 def current():
-    """The forced backend name, or ``"auto"``."""
-    return _forced
+    """The backend forced in this thread/context (``FASTBERT_BACKEND`` by default), or ``"auto"``."""
+    return _override.get()
+
+
+@torch.compiler.assume_constant_result
+def _traced_override():
+    return _override.get()
+
+
+def _choice():
+    """:func:`current`, in a form torch.compile traces (see the module docstring)."""
+    if _DYNAMO_TRACES_CONTEXTVAR or not torch.compiler.is_compiling():
+        return _override.get()
+    # dynamo without ContextVar support: the tracing thread's choice, as a constant; testing _last
+    # guards the compiled code on it (its value), so a change of choice recompiles
+    return _traced_override() if _last is not None else "auto"
 
 
 @contextlib.contextmanager
 def backend(name):
-    """``with fastbert.backend("cpu"): ...`` forces a backend (``"auto"`` restores the choice)."""
-    global _forced
-    previous, _forced = _forced, _check_name(name)
+    """``with fastbert.backend("cpu"): ...`` forces a backend in this thread/context (``"auto"``
+    restores automatic choice); leaving the block restores the previous choice, also on error."""
+    global _last
+    token = _override.set(_check_name(name))
+    _last = name
     try:
         yield
     finally:
-        _forced = previous
+        _override.reset(token)
+        _last = _override.get()
 
 
 def register_op(op):
@@ -157,7 +200,7 @@ def reasons_for(name, op, devices, dtypes, converted_dtypes=()):
 
 def select(op, *tensors, converted=()):
     """The backend that runs ``op`` on these tensors (see the module docstring)."""
-    forced = _forced
+    forced = _choice()
     if forced != "auto":
         reasons = not_supported_reasons(forced, op, *tensors, converted=converted)
         if reasons:

@@ -18,13 +18,19 @@ What is replaced, in every layer of the encoder:
   :func:`fastbert.ops.layernorm_residual`;
 * attention: the model's ``attn_implementation`` becomes ``"fastbert"``, registered with
   transformers' ``AttentionInterface``: ``QK^T`` -> :func:`fastbert.ops.masked_softmax` (scale,
-  padding mask, dropout) -> ``@ V`` (left alone for decoders and cross-attention);
-* the MLM loss of ``*ForMaskedLM`` / ``BertForPreTraining``: when ``labels`` are given, only the
-  labelled rows go through the head (:func:`fastbert.ops.gather_masked`) and the loss through
-  :func:`fastbert.ops.linear_cross_entropy`, never building ``[tokens, vocab]`` logits. The
-  returned logits (``logits`` / ``prediction_logits``) are then ``[labelled tokens, vocab]``, in
-  row-major order of ``labels != -100``, and detached (the gradient flows through ``loss``).
-  Without ``labels`` the model returns its full logits, as before;
+  padding mask, dropout) -> ``@ V`` (left alone for decoders and cross-attention). It returns the
+  attention probabilities, so ``output_attentions=True`` works as with ``"eager"``, as a forward
+  argument and on the config (``config.output_attentions = True``: registering the attention extends
+  transformers' check, which otherwise accepts only ``"eager"``, to ``"fastbert"``);
+* the MLM loss of ``*ForMaskedLM`` / ``BertForPreTraining``, **in training mode with** ``labels``
+  (and ``next_sentence_label`` for pre-training): only the labelled rows go through the head
+  (:func:`fastbert.ops.gather_masked`) and the loss through :func:`fastbert.ops.linear_cross_entropy`;
+  no ``[tokens, vocab]`` logits are built, so the returned ``logits`` / ``prediction_logits`` are
+  **None** (the loss, and ``seq_relationship_logits``, hidden states and attentions when asked for,
+  are returned as usual; a ``return_dict=False`` tuple drops the None, as transformers' tuples do).
+  In **eval mode**, or without labels, the model runs transformers' own head and loss: full
+  ``[batch, seq, vocab]`` logits, exactly transformers' outputs. Logits while training: patch with
+  ``mlm_loss=False``;
 * unpadded execution (``unpad=True``, the default; needs ``attention``): the encoder model
   (``BertModel``, ``RobertaModel``, ``ElectraModel``, ... also as the ``.bert`` / ``.roberta`` /
   ``.electra`` of a heads model) runs the embeddings on the padded batch (position and token-type ids
@@ -39,29 +45,33 @@ What is replaced, in every layer of the encoder:
   ``output_hidden_states`` (argument or config), ``encoder_hidden_states`` or a cache, run the padded
   path above (decoder / cross-attention configs are never unpadded; the report says so).
 
+:func:`patch` is an explicit request: it sets the ``"fastbert"`` attention on ``model.config``
+whatever it was. :func:`patch_transformers` patches each supported model when it is built, and
+respects an attention the caller chose: ``attn_implementation=`` given to ``from_pretrained`` /
+``from_config`` / the config, or ``config._attn_implementation`` set, keeps that attention (and the
+padded layout; the other layers are fused). Only where the caller chose none (transformers' default,
+``"sdpa"``) does it pick ``"fastbert"``, and then on the model's own copy of the config: a config
+object the caller passed in (``BertModel(config)``) is never written by fastbert.
+
 How: each patched module's class is swapped for a subclass whose ``forward`` is fastbert's (the
 parameters, their names and the state dict are untouched); :func:`unpatch` swaps it back. One
 table (:data:`FAMILIES`) describes each model family; a family whose module this transformers
-lacks is skipped.
+lacks is skipped. The forwards live in :mod:`fastbert._patch_forwards`.
 """
 
+import copy
 import functools
 import importlib
 import inspect
+import weakref
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-import torch
-import torch.nn.functional as F
+from fastbert._patch_forwards import (ATTENTION, CU_SEQLENS, GELU, MAX_SEQLEN, _AddNorm,  # noqa: F401
+                                      _Intermediate, _MaskedLM, _Unpadded, accept_output_attentions_on_save,
+                                      attention_forward, register_attention)
 
-from fastbert import ops
-
-ATTENTION = "fastbert"
-GELU = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}   # hidden_act -> bias_gelu's approximate
 OPTIONS = ("gelu", "layernorm", "attention", "mlm_loss", "unpad")
-# The kwargs that carry packed sequences to the attention function (the names transformers' own
-# flash-attention varlen path uses, so its packed-batch collators work with the fastbert attention too).
-CU_SEQLENS, MAX_SEQLEN = "cu_seq_lens_q", "max_length_q"
 
 
 @dataclass(frozen=True)
@@ -130,213 +140,6 @@ class PatchReport:
         return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------- the fused forwards
-
-def _get(obj, path):
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-class _AddNorm:
-    """BertSelfOutput / BertOutput: LayerNorm(dropout(dense(h)) + input)."""
-    fastbert_op = "layernorm_residual"
-
-    def forward(self, hidden_states, input_tensor):
-        ln = self.LayerNorm
-        h = F.linear(hidden_states, self.dense.weight)
-        return ops.layernorm_residual(h, input_tensor.to(h.dtype), ln.weight, ln.bias, ln.eps, x_bias=self.dense.bias,
-                                      dropout_p=self.dropout.p, training=self.training)
-
-
-class _Intermediate:
-    """BertIntermediate: act(dense(h)) with the bias and GELU fused."""
-    fastbert_op = "bias_gelu"
-
-    def forward(self, hidden_states):
-        return ops.bias_gelu(F.linear(hidden_states, self.dense.weight), self.dense.bias, self.fastbert_approximate)
-
-
-class _MaskedLM:
-    """*ForMaskedLM / BertForPreTraining: with labels, the head and the loss on the labelled rows."""
-    fastbert_op = "mlm_loss"
-
-    def forward(self, *args, **kwargs):
-        spec = self.fastbert_mlm
-        original = type(self).fastbert_original.forward
-        a = type(self).fastbert_signature.bind(self, *args, **kwargs).arguments
-        extra = dict(a.pop("kwargs", {}))
-        labels, nsp_labels = a.pop("labels", None), a.pop("next_sentence_label", None)
-        return_dict = extra.pop("return_dict", None)
-        if labels is None or (spec.nsp is not None and nsp_labels is None):
-            return original(self, *args, **kwargs)  # no loss to compute: transformers' own path
-        a.pop("self")
-        out = _get(self, spec.base)(**a, **extra, return_dict=True)
-        seq = out[0]
-        rows, targets, _ = ops.gather_masked(seq, labels.to(seq.device))
-        dense, norm, decoder = _get(self, spec.dense), _get(self, spec.norm), _get(self, spec.decoder)
-        act = spec.act or self.config.hidden_act
-        if isinstance(act, str) and act in GELU:
-            h = ops.bias_gelu(F.linear(rows, dense.weight), dense.bias, GELU[act])
-        else:
-            h = _activation(act)(dense(rows))
-        h = norm(h)
-        loss = ops.linear_cross_entropy(h, decoder.weight, decoder.bias, targets)
-        with torch.no_grad():
-            logits = F.linear(h, decoder.weight, decoder.bias)
-        if spec.nsp is None:
-            res = _output_class(self, spec)(loss=loss, logits=logits, hidden_states=out.hidden_states,
-                                            attentions=out.attentions)
-        else:
-            nsp_logits = _get(self, spec.nsp)(out[1])
-            loss = loss + F.cross_entropy(nsp_logits.view(-1, 2), nsp_labels.to(nsp_logits.device).view(-1))
-            res = _output_class(self, spec)(loss=loss, prediction_logits=logits, seq_relationship_logits=nsp_logits,
-                                            hidden_states=out.hidden_states, attentions=out.attentions)
-        return res.to_tuple() if return_dict is False else res
-
-
-class _Unpadded:
-    """*Model (the encoder model, also inside a heads model): the encoder on the real tokens only.
-
-    The embeddings run on the padded inputs (so position and token-type ids are exactly
-    transformers'), :func:`fastbert.ops.unpad` keeps the real tokens ``[T, H]``, every encoder layer
-    runs on them as one packed sequence ``[1, T, H]`` (token-wise layers on T rows, attention by
-    :func:`fastbert.ops.varlen_attention` within each sequence), and :func:`fastbert.ops.pad` rebuilds
-    ``last_hidden_state [B, S, H]``, zeros at padding. The pooler reads each row's first real token
-    (its [CLS]: position 0 with right padding, as transformers; the first unmasked position with left
-    padding, where transformers reads a pad). A row with no real token is all zeros and pools zeros
-    (``pooler_output = tanh(pooler.dense.bias)``). A batch without padding, and calls the unpadded
-    path cannot serve (see :func:`_padded_because`), run the padded forward (the other patched layers
-    still fused)."""
-    fastbert_op = "unpad"
-
-    def forward(self, *args, **kwargs):
-        original = type(self).fastbert_original.forward
-        a = type(self).fastbert_signature.bind(self, *args, **kwargs).arguments
-        extra = dict(a.pop("kwargs", {}))
-        if _padded_because(self, a, extra) is not None:
-            return original(self, *args, **kwargs)
-        mask = a["attention_mask"]
-        device = (a.get("input_ids") if a.get("input_ids") is not None else a.get("inputs_embeds")).device
-        packing = ops.packing(mask.to(device))
-        if packing.total == packing.batch * packing.seqlen:  # no padding: the padded path is cheaper
-            return original(self, *args, **kwargs)
-        return_dict = extra.pop("return_dict", None)
-        if return_dict is None:
-            return_dict = getattr(self.config, "return_dict", True)
-        for k in ("output_attentions", "output_hidden_states", "use_cache", "encoder_attention_mask",
-                  "cache", "past_key_values", "encoder_hidden_states"):
-            extra.pop(k, None)
-        emb = self.embeddings(input_ids=a.get("input_ids"), token_type_ids=a.get("token_type_ids"),
-                              position_ids=a.get("position_ids"), inputs_embeds=a.get("inputs_embeds"))
-        if packing.total == 0:  # no real token in the batch: nothing to run
-            return _output(self, emb.new_zeros(packing.batch, packing.seqlen, self.config.hidden_size), return_dict)
-        x = ops.unpad(emb, packing)                                   # [T, E]
-        if getattr(self, "embeddings_project", None) is not None:    # ELECTRA: E -> H on the real rows only
-            x = self.embeddings_project(x)
-        extra[CU_SEQLENS] = extra["cu_seq_lens_k"] = packing.cu_seqlens
-        extra[MAX_SEQLEN] = extra["max_length_k"] = packing.max_seqlen
-        packed = self.encoder(x.unsqueeze(0), attention_mask=None, **extra)[0][0]   # [T, H]
-        seq = ops.pad(packed, packing)                                # [B, S, H], zeros at padding
-        return _output(self, seq, return_dict, _first_tokens(packed, packing))
-
-
-def _output(model, seq, return_dict, first=None):
-    """The base model's output: ``last_hidden_state`` and, where the model has a pooler, its output
-    on each row's first real token (zeros for a row without one)."""
-    from transformers import modeling_outputs as mo
-    if hasattr(model, "pooler"):
-        pooled = None
-        if model.pooler is not None:
-            if first is None:
-                first = seq.new_zeros(seq.shape[0], seq.shape[-1])
-            pooled = model.pooler(first.unsqueeze(1))
-        out = mo.BaseModelOutputWithPoolingAndCrossAttentions(last_hidden_state=seq, pooler_output=pooled)
-    else:
-        out = mo.BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=seq)
-    return out if return_dict else out.to_tuple()
-
-
-def _padded_because(model, a, extra):
-    """Why this call of an unpadded model runs transformers' padded forward instead (None: it doesn't)."""
-    config = model.config
-    mask = a.get("attention_mask")
-    ids = a.get("input_ids") if a.get("input_ids") is not None else a.get("inputs_embeds")
-    if mask is None:
-        return "no attention_mask (nothing to unpad)"
-    if (not isinstance(mask, torch.Tensor) or mask.dim() != 2 or ids is None
-            or tuple(mask.shape) != tuple(ids.shape[:2])):
-        return "attention_mask is not a [batch, seq] padding mask"
-    if config._attn_implementation != ATTENTION:
-        return f"attention implementation is {config._attn_implementation!r}, not {ATTENTION!r}"
-    for flag in ("output_attentions", "output_hidden_states"):
-        value = extra.get(flag)
-        if value is None:
-            value = getattr(config, flag, False)
-        if value:
-            return flag
-    for name in ("encoder_hidden_states", "encoder_attention_mask", "cache", "past_key_values", "head_mask"):
-        if a.get(name) is not None or extra.get(name) is not None:
-            return name
-    if extra.get(CU_SEQLENS) is not None:
-        return "the caller packs the sequences itself"
-    return None
-
-
-def _first_tokens(packed, p):
-    """Each sequence's first packed row ``[B, H]``; zeros for a sequence with no token."""
-    lengths = p.cu_seqlens[1:] - p.cu_seqlens[:-1]
-    if p.total == 0:
-        return packed.new_zeros((p.batch, packed.shape[-1]))
-    rows = packed.index_select(0, p.cu_seqlens[:-1].long().clamp(max=p.total - 1))
-    return torch.where((lengths > 0).unsqueeze(1), rows, rows.new_zeros(()))
-
-
-def _activation(act):
-    if callable(act):
-        return act
-    from transformers.activations import ACT2FN
-    return ACT2FN[act]
-
-
-def _output_class(model, spec):
-    if spec.output == "MaskedLMOutput":
-        from transformers.modeling_outputs import MaskedLMOutput
-        return MaskedLMOutput
-    return getattr(importlib.import_module(type(model).fastbert_original.__module__), spec.output)
-
-
-def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """transformers' attention interface: ``softmax(QK^T * scaling + mask)``, dropout, ``@ V``,
-    with the softmax, mask and dropout in :func:`fastbert.ops.masked_softmax`.
-
-    Packed sequences (batch 1, no mask, ``cu_seq_lens_q`` / ``max_length_q`` in the kwargs, as
-    transformers passes them to flash-attention's varlen path; the unpadded encoder passes them so)
-    run :func:`fastbert.ops.varlen_attention` instead: each token attends to its own sequence only.
-    No attention probabilities exist then: the weights returned are ``None``."""
-    if scaling is None:
-        scaling = query.size(-1) ** -0.5
-    cu_seqlens = kwargs.get(CU_SEQLENS)
-    if cu_seqlens is not None and attention_mask is None and query.shape[0] == 1:
-        max_seqlen = kwargs.get(MAX_SEQLEN)
-        if max_seqlen is None:
-            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
-        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [1, heads, T, D] -> [T, heads, D]
-        out = ops.varlen_attention(q, k, v, cu_seqlens.to(torch.int32), int(max_seqlen), scaling,
-                                   dropout if module.training else 0.0)
-        return out.unsqueeze(0), None  # [1, T, heads, D], as the padded path's transpose(1, 2)
-    scores = torch.matmul(query, key.transpose(2, 3))
-    probs = ops.masked_softmax(scores, attention_mask, scaling, dropout_p=dropout, training=dropout > 0)
-    return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
-
-
-def _register_attention():
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-    AttentionInterface.register(ATTENTION, attention_forward)
-    AttentionMaskInterface.register(ATTENTION, sdpa_mask)  # bool [B, 1, q, kv] (True = attend) or None
-
-
 # ---------------------------------------------------------------------------- patch / unpatch
 
 _SUBCLASSES = {}
@@ -393,9 +196,17 @@ def _original_name(module):
 
 def patch(model, *, gelu=True, layernorm=True, attention=True, mlm_loss=True, unpad=True):
     """Patch a built transformers BERT-family model in place (see the module docstring); returns a
-    :class:`PatchReport`. Patching a patched model again changes nothing. ``unpad`` (needs
-    ``attention``) runs the encoder on the real tokens only (see :class:`_Unpadded`)."""
+    :class:`PatchReport`. Patching a patched model again changes nothing. ``attention`` sets the
+    ``"fastbert"`` attention on ``model.config`` whatever it was; ``unpad`` (needs ``attention``) runs
+    the encoder on the real tokens only (see :class:`fastbert._patch_forwards._Unpadded`)."""
+    return _patch(model, dict(gelu=gelu, layernorm=layernorm, attention=attention, mlm_loss=mlm_loss, unpad=unpad))
+
+
+def _patch(model, options, kept=None):
+    """:func:`patch` with ``options``; ``kept``: why the model keeps its attention (the caller chose it)."""
     kind, fam = _family(model, "patch")
+    gelu, layernorm, mlm_loss, unpad = (options.get(k, True) for k in ("gelu", "layernorm", "mlm_loss", "unpad"))
+    attention = options.get("attention", True) and kept is None
     report = PatchReport(kind)
     config = model.config
 
@@ -422,22 +233,27 @@ def patch(model, *, gelu=True, layernorm=True, attention=True, mlm_loss=True, un
                                   f"activation {act!r} is not one of {', '.join(GELU)}"))
     if mlm_loss and _original_name(model) not in fam.mlm:
         report.left_alone.append(("mlm_loss", f"{_original_name(model)} has no MLM loss to fuse"))
-    decoder = config.is_decoder or getattr(config, "add_cross_attention", False)
+    decoder = _decoder(config)
+    if kept is not None and options.get("attention", True):
+        report.left_alone.append(("attention", kept))
     if attention:
         if decoder:
             report.left_alone.append(("attention", "decoder / cross-attention configs keep their attention"))
         else:
+            register_attention()
             current = config._attn_implementation
             if current != ATTENTION:
-                _register_attention()
                 model.fastbert_attn_before = current
                 model.set_attn_implementation(ATTENTION)
+            accept_output_attentions_on_save(model.config)
             count("attention")
     if unpad:
         if decoder:
             report.left_alone.append(("unpad", "decoder / cross-attention configs run padded"))
         elif not attention:
-            report.left_alone.append(("unpad", "needs attention=True (the fastbert attention runs packed sequences)"))
+            why = ("needs attention=True (the fastbert attention runs packed sequences)" if kept is None
+                   else "needs the fastbert attention, and the caller chose another")
+            report.left_alone.append(("unpad", why))
         else:
             for m in model.modules():
                 if _original_name(m) == f"{fam.prefix}Model":
@@ -451,7 +267,14 @@ def patch(model, *, gelu=True, layernorm=True, attention=True, mlm_loss=True, un
                     "encoder_hidden_states or a cache, run the padded path")
             else:
                 report.left_alone.append(("unpad", f"no {fam.prefix}Model inside {_original_name(model)}"))
+    if "mlm_loss" in report.replaced:
+        report.notes.append("mlm_loss: in training mode with labels, logits are None (never built; the loss is "
+                            "fused); in eval mode or without labels, transformers' full [batch, seq, vocab] logits")
     return report
+
+
+def _decoder(config):
+    return config.is_decoder or getattr(config, "add_cross_attention", False)
 
 
 def unpatch(model):
@@ -470,31 +293,70 @@ def unpatch(model):
     return model
 
 
-_POST_INIT = {}
+_HOOKS = {}                             # transformers' own PreTrainedModel.__init__ / post_init while hooked
+_REQUESTED = weakref.WeakKeyDictionary()  # model -> the attention its config named before transformers chose one
+_NONE = object()
 
 
 def patch_transformers(**options):
     """Patch every supported model built from now on (``from_pretrained`` included) with
-    :func:`patch` (same keyword options). :func:`unpatch_transformers` stops it."""
+    :func:`patch` (same keyword options), except that an attention the caller chose is kept (see the
+    module docstring); where fastbert picks the attention, the model gets its own copy of the config.
+    :func:`unpatch_transformers` stops it."""
     from transformers import PreTrainedModel
     unknown = set(options) - set(OPTIONS)
     if unknown:
         raise TypeError(f"patch_transformers: unknown options {sorted(unknown)}; choose from {OPTIONS}")
-    original = _POST_INIT.get("post_init", PreTrainedModel.post_init)
+    init = _HOOKS.get("__init__", PreTrainedModel.__init__)
+    post = _HOOKS.get("post_init", PreTrainedModel.post_init)
+    if options.get("attention", True):
+        register_attention()  # so that attn_implementation="fastbert" is a valid request too
 
+    @functools.wraps(init)
+    def __init__(self, config, *args, **kwargs):
+        requested = getattr(config, "_attn_implementation", None)  # before transformers picks its default
+        init(self, config, *args, **kwargs)
+        _REQUESTED[self] = requested
+
+    @functools.wraps(post)
     def post_init(self, *args, **kwargs):
-        original(self, *args, **kwargs)
+        post(self, *args, **kwargs)
         if getattr(self.config, "model_type", None) in supported():
-            patch(self, **options)
+            _patch_built(self, options)
 
-    _POST_INIT["post_init"] = original
-    PreTrainedModel.post_init = post_init
+    _HOOKS.update({"__init__": init, "post_init": post})
+    PreTrainedModel.__init__, PreTrainedModel.post_init = __init__, post_init
+
+
+def _patch_built(model, options):
+    """patch_transformers' patch of a model at the end of its ``__init__``. A heads model's encoder
+    (``.bert``) is built inside it with the config its parent already resolved: it keeps its attention
+    here, and its parent's patch (which walks the encoder too) decides."""
+    requested = _REQUESTED.pop(model, _NONE)
+    kept = None
+    if requested not in (None, _NONE, ATTENTION):
+        kept = f"attn_implementation={requested!r} was chosen by the caller (patch_transformers keeps it)"
+    elif (options.get("attention", True) and model.config._attn_implementation != ATTENTION
+          and not _decoder(model.config)):
+        _own_config(model)  # the attention is about to change
+    _patch(model, options, kept)
+
+
+def _own_config(model):
+    """Give ``model`` (and its modules that share its config) a copy of the config: the caller may
+    still hold the object (``BertModel(config)``), and fastbert must not write into it."""
+    old = model.config
+    new = copy.deepcopy(old)
+    for m in model.modules():
+        if m.__dict__.get("config") is old:
+            m.config = new
 
 
 def unpatch_transformers():
     """Models built from now on are transformers' own again (built ones stay patched: see
     :func:`unpatch`)."""
     from transformers import PreTrainedModel
-    original = _POST_INIT.pop("post_init", None)
-    if original is not None:
-        PreTrainedModel.post_init = original
+    for name in ("__init__", "post_init"):
+        original = _HOOKS.pop(name, None)
+        if original is not None:
+            setattr(PreTrainedModel, name, original)

@@ -35,13 +35,20 @@ def layernorm_residual(x, residual, weight, bias, eps=1e-12, x_bias=None, dropou
     if seed is not None and dropout_p > 0:
         keep = philox.keep_mask(int(seed.reshape(-1)[0]), h.shape, dropout_p, h.device)
         h = torch.where(keep, h * philox.scale(dropout_p), torch.zeros((), dtype=acc, device=h.device))
-    s = h + residual.to(acc)
+    # the normalisation in float64 (as the kernels' rows of huge values): a fp32 (s - mean)^2
+    # overflows for |s| near 2e19 (a 3.4e38 x_bias made rstd 0 and y = bias)
+    s = (h + residual.to(acc)).to(torch.float64)
     # written out (not F.layer_norm, whose fused a*s + b form leaves rounding noise times rstd in
     # s_hat, large when the variance is ~0 and eps tiny)
-    mean = s.mean(-1, keepdim=True)
+    # the mean as s[0] + mean(s - s[0]) (as the kernels): exact for a constant row, whose centered
+    # values are then exactly 0 (a plain fp32 mean's rounding error times rstd ~ 1 / sqrt(eps) is not
+    # small: 0.0075 for a row of 0.1 at eps=1e-12). The shift is detached: the mean's derivative with
+    # respect to it is exactly 0, which autograd would form as 1 - n (1 / n), rounding noise.
+    shift = s[..., :1].detach()
+    mean = shift + (s - shift).mean(-1, keepdim=True)
     centered = s - mean
     rstd = torch.rsqrt((centered * centered).mean(-1, keepdim=True) + eps)
-    return (centered * rstd * weight.to(acc) + bias.to(acc)).to(x.dtype)
+    return (centered * rstd * weight.to(torch.float64) + bias.to(torch.float64)).to(x.dtype)
 
 
 def masked_softmax(scores, mask=None, scale=1.0, dropout_p=0.0, seed=None):
@@ -49,6 +56,9 @@ def masked_softmax(scores, mask=None, scale=1.0, dropout_p=0.0, seed=None):
 
     ``mask``: broadcastable to ``scores``; bool (True = attend) or additive float. A row whose every
     element is excluded (False, or -inf) gives zeros. Dropout as in :func:`layernorm_residual`.
+    A float mask wider than the compute dtype (float64 on fp32 scores) has its finite values clamped
+    to that dtype's range, so ``finfo(float64).min`` stays a finite large negative value (a row of it
+    is uniform, as eager's float64 sum gives), not -inf. NaN and inf propagate as in eager.
     """
     from fastbert import philox
 
@@ -58,7 +68,11 @@ def masked_softmax(scores, mask=None, scale=1.0, dropout_p=0.0, seed=None):
         if mask.dtype == torch.bool:
             x = x.masked_fill(~mask, float("-inf"))
         else:
-            x = x + mask.to(acc)
+            m = mask
+            if torch.finfo(mask.dtype).max > torch.finfo(acc).max:
+                big = torch.finfo(acc).max
+                m = torch.where(mask.isinf(), mask, mask.clamp(-big, big))
+            x = x + m.to(acc)
     if x.shape[-1] == 0:  # no keys: nothing to normalise
         return x.to(scores.dtype)
     mx = x.amax(-1, keepdim=True)
@@ -93,7 +107,10 @@ def cross_entropy_fwd(logits, targets, ignore_index=-100):
     """Per-row ``(loss, lse)`` of ``[c, V]`` logits in fp32 (fp64 for fp64): ``lse = logsumexp``,
     ``loss = lse - logits[target]``, 0 where ``target == ignore_index``."""
     x = logits.to(_acc(logits.dtype))
-    lse = torch.logsumexp(x, -1)
+    # max + log(sum(exp(x - max))) as eager's log_softmax: NaN for a row with +inf (inf - inf) or all
+    # -inf, where torch.logsumexp gives +-inf (and the loss inf, not eager's NaN)
+    mx = x.amax(-1, keepdim=True) if x.shape[-1] else x.sum(-1, keepdim=True)
+    lse = (mx + torch.log(torch.exp(x - mx).sum(-1, keepdim=True))).squeeze(-1)
     valid = targets != ignore_index
     picked = x.gather(1, torch.where(valid, targets, 0).to(torch.int64)[:, None]).squeeze(1)
     return torch.where(valid, lse - picked, torch.zeros_like(lse)), lse
@@ -106,7 +123,9 @@ def cross_entropy_bwd_(logits, targets, row_scale, ignore_index=-100):
     valid = targets != ignore_index
     g = torch.softmax(logits.to(lse.dtype), -1)  # not exp(x - lse): lse's rounding would scale every p
     rows = torch.arange(g.shape[0], device=g.device)
-    g[rows[valid], targets[valid].to(torch.int64)] -= 1
+    # an inf or NaN row_scale: the target's term is NaN, as eager's -scale + p_t scale (not -inf)
+    one = torch.where(row_scale[valid].isfinite(), 1.0, float("nan")).to(g.dtype)
+    g[rows[valid], targets[valid].to(torch.int64)] -= one
     g *= torch.where(valid, row_scale.to(g.dtype), torch.zeros_like(lse))[:, None]
     logits.copy_(g)
     return loss, lse

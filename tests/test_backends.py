@@ -111,6 +111,93 @@ def test_context_manager_restores_on_error():
     assert backends.current() == "auto"
 
 
+def test_backend_override_is_per_thread_and_exits_in_any_order():
+    """Two threads: each sees only its own ``with fastbert.backend(...)`` (a thread without one sees
+    the process default), and exits interleaved A-in, B-in, A-out, B-out leave nothing forced."""
+    import threading
+
+    x = torch.randn(2, 3)
+    seen, errors = {}, []
+    barriers = [threading.Barrier(2) for _ in range(4)]
+
+    def worker(name, forced):
+        try:
+            barriers[0].wait()
+            seen[name, "before"] = backends.current()
+            with fastbert.backend(forced):
+                barriers[1].wait()  # both threads are inside their blocks now
+                seen[name, "inside"] = backends.current(), backends.select("bias_gelu", x)
+                barriers[2].wait()
+                if name == "b":
+                    barriers[3].wait()  # b leaves its block after a has left its own
+            if name == "a":
+                seen[name, "after"] = backends.current()
+                barriers[3].wait()
+            else:
+                seen[name, "after"] = backends.current()
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+            for b in barriers:
+                b.abort()
+
+    threads = [threading.Thread(target=worker, args=("a", "reference")),
+               threading.Thread(target=worker, args=("b", "auto"))]
+    with fastbert.backend("reference"):  # the main thread's override is not the others'
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert backends.current() == "reference"
+    assert not errors, errors
+    assert seen["a", "before"] == seen["b", "before"] == "auto"
+    assert seen["a", "inside"] == ("reference", "reference")
+    assert seen["b", "inside"] == ("auto", backends.select("bias_gelu", x))
+    assert seen["a", "after"] == seen["b", "after"] == "auto"
+    assert backends.current() == "auto" and backends._last == "auto"
+
+
+@pytest.mark.parametrize("contextvar_tracing", [True, False], ids=["dynamo-contextvar", "old-dynamo"])
+def test_compiled_select_follows_the_backend_choice(monkeypatch, contextvar_tracing):
+    """``fullgraph=True`` traces select under an override; switching the backend recompiles (the
+    compiled function is guarded on the choice), switching back reuses the first graph. Where dynamo
+    traces ContextVar, another thread's override is its own under compile too; the old-dynamo
+    fallback (torch 2.11) runs here on any torch."""
+    import threading
+
+    from torch._dynamo.testing import CompileCounter
+
+    if contextvar_tracing and not backends._DYNAMO_TRACES_CONTEXTVAR:
+        pytest.skip("this torch's dynamo does not trace ContextVar.get")
+    monkeypatch.setattr(backends, "_DYNAMO_TRACES_CONTEXTVAR", contextvar_tracing)
+    x = torch.randn(2, 3)
+    counter = CompileCounter()
+    f = torch.compile(lambda t: t + len(backends.select("bias_gelu", t)), fullgraph=True, backend=counter)
+    torch._dynamo.reset()
+    try:
+        auto = len(backends.select("bias_gelu", x))
+        torch.testing.assert_close(f(x), x + auto)
+        with fastbert.backend("reference"):
+            torch.testing.assert_close(f(x), x + len("reference"))
+        torch.testing.assert_close(f(x), x + auto)
+        assert counter.frame_count == (2 if auto != len("reference") else 1)
+        if contextvar_tracing:
+            got = {}
+
+            def other():
+                with fastbert.backend("reference"):
+                    got["other"] = f(x)
+
+            with fastbert.backend(backends.select("bias_gelu", x)):
+                t = threading.Thread(target=other)
+                t.start()
+                t.join(60)
+                got["main"] = f(x)
+            torch.testing.assert_close(got["other"], x + len("reference"))
+            torch.testing.assert_close(got["main"], x + auto)
+    finally:
+        torch._dynamo.reset()
+
+
 def test_forced_reference_runs_anywhere():
     x = torch.randn(3, 4)
     with fastbert.backend("reference"):

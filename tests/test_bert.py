@@ -175,6 +175,28 @@ def test_sdpa_attention_matches_fused(seed):
                                    rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_fully_masked_row_attention_is_zero_on_every_attention(seed, training):
+    """A sequence with no key to attend to gets a zero attention output from masked_softmax, eager
+    softmax and SDPA alike (not uniform attention over its padding), also with dropout; the other
+    rows agree."""
+    from fastbert.models.bert import BertModel as _BM
+    from fastbert.models.layers import SelfAttention
+
+    config = BertConfig(**SMALL, attention_probs_dropout_prob=0.1 if training else 0.0)
+    x = torch.randn(3, 5, 32)
+    key_mask = torch.tensor([[1, 1, 1, 0, 0], [0] * 5, [1] * 5]).bool()
+    outs, state = {}, SelfAttention(config).state_dict()
+    for name, changes in {"fused": {}, "eager": dict(fused=False), "sdpa": dict(attention="sdpa")}.items():
+        attn = SelfAttention(config.replace(**changes)).train(training)
+        attn.load_state_dict(state)
+        outs[name] = attn(x, *_BM.masks(key_mask, x))
+        assert (outs[name][1] == 0).all(), name
+    if not training:
+        torch.testing.assert_close(outs["eager"], outs["fused"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(outs["sdpa"], outs["fused"], rtol=1e-5, atol=1e-5)
+
+
 def test_dropout_is_on_in_training_and_reproducible(seed):
     model = BertForPreTraining(BertConfig(**SMALL)).train()
     inputs, labels = batch()
@@ -226,6 +248,81 @@ def test_mismatched_config_raises(tmp_path):
         BertModel.from_pretrained(tmp_path, hidden_size=64, num_attention_heads=4)
     with pytest.raises(FileNotFoundError, match="config.json"):
         BertModel.from_pretrained(tmp_path / "nowhere")
+
+
+def _tiny_checkpoint(tmp_path, **config):
+    model = BertModel(BertConfig(**{**SMALL, **config}))
+    model.save_pretrained(tmp_path)
+    return model
+
+
+@pytest.mark.parametrize("name,shape", [("encoder.layer.1.attention.self.query.weight", [32, 33]),
+                                        ("encoder.layer.0.attention.self.key.bias", [31]),
+                                        ("encoder.layer.0.attention.self.value.weight", [33, 32]),
+                                        ("encoder.layer.0.intermediate.dense.weight", [38, 32])])
+def test_wrong_shaped_weight_is_named_with_both_shapes(tmp_path, name, shape):
+    """A checkpoint tensor of the wrong shape (a query/key/value part included, which used to fail in
+    torch.cat or be reported as the joined qkv) raises one line naming it, expected and found."""
+    from safetensors.torch import load_file, save_file
+
+    _tiny_checkpoint(tmp_path)
+    sd = load_file(str(tmp_path / "model.safetensors"))
+    want = list(sd[name].shape)
+    sd[name] = torch.zeros(shape)
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="does not match its config.json") as err:
+        BertModel.from_pretrained(tmp_path)
+    msg = str(err.value)
+    assert f"{name}: expected shape {want}, found {shape}" in msg and "\n" not in msg, msg
+    assert "qkv" not in msg and msg.count("expected shape") == 1, msg
+    parts = {k: v for k, v in sd.items() if "layer.0.attention.self" in k or "layer.1.attention.self" in k}
+    if "query" in name or "key" in name or "value" in name:  # without the model's shapes: still named
+        with pytest.raises(ValueError, match=name.replace(".", r"\.") + r" \[" + ", ".join(map(str, shape))):
+            checkpoint.from_hf(parts, "")
+
+
+@pytest.mark.parametrize("field,value,match", [
+    (None, [1, 2], "config.json must hold a JSON object of fields, got a list"),
+    ("hidden_size", "32", r"hidden_size must be a positive int, got '32' \(str\)"),
+    ("num_hidden_layers", None, r"num_hidden_layers must be a positive int, got None"),
+    ("num_attention_heads", True, r"num_attention_heads must be a positive int, got True \(bool\)"),
+    ("hidden_dropout_prob", None, r"hidden_dropout_prob must be a number in \[0, 1\), got None"),
+    ("attention_probs_dropout_prob", "0.1", r"attention_probs_dropout_prob must be a number in \[0, 1\), got '0.1'"),
+    ("layer_norm_eps", "1e-12", r"layer_norm_eps must be a positive number, got '1e-12'"),
+    ("initializer_range", None, "initializer_range must be a non-negative number"),
+    ("hidden_act", ["gelu"], r"hidden_act must be one of .*got \['gelu'\]"),
+    ("tie_word_embeddings", "false", r"tie_word_embeddings must be true or false \(a bool\), got 'false'"),
+    ("tie_word_embeddings", 0, r"tie_word_embeddings must be true or false \(a bool\), got 0"),
+    ("classifier_dropout", "0.1", r"classifier_dropout must be null or a number in \[0, 1\), got '0.1'"),
+    ("pad_token_id", "0", r"pad_token_id must be null or an int"),
+    ("id2label", ["a", "b"], r"id2label must be an object"),
+])
+def test_config_json_of_wrong_types_names_the_field(tmp_path, field, value, match):
+    """A config.json holding a list, strings for numbers, null, or a string for a bool raises
+    ValueError naming the field (and the file), never a TypeError from deep inside or a silent
+    misreading (``"false"`` is truthy: it used to tie the decoder)."""
+    _tiny_checkpoint(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    if field is None:
+        cfg = value
+    else:
+        cfg[field] = value
+        cfg.pop("num_labels", None)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=match) as err:
+        BertForMaskedLM.from_pretrained(tmp_path)
+    assert str(tmp_path / "config.json") in str(err.value)
+    (tmp_path / "config.json").write_text("{\"hidden_size\": 32,")
+    with pytest.raises(ValueError, match="is not valid JSON"):
+        BertModel.from_pretrained(tmp_path)
+
+
+def test_config_accepts_what_hugging_face_writes():
+    """null classifier_dropout / pad_token_id, ints for float fields: accepted as before."""
+    cfg = BertConfig.from_hf_dict({**SMALL, "classifier_dropout": None, "pad_token_id": None, "hidden_dropout_prob": 0,
+                                   "layer_norm_eps": 1, "tie_word_embeddings": False})
+    assert cfg.pad_token_id is None and cfg.hidden_dropout_prob == 0 and cfg.tie_word_embeddings is False
+    assert BertForMaskedLM(cfg).cls.predictions.decoder.weight is not None
 
 
 def test_bad_input():

@@ -322,3 +322,40 @@ def test_extreme_inputs_saturate(backend, approximate):
     y.backward(torch.ones_like(y))
     torch.testing.assert_close(y.detach(), torch.where(x > 0, x, 0.0).detach(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(x.grad, (x > 0).float(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", backend_params("cpu"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("approximate", APPROXIMATE)
+def test_huge_and_infinite_z_forward_matches_eager(backend, dtype, approximate):
+    """gelu(-3e38) is -0 as in eager (the clamped tail gave -62 exact, -3.6 tanh); -inf gives eager's
+    NaN (-inf * 0), +inf stays inf, NaN stays NaN; finite z matches the float64 reference."""
+    x = torch.tensor([[-3e38, -1e30, -1e20, -20.0, float("-inf"), float("inf"), float("nan"), 3e38]]).to(dtype)
+    with use_backend(backend):
+        y = fastbert.bias_gelu(x, None, approximate)
+    want = reference.bias_gelu(x.double(), None, approximate)
+    base = F.gelu(x, approximate=approximate)
+    assert torch.equal(y.isnan(), want.isnan()) and torch.equal(y.isnan(), base.isnan()), (
+        f"{backend}: NaN at {y.isnan().nonzero().tolist()}, reference {want.isnan().nonzero().tolist()}")
+    ok = ~want.isnan()
+    assert torch.equal(y[ok].double(), want.to(dtype)[ok].double()), f"{backend}: {y.tolist()} vs {want.tolist()}"
+
+
+@pytest.mark.parametrize("backend", [p for p in backend_params("cpu") if getattr(p, "values", [p])[0] != "reference"])
+def test_double_backward_raises(backend):
+    """Second derivatives through the fused backward are not implemented: differentiating the
+    gradient raises instead of silently seeing a constant (a zero second derivative)."""
+    x = torch.randn(5, 7, requires_grad=True)
+    b = torch.randn(7, requires_grad=True)
+    with use_backend(backend):
+        y = fastbert.bias_gelu(x, b)
+    gx, gb = torch.autograd.grad((y * y).sum(), (x, b), create_graph=True)
+    with pytest.raises(RuntimeError, match="bias_gelu: double backward"):
+        torch.autograd.grad(gx.sum(), x)
+    with pytest.raises(RuntimeError, match="bias_gelu: double backward"):
+        (gx.sum() + gb.sum()).backward()
+    # the reference backend (eager) does differentiate twice
+    with use_backend("reference"):
+        y = fastbert.bias_gelu(x, b)
+    (gx,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+    assert torch.autograd.grad(gx.sum(), x)[0].abs().sum() > 0

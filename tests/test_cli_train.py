@@ -160,3 +160,107 @@ def test_resume_from_a_corrupted_checkpoint(tmp_path, corpus, capsys):
     assert sorted(p.name for p in out.iterdir()) == before  # nothing new, nothing half-written
     assert weights.read_bytes() == data[: len(data) // 2]
     bad(["pretrain", "--out", str(tmp_path / "none"), "--resume"], capsys, "run.json does not exist")
+
+
+def snapshot(folder):
+    """Every file under ``folder``: its bytes and modification time (a rewrite with the same bytes shows)."""
+    return {p.relative_to(folder): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def test_bad_flags_are_rejected_before_anything_is_written(tmp_path, corpus, vocab, capsys, monkeypatch):
+    out = tmp_path / "run"
+    assert cli.main(["pretrain", *SMALL, "--corpus", str(corpus), "--vocab", vocab, "--steps", "2",
+                     "--out", str(out)]) == 0
+    before = snapshot(out)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    base = ["pretrain", "--preset", "tiny", "--seq-len", "64", "--vocab-size", "300", "--batch", "8", "--no-progress",
+            "--corpus", str(corpus), "--out", str(out)]  # would retrain (and overwrite) the run's tokenizer
+    for flags, message in [
+            (["--steps", "0"], "--steps must be an int >= 1, got 0"),
+            (["--lr", "inf"], "--lr must be a finite number > 0, got inf"), (["--lr", "nan"], "--lr must be"),
+            (["--lr", "0"], "--lr must be"), (["--warmup", "inf"], "--warmup must be"),
+            (["--warmup", "2.5"], "--warmup must be"), (["--steps", "3", "--warmup", "5"], "at most the 3 steps"),
+            (["--eval-fraction", "nan"], "--eval-fraction must be"), (["--save-every", "-1"], "--save-every must be"),
+            (["--seed", str(2 ** 70)], "--seed must be an int in [0, 2**32 - 1]"), (["--seed", "-1"], "--seed must be"),
+            (["--device", "bogus"], "--device must be cpu, cuda or cuda:N, got 'bogus'"),
+            (["--device", "cuda"], "--device cuda: no CUDA GPU is available"),
+            (["--seq-len", "600"], "--seq-len must be at most 512"),
+            (["--batch", "100000"], "fewer than one batch")]:
+        bad(base + flags, capsys, message)
+        assert snapshot(out) == before, flags
+    ft = ["finetune", "--from", str(out), "--out", str(tmp_path / "ft"), "--corpus", str(corpus), "--no-progress"]
+    for flags, message in [(["--lr", "inf"], "--lr must be a finite number > 0"), (["--epochs", "0"], "--epochs must be"),
+                           (["--seed", str(2 ** 70)], "--seed must be"), (["--device", "bogus"], "--device must be"),
+                           (["--device", "cuda"], "no CUDA GPU"), (["--seq-len", "9999"], "--seq-len must be at most")]:
+        bad(ft + flags, capsys, message)
+    assert not (tmp_path / "ft").exists() and snapshot(out) == before
+
+
+def test_resume_checks_what_it_reads(tmp_path, corpus, vocab, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["pretrain", *SMALL, "--corpus", str(corpus), "--vocab", vocab, "--steps", "2", "--save-every", "1",
+                     "--out", str(out)]) == 0
+    resume = ["pretrain", "--out", str(out), "--resume", "--no-progress"]
+    state_file = out / "step-2" / "trainer_state.pt"
+    state = torch.load(state_file, weights_only=True)
+
+    def edited(change):
+        s = {**state}
+        change(s)
+        torch.save(s, state_file)
+        return state_file.read_bytes()
+
+    settings = json.loads((out / "run.json").read_text())
+    for path, data, message in [
+            (out / "latest", b"", "latest is empty"),
+            (out / "latest", b"../other/step-2\n", "not a checkpoint folder step-N"),
+            (state_file, edited(lambda s: s.update(step=1)), "says step 1 but its folder is step-2"),
+            (state_file, edited(lambda s: s.pop("optimizer")), "lacks optimizer"),
+            (state_file, edited(lambda s: s.update(step="2")), "step is a str"),
+            (state_file, edited(lambda s: s["extra"].update(position=5)), "data position 5 is not step 2"),
+            (out / "run.json", json.dumps({k: v for k, v in settings.items() if k != "steps"}).encode(),
+             "lacks the setting(s) steps"),
+            (out / "run.json", b"{", "run.json is not valid JSON"),
+            (out / "tokenizer" / "tokenizer.json", b'{"version": "1.0", "model": 3', "cannot read"),
+    ]:
+        original = path.read_bytes() if path != state_file else None
+        torch.save(state, state_file)
+        path.write_bytes(data)
+        before = snapshot(out)
+        bad(resume, capsys, message)
+        assert snapshot(out) == before, message  # nothing written, no checkpoint pruned
+        if original is not None:
+            path.write_bytes(original)
+    torch.save(state, state_file)
+    assert cli.main(resume + ["--steps", "3"]) == 2  # a flag that differs from run.json, as before
+    assert sorted(p.name for p in out.glob("step-*")) == ["step-1", "step-2"]
+
+
+class within:
+    """Fail with TimeoutError past ``seconds`` (a generous bound: minutes to hours when quadratic)."""
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+
+    def __enter__(self):
+        def fire(*_):
+            raise TimeoutError(f"still running after {self.seconds} s: quadratic time?")
+        self.previous = signal.signal(signal.SIGALRM, fire)
+        signal.alarm(self.seconds)
+
+    def __exit__(self, *exc):
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, self.previous)
+
+
+def test_pretrain_on_a_corpus_with_one_huge_line(tmp_path, corpus, capsys):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for p in corpus.glob("*.txt"):
+        (folder / p.name).write_bytes(p.read_bytes())
+    # one line, one sentence of ~280,000 tokens, with an 80,000-character word (61 s to split, once)
+    (folder / "one_line.txt").write_text("the cat sat on the mat and " * 40_000 + "x" * 80_000 + " end.\n")
+    with within(120):
+        assert cli.main(["pretrain", *SMALL, "--corpus", str(folder), "--steps", "1", "--out", str(tmp_path / "r")]) == 0
+    assert "NSP pairs" in capsys.readouterr().out

@@ -375,3 +375,89 @@ def test_examples_to_masked_batch_to_a_training_step(corpus, tok):
     out.loss.backward()
     assert torch.isfinite(out.loss) and out.mlm_loss > 0 and out.nsp_loss > 0
     assert model.bert.embeddings.word_embeddings.weight.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------- linear time on huge input
+
+class within:
+    """Fail (TimeoutError, raised in Python code, the regex engine included) past ``seconds``; a
+    generous bound: the inputs below take well under a second now and minutes when quadratic."""
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+
+    def __enter__(self):
+        import signal
+        import time
+
+        def fire(*_):
+            raise TimeoutError(f"still running after {self.seconds} s: quadratic time?")
+
+        self.previous = signal.signal(signal.SIGALRM, fire)
+        signal.alarm(self.seconds)
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+        import time
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, self.previous)
+        assert time.perf_counter() - self.t0 < self.seconds, "took too long: quadratic time?"
+
+
+def test_split_sentences_is_linear_on_long_runs():
+    long_word = "x" * 200_000  # 61 s for 80,000 characters when the regex backtracked
+    with within(20):
+        assert split_sentences(f"{long_word}. Next one.") == [f"{long_word}.", "Next one."]
+        assert split_sentences(f"A {long_word} and more") == [f"A {long_word} and more"]
+        assert split_sentences(f"{long_word}.{long_word}") == [f"{long_word}.{long_word}"]
+        assert split_sentences("!" * 200_000 + " Yes.") == ["!" * 200_000, "Yes."]
+        assert split_sentences("a. " * 100_000 + "Mr. B. C") == [("a. " * 100_000).strip(), "Mr. B.", "C"]
+        assert split_sentences("(" * 200_000 + ". _" * 100_000) == ["(" * 200_000 + ". _" * 100_000]
+        assert len(document_from_text("t", ("Word " + "word " * 400_000 + "end. ") * 2).sentences) == 2
+
+
+def _truncate_one_at_a_time(a, b, max_num_tokens, rng):  # what nsp_examples did (quadratic), the reference
+    while len(a) + len(b) > max_num_tokens:
+        longer = a if len(a) > len(b) else b
+        if rng.random() < 0.5:
+            del longer[0]
+        else:
+            longer.pop()
+
+
+def test_nsp_truncation_is_linear_and_unchanged(tok):
+    from fastbert.data.corpus import LONG_SENTENCE_TOKENS, _truncate_pair
+    rng = random.Random(0)
+    for trial in range(2000):
+        a, b = list(range(rng.randint(0, 50))), list(range(100, 100 + rng.randint(0, 50)))
+        m = rng.randint(1, 60)
+        a2, b2, r1, r2 = a[:], b[:], random.Random(trial), random.Random(trial)
+        _truncate_one_at_a_time(a, b, m, r1)
+        _truncate_pair(a2, b2, m, r2)
+        assert (a2, b2) == (a, b) and r1.random() == r2.random()  # same tokens, same draws
+    a = list(range(400_000))
+    with within(20):
+        _truncate_pair(a, [1, 2], 125, random.Random(0))
+    assert len(a) == 123 and a == list(range(a[0], a[0] + 123))
+    # a document that is one sentence of a million tokens (a file on one line without sentence ends)
+    giant = Document("one_line", [[7 + i % 500 for i in range(1_000_000)]])
+    other = Document("other", [[9, 10, 11, 12]] * 50)
+    with within(20):
+        examples = nsp_examples([giant, other], tok, max_seq_length=64, seed=0)
+    assert all(len(e.input_ids) <= 64 for e in examples)
+    assert sum(e.input_ids[1] >= 7 and e.input_ids[1] != 9 for e in examples) >= 1_000_000 // LONG_SENTENCE_TOKENS
+
+
+def test_training_skips_overlong_words_and_encoding_is_unchanged(tok):
+    texts = ["x" * 200_000 + " the cat sat on the mat.", "the cat and the hat."] * 3
+    with within(20):  # the trainer's time grew with the square of a word's length
+        t = WordPieceTokenizer.train_from_texts(texts, vocab_size=200, min_frequency=1)
+    assert not [w for w in t.vocab if len(w.lstrip("#")) > 1 and set(w.lstrip("#")) == {"x"}]
+    assert "cat" in t.vocab
+    with within(20):
+        assert tok.encode("x" * 2_000_000) == [tok.unk_id]
+    raw = tok.backend_tokenizer
+    for text in ["a" * 101 + " é" + "b" * 150 + ".c", "Ab" * 60 + "—" + "x" * 120, "中" * 120, "e\u0301" * 80]:
+        assert tok.encode(text) == raw.encode(text, add_special_tokens=False).ids

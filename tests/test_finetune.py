@@ -217,3 +217,23 @@ def test_finetune_max_steps_appends_metrics_and_errors(tmp_path, seed):
                          (dict(clip=-1.0), "clip must be >= 0")]:
         with pytest.raises(ValueError, match=message):
             FinetuneConfig(**bad)
+
+
+def test_finetune_rejects_non_finite_settings_and_stops_when_it_diverges(tmp_path, seed):
+    for bad, message in [(dict(lr=math.inf), "lr must be > 0 and finite"), (dict(lr=math.nan), "lr must be > 0"),
+                         (dict(clip=math.inf), "clip must be >= 0"), (dict(weight_decay=math.nan), "weight_decay"),
+                         (dict(seed=2 ** 70), "seed must be an int")]:
+        with pytest.raises(ValueError, match=message):
+            FinetuneConfig(**bad)
+    model = tiny_model(num_labels=3)
+    train, test = random_passages(40, 3), random_passages(10, 3)
+    with pytest.raises(ValueError, match="loss is (nan|inf).*diverged"):
+        finetune(model, train, test, 0, FinetuneConfig(epochs=3, batch_size=8, lr=1e30, clip=0.0, seed=seed),
+                 out_dir=tmp_path, progress=False)
+
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    rows = [json.loads(line, parse_constant=refuse)
+            for line in (tmp_path / "finetune_metrics.jsonl").read_text().splitlines()]
+    assert rows and all(math.isfinite(r["loss"]) for r in rows if r["kind"] == "train")

@@ -157,3 +157,27 @@ def test_ignore_index_wraps_to_the_label_dtype(device, backend):
     labels = torch.tensor([[156, 3, 0, 156, 7], [1, 156, 156, 2, 255]], dtype=torch.uint8, device=device)
     rows, targets, index, _ = check(backend, hidden, labels, -100)
     assert index.tolist() == [1, 2, 4, 5, 8, 9] and targets.tolist() == [3, 0, 7, 1, 2, 255]
+
+
+def test_hidden_size_zero_is_a_clear_error():
+    """hidden size 0: a one-line ValueError naming hidden, not a reshape traceback."""
+    for shape, labels in (((2, 3, 0), torch.zeros(2, 3, dtype=torch.long)), ((4, 0), torch.zeros(4, dtype=torch.long))):
+        with pytest.raises(ValueError, match="hidden must have a non-empty last"):
+            fastbert.gather_masked(torch.randn(shape), labels)
+    with pytest.raises(ValueError, match="ignore_index must fit in int64"):
+        fastbert.gather_masked(torch.randn(2, 3, 4), torch.zeros(2, 3, dtype=torch.long), 2**63)
+
+
+@pytest.mark.parametrize("backend", backend_params("cpu"))
+def test_double_backward(backend):
+    """The gather's backward is itself differentiable (a scatter whose gradient is the gather), so
+    second derivatives through it are implemented, not silently zero."""
+    hidden = torch.randn(2, 7, 5, requires_grad=True)
+    labels = make_labels((2, 7), 0.5, "cpu")
+    with use_backend(backend):
+        rows, _, index = fastbert.gather_masked(hidden, labels)
+    (g,) = torch.autograd.grad(rows.pow(3).sum(), hidden, create_graph=True)
+    (gg,) = torch.autograd.grad(g.sum(), hidden)
+    want = torch.zeros_like(hidden).view(-1, 5)
+    want[index] = 6 * hidden.detach().view(-1, 5)[index]
+    torch.testing.assert_close(gg, want.view_as(hidden))

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import fastbert
 from fastbert import philox, reference
-from tests.utils import DTYPES, assert_close, device_backend_params, requires_c, use_backend
+from tests.utils import DTYPES, assert_close, backend_params, device_backend_params, requires_c, use_backend
 
 SHAPES = [(3, 1), (5, 7), (4, 1000), (2, 768), (2, 1024), (1, 4099), (2, 3, 768), (0, 8), (300, 40)]
 GRADS = ("y", "dx", "dresidual", "dweight", "dbias", "dx_bias")
@@ -296,3 +296,123 @@ def test_triton_backward_grid_is_one_wave(sms):
             assert -(-rows // per) * col_blocks <= max(wave, col_blocks)
     # without a device (the interpreter here) the launcher keeps the fixed bound
     assert ln.max_row_blocks(torch.device("cpu"), 4, 1) == ln._MAX_ROW_BLOCKS
+
+
+# ---- eps validation, double backward (issue 18 fuzz findings) -----------------------------------
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("eps,error,match", [
+    (True, TypeError, "eps must be a number \\(int or float, not bool\\)"),
+    (float("inf"), ValueError, "eps must be a positive number"),
+    (float("nan"), ValueError, "eps must be a positive number"),
+    (1e39, ValueError, "eps must be a positive number"),
+    ("1e-5", TypeError, "eps must be a number"),
+])
+def test_bad_eps(backend, eps, error, match):
+    """eps=True used to run as 1 and eps=inf returned bias: both are rejected, naming eps."""
+    with fastbert.backend(backend), pytest.raises(error, match=match):
+        fastbert.layernorm_residual(*_ok(), eps=eps)
+
+
+@requires_c
+def test_bad_eps_direct_op():
+    x = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="eps must be a positive number"):
+        torch.ops.fastbert.layernorm_residual_fwd(x, x, torch.ones(8), torch.zeros(8), float("inf"), None, 0.0, None)
+
+
+@pytest.mark.parametrize("backend", [p for p in backend_params("cpu") if getattr(p, "values", [p])[0] != "reference"])
+def test_double_backward_raises(backend):
+    """Second derivatives through the fused backward raise instead of being silently zero."""
+    x, r, w, b, xb = _leaves(make_inputs((5, 7), torch.float32, "cpu"))
+    with use_backend(backend):
+        y = fastbert.layernorm_residual(x, r, w, b, 1e-5, x_bias=xb)
+    gx, gw = torch.autograd.grad((y * y).sum(), (x, w), create_graph=True)
+    with pytest.raises(RuntimeError, match="layernorm_residual: double backward"):
+        torch.autograd.grad((gx * gx).sum() + gw.sum(), w)
+
+
+@pytest.mark.usefixtures("seed")
+@pytest.mark.parametrize("backend", [p for p in backend_params("cpu") if getattr(p, "values", [p])[0] != "reference"])
+@pytest.mark.parametrize("shape", [(5, 7), (1, 4099)], ids=str)
+def test_huge_values_match_float64_reference(backend, shape):
+    """Rows holding huge finite values: one -1e30 element (triton gave outputs of 1e32: d^2 overflowed
+    fp32), one 3e38 and alternating +-3e38 (inf outputs, NaN gradients). Eager's fp32 layer_norm
+    overflows to NaN there; the kernels match the float64 reference (the looped triton path too)."""
+    x, r, w, b, xb = make_inputs(shape, torch.float32, "cpu")
+    r = torch.zeros_like(r)
+    x[0, 3] = -1e30
+    if shape[0] > 2:
+        x[1, 5] = 3e38
+        x[2, :4] = torch.tensor([3e38, -3e38, 3e38, -3e38])
+    else:
+        x[0, 100:104] = torch.tensor([3e38, -3e38, 3e38, -3e38])
+    xb = None
+    dy = torch.randn(shape)
+    got = run(backend, (x, r, w, b, xb), dy, 0.0, 0)
+    want = exact((x, r, w, b, xb), dy, 0.0, None)
+    for name, g, e in zip(("y", "dx", "dresidual", "dweight", "dbias"), got, want):
+        assert torch.isfinite(g).all(), f"{backend} {name}: non-finite at {(~torch.isfinite(g)).nonzero().tolist()}"
+        torch.testing.assert_close(g.double(), e, rtol=1e-4, atol=1e-5, msg=f"{backend} {name}")
+
+
+LN_BACKENDS = backend_params("cpu") + ["reference"]
+
+
+def _skip_triton_f64(backend, dtype):
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("triton kernels take fp32/fp16/bf16")
+
+
+@pytest.mark.parametrize("backend", LN_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dropout_zeroes_dropped_nan(backend, dtype):
+    """A dropped element is 0 even where x is NaN (a select, as torch.where; not a multiply by 0):
+    NaN only at dropped positions leaves y, dx, dresidual and the parameter gradients finite."""
+    _skip_triton_f64(backend, dtype)
+    inputs = list(make_inputs((2, 8), dtype, "cpu"))
+    seed = drawn_seed(5, "cpu")
+    dropped = ~philox.keep_mask(int(seed), (2, 8), 0.5)
+    assert dropped.any() and not dropped.all()
+    inputs[0] = inputs[0].masked_fill(dropped, float("nan"))
+    dy = torch.randn(2, 8, dtype=dtype)
+    got = run(backend, inputs, dy, 0.5, 5)
+    want = exact(inputs, dy, 0.5, seed)
+    for name, g, w in zip(GRADS, got, want):
+        assert torch.isfinite(g).all(), f"{name}: {g}"
+        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("backend", LN_BACKENDS)
+def test_constant_row_tiny_eps_gives_bias(backend):
+    """A constant row (variance exactly 0) with eps=1e-12 in fp32: s - mean is exactly 0, so y = bias
+    (a rounded fp32 mean times rstd = 1e6 gave -0.00745)."""
+    x = torch.full((1, 7), 0.1)
+    with use_backend(backend):
+        y = fastbert.layernorm_residual(x, torch.zeros_like(x), torch.ones(7), torch.zeros(7), 1e-12)
+    assert (y == 0).all(), y
+
+
+@pytest.mark.parametrize("backend", LN_BACKENDS)
+@pytest.mark.parametrize("p", [0.0, 0.5])
+def test_inf_weight_backward_is_nan_as_eager(backend, p):
+    """An infinite weight makes g = dy * w infinite: LayerNorm's backward (eager, the reference) gives
+    a row of NaN (inf - inf), not -inf at some positions; dx_bias is NaN where kept, 0 where dropped
+    (padding rows of a kernel tile add nothing)."""
+    x = torch.tensor([[0.5, -1.0, 2.0, 0.25]])
+    w = torch.tensor([1.0, float("inf"), 1.0, 1.0])
+    inputs = (x, torch.zeros_like(x), w, torch.zeros(4), torch.zeros(4))
+    dy = torch.tensor([[1.0, 0.5, -1.0, 2.0]])
+    seed = drawn_seed(3, "cpu")
+    xs, r, ws, b, xb = _leaves(inputs)
+    torch.manual_seed(3)
+    with use_backend(backend):
+        y = fastbert.layernorm_residual(xs, r, ws, b, 0.1, x_bias=xb, dropout_p=p, training=p > 0)
+    y.backward(dy)
+    x64, r64, w64, b64, xb64 = _leaves(inputs, torch.float64)
+    reference.layernorm_residual(x64, r64, w64, b64, 0.1, xb64, p, seed if p > 0 else None).backward(dy.double())
+    assert r.grad.isnan().all(), r.grad
+    for name, g, want in (("dx", xs.grad, x64.grad), ("dx_bias", xb.grad, xb64.grad)):
+        assert torch.equal(g.isnan(), want.isnan()), f"{name}: {g} want {want}"
+        assert (g[~want.isnan()] == 0).all(), f"{name}: {g} want {want}"
+    assert xs.grad.isnan().all() if p == 0 else not xs.grad.isnan().all()

@@ -326,3 +326,103 @@ def test_backward_twice_with_retain_graph(device, backend, reduction):
     for leaf, got_first, ref in zip(leaves, first, ref_leaves):
         torch.testing.assert_close(got_first, 2.0 * ref.grad)
         torch.testing.assert_close(leaf.grad, 2.5 * ref.grad)
+
+
+# ---- NaN propagation, argument range, double backward (issue 18 fuzz findings) -----------------
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_nan_weight_row_propagates_as_eager(device, backend):
+    """A NaN in one row of the weight makes every logit row NaN in that column: loss and gradients NaN
+    as in eager; the cpu kernel's vector max ignored NaN and its exp mapped it to 0 (a finite loss)."""
+    rows = torch.randn(37, 16, device=device)
+    weight = torch.randn(7, 16, device=device) * 0.25
+    weight[3, 5] = float("nan")
+    targets = make_targets(37, 7, device, ignored=0.0)  # (ignored rows: zero gradient by design)
+    got = run(backend, rows, weight, None, targets, "none", 8, torch.ones(37, device=device))
+    want, base = exact_and_eager(rows, weight, None, targets, "none", torch.ones(37, device=device))
+    for name, g, w, e in zip(("loss", "drows", "dweight"), got, want, base):
+        assert torch.equal(g.isnan(), e.isnan()), (
+            f"{backend} {name}: NaN at {g.isnan().nonzero().tolist()}, eager at {e.isnan().nonzero().tolist()}")
+    with use_backend(backend):
+        loss = fastbert.linear_cross_entropy(rows, weight, None, targets, IGNORE, "mean", 8)
+    assert loss.isnan()
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"ignore_index": 2**63}, "ignore_index must fit in int64"),
+    ({"ignore_index": -2**63 - 1}, "ignore_index must fit in int64"),
+    ({"chunk_size": 2**63}, "chunk_size must be a positive int below 2\\*\\*63"),
+    ({"chunk_size": True}, "chunk_size"),
+])
+def test_out_of_range_int_arguments(kwargs, match):
+    """ints beyond int64 raise a ValueError naming the argument (not the dispatcher's traceback)."""
+    rows, weight, targets = torch.randn(3, 4), torch.randn(5, 4), torch.tensor([1, 2, 3])
+    with pytest.raises(ValueError, match=match):
+        fastbert.linear_cross_entropy(rows, weight, None, targets, **kwargs)
+
+
+@pytest.mark.parametrize("backend", backend_params("cpu"))
+def test_double_backward_raises(backend):
+    """The gradients come from fused kernels: differentiating them (create_graph=True) raises
+    instead of treating them as constants."""
+    rows = torch.randn(6, 8, requires_grad=True)
+    weight = torch.randn(5, 8, requires_grad=True)
+    targets = torch.tensor([1, 2, 3, 0, IGNORE, 4])
+    with use_backend(backend):
+        loss = fastbert.linear_cross_entropy(rows, weight, None, targets)
+    g_rows, g_weight = torch.autograd.grad(loss, (rows, weight), create_graph=True)
+    want = torch.autograd.grad(reference.linear_cross_entropy(rows, weight, None, targets), (rows, weight))
+    torch.testing.assert_close(g_rows, want[0])
+    with pytest.raises(RuntimeError, match="linear_cross_entropy: double backward"):
+        torch.autograd.grad(g_rows.pow(2).sum(), weight)
+
+
+@pytest.mark.parametrize("backend", backend_params("cpu") + ["reference"])
+@pytest.mark.parametrize("case", ["no rows", "all ignored"])
+@pytest.mark.parametrize("grad", [float("inf"), float("nan")])
+def test_nonfinite_incoming_gradient_without_valid_rows_gives_zero(backend, case, grad):
+    """No rows (or every target ignored): eager's gradients are exact zeros whatever the incoming
+    gradient (no element to scale), not 0 * inf = NaN."""
+    m, targets = (0, torch.zeros(0, dtype=torch.int64)) if case == "no rows" else (2, torch.full((2,), IGNORE))
+    torch.manual_seed(0)
+    rows = torch.randn(m, 3).requires_grad_()
+    weight = torch.randn(5, 3).requires_grad_()
+    bias = torch.randn(5).requires_grad_()
+    for reduction in ("mean", "sum"):
+        with use_backend(backend):
+            loss = fastbert.linear_cross_entropy(rows, weight, bias, targets, IGNORE, reduction)
+        loss.backward(torch.tensor(grad))
+        for name, g in (("rows", rows.grad), ("weight", weight.grad), ("bias", bias.grad)):
+            assert g is not None and (g == 0).all(), f"{reduction} {name}: {g}"
+        rows.grad = weight.grad = bias.grad = None
+
+
+@pytest.mark.parametrize("backend", backend_params("cpu") + ["reference"])
+def test_infinite_logits_give_eager_nan_loss(backend):
+    """A row with a +inf logit (and -inf ones): eager's log_softmax gives NaN (inf - inf), so the
+    loss is NaN, not inf (torch.logsumexp's special case)."""
+    rows = torch.tensor([[1.0], [1.0]])
+    weight = torch.tensor([[float("inf")], [float("-inf")], [1.0]])
+    targets = torch.tensor([1, 2])
+    assert F.cross_entropy(rows @ weight.t(), targets, reduction="none").isnan().all()
+    with use_backend(backend):
+        loss = fastbert.linear_cross_entropy(rows, weight, None, targets, IGNORE, "none")
+    assert loss.isnan().all(), loss
+
+
+@pytest.mark.parametrize("backend", backend_params("cpu") + ["reference"])
+def test_infinite_row_gradient_gives_eager_nan_at_target(backend):
+    """An inf incoming gradient of a row's loss: eager's logits gradient at the target is
+    -inf + p_t inf = NaN (not (p_t - 1) inf = -inf), so the target's weight row is NaN."""
+    torch.manual_seed(0)
+    rows, weight, targets = torch.randn(2, 3), torch.randn(4, 3), torch.tensor([1, 2])
+    dy = torch.tensor([float("inf"), 1.0])
+    got, want = (rows.clone().requires_grad_(), weight.clone().requires_grad_()), \
+        (rows.double().requires_grad_(), weight.double().requires_grad_())
+    with use_backend(backend):
+        fastbert.linear_cross_entropy(*got, None, targets, IGNORE, "none").backward(dy)
+    reference.linear_cross_entropy(*want, None, targets, IGNORE, "none").backward(dy.double())
+    for g, w in zip(got, want):
+        assert w.grad.isnan().any() and torch.equal(g.grad.isnan(), w.grad.isnan()), (g.grad, w.grad)
+        finite = dict(nan=0.0, posinf=float("inf"), neginf=float("-inf"))
+        torch.testing.assert_close(g.grad.double().nan_to_num(**finite), w.grad.nan_to_num(**finite), rtol=1e-5, atol=1e-6)

@@ -136,9 +136,9 @@ def test_unpadded_matches_transformers_and_padded_patch(kind, what, seed, calls)
         assert_grads_match(grads, ref_grads)
     assert_outputs_match(out, want_out, inputs, what)
     assert_outputs_match(out, padded_out, inputs, what)
-    if what == "ForMaskedLM" or (what == "ForPreTraining" and kind == "bert"):  # fused MLM: labelled rows only
+    if what == "ForMaskedLM" or (what == "ForPreTraining" and kind == "bert"):  # fused MLM (training): no logits
         key = "logits" if what == "ForMaskedLM" else "prediction_logits"
-        torch.testing.assert_close(out[key], want_out[key][inputs["labels"] != -100], rtol=1e-5, atol=1e-5)
+        assert getattr(out, key) is None and getattr(padded_out, key) is None
 
 
 @pytest.mark.parametrize("kind", ["bert", "roberta"])

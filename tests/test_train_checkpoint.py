@@ -102,3 +102,49 @@ def test_corrupted_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         latest_checkpoint(tmp_path)
     assert latest_checkpoint(tmp_path / "none") is None
+
+
+def test_latest_must_name_a_checkpoint_of_this_run(tmp_path):
+    model, opt, sched, _ = setup(0)
+    run, other = tmp_path / "run", tmp_path / "other"
+    save_checkpoint(run, model, opt, sched, 1)
+    elsewhere = save_checkpoint(other, model, opt, sched, 5)
+    pointer = run / "latest"
+    for text, message in [("", "is empty"), ("\n", "is empty"), ("../other/step-5", "not a checkpoint folder"),
+                          (str(elsewhere), "not a checkpoint folder"), ("step-1/..", "not a checkpoint folder"),
+                          ("model.safetensors", "not a checkpoint folder")]:
+        pointer.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            latest_checkpoint(run)
+    (run / "step-5").symlink_to(elsewhere)  # a step folder that is really another run's
+    pointer.write_text("step-5\n")
+    with pytest.raises(ValueError, match="leads outside"):
+        latest_checkpoint(run)
+    pointer.write_text("step-1\n")
+    assert latest_checkpoint(run) == run / "step-1"
+
+
+def test_trainer_state_is_checked_against_its_folder(tmp_path):
+    model, opt, sched, _ = setup(0)
+    path = save_checkpoint(tmp_path, model, opt, sched, 2, extra={"position": 2})
+    good = torch.load(path / ckpt.STATE, weights_only=True)
+
+    def damaged(change, message):
+        state = {**good}
+        change(state)
+        torch.save(state, path / ckpt.STATE)
+        with pytest.raises(ValueError, match=message):
+            load_checkpoint(path, model, opt, sched)
+
+    damaged(lambda s: s.update(step=7), "says step 7 but its folder is step-2")  # a hand-edited step
+    damaged(lambda s: s.update(step="2"), "step is a str, expected int")
+    damaged(lambda s: s.update(step=True), "step is a bool")
+    damaged(lambda s: s.pop("optimizer"), "lacks optimizer")
+    damaged(lambda s: s.update(extra=[1]), "extra is a list, expected dict")
+    damaged(lambda s: s.update(optimizer={"state": {}, "param_groups": []}), "does not fit the optimizer")
+    damaged(lambda s: s.update(rng_cpu=torch.zeros(3)), "does not fit")
+    torch.save([1, 2], path / ckpt.STATE)
+    with pytest.raises(ValueError, match="holds a list, not a fastbert trainer state"):
+        load_checkpoint(path, model, opt, sched)
+    torch.save(good, path / ckpt.STATE)
+    assert load_checkpoint(path, model, opt, sched)["step"] == 2

@@ -2,6 +2,7 @@
 reproduces the uninterrupted run's losses exactly; metrics and checkpoints on disk."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -79,3 +80,38 @@ def test_bad_arguments(tmp_path, data):
         pretrain(model, examples[:3], collate, TrainConfig(steps=1, batch_size=4), tmp_path, progress=False)
     with pytest.raises(ValueError, match="steps must be a positive int"):
         TrainConfig(steps=0)
+
+
+def strict_json(line):
+    """json.loads that rejects NaN and Infinity (not JSON; jq and JavaScript reject them)."""
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_a_diverging_run_stops_and_metrics_stay_json(tmp_path, data):
+    tok, examples = data
+    model, collate = parts(tok)
+    with pytest.raises(ValueError, match="loss is (nan|inf).*diverged"):
+        pretrain(model, examples, collate, TrainConfig(steps=3, batch_size=4, lr=1e30, save_every=1), tmp_path,
+                 progress=False)
+    rows = [strict_json(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all(math.isfinite(r["loss"]) for r in rows)
+    assert latest_checkpoint(tmp_path).name == f"step-{rows[-1]['step']}"  # nothing saved past the last good step
+    # no NSP labels: the NSP accuracy is not a number, written as null (not NaN)
+    model, collate = parts(tok)
+    bare = [e[:2] for e in examples[:8]]
+    pretrain(model, bare, collate, TrainConfig(steps=1, batch_size=4), tmp_path / "mlm", progress=False)
+    row = strict_json((tmp_path / "mlm" / "metrics.jsonl").read_text())
+    assert row["nsp_accuracy"] is None and math.isfinite(row["loss"])
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("lr", float("inf"), "lr must be a finite number > 0"), ("lr", float("nan"), "lr must be"),
+    ("lr", 0.0, "lr must be"), ("lr", -1e-3, "lr must be"), ("clip", float("inf"), "clip must be"),
+    ("weight_decay", float("nan"), "weight_decay must be"), ("seed", 2 ** 70, "seed must be"),
+    ("seed", -1, "seed must be"), ("save_every", -1, "save_every must be"), ("batch_size", True, "batch_size must be"),
+    ("warmup_ratio", float("inf"), "warmup_ratio"), ("warmup_steps", 5, "warmup_steps must be")])
+def test_config_rejects_non_finite_and_out_of_range(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(steps=4, **{field: value})

@@ -159,15 +159,6 @@ def test_unpadded_matches_padded(seed, cls, kind, attention):
     padded.load_state_dict(unpadded.state_dict())
     inputs, labels = inputs_for(mask)
     b, s = mask.shape
-    if kind == "empty-row":  # the padded path attends to nothing there: only compare the other rows
-        extra = head_args(cls, labels, b)
-        uo, ug = run(unpadded, inputs, extra, labels, torch.randn(b, s, 32))
-        for t in (uo.last_hidden_state, uo.pooler_output) if cls is BertModel else (uo.loss,):
-            assert torch.isfinite(t).all()
-        if cls is BertModel:
-            assert (uo.last_hidden_state[1] == 0).all()
-            torch.testing.assert_close(uo.pooler_output[1], torch.tanh(unpadded.pooler.dense.bias))
-        return
     extra = head_args(cls, labels, b)
     proj = torch.randn(b, s, 32)
     uo, ug = run(unpadded, inputs, extra, labels, proj, pool=kind != "left")
@@ -185,6 +176,51 @@ def test_unpadded_matches_padded(seed, cls, kind, attention):
     else:
         torch.testing.assert_close(uo.loss, po.loss, rtol=1e-5, atol=1e-6)
     assert_grads_match(ug, pg)
+
+
+# every model path: padded (fused, eager, SDPA) and unpadded (varlen, pad-attend-unpad, on each attention)
+PATHS = {"padded-fused": dict(unpad=False), "padded-eager": dict(unpad=False, fused=False),
+         "padded-sdpa": dict(unpad=False, attention="sdpa"), "varlen": dict(unpad_attention="varlen"),
+         "pad": dict(unpad_attention="pad"), "pad-eager": dict(unpad_attention="pad", fused=False),
+         "pad-sdpa": dict(unpad_attention="pad", attention="sdpa")}
+
+
+@pytest.mark.parametrize("cls", HEADS, ids=lambda c: c.__name__)
+def test_fully_masked_row_is_the_same_on_every_path(seed, cls):
+    """A row whose attention_mask is all zeros: zero hidden states and ``tanh(pooler.dense.bias)`` on
+    every path, which agree on the hidden states at real positions, the pooled outputs, the losses
+    (MLM labels at padding, the empty row's included, are ignored) and every gradient."""
+    mask = lengths_mask([4, 0, 7], 7)
+    inputs, labels = inputs_for(mask)
+    labels = torch.where(torch.rand(labels.shape) < 0.5, inputs["input_ids"], labels)  # some at padding
+    assert (labels[mask == 0] != -100).any()
+    b, s = mask.shape
+    extra, proj = head_args(cls, labels, b), torch.randn(b, s, 32)
+    config = BertConfig(**SMALL)
+    state = cls(config).state_dict()
+    pooler = next(k for k in state if k.endswith("pooler.dense.bias")) if cls is not BertForMaskedLM else None
+    if pooler:
+        state[pooler] = torch.randn_like(state[pooler])  # a pooler of zeros is then not zero
+    results = {}
+    for name, changes in PATHS.items():
+        model = cls(config.replace(**changes)).train()
+        model.load_state_dict(state)
+        results[name] = run(model, inputs, extra, labels, proj)
+    real = mask != 0
+    want_out, want_grads = results["padded-fused"]
+    for name, (out, grads) in results.items():
+        if cls is BertModel:
+            hidden = out.last_hidden_state
+            assert (hidden[1] == 0).all(), name
+            torch.testing.assert_close(hidden[real], want_out.last_hidden_state[real], rtol=1e-5, atol=1e-5,
+                                       msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(out.pooler_output[1], torch.tanh(state[pooler]), msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(out.pooler_output, want_out.pooler_output, rtol=1e-5, atol=1e-5,
+                                       msg=lambda m: f"{name}: {m}")
+        else:
+            assert torch.isfinite(out.loss), name
+            torch.testing.assert_close(out.loss, want_out.loss, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        assert_grads_match(grads, want_grads)
 
 
 def test_logits_without_labels_at_real_positions(seed):

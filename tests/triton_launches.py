@@ -20,6 +20,7 @@ SPECS = {}  # spec_key -> launch spec (JSON form: spec_to_json)
 LAUNCHES = [0]  # launches recorded, duplicates included
 ERRORS = []  # "kernel: error" for launches whose spec could not be computed
 _SAVED = []  # (class, original run)
+_PAUSED = [0]  # > 0 inside ``paused()``: launches run but are not recorded
 
 
 def record(kernel, args, kwargs):
@@ -41,7 +42,8 @@ def record(kernel, args, kwargs):
 
 def _wrap(run):
     def recording_run(self, *args, grid, warmup, **kwargs):
-        if not warmup and getattr(getattr(self, "fn", None), "__module__", "").startswith("fastbert."):
+        module = getattr(getattr(self, "fn", None), "__module__", "")
+        if not warmup and not _PAUSED[0] and module.startswith("fastbert."):
             record(self, args, kwargs)
         return run(self, *args, grid=grid, warmup=warmup, **kwargs)
 
@@ -80,6 +82,17 @@ def recording():
     finally:
         if not installed:
             uninstall()
+
+
+@contextlib.contextmanager
+def paused():
+    """Launches within the block are not recorded (tests/test_properties.py: its random shapes would
+    add hundreds of AOT compiles); nests, and the recorder stays installed."""
+    _PAUSED[0] += 1
+    try:
+        yield
+    finally:
+        _PAUSED[0] -= 1
 
 
 def drive():

@@ -104,7 +104,8 @@ inline bool dropout_active(const std::optional<at::Tensor>& seed, double dropout
 }
 
 inline void check_layernorm_residual_eps(double eps) {
-  TORCH_CHECK_VALUE(eps > 0.0, "layernorm_residual: eps must be a positive number, got ", eps);
+  TORCH_CHECK_VALUE(eps > 0.0 && eps <= 3.4028234663852886e38,
+                    "layernorm_residual: eps must be a positive number (finite, at most float32's max), got ", eps);
 }
 
 // The backward's extra inputs: grad like x (shape, dtype, device); mean and rstd float32 (float64 for

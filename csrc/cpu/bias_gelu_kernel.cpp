@@ -35,9 +35,12 @@ constexpr float kTanhClamp = 10.0f;
 // and 1 - erfc(a) / 2 otherwise, so the tail keeps its relative accuracy (0.5 + erf / 2 would lose
 // it: erf is only good to ~3e-7 absolute near +-1 in fp32). Past a = 4 the rational extrapolates
 // with the right asymptote (erfcx ~ 1/(a sqrt pi)), 4e-5 relative up to a = 9, where a is clamped
-// (erfc(9) = 4e-37: Phi is 0 or 1 to fp32 precision, and z * Phi stays ~0 for any finite z).
+// and erfc(a) / 2 taken as 0 beyond (erfc(9) = 4e-37: Phi is 0 or 1 to fp32 precision). Returning the
+// clamped value instead made z * Phi grow with |z| (-62 for z = -3e38, eager: -0); with 0 it is -0
+// for any finite z << 0 and NaN for z = -inf (-inf * 0), as eager gives.
 inline vf normal_cdf(vf z) {
-  const vf a = vmin(vabs(z) * kSqrt1_2, 9.0f);
+  const vf a_raw = vabs(z) * kSqrt1_2;
+  const vf a = vmin(a_raw, 9.0f);
   const vf e = vexp2_unchecked(a * a * -kLog2e);  // exp(-a^2), -a^2 log2 e in [-117, 0]
   vf p = splat(0.5f * 7.583220580e-02f);  // P / 2: the halving of erfc folded in
   p = p * a + 0.5f * 4.137109122e-01f;
@@ -48,7 +51,7 @@ inline vf normal_cdf(vf z) {
   q = q * a + 1.748460695e+00f;
   q = q * a + 2.069064260e+00f;
   q = q * a + 1.0f;
-  const vf half_erfc = e * p / q;
+  const vf half_erfc = a_raw > 9.0f ? vf{} : e * p / q;
   return vselect_neg(z, half_erfc, 1.0f - half_erfc);
 }
 
@@ -77,12 +80,17 @@ inline vf erf_rational(vf x) {
 template <bool TANH, bool ACCURATE>
 inline vf gelu(vf z) {
   if (TANH) {
+    // s = sigmoid(2u) < 2e-38 below z = -10: 0 there (the clamped value times a huge z was not ~0:
+    // -3.6 for z = -3e38); z * 0 is -0 for finite z and NaN for -inf, as eager
     const vf c = vmin(vmax(z, -kTanhClamp), kTanhClamp);
     const vf u = kSqrt2OverPi * (c + kCubic * c * c * c);
-    return z * (1.0f / (1.0f + vexp(-2.0f * u)));
+    const vf s = 1.0f / (1.0f + vexp(-2.0f * u));
+    return z * (z < -kTanhClamp ? vf{} : s);
   }
   if (ACCURATE) return z * normal_cdf(z);
-  return z * (0.5f + 0.5f * erf_rational(z * kSqrt1_2));
+  // the erf rational is clamped at x = -4 (Phi < 1e-8 beyond): 0 there, as normal_cdf
+  const vf xs = z * kSqrt1_2;
+  return z * (xs < -4.0f ? vf{} : 0.5f + 0.5f * erf_rational(xs));
 }
 
 template <bool TANH>

@@ -11,6 +11,9 @@
 // once per pass of the op (the backward recomputes s_hat from the saved mean and rstd in its first
 // pass). Sums: the mean over (s - s[0]) so that a large common offset does not
 // cost precision; column sums in fp32 groups of kGroup rows flushed into fp64 partials (as bias_gelu).
+// Rows of huge values (largest |s - s[0]| above 2^50, e.g. one -1e30 or +-3e38 elements) would overflow
+// the fp32 sums of s and of (s - mean)^2: their statistics and outputs are computed in fp64 (a scalar
+// pass, rare), and the backward forms s - mean on s * 2^-76 (exact) so that it cannot overflow.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -57,24 +60,38 @@ void dropout_row(const Dropout& d, uint64_t e0, int64_t n, RowBuffers& buf) {
   }
 }
 
+// h after dropout with the multiplier `mult` (0 or scale): keep ? h * scale : 0, a select (a dropped
+// element is 0 even when h is NaN or inf, as eager's torch.where; h * 0 would let NaN through).
+inline vf drop(vf h, vf mult) { return mult > 0.0f ? h * mult : vf{}; }
+inline double drop(double h, double mult) { return mult > 0.0 ? h * mult : 0.0; }
+
+constexpr float kBig = 0x1p50f, kDown = 0x1p-76f, kUp = 0x1p76f;
+
 // s = dropout(x + x_bias) + residual into s[0 .. n) (zeros up to the next whole vector); returns the
-// mean, summed as s - s[0] so that a large common offset does not cost precision.
+// mean, summed as s - s[0] so that a large common offset does not cost precision; `spread` gets the
+// largest |s - s[0]| (NaN/inf lanes aside).
 template <typename T>
-float pre_norm_row(const T* x, const T* res, const float* xb, const float* mult, int64_t n, float* s) {
+float pre_norm_row(const T* x, const T* res, const float* xb, const float* mult, int64_t n, float* s,
+                   float& spread) {
   const int64_t m0 = n < W ? n : W;
   vf h0 = ld(x, m0);
   if (xb) h0 += ld(xb, m0);
-  if (mult) h0 *= load(mult);
+  if (mult) h0 = drop(h0, load(mult));
   const float shift = (h0 + ld(res, m0))[0];  // s[0]
   Sum sum;
+  vf vspread{};
   for_row(n, [&](int64_t i, int64_t m) {
     vf h = ld(x + i, m);
     if (xb) h += ld(xb + i, m);
-    if (mult) h *= load(mult + i);
+    if (mult) h = drop(h, load(mult + i));
     const vf v = h + ld(res + i, m);
     store(s + i, v);
-    sum.acc += head(v - shift, m);
+    const vf dv = head(v - shift, m);
+    sum.acc += dv;
+    vspread = vmax(vspread, vabs(dv));
   }, [&] { sum.flush(); });
+  spread = 0.0f;
+  for (int j = 0; j < W; ++j) spread = vspread[j] > spread ? vspread[j] : spread;
   return static_cast<float>(shift + sum.total / static_cast<double>(n));
 }
 
@@ -103,7 +120,22 @@ void fwd_rows(const LayerNormArgs& a, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t off = r * n;
     if (a.dropout) dropout_row(*a.dropout, off, n, buf);
-    const float mean = pre_norm_row(x + off, res + off, xb, a.dropout ? buf.mult.data() : nullptr, n, s);
+    float spread;
+    const float mean = pre_norm_row(x + off, res + off, xb, a.dropout ? buf.mult.data() : nullptr, n, s, spread);
+    if (spread > kBig) {  // huge values: fp32 sums of s and (s - mean)^2 could overflow; fp64 (rare)
+      double m64 = 0.0, v64 = 0.0;
+      for (int64_t i = 0; i < n; ++i) m64 += s[i];
+      m64 /= static_cast<double>(n);
+      for (int64_t i = 0; i < n; ++i) v64 += (s[i] - m64) * (s[i] - m64);
+      const double r64 = 1.0 / std::sqrt(v64 / static_cast<double>(n) + a.eps);
+      static_cast<float*>(a.mean)[r] = static_cast<float>(m64);
+      static_cast<float*>(a.rstd)[r] = static_cast<float>(r64);
+      for (int64_t i = 0; i < n; ++i) {
+        const float yi = static_cast<float>((s[i] - m64) * r64 * w[i] + b[i]);
+        store_partial(y + off + i, splat(yi), 1);
+      }
+      continue;
+    }
     const float rstd = row_rstd(s, n, mean, a.eps);
     static_cast<float*>(a.mean)[r] = mean;
     static_cast<float*>(a.rstd)[r] = rstd;
@@ -140,15 +172,19 @@ void bwd_rows(const LayerNormArgs& a, int64_t r0, int64_t r1) {
       const int64_t off = r * n;
       if (a.dropout) dropout_row(*a.dropout, off, n, buf);
       const float mean = static_cast<const float*>(a.mean)[r], rstd = static_cast<const float*>(a.rstd)[r];
+      // s_hat = (s sc - mean sc) (rstd / sc): sc = 2^-76 for rows of huge values (s - mean could
+      // overflow, rstd may be subnormal), else 1 (the same bits as (s - mean) rstd)
+      const bool big = std::fabs(mean) > kBig || rstd < 0x1p-50f;
+      const float sc = big ? kDown : 1.0f, msc = mean * sc, rsc = rstd * (big ? kUp : 1.0f);
       // pass 1: s_hat from x, x_bias, mask, residual and the saved mean/rstd; g = dy * w; row sums
       // of g and g * s_hat; column sums dw, db. s_hat and g go to the row buffers for pass 2.
       Sum sg, sgs;
       for_row(n, [&](int64_t i, int64_t m) {
         vf h = ld(x + off + i, m);
         if (xb) h += ld(xb + i, m);
-        if (mult) h *= load(mult + i);
+        if (mult) h = drop(h, load(mult + i));
         const vf d = ld(dy + off + i, m);
-        const vf shv = head((h + ld(res + off + i, m) - mean) * rstd, m);
+        const vf shv = head(((h + ld(res + off + i, m)) * sc - msc) * rsc, m);
         const vf gv = d * ld(w + i, m);
         store(sh + i, shv);
         store(g + i, gv);
@@ -157,11 +193,14 @@ void bwd_rows(const LayerNormArgs& a, int64_t r0, int64_t r1) {
         store(gdw + i, load(gdw + i) + d * shv);
         store(gdb + i, load(gdb + i) + d);
       }, [&] { sg.flush(), sgs.flush(); });
-      const float mg = static_cast<float>(sg.total / n), mgs = static_cast<float>(sgs.total / n);
+      const float mg = static_cast<float>(sg.total / n);
+      // an infinite g (dy * w): eager's row of ds is all NaN (inf - inf in LayerNorm's backward),
+      // where rstd (g - mean(g) - s_hat mean(g s_hat)) alone could give +-inf
+      const float mgs = std::isfinite(mg) ? static_cast<float>(sgs.total / n) : NAN;
       // pass 2: ds = rstd (g - mean(g) - s_hat mean(g s_hat)); dresidual, dx, dx_bias sums
       for_row(n, [&](int64_t i, int64_t m) {
         const vf ds = rstd * (load(g + i) - mg - load(sh + i) * mgs);
-        const vf dxv = mult ? ds * load(mult + i) : ds;
+        const vf dxv = mult ? drop(ds, load(mult + i)) : ds;  // a NaN ds at a dropped element: 0
         st(dres + off + i, ds, m);
         if (dx) st(dx + off + i, dxv, m);
         if (xb) store(gdxb + i, load(gdxb + i) + head(dxv, m));
@@ -216,7 +255,7 @@ void bwd_rows_f64(const LayerNormArgs& a, int64_t r0, int64_t r1) {
     for (int64_t i = 0; i < n; ++i) {
       if (a.dropout)
         mult[i] = philox::keep(philox::element(a.dropout->seed, off + i), a.dropout->threshold) ? a.dropout->scale : 0.0;
-      const double h = (x[off + i] + (xb ? xb[i] : 0.0)) * mult[i];
+      const double h = drop(x[off + i] + (xb ? xb[i] : 0.0), mult[i]);
       sh[i] = (h + res[off + i] - mean) * rstd;
       g[i] = dy[off + i] * w[i];
       sg += g[i];
@@ -225,11 +264,12 @@ void bwd_rows_f64(const LayerNormArgs& a, int64_t r0, int64_t r1) {
       a.dbias[i] += dy[off + i];
     }
     sg /= n, sgs /= n;
+    if (!std::isfinite(sg)) sgs = NAN;  // an infinite g: a NaN row, as eager (see bwd_rows)
     for (int64_t i = 0; i < n; ++i) {
       const double ds = rstd * (g[i] - sg - sh[i] * sgs);
       static_cast<double*>(a.dresidual)[off + i] = ds;
-      if (a.dx) static_cast<double*>(a.dx)[off + i] = ds * mult[i];
-      if (a.dx_bias) a.dx_bias[i] += ds * mult[i];
+      if (a.dx) static_cast<double*>(a.dx)[off + i] = drop(ds, mult[i]);
+      if (a.dx_bias) a.dx_bias[i] += drop(ds, mult[i]);
     }
   }
 }

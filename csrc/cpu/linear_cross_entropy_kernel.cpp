@@ -5,7 +5,8 @@
 //   m = max(x);  e_i = exp(x_i - m);  lse = m + log(sum(e))  (the sum in fp32 lanes per block, fp64
 //   across blocks);  loss = lse - x_t, 0 when t == ignore_index (NaN for a target outside [0, v)).
 // Backward (in place: grad may be the logits): grad_i = (e_i / sum(e) - [i == t]) * row_scale, a row
-//   of zeros when t == ignore_index. x_t is read before the row is overwritten; e lives in a
+//   of zeros when t == ignore_index. A NaN logit makes the row's lse, loss and gradient NaN, as in
+//   eager (found in pass 1: the vector max ignores NaN and the exp maps it to 0). x_t is read before the row is overwritten; e lives in a
 //   thread-local fp32 buffer between the passes, so the row is read from memory twice (max, exp) and
 //   written once.
 #include <cmath>
@@ -58,11 +59,26 @@ void rows_vec(const CrossEntropyArgs& a, int64_t r0, int64_t r1) {
     const bool ignored = t == a.ignore_index;
     const float xt = ignored ? 0.0f : target_logit(x, t, v);
     vf vmx = splat(kNegInf);
-    for_row(v, [&](int64_t i, int64_t m) {  // pass 1: the row max (tail lanes -inf)
+    vi vnan{};
+    for_row(v, [&](int64_t i, int64_t m) {  // pass 1: the row max (tail lanes -inf), any NaN
       vf xv = ld(x + i, m);
       for (int64_t j = m; j < W; ++j) xv[j] = kNegInf;
       vmx = vmax(vmx, xv);
+      vnan |= xv != xv;
     });
+    bool has_nan = false;
+    for (int j = 0; j < W; ++j) has_nan |= vnan[j] != 0;
+    if (has_nan) {  // NaN logits: NaN lse, loss and gradient (an ignored row: loss 0, zero gradient)
+      constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+      lse_out[r] = kNaN;
+      loss[r] = ignored ? 0.0f : kNaN;
+      if (bwd) {
+        T* g = grad + r * v;
+        if (ignored) std::memset(static_cast<void*>(g), 0, v * sizeof(T));
+        else for_row(v, [&](int64_t i, int64_t m) { st(g + i, splat(kNaN), m); });
+      }
+      continue;
+    }
     const float mx = hmax(vmx);
     Sum sum;
     for_row(v, [&](int64_t i, int64_t m) {  // pass 2: e = exp(x - max) and its sum
@@ -82,7 +98,8 @@ void rows_vec(const CrossEntropyArgs& a, int64_t r0, int64_t r1) {
     const float scale = row_scale[r], pscale = static_cast<float>(scale / sum.total);
     for_row(v, [&](int64_t i, int64_t m) { st(g + i, load(e + i) * pscale, m); });  // pass 3
     if (t >= 0 && t < v) {  // the one-hot term
-      const float gt = static_cast<float>((e[t] / sum.total - 1.0) * scale);
+      // an inf or NaN scale: NaN, as eager's -scale + p_t scale (not (p_t - 1) scale = -inf)
+      const float gt = std::isfinite(scale) ? static_cast<float>((e[t] / sum.total - 1.0) * scale) : NAN;
       store_partial(g + t, splat(gt), 1);
     }
   }
@@ -109,7 +126,8 @@ void rows_f64(const CrossEntropyArgs& a, int64_t r0, int64_t r1) {
     if (!grad) continue;
     double* g = grad + r * v;
     const double scale = ignored ? 0.0 : row_scale[r];
-    for (int64_t i = 0; i < v; ++i) g[i] = (std::exp(x[i] - mx) / total - (i == t ? 1.0 : 0.0)) * scale;
+    const double one = std::isfinite(scale) ? 1.0 : NAN;  // an inf or NaN scale: a NaN target term, as eager
+    for (int64_t i = 0; i < v; ++i) g[i] = (std::exp(x[i] - mx) / total - (i == t ? one : 0.0)) * scale;
   }
 }
 

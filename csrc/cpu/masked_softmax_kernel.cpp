@@ -3,8 +3,14 @@
 // Forward, per row of k keys (fp32 maths):  x = s * scale + mask;  m = max(x);  e = exp(x - m);
 //   p = e / sum(e);  with dropout probs = keep ? p * scale_p : 0 and p is written to `softmax` for the
 //   backward, otherwise probs = p. A row with m = -inf (every key excluded) gives zeros, never NaN.
-//   Masks: bool (False -> -inf) or additive float, converted once per distinct mask row into an fp32
-//   row buffer (a [B, 1, 1, k] mask is converted once per batch entry of the task, not per row).
+//   NaN and inf propagate as in eager PyTorch: a row with a NaN x (a NaN score, scale or mask value
+//   at a key that is not bool-excluded) or a +inf x is all NaN (the vector max ignores NaN and the
+//   exp maps NaN to 0, so such rows are found in pass 1 and filled with NaN).
+//   Masks: bool (False -> x = -inf, whatever the score: masked_fill, so a NaN score at an excluded
+//   key weighs nothing) or additive float, converted once per distinct mask row into an fp32 row
+//   buffer (a [B, 1, 1, k] mask is converted once per batch entry of the task, not per row); a float64
+//   mask's finite values are clamped to float's range (finfo(float64).min stays finite, as in eager's
+//   float64 sum; -inf stays -inf).
 // Backward:  g = keep ? grad * scale_p : 0 (the mask regenerated; g = grad without dropout);
 //   dscores = scale * p * (g - sum(g * p)).
 // Rows live in a thread-local fp32 buffer between passes, so scores and grad are read from memory
@@ -24,6 +30,16 @@ namespace {
 using namespace fastbert::simd;
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+constexpr float kFloatMax = std::numeric_limits<float>::max();
+
+// A float64 mask value as float: finite values clamped to float's range (so that a finite
+// finfo(float64).min stays a finite large negative value, as it is in eager's float64 arithmetic),
+// +-inf and NaN unchanged.
+inline float mask_to_float(double m) {
+  return static_cast<float>(m < -kFloatMax && m > -INFINITY ? -kFloatMax
+                            : m > kFloatMax && m < INFINITY ? kFloatMax : m);
+}
 
 struct RowBuffers {  // per thread, grown to the row length (+ one vector of padding)
   std::vector<float> x, mask;
@@ -54,15 +70,26 @@ inline float hmax(vf v) {
 // normalisation cancels, so this is as accurate as rounding (x - max) first. t <= 0 is in range, so the
 // cheaper exp2 serves; exactly 0 below 2^-125 (excluded keys, x = -inf, must weigh nothing).
 constexpr float kLog2e = 1.44269504088896341f;
+// Rows whose |max log2(e)| is not below this are shifted by the max first (x - max, exact near the
+// max) and use mlog2e = 0: above 2^24 the rounding error of mlog2e passes 1. Without a fused
+// multiply-add (the generic build) x log2(e) itself rounds, by a different amount per key: always shift.
+#ifdef __FMA__
+constexpr float kShiftAbove = 0x1p24f;
+#else
+constexpr float kShiftAbove = 0.0f;
+#endif
+
 inline vf exp_or_zero(vf x, float mlog2e) {
   const vf t = x * kLog2e - mlog2e;
   return bitcast<vf>(bitcast<vi>(vexp2_unchecked(vmax(t, -125.0f))) & (t >= -125.0f));
 }
 
-inline vf dropout_mult(const Dropout& d, const uint32_t* rnd) {
+// Dropout of v: keep ? v * scale : 0, a select (a dropped element is 0 even when v is NaN or inf,
+// as eager's torch.where; v * 0 would let NaN through).
+inline vf dropout_apply(const Dropout& d, const uint32_t* rnd, vf v) {
   vu r;
   std::memcpy(&r, rnd, sizeof r);
-  return (r >> 8) >= d.threshold ? splat(d.scale) : vf{};
+  return (r >> 8) >= d.threshold ? v * d.scale : vf{};
 }
 
 inline int64_t mask_offset(const SoftmaxArgs& a, int64_t r) {
@@ -99,7 +126,7 @@ const float* mask_row(const SoftmaxArgs& a, int64_t r, RowBuffers& buf) {
     case DType::bf16: convert_mask(static_cast<const bf16*>(a.mask) + off, ks, k, out); break;
     case DType::f64: {
       const double* m = static_cast<const double*>(a.mask) + off;
-      for (int64_t i = 0; i < k; ++i) out[i] = static_cast<float>(m[i * ks]);
+      for (int64_t i = 0; i < k; ++i) out[i] = mask_to_float(m[i * ks]);
       break;
     }
   }
@@ -118,25 +145,43 @@ void fwd_rows(const SoftmaxArgs& a, int64_t r0, int64_t r1) {
   uint32_t* rnd = buf.rnd.data();
   const float scale = a.scale;
   const Dropout* drop = a.dropout;  // locals: the row stores could alias `a` as far as the compiler knows
+  const bool bool_mask = a.mask_is_bool;
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t off = r * k;
     const float* madd = mask_row(a, r, buf);
     vf vmx = splat(kNegInf);
-    for_row(k, [&](int64_t i, int64_t m) {  // pass 1: x = s * scale + mask, the row max
+    vi vnan{};
+    for_row(k, [&](int64_t i, int64_t m) {  // pass 1: x = s * scale + mask, the row max, any NaN
       vf v = ld(s + off + i, m) * scale;
-      if (madd) v += ld(madd + i, m);
+      if (madd) {
+        const vf mv = ld(madd + i, m);
+        v = bool_mask ? (mv < 0.0f ? splat(kNegInf) : v) : v + mv;  // bool: excluded -> -inf, even NaN
+      }
       for (int64_t j = m; j < W; ++j) v[j] = kNegInf;  // tail lanes: no weight
       store(x + i, v);
       vmx = vmax(vmx, v);
+      vnan |= v != v;
     });
     const float mx = hmax(vmx);
+    bool nonfinite = mx == -kNegInf;  // +inf: inf - inf = NaN, eager's row is all NaN
+    for (int j = 0; j < W; ++j) nonfinite |= vnan[j] != 0;
+    if (nonfinite) {  // a NaN (or +inf) in the row: all NaN, as eager (the max and exp below would hide it)
+      if (drop) philox_elements(drop->seed, off, k, rnd);
+      for_row(k, [&](int64_t i, int64_t m) {  // dropped elements are 0 even here (select)
+        st(probs + off + i, drop ? dropout_apply(*drop, rnd + i, splat(kNaN)) : splat(kNaN), m);
+        if (drop) st(soft + off + i, splat(kNaN), m);
+      });
+      continue;
+    }
     if (!(mx > kNegInf)) {  // every key excluded: zeros
       std::memset(static_cast<void*>(probs + off), 0, k * sizeof(T));
       if (drop) std::memset(static_cast<void*>(soft + off), 0, k * sizeof(T));
       continue;
     }
     float mlog2e = mx * kLog2e;
-    if (!(std::fabs(mlog2e) < 1e38f)) {  // max near float's limit (a finite finfo.min mask on every key):
+    // A large max (a finite finfo.min mask on every key, a score of 1e30): the rounding error of
+    // mlog2e, 2^-24 |mlog2e|, is no longer a harmless common factor (2^(7e22): inf / inf = NaN).
+    if (!(std::fabs(mlog2e) < kShiftAbove)) {
       for_row(k, [&](int64_t i, int64_t) { store(x + i, load(x + i) - mx); });  // shift first, no overflow
       mlog2e = 0.0f;
     }
@@ -154,7 +199,7 @@ void fwd_rows(const SoftmaxArgs& a, int64_t r0, int64_t r1) {
       for_row(k, [&](int64_t i, int64_t m) {
         const vf p = load(x + i) * inv;
         st_out(soft + off + i, p, m, nt && aligned(soft + off));
-        st_out(probs + off + i, p * dropout_mult(d, rnd + i), m, nt);
+        st_out(probs + off + i, dropout_apply(d, rnd + i, p), m, nt);
       });
     } else {
       for_row(k, [&](int64_t i, int64_t m) { st_out(probs + off + i, load(x + i) * inv, m, nt); });
@@ -182,7 +227,7 @@ void bwd_rows(const SoftmaxArgs& a, int64_t r0, int64_t r1) {
     Sum sum;
     for_row(k, [&](int64_t i, int64_t m) {  // pass 1: g (after dropout's backward), sum(g * p)
       vf gv = ld(grad + off + i, m);
-      if (dropping) gv *= dropout_mult(d, rnd + i);
+      if (dropping) gv = dropout_apply(d, rnd + i, gv);  // a NaN grad at a dropped key gives 0
       store(g + i, gv);
       sum.acc += gv * ld(p + off + i, m);  // tail lanes load as 0
     }, [&] { sum.flush(); });
@@ -207,9 +252,10 @@ double mask_at(const SoftmaxArgs& a, int64_t idx) {
   return static_cast<const double*>(a.mask)[idx];
 }
 
-double keep_mult(const Dropout* d, int64_t e) {
-  if (!d) return 1.0;
-  return philox::keep(philox::element(d->seed, e), d->threshold) ? static_cast<double>(d->scale) : 0.0;
+// keep ? v * scale : 0 (a select: a dropped NaN is 0); v without dropout.
+double dropout_f64(const Dropout* d, int64_t e, double v) {
+  if (!d) return v;
+  return philox::keep(philox::element(d->seed, e), d->threshold) ? v * static_cast<double>(d->scale) : 0.0;
 }
 
 void fwd_rows_f64(const SoftmaxArgs& a, int64_t r0, int64_t r1) {
@@ -220,15 +266,20 @@ void fwd_rows_f64(const SoftmaxArgs& a, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t off = r * k, moff = a.mask ? mask_offset(a, r) : 0;
     double mx = -INFINITY, total = 0.0;
+    bool nonfinite = false;
     for (int64_t i = 0; i < k; ++i) {
-      x[i] = s[off + i] * a.scale64 + (a.mask ? mask_at(a, moff + i * a.mask_stride[3]) : 0.0);
+      const double m = a.mask ? mask_at(a, moff + i * a.mask_stride[3]) : 0.0;
+      // a bool mask excludes a key whatever its score (masked_fill): -inf, not NaN + -inf
+      x[i] = a.mask_is_bool && m < 0 ? -INFINITY : s[off + i] * a.scale64 + m;
       mx = x[i] > mx ? x[i] : mx;
+      nonfinite |= std::isnan(x[i]) || x[i] == INFINITY;
     }
     for (int64_t i = 0; i < k; ++i) total += x[i] = mx > -INFINITY ? std::exp(x[i] - mx) : 0.0;
     for (int64_t i = 0; i < k; ++i) {
-      const double p = total > 0 ? x[i] / total : 0.0;
+      // a NaN or +inf x makes the row NaN, as in eager
+      const double p = nonfinite ? NAN : total > 0 ? x[i] / total : 0.0;
       if (soft) soft[off + i] = p;
-      probs[off + i] = p * keep_mult(a.dropout, off + i);
+      probs[off + i] = dropout_f64(a.dropout, off + i, p);
     }
   }
 }
@@ -242,7 +293,7 @@ void bwd_rows_f64(const SoftmaxArgs& a, int64_t r0, int64_t r1) {
     const int64_t off = r * k;
     double dot = 0.0;
     for (int64_t i = 0; i < k; ++i) {
-      g[i] = grad[off + i] * keep_mult(a.dropout, off + i);
+      g[i] = dropout_f64(a.dropout, off + i, grad[off + i]);
       dot += g[i] * p[off + i];
     }
     for (int64_t i = 0; i < k; ++i) ds[off + i] = a.scale64 * p[off + i] * (g[i] - dot);

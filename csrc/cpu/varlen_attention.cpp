@@ -52,6 +52,14 @@ void mm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, A alpha, const A* a, 
                       const A*, const int*, const A*, A*, const int*);
   Fn blas = nullptr;
   if constexpr (std::is_same_v<A, float>) blas = sgemm_; else blas = dgemm_;
+  if (blas && alpha == A(0)) {
+    // BLAS does not read op(A) op(B) when alpha is 0 (C = 0); eager's (q k^T) * 0 is NaN where the
+    // product is inf or NaN: multiply afterwards
+    mm<A>(ta, tb, M, N, K, A(1), a, lda, b, ldb, c, ldc);
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t j = 0; j < N; ++j) c[i * ldc + j] *= alpha;
+    return;
+  }
   if (blas) {
     const char tra = tb ? 'T' : 'N', trb = ta ? 'T' : 'N';
     const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);

@@ -11,7 +11,8 @@
 //   (1 without dropout) g_ij = dpd_ij z_ij;  D_i = sum_j p_ij g_ij (= sum_c dO_ic O_ic, but from the
 //   same rounded values, so a one-token row gets dS = 0 exactly);  dS_ij = p_ij (g_ij - D_i) (for
 //   dq = scale dS k and dk = scale dS^T q), and the row is overwritten with pd_ij = p_ij z_ij (the
-//   forward's probabilities, for dv = pd^T dO).
+//   forward's probabilities, for dv = pd^T dO). Multiplying by z is a select (keep ? x / (1 - p_drop) : 0),
+//   as on every backend: a dropped NaN or inf is 0.
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -34,10 +35,12 @@ uint32_t* fit_rnd(int64_t n) {
   return rnd_buf.data();
 }
 
-inline vf keep_mult(const Dropout& d, const uint32_t* rnd) {
+// keep ? v * scale : 0, a select: a dropped element is 0 even where v is NaN or inf (as the other
+// backends drop; v * 0 would be NaN)
+inline vf keep_apply(const Dropout& d, const uint32_t* rnd, vf v) {
   vu r;
   std::memcpy(&r, rnd, sizeof r);
-  return (r >> 8) >= d.threshold ? splat(d.scale) : vf{};
+  return (r >> 8) >= d.threshold ? v * d.scale : vf{};
 }
 
 inline float hmax(vf v) {
@@ -51,6 +54,26 @@ inline vf exp2_or_zero(vf t) {
   return bitcast<vf>(bitcast<vi>(vexp2_unchecked(vmax(t, -125.0f))) & (t >= -125.0f));
 }
 
+// Whether the row max says the row is NaN in eager PyTorch: a NaN score (the vector max and the exp
+// above ignore NaN, so pass 1 looks for it) or a +inf one (inf - inf).
+inline bool nan_row(vi vnan, float mx) {
+  bool r = mx == INFINITY;
+  for (int k = 0; k < W; ++k) r |= vnan[k] != 0;
+  return r;
+}
+
+inline void fill_nan(float* row, int64_t n) {
+  for_row(n, [&](int64_t j, int64_t m) { st(row + j, splat(NAN), m); });
+}
+
+// A NaN row's probabilities: NaN, and 0 where dropped (keep_apply's select), as the fp64 path
+inline void fill_nan_probs(float* row, int64_t n, const Dropout* drop, uint64_t e0, uint32_t* rnd) {
+  if (!drop) return fill_nan(row, n);
+  philox_elements(drop->seed, e0, n, rnd);
+  const Dropout d = *drop;
+  for_row(n, [&](int64_t j, int64_t m) { st(row + j, keep_apply(d, rnd + j, splat(NAN)), m); });
+}
+
 void softmax_fwd_f32(const VarlenSoftmaxArgs& a) {
   const int64_t n = a.n;
   float* s = static_cast<float*>(a.s);
@@ -60,12 +83,19 @@ void softmax_fwd_f32(const VarlenSoftmaxArgs& a) {
   for (int64_t i = 0; i < n; ++i) {
     float* row = s + i * n;
     vf vmx = splat(-INFINITY);
+    vi vnan{};
     for_row(n, [&](int64_t j, int64_t m) {
       vf v = ld(row + j, m);
       for (int64_t k = m; k < W; ++k) v[k] = -INFINITY;
       vmx = vmax(vmx, v);
+      vnan |= v != v;
     });
     const float mx = hmax(vmx), mlog2e = mx * kLog2e;
+    if (nan_row(vnan, mx)) {  // NaN probabilities and lse, as eager
+      fill_nan_probs(row, n, drop, a.e0 + static_cast<uint64_t>(i) * a.e_step, rnd);
+      lse[i] = NAN;
+      continue;
+    }
     Sum sum;
     for_row(n, [&](int64_t j, int64_t m) {  // e = 2^(s log2e - m log2e): one rounding per row (cancels)
       const vf e = head(exp2_or_zero(ld(row + j, m) * kLog2e - mlog2e), m);
@@ -77,7 +107,7 @@ void softmax_fwd_f32(const VarlenSoftmaxArgs& a) {
     if (drop) {
       philox_elements(drop->seed, a.e0 + static_cast<uint64_t>(i) * a.e_step, n, rnd);
       const Dropout d = *drop;
-      for_row(n, [&](int64_t j, int64_t m) { st(row + j, ld(row + j, m) * inv * keep_mult(d, rnd + j), m); });
+      for_row(n, [&](int64_t j, int64_t m) { st(row + j, keep_apply(d, rnd + j, ld(row + j, m) * inv), m); });
     } else {
       for_row(n, [&](int64_t j, int64_t m) { st(row + j, ld(row + j, m) * inv, m); });
     }
@@ -96,12 +126,19 @@ void softmax_bwd_f32(const VarlenSoftmaxArgs& a) {
     // p recomputed as the forward did (max, exp, sum), not as exp(s - lse): lse is rounded to fp32,
     // and exp(s - lse) would carry its rounding (|lse| ulp) into every p.
     vf vmx = splat(-INFINITY);
+    vi vnan{};
     for_row(n, [&](int64_t j, int64_t m) {
       vf v = ld(srow + j, m);
       for (int64_t k = m; k < W; ++k) v[k] = -INFINITY;
       vmx = vmax(vmx, v);
+      vnan |= v != v;
     });
     const float mx = hmax(vmx);
+    if (nan_row(vnan, mx)) {  // NaN probabilities: NaN dS and p, as eager
+      fill_nan_probs(srow, n, drop, a.e0 + static_cast<uint64_t>(i) * a.e_step, rnd);
+      fill_nan(drow, n);
+      continue;
+    }
     Sum sum;
     for_row(n, [&](int64_t j, int64_t m) {  // (s - max) first: the max key gets exactly 2^0
       const vf e = head(exp2_or_zero((ld(srow + j, m) - mx) * kLog2e), m);
@@ -115,7 +152,7 @@ void softmax_bwd_f32(const VarlenSoftmaxArgs& a) {
       const vf p = ld(srow + j, m) / total;  // a division: a one-key row gets p = 1 exactly
       st(srow + j, p, m);
       vf g = ld(drow + j, m);
-      if (drop) g *= keep_mult(d, rnd + j);
+      if (drop) g = keep_apply(d, rnd + j, g);
       st(drow + j, g, m);
       dot.acc += p * g;  // tail lanes: p = 0
     }, [&] { dot.flush(); });
@@ -123,14 +160,14 @@ void softmax_bwd_f32(const VarlenSoftmaxArgs& a) {
     for_row(n, [&](int64_t j, int64_t m) {  // dp <- dS = p (g - D_i), s <- p z (the forward's probabilities)
       const vf p = ld(srow + j, m);
       st(drow + j, p * (ld(drow + j, m) - di), m);
-      if (drop) st(srow + j, p * keep_mult(d, rnd + j), m);
+      if (drop) st(srow + j, keep_apply(d, rnd + j, p), m);
     });
   }
 }
 
 // ---- float64: scalar, fp64 throughout ----
-double keep_mult64(const Dropout* d, uint64_t e) {
-  return philox::keep(philox::element(d->seed, e), d->threshold) ? static_cast<double>(d->scale) : 0.0;
+double keep_apply64(const Dropout* d, uint64_t e, double v) {  // keep ? v * scale : 0, as keep_apply
+  return philox::keep(philox::element(d->seed, e), d->threshold) ? v * static_cast<double>(d->scale) : 0.0;
 }
 
 void softmax_fwd_f64(const VarlenSoftmaxArgs& a) {
@@ -144,7 +181,7 @@ void softmax_fwd_f64(const VarlenSoftmaxArgs& a) {
     for (int64_t j = 0; j < n; ++j) total += row[j] = std::exp(row[j] - mx);
     lse[i] = mx + std::log(total);
     const uint64_t e = a.e0 + static_cast<uint64_t>(i) * a.e_step;
-    for (int64_t j = 0; j < n; ++j) row[j] = row[j] / total * (a.dropout ? keep_mult64(a.dropout, e + j) : 1.0);
+    for (int64_t j = 0; j < n; ++j) row[j] = a.dropout ? keep_apply64(a.dropout, e + j, row[j] / total) : row[j] / total;
   }
 }
 
@@ -158,12 +195,12 @@ void softmax_bwd_f64(const VarlenSoftmaxArgs& a) {
     for (int64_t j = 0; j < n; ++j) total += srow[j] = std::exp(srow[j] - mx);
     for (int64_t j = 0; j < n; ++j) {
       srow[j] /= total;
-      if (a.dropout) drow[j] *= keep_mult64(a.dropout, e + j);
+      if (a.dropout) drow[j] = keep_apply64(a.dropout, e + j, drow[j]);
       di += srow[j] * drow[j];
     }
     for (int64_t j = 0; j < n; ++j) {
       drow[j] = srow[j] * (drow[j] - di);
-      if (a.dropout) srow[j] *= keep_mult64(a.dropout, e + j);
+      if (a.dropout) srow[j] = keep_apply64(a.dropout, e + j, srow[j]);
     }
   }
 }

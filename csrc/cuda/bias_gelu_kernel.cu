@@ -47,17 +47,20 @@ __device__ __forceinline__ float exp2_ftz(float x) {
   return r;
 }
 
-// Phi(z) without cancellation, as the CPU kernel computes it: a = |z| / sqrt 2 (clamped at 9),
-// erfc(a) = exp(-a^2) P(a) / Q(a) (erfcx fitted to 7e-8 relative, scripts/fit_gelu.py forward),
-// Phi = erfc(a) / 2 for z < 0, 1 - erfc(a) / 2 otherwise. ~20 instructions with one MUFU.EX2.
+// Phi(z) without cancellation, as the CPU kernel computes it: a = |z| / sqrt 2 (clamped at 9, and
+// erfc(a) / 2 taken as 0 beyond, so z * Phi(z) is -0 for finite z << 0 (the clamped value gave -62
+// for z = -3e38) and NaN for -inf, as eager), erfc(a) = exp(-a^2) P(a) / Q(a) (erfcx fitted to 7e-8
+// relative, scripts/fit_gelu.py forward), Phi = erfc(a) / 2 for z < 0, 1 - erfc(a) / 2 otherwise.
+// ~20 instructions with one MUFU.EX2.
 __device__ __forceinline__ float normal_cdf(float z) {
-  const float a = fminf(fabsf(z) * kSqrt1_2, 9.0f);
+  const float a_raw = fabsf(z) * kSqrt1_2;
+  const float a = fminf(a_raw, 9.0f);
   const float e = exp2_ftz(a * a * -1.44269504088896341f);  // >= 2^-117: never flushed
   const float p = ((0.5f * 7.583220580e-02f * a + 0.5f * 4.137109122e-01f) * a + 0.5f * 9.406895939e-01f) * a +
                   0.5f * 9.999999283e-01f;
   const float q = (((1.344987700e-01f * a + 7.316200554e-01f) * a + 1.748460695e+00f) * a + 2.069064260e+00f) * a +
                   1.0f;
-  const float half_erfc = div_full(e * p, q);  // q in [1, 1.6e3]
+  const float half_erfc = a_raw > 9.0f ? 0.0f : div_full(e * p, q);  // q in [1, 1.6e3]
   return z < 0.0f ? half_erfc : 1.0f - half_erfc;
 }
 

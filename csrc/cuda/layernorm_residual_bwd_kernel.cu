@@ -87,7 +87,7 @@ __global__ void __launch_bounds__(kMaxTpr)
     uint32_t keep = 0;
     if (active) {
       keep = row_keep_bits<V, NV>(in.drop, seed, row, n, seg0, tx);
-      const float mu = mean[row];
+      const LnRowScale rsc = ln_row_scale(mean[row], rstd[row]);  // rows of huge values: scaled s - mean
       rs = rstd[row];
 #pragma unroll
       for (int k = 0; k < NV; ++k) {
@@ -104,7 +104,7 @@ __global__ void __launch_bounds__(kMaxTpr)
 #pragma unroll
         for (int j = 0; j < V; ++j) {
           const float gr = to_f(gv.v[j]);  // zero beyond n
-          sh[k][j] = in_row ? (s[j] - mu) * rs : 0.0f;
+          sh[k][j] = in_row ? ln_s_hat(s[j], rsc) : 0.0f;
           g[k][j] = gr * wv.v[j];
           acc[0][k][j] += gr * sh[k][j];
           acc[1][k][j] += gr;
@@ -120,7 +120,8 @@ __global__ void __launch_bounds__(kMaxTpr)
       sums[1] = row_stats[2 * row + 1];
     }
     if (active) {
-      const float mg = sums[0] * inv_n, mgs = sums[1] * inv_n;
+      // an infinite g (dy * w): eager's row of ds is all NaN (inf - inf in LayerNorm's backward)
+      const float mg = sums[0] * inv_n, mgs = isfinite(mg) ? sums[1] * inv_n : NAN;
 #pragma unroll
       for (int k = 0; k < NV; ++k) {
         const int c = col(k);
@@ -175,7 +176,7 @@ __global__ void __launch_bounds__(kMaxTpr)
   const int tpr = blockDim.x, tx = threadIdx.x;
   const int64_t n = in.n, row = blockIdx.x, seg = static_cast<int64_t>(tpr) * EPL;
   const uint64_t seed = in.drop.seed != nullptr ? static_cast<uint64_t>(*in.drop.seed) : 0;
-  const float mu = mean[row], r = rstd[row];
+  const LnRowScale rsc = ln_row_scale(mean[row], rstd[row]);  // rows of huge values: scaled s - mean
   float sums[2] = {0.0f, 0.0f}, s[V];
   for (int64_t seg0 = 0; seg0 < n; seg0 += seg) {
     const uint32_t keep = row_keep_bits<V, NV>(in.drop, seed, row, n, seg0, tx);
@@ -190,7 +191,7 @@ __global__ void __launch_bounds__(kMaxTpr)
       for (int j = 0; j < V; ++j) {
         const float g = to_f(gv.v[j]) * wv.v[j];
         sums[0] += g;
-        sums[1] += g * ((s[j] - mu) * r);
+        sums[1] += g * ln_s_hat(s[j], rsc);
       }
     }
   }

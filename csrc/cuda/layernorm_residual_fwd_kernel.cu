@@ -7,6 +7,9 @@
 // m1 = sum(s) / n; a second sums d = s - m1 (exact for s near m1, and small) and d^2, so
 // delta = sum(d) / n corrects the mean (mean = m1 + delta) and var = sum(d^2) / n - delta^2 has no
 // cancellation (delta is m1's rounding error, tiny against the spread); y uses (d - delta).
+// Rows of huge values (sum |s| > 2^50): the statistics are taken on s * 2^-76 (exact) so that the fp32
+// sums of s and d^2 cannot overflow (one -1e30 element made d^2 inf), mean and rstd stored unscaled
+// (layernorm_residual_kernel.cuh: kLnDown, ln_row_scale).
 //
 // Kernel shapes by n (fwd_config; the row stays in registers, read once, written once):
 //   n <= 1024          a warp per row, 4 rows a block, EPL = 8, 16, 24 or 32 elements a lane
@@ -22,13 +25,16 @@ namespace {
 using namespace ln;
 
 // mean and rstd from m1 and q = (sum of d, sum of d^2), d = s - m1; delta = mean - m1.
-__device__ __forceinline__ void finish_stats(float m1, const float (&q)[2], int64_t n, float eps,
+// big: the sums are of s * 2^-76; mean and rstd then stay in those scaled units (rstd = 1 / sqrt(var +
+// eps) / sc, where eps * sc^2 underflows: min(1 / sqrt(var), 1 / (sqrt(eps) sc))).
+__device__ __forceinline__ void finish_stats(float m1, const float (&q)[2], int64_t n, float eps, bool big,
                                              float& delta, float& mean, float& rstd) {
   const float inv_n = 1.0f / static_cast<float>(n);
   delta = q[0] * inv_n;
   const float var = fmaxf(q[1] * inv_n - delta * delta, 0.0f);
   mean = m1 + delta;
-  rstd = 1.0f / sqrtf(var + eps);  // correctly rounded sqrt and division (once per row)
+  rstd = big ? fminf(1.0f / sqrtf(var), kLnUp / sqrtf(eps))
+             : 1.0f / sqrtf(var + eps);  // correctly rounded sqrt and division (once per row)
 }
 
 // Row threadIdx.y of block blockIdx.x (blockDim.y rows a block), segment blockIdx.y of
@@ -49,17 +55,27 @@ __global__ void __launch_bounds__(EPL > 16 ? 128 : 1024)
   const auto col = [&](int k) { return pack_col<V, NV>(seg0, tx, k); };
 
   const uint32_t keep = row_keep_bits<V, NV>(in.drop, seed, row, n, seg0, tx);
-  float s[NV][V], sum[1] = {0.0f};
+  float s[NV][V], sum[2] = {0.0f, 0.0f};
 #pragma unroll
   for (int k = 0; k < NV; ++k) {
     load_s<T, V>(s[k], in, row, col(k), keep >> (k * V));
 #pragma unroll
-    for (int j = 0; j < V; ++j) sum[0] += s[k][j];  // zeros beyond n
+    for (int j = 0; j < V; ++j) sum[0] += s[k][j], sum[1] += fabsf(s[k][j]) * kLnDown;  // zeros beyond n
   }
   float m1, delta = 0.0f, r;
   if (gridDim.y == 1) {
     int slot = 0;
     group_sum(sum, red, slot);
+    const bool big = sum[1] > kLnBigSum;  // the same for the whole row (every thread of a multi-warp row)
+    if (big) {  // rare: statistics (and y) on s * 2^-76
+      float t[1] = {0.0f};
+#pragma unroll
+      for (int k = 0; k < NV; ++k)
+#pragma unroll
+        for (int j = 0; j < V; ++j) s[k][j] *= kLnDown, t[0] += s[k][j];
+      group_sum(t, red, slot);
+      sum[0] = t[0];
+    }
     m1 = sum[0] / static_cast<float>(n);
     float q[2] = {0.0f, 0.0f};
 #pragma unroll
@@ -74,14 +90,19 @@ __global__ void __launch_bounds__(EPL > 16 ? 128 : 1024)
     }
     group_sum(q, red, slot);
     float mu;
-    finish_stats(m1, q, n, eps, delta, mu, r);
+    finish_stats(m1, q, n, eps, big, delta, mu, r);
     if (tx == 0) {
-      mean[row] = mu;
-      rstd[row] = r;
+      mean[row] = big ? mu * kLnUp : mu;
+      rstd[row] = big ? r * kLnDown : r;
     }
   } else {
-    m1 = mean[row];
-    r = rstd[row];
+    const LnRowScale t = ln_row_scale(mean[row], rstd[row]);
+#pragma unroll
+    for (int k = 0; k < NV; ++k)
+#pragma unroll
+      for (int j = 0; j < V; ++j) s[k][j] *= t.sc;
+    m1 = t.msc;
+    r = t.rsc;
   }
 #pragma unroll
   for (int k = 0; k < NV; ++k) {
@@ -107,17 +128,33 @@ __global__ void __launch_bounds__(1024)
   const int64_t n = in.n, row = blockIdx.x, seg = static_cast<int64_t>(tpr) * EPL;
   const uint64_t seed = in.drop.seed != nullptr ? static_cast<uint64_t>(*in.drop.seed) : 0;
   int slot = 0;
-  float sum[1] = {0.0f}, q[2] = {0.0f, 0.0f}, s[V];
+  float sum[2] = {0.0f, 0.0f}, q[2] = {0.0f, 0.0f}, s[V];
   for (int64_t seg0 = 0; seg0 < n; seg0 += seg) {
     const uint32_t keep = row_keep_bits<V, NV>(in.drop, seed, row, n, seg0, tx);
 #pragma unroll
     for (int k = 0; k < NV; ++k) {
       load_s<T, V>(s, in, row, pack_col<V, NV>(seg0, tx, k), keep >> (k * V));
 #pragma unroll
-      for (int j = 0; j < V; ++j) sum[0] += s[j];
+      for (int j = 0; j < V; ++j) sum[0] += s[j], sum[1] += fabsf(s[j]) * kLnDown;
     }
   }
   group_sum(sum, red, slot);
+  const bool big = sum[1] > kLnBigSum;  // rows of huge values: statistics of s * 2^-76
+  const float sc = big ? kLnDown : 1.0f;
+  if (big) {  // rare: the sum again, scaled
+    float t[1] = {0.0f};
+    for (int64_t seg0 = 0; seg0 < n; seg0 += seg) {
+      const uint32_t keep = row_keep_bits<V, NV>(in.drop, seed, row, n, seg0, tx);
+#pragma unroll
+      for (int k = 0; k < NV; ++k) {
+        load_s<T, V>(s, in, row, pack_col<V, NV>(seg0, tx, k), keep >> (k * V));
+#pragma unroll
+        for (int j = 0; j < V; ++j) t[0] += s[j] * sc;
+      }
+    }
+    group_sum(t, red, slot);
+    sum[0] = t[0];
+  }
   const float m1 = sum[0] / static_cast<float>(n);
   for (int64_t seg0 = 0; seg0 < n; seg0 += seg) {
     const uint32_t keep = row_keep_bits<V, NV>(in.drop, seed, row, n, seg0, tx);
@@ -128,7 +165,7 @@ __global__ void __launch_bounds__(1024)
       load_s<T, V>(s, in, row, c, keep >> (k * V));
 #pragma unroll
       for (int j = 0; j < V; ++j) {
-        const float d = s[j] - m1;
+        const float d = s[j] * sc - m1;
         q[0] += d;
         q[1] += d * d;
       }
@@ -136,10 +173,10 @@ __global__ void __launch_bounds__(1024)
   }
   group_sum(q, red, slot);
   float delta, mu, r;
-  finish_stats(m1, q, n, eps, delta, mu, r);
+  finish_stats(m1, q, n, eps, big, delta, mu, r);
   if (tx == 0) {
-    mean[row] = mu;
-    rstd[row] = r;
+    mean[row] = big ? mu * kLnUp : mu;
+    rstd[row] = big ? r * kLnDown : r;
   }
 }
 

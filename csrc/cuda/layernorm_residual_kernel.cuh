@@ -158,6 +158,28 @@ __device__ __forceinline__ void load_s(float (&s)[V], const Src<T>& in, int64_t 
 // k + 1's barrier, which every thread reaches only after reading call k's slot). With
 // blockDim.x > 32 every thread of the block must make the call (it contains __syncthreads).
 template <int N>
+__device__ __forceinline__ void group_sum(float (&v)[N], float (&red)[2][32][2], int& slot);
+
+// Rows of huge values (sum |s| above 2^50, e.g. one -1e30 or +-3e38 elements) would overflow fp32
+// sums of s and of (s - mean)^2: their statistics are taken on s * 2^-76 (a power of two: exact), and
+// mean / rstd are stored unscaled (rstd may be subnormal). kBigSum: 2^50 * 2^-76, the test on
+// sum(|s| * 2^-76). Rows below are untouched (scale 1: the same bits as without it).
+constexpr float kLnDown = 0x1p-76f, kLnUp = 0x1p76f, kLnBigSum = 0x1p-26f;
+
+// (s - mean) * rstd from the saved statistics: for rows of huge values (|mean| > 2^50 or rstd < 2^-50)
+// as (s sc - mean sc) (rstd / sc), so that s - mean cannot overflow and a subnormal rstd is scaled
+// up before it multiplies. ln_row_scale gives (sc, mean sc, rstd / sc) once per row.
+struct LnRowScale {
+  float sc, msc, rsc;
+};
+__device__ __forceinline__ LnRowScale ln_row_scale(float mean, float rstd) {
+  const bool big = fabsf(mean) > 0x1p50f || rstd < 0x1p-50f;
+  const float sc = big ? kLnDown : 1.0f;
+  return {sc, mean * sc, rstd * (big ? kLnUp : 1.0f)};
+}
+__device__ __forceinline__ float ln_s_hat(float s, const LnRowScale& t) { return (s * t.sc - t.msc) * t.rsc; }
+
+template <int N>
 __device__ __forceinline__ void group_sum(float (&v)[N], float (&red)[2][32][2], int& slot) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1)

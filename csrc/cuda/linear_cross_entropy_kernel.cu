@@ -128,13 +128,15 @@ __global__ void __launch_bounds__(kMaxThreads, 4)
       // scale every p by up to |lse| ulps); a NaN scale marks an out-of-range target
       const float scale = in_range ? row_scale[row] : __int_as_float(0x7fffffff);
       const float off = sh(st.m), inv = 1.0f / st.s;
+      // an inf or NaN scale: the target's gradient is NaN, as eager's -scale + p_t scale (not -inf)
+      const float one = isfinite(scale) ? 1.0f : __int_as_float(0x7fffffff);
       for_row(
-          x, vocab, [&](int64_t c) { x[c] = from_f<T>((expf(to_f(x[c]) - off) * inv - (c == t ? 1.0f : 0.0f)) * scale); },
+          x, vocab, [&](int64_t c) { x[c] = from_f<T>((expf(to_f(x[c]) - off) * inv - (c == t ? one : 0.0f)) * scale); },
           [&](int64_t c) {
             const Pack<T, V> v = load<V>(x + c);
             float g[V];
 #pragma unroll
-            for (int j = 0; j < V; ++j) g[j] = (expf(to_f(v.v[j]) - off) * inv - (c + j == t ? 1.0f : 0.0f)) * scale;
+            for (int j = 0; j < V; ++j) g[j] = (expf(to_f(v.v[j]) - off) * inv - (c + j == t ? one : 0.0f)) * scale;
             store<V>(x + c, g);
           });
     } else {  // ignored row: zeros (whatever the logits, inf or NaN included)

@@ -89,11 +89,15 @@ __global__ void __launch_bounds__(kMaxTpr) fwd_stream_kernel(FwdArgs<T, M> a) {
   for (int seg0 = 0; seg0 < a.Sk; seg0 += seg) {
     load_x<T, M, V, NV>(x, a, row, true, mrow, seg0, G, t);
     float mx = m;
+    bool nan = false;
 #pragma unroll
     for (int k = 0; k < NV; ++k)
 #pragma unroll
-      for (int j = 0; j < V; ++j) mx = fmaxf(mx, x[k][j]);
-    if (mx == -INFINITY) continue;  // nothing but excluded keys so far (s == 0)
+      for (int j = 0; j < V; ++j) mx = fmaxf(mx, x[k][j]), nan |= x[k][j] != x[k][j];
+    if (mx == -INFINITY) {  // nothing but excluded keys so far (s == 0)
+      if (nan) s = NAN;     // (fmaxf drops NaN: a NaN beside only excluded keys still makes the row NaN)
+      continue;
+    }
     float add = 0.0f;
 #pragma unroll
     for (int k = 0; k < NV; ++k)
@@ -103,7 +107,7 @@ __global__ void __launch_bounds__(kMaxTpr) fwd_stream_kernel(FwdArgs<T, M> a) {
     m = mx;
   }
   const float mmax = group_reduce<true>(m, red, slot);
-  const float S = group_reduce<false>(m == -INFINITY ? 0.0f : s * expf(m - mmax), red, slot);
+  const float S = group_reduce<false>(m == -INFINITY ? s * 0.0f : s * expf(m - mmax), red, slot);  // NaN stays
   const float mz = mmax == -INFINITY ? 0.0f : mmax;
   for (int seg0 = 0; seg0 < a.Sk; seg0 += seg) {
     load_x<T, M, V, NV>(x, a, row, true, mrow, seg0, G, t);

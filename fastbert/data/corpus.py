@@ -40,11 +40,19 @@ DEFAULT_CORPUS = "austen.tar.xz"
 DEFAULT_CORPUS_TITLES = ("0_emma", "1_mansfield_park", "2_northanger_abbey", "3_persuasion", "4_pride_and_prejudice",
                          "5_sense_and_sensibility")
 
+LONG_SENTENCE_TOKENS = 4096  # nsp_examples cuts longer sentences (see there)
+
 _BLANK_LINE = re.compile(r"\n[^\S\n]*\n\s*")
-# A candidate boundary: the word before, the end punctuation, closing marks, then whitespace.
-_BOUNDARY = re.compile(r"(\w*)([.!?]+)([\"'”’)\]_]*)\s+")
+# A candidate boundary: a whole run of end punctuation, closing marks, whitespace, and next (after
+# any openers) not a lowercase ASCII letter, digit or ASCII punctuation other than a quote
+# (split_sentences checks the rest). Linear time: the lookbehind stops a match from starting
+# inside a run and the possessive quantifiers never backtrack (no other match could be found by
+# backtracking). The word before the punctuation is found by walking back (:func:`_word_before`),
+# not by the regex, which would rescan a long word from each of its characters.
+_BOUNDARY = re.compile(r"(?<![.!?])([.!?]++)([\"'”’)\]_]*+)\s++(?=[(\[_]*+[^a-z0-9\s!#-&)-/:-@\\\]^`{-~])")
+_WORD_CHAR = re.compile(r"\w")
+_OPENERS_RUN = re.compile(r"[(\[_]*+")
 _QUOTES = "\"'“‘"
-_OPENERS = "([_"
 
 
 @dataclass
@@ -73,19 +81,31 @@ def split_sentences(paragraph: str) -> List[str]:
     """The sentences of one paragraph (whitespace already collapsed or not), by the rule in the
     module docstring."""
     text = " ".join(paragraph.split())
-    sentences, start = [], 0
+    sentences, start, previous_end = [], 0, 0
     for m in _BOUNDARY.finditer(text):
-        word, punct, close = m.group(1), m.group(2), m.group(3)
-        if punct == "." and not close and word.strip("_") in ABBREVIATIONS:
+        punct, close = m.group(1), m.group(2)
+        floor, previous_end = previous_end, m.end()
+        if punct == "." and not close and _word_before(text, m.start(), floor).strip("_") in ABBREVIATIONS:
             continue
-        nxt = text[m.end():].lstrip(_OPENERS)[:1]
+        j = _OPENERS_RUN.match(text, m.end()).end()  # skip an opening ( [ _ (no copy of the rest)
+        nxt = text[j:j + 1]
         if not nxt or not (nxt.isupper() or nxt in _QUOTES):
             continue
-        sentences.append(text[start:m.end(3)])
+        sentences.append(text[start:m.end(2)])
         start = m.end()
     if start < len(text):
         sentences.append(text[start:])
     return sentences
+
+
+def _word_before(text: str, end: int, floor: int) -> str:
+    """The run of word characters (``\\w``) that ends at ``end`` and starts at or after ``floor``.
+    Each character is visited once per boundary and the runs of successive boundaries do not
+    overlap, so a paragraph costs linear time."""
+    i = end
+    while i > floor and _WORD_CHAR.match(text, i - 1):
+        i -= 1
+    return text[i:end]
 
 
 def document_from_text(title: str, text: str) -> Document:
@@ -157,13 +177,29 @@ def tokenize_documents(documents: Sequence[Document], tokenizer) -> List[Documen
 # --------------------------------------------------------------------------- next-sentence prediction
 
 def _truncate_pair(a: list, b: list, max_num_tokens: int, rng: random.Random) -> None:
-    """Remove tokens from the longer segment, at its front or back at random, until they fit."""
-    while len(a) + len(b) > max_num_tokens:
-        longer = a if len(a) > len(b) else b
-        if rng.random() < 0.5:
-            del longer[0]
-        else:
-            longer.pop()
+    """Remove tokens from the longer segment (``b`` on a tie), one at a time, each at its front or
+    back at random (one ``rng.random()`` per token), until they fit. In linear time: the removals
+    are counted and each list is sliced once (deleting from a list's front one token at a time is
+    quadratic in a long sentence)."""
+    la, lb, fa, fb = len(a), len(b), 0, 0  # the lengths left and the tokens taken from each front
+    while la + lb > max_num_tokens:
+        if la > lb:  # a stays the longer for this many removals
+            k = min(la - lb, la + lb - max_num_tokens)
+            fa += sum(rng.random() < 0.5 for _ in range(k))
+            la -= k
+        else:  # b (the longer, or as long) stays chosen for this many removals
+            k = min(lb - la + 1, la + lb - max_num_tokens)
+            fb += sum(rng.random() < 0.5 for _ in range(k))
+            lb -= k
+    a[:] = a[fa:fa + la]
+    b[:] = b[fb:fb + lb]
+
+
+def _pieces(sentence: list, longest: int) -> list:
+    """``sentence`` cut into consecutive pieces of at most ``longest`` tokens (itself when it fits)."""
+    if len(sentence) <= longest:
+        return [sentence]
+    return [sentence[i:i + longest] for i in range(0, len(sentence), longest)]
 
 
 def nsp_examples(documents: Sequence[Document], tokenizer, max_seq_length: int = 128, short_seq_prob: float = 0.1,
@@ -179,6 +215,12 @@ def nsp_examples(documents: Sequence[Document], tokenizer, max_seq_length: int =
     chunk's unused sentences go back to be read again; otherwise B is the rest of the chunk
     (label 0, IsNext). The pair is truncated to ``max_seq_length - 3`` tokens by removing tokens
     from the longer segment, at its front or back at random.
+
+    A sentence longer than ``max(LONG_SENTENCE_TOKENS, 8 * (max_seq_length - 3))`` tokens (4096
+    for ``max_seq_length`` <= 515; no sentence of prose comes near) is first cut into consecutive
+    sentences of that length: a paragraph without sentence ends, such as a whole file on one line,
+    would otherwise be copied and truncated token by token in every pair that draws it. So the work
+    is linear in the corpus size.
 
     ``documents``: sentences as text (tokenized here with ``tokenizer``) or as token-id lists;
     sentences without tokens and documents without sentences are skipped; at least two documents
@@ -197,14 +239,16 @@ def nsp_examples(documents: Sequence[Document], tokenizer, max_seq_length: int =
     for name, p in (("short_seq_prob", short_seq_prob), ("nsp_prob", nsp_prob)):
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"nsp_examples: {name} must be in [0, 1], got {p!r}")
-    docs = [[s for s in d.sentences if len(s)] for d in tokenize_documents(documents, tokenizer)]
+    max_num_tokens = max_seq_length - 3
+    longest = max(LONG_SENTENCE_TOKENS, 8 * max_num_tokens)
+    docs = [[piece for s in d.sentences if len(s) for piece in _pieces(s, longest)]
+            for d in tokenize_documents(documents, tokenizer)]
     docs = [d for d in docs if d]
     if len(docs) < 2:
         raise ValueError(f"nsp_examples: needs at least 2 non-empty documents (for the random next "
                          f"sentences), got {len(docs)}")
     rng = random.Random(seed)
     cls_id, sep_id = tokenizer.cls_id, tokenizer.sep_id
-    max_num_tokens = max_seq_length - 3
     examples = []
 
     def new_target():
@@ -225,8 +269,8 @@ def nsp_examples(documents: Sequence[Document], tokenizer, max_seq_length: int =
                     other = rng.randrange(len(docs) - 1)
                     other = docs[other + (other >= d)]
                     tokens_b = []
-                    for s in other[rng.randrange(len(other)):]:
-                        tokens_b.extend(s)
+                    for j in range(rng.randrange(len(other)), len(other)):  # no copy of the rest
+                        tokens_b.extend(other[j])
                         if len(tokens_b) >= target_b:
                             break
                     i -= len(chunk) - a_end  # the unused sentences are read again

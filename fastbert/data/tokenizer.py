@@ -14,6 +14,7 @@ works (Google's uncased vocabulary has ``[PAD]`` at 0 and ``[UNK] [CLS] [SEP] [M
 """
 
 import os
+import re
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -31,11 +32,20 @@ VOCAB_FILE, TOKENIZER_FILE = "vocab.txt", "tokenizer.json"
 
 PathLike = Union[str, os.PathLike]
 
+MAX_WORD_CHARS = 100  # a longer word encodes as one [UNK] (BERT's max_input_chars_per_word)
+# Characters at which BertPreTokenizer always ends a word: its whitespace and ASCII punctuation.
+# A run of other characters longer than MAX_WORD_CHARS may hold a word too long to encode.
+_BREAKS = " \t\n\r\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000!-/:-@\\[-`{-~"
+_LONG_RUN = re.compile(f"(?<![^{_BREAKS}])[^{_BREAKS}]{{{MAX_WORD_CHARS + 1},}}")
+# Letters and digits outside BERT's CJK blocks: a run of them is one word, at least as long after
+# normalisation (no such character is removed or split off).
+_PLAIN_WORD = re.compile("[^\\W_\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f]+")
+
 
 def _bert_tokenizer(vocab: Optional[dict], lowercase: bool) -> Tokenizer:
     """BERT's normaliser, pre-tokeniser, WordPiece model (over ``vocab``, or empty for training) and decoder."""
     tok = Tokenizer(models.WordPiece(vocab, unk_token=UNK, continuing_subword_prefix=CONTINUATION,
-                                     max_input_chars_per_word=100))
+                                     max_input_chars_per_word=MAX_WORD_CHARS))
     tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
                                                 strip_accents=None, lowercase=lowercase)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
@@ -56,6 +66,45 @@ def _sorted_vocab(trained: Tokenizer, lowercase: bool) -> Tokenizer:
     """The trained vocabulary re-numbered: the special tokens first, then the rest sorted."""
     rest = sorted(set(trained.get_vocab()) - set(SPECIAL_TOKENS))
     return _pipeline({t: i for i, t in enumerate([*SPECIAL_TOKENS, *rest])}, lowercase)
+
+
+def _without_long_words(tok: Tokenizer, text):
+    """``text`` less its words of more than :data:`MAX_WORD_CHARS` characters (as ``tok``'s
+    normaliser and pre-tokeniser make words), for training: such a word only ever encodes as
+    ``[UNK]``, and the trainer's time grows with the square of a word's length (an 80,000-character
+    word took minutes). Text without such a word comes back unchanged, in linear time."""
+    if not isinstance(text, str) or len(text) <= MAX_WORD_CHARS:
+        return text
+
+    def short_words(m):
+        if _PLAIN_WORD.fullmatch(m.group()):
+            return " "
+        words = [w for w, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(m.group()))]
+        if all(len(w) <= MAX_WORD_CHARS for w in words):
+            return m.group()
+        return " ".join(w for w in words if len(w) <= MAX_WORD_CHARS) or " "
+
+    return _LONG_RUN.sub(short_words, text)
+
+
+def _unk_long_words(text):
+    """``text`` with each over-long run of letters and digits (one word of more than
+    :data:`MAX_WORD_CHARS` characters) written ``[UNK]``: the same ids, without normalising and
+    pre-tokenising a word of megabytes only to throw it away."""
+    if not isinstance(text, str) or len(text) <= MAX_WORD_CHARS:
+        return text
+    return _LONG_RUN.sub(lambda m: f" {UNK} " if _PLAIN_WORD.fullmatch(m.group()) else m.group(), text)
+
+
+def _file_lines(files):
+    """The lines of UTF-8 text files (what ``Tokenizer.train`` reads), long words dropped later."""
+    for f in files:
+        try:
+            with open(f, encoding="utf-8") as lines:
+                yield from lines
+        except UnicodeDecodeError as e:
+            raise ValueError(f"WordPieceTokenizer.train: {f} is not UTF-8 ({e.reason} at byte {e.start} "
+                             "of a line)") from None
 
 
 def _set_post_processor(tok: Tokenizer) -> None:
@@ -97,7 +146,9 @@ class WordPieceTokenizer:
         order, so the ids do not depend on the hash order in which ``tokenizers`` lists them. (Its
         trainer also breaks ties between equally frequent merges in hash order, so two trainings
         on the same text can differ in a few rare pieces: save a tokenizer to reuse it.) Pieces
-        seen fewer than ``min_frequency`` times are not merged."""
+        seen fewer than ``min_frequency`` times are not merged. Words longer than
+        :data:`MAX_WORD_CHARS` characters are left out (they encode as ``[UNK]`` anyway), so
+        training takes time linear in the text."""
         files = [files] if isinstance(files, (str, os.PathLike)) else list(files)
         if not files:
             raise ValueError("WordPieceTokenizer.train: no files given")
@@ -105,7 +156,8 @@ class WordPieceTokenizer:
             if not Path(f).is_file():
                 raise ValueError(f"WordPieceTokenizer.train: {f} is not a file")
         tok = cls._untrained(vocab_size, lowercase, min_frequency)
-        tok.train([str(f) for f in files], cls._trainer(vocab_size, min_frequency))
+        tok.train_from_iterator((_without_long_words(tok, t) for t in _file_lines(files)),
+                                cls._trainer(vocab_size, min_frequency))
         return cls(_sorted_vocab(tok, lowercase))
 
     @classmethod
@@ -113,7 +165,7 @@ class WordPieceTokenizer:
                          min_frequency: int = 2) -> "WordPieceTokenizer":
         """:meth:`train` from an iterable of strings (sentences, paragraphs or whole documents)."""
         tok = cls._untrained(vocab_size, lowercase, min_frequency)
-        tok.train_from_iterator(texts, cls._trainer(vocab_size, min_frequency))
+        tok.train_from_iterator((_without_long_words(tok, t) for t in texts), cls._trainer(vocab_size, min_frequency))
         return cls(_sorted_vocab(tok, lowercase))
 
     @staticmethod
@@ -178,7 +230,11 @@ class WordPieceTokenizer:
             hint = f"; it has a {VOCAB_FILE}: use WordPieceTokenizer.from_vocab" \
                 if (Path(directory) / VOCAB_FILE).is_file() else ""
             raise ValueError(f"WordPieceTokenizer.load: no {TOKENIZER_FILE} in {directory}{hint}")
-        tok = Tokenizer.from_file(str(path))
+        try:
+            tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception for a damaged file
+            raise ValueError(f"WordPieceTokenizer.load: cannot read {path} (damaged or not a tokenizers "
+                             f"tokenizer.json): {str(e)[:200]}") from None
         if not isinstance(tok.model, models.WordPiece):
             raise ValueError(f"WordPieceTokenizer.load: {path} is a {type(tok.model).__name__} tokenizer, "
                              "not WordPiece")
@@ -190,7 +246,7 @@ class WordPieceTokenizer:
         """Token ids of ``text``, without ``[CLS]``/``[SEP]``."""
         if not isinstance(text, str):
             raise TypeError(f"encode: text must be a str, got {type(text).__name__}")
-        return self._tok.encode(text, add_special_tokens=False).ids
+        return self._tok.encode(_unk_long_words(text), add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> List[List[int]]:
         """:meth:`encode` of many texts at once (parallel in Rust)."""
@@ -198,7 +254,7 @@ class WordPieceTokenizer:
         for t in texts:
             if not isinstance(t, str):
                 raise TypeError(f"encode_batch: texts must be str, got {type(t).__name__}")
-        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+        return [e.ids for e in self._tok.encode_batch([_unk_long_words(t) for t in texts], add_special_tokens=False)]
 
     def encode_pair(self, a: Union[str, Sequence[int]], b: Union[str, Sequence[int]]
                     ) -> Tuple[List[int], List[int]]:

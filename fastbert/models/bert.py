@@ -11,11 +11,20 @@ Unpadded execution (``BertConfig.unpad``, on by default): given an ``attention_m
 selects the real tokens once (:func:`fastbert.ops.packing`: token, position and token-type ids are
 picked before the embeddings, positions as the padded path numbers them), and the embeddings, every
 encoder layer, the MLM gather and head run on those ``T`` tokens only; attention sees each sequence's
-own tokens (a batch without padding runs the padded path, with no mask). ``last_hidden_state`` is rebuilt as ``[B, S, H]`` with zeros at padding positions
-(:func:`fastbert.ops.pad`), the pooler reads each sequence's first real token (its ``[CLS]``, also
-under left padding), and MLM labels at padding positions are ignored. A row whose mask is all zeros
-has no real token: its hidden states are zeros and its pooled output is the pooler of a zero vector
-(``tanh(pooler.dense.bias)``), never NaN. ``unpad=False`` computes every position (the padded path).
+own tokens (a batch without padding runs the padded path, with no mask). ``last_hidden_state`` is
+rebuilt as ``[B, S, H]`` with zeros at padding positions (:func:`fastbert.ops.pad`), and the pooler
+reads each sequence's first real token (its ``[CLS]``, also under left padding). ``unpad=False``
+computes every position (the padded path, whose padding positions hold what Hugging Face's BERT
+computes there). On both paths MLM labels at padding positions (``attention_mask`` 0) are ignored.
+
+A fully masked row (``attention_mask`` all zeros) has no real token, and every path -- padded or
+unpadded, ``fused`` or not, ``attention="fused"`` or ``"sdpa"``, ``unpad_attention="varlen"`` or
+``"pad"`` -- gives it the same result: its hidden states are zeros and its pooled output is the pooler
+of a zero vector (``tanh(pooler.dense.bias)``), never NaN; it leaves the other rows unchanged, and the
+losses agree across paths (its MLM labels are ignored, all its positions being padding; the NSP and
+classification losses see its pooled output). Inside the encoder its attention output is zero
+(fastbert/models/layers.py), not the uniform attention over the padding that a softmax over an
+all-``finfo.min`` mask gives (Hugging Face's eager and SDPA BERT do that).
 """
 
 from dataclasses import dataclass
@@ -109,6 +118,10 @@ class BertPreTrainedModel(nn.Module):
 
 
 class BertModel(BertPreTrainedModel):
+    """The encoder: ``last_hidden_state [B, S, H]`` and, with the pooler, ``pooler_output [B, H]``.
+    A row whose ``attention_mask`` is all zeros gets zero hidden states and ``tanh(pooler.dense.bias)``
+    on every path (see the module docstring)."""
+
     hf_prefix = ""
 
     def __init__(self, config, add_pooling_layer=True, init=True):
@@ -157,6 +170,8 @@ class BertModel(BertPreTrainedModel):
         if attention_mask is not None:
             key_mask, additive = self.masks(attention_mask, x)
         hidden = self.encoder(x, key_mask, additive)
+        if key_mask is not None:  # a row with no real token: zeros, as on the unpadded path
+            hidden = torch.where(key_mask.any(1)[:, None, None], hidden, hidden.new_zeros(()))
         return BertOutput(hidden, self.pooler(hidden[:, 0]) if self.pooler is not None else None)
 
     @staticmethod
@@ -230,10 +245,13 @@ class MLMHead(nn.Module):
         return correct.float() / max(x.shape[0], 1)
 
 
-def _mlm_rows(out, labels):
-    """``(hidden, labels)`` for the MLM loss: the packed rows and their labels when unpadded."""
+def _mlm_rows(out, labels, attention_mask):
+    """``(hidden, labels)`` for the MLM loss: the packed rows and their labels when unpadded; padded,
+    the labels at padding positions ignored (as unpadded)."""
     p = out.packing
     if p is None:
+        if attention_mask is not None and labels.shape == attention_mask.shape:
+            labels = labels.masked_fill(attention_mask == 0, IGNORE)
         return out.last_hidden_state, labels
     if labels.shape != (p.batch, p.seqlen):
         raise ValueError(f"BERT: labels must have shape {[p.batch, p.seqlen]}, got {list(labels.shape)}")
@@ -276,7 +294,8 @@ class BertForPreTraining(BertPreTrainedModel):
         if labels is None:
             res.prediction_logits = _full_logits(self.cls.predictions, out)
         else:
-            res.mlm_loss, res.mlm_accuracy = self.cls.predictions.loss(*_mlm_rows(out, labels), with_accuracy)
+            res.mlm_loss, res.mlm_accuracy = self.cls.predictions.loss(*_mlm_rows(out, labels, attention_mask),
+                                                                        with_accuracy)
             res.loss = res.mlm_loss
         if next_sentence_label is not None:
             res.nsp_loss = F.cross_entropy(nsp_logits, next_sentence_label.reshape(-1))
@@ -307,7 +326,7 @@ class BertForMaskedLM(BertPreTrainedModel):
         if labels is None:
             return MaskedLMOutput(logits=_full_logits(self.cls.predictions, out))
         with_accuracy = not self.training if with_accuracy is None else with_accuracy
-        return MaskedLMOutput(*self.cls.predictions.loss(*_mlm_rows(out, labels), with_accuracy))
+        return MaskedLMOutput(*self.cls.predictions.loss(*_mlm_rows(out, labels, attention_mask), with_accuracy))
 
 
 class BertForSequenceClassification(BertPreTrainedModel):

@@ -12,7 +12,9 @@ Names map one to one (fastbert's modules are named as Hugging Face's) except:
   ``cls.predictions.bias``.
 
 Missing weights are listed in a warning (they keep their random initialisation); a weight whose shape
-disagrees with the config raises ``ValueError``.
+disagrees with the config raises ``ValueError`` (:class:`ShapeMismatch`) in one line naming the
+checkpoint's tensor, the expected and the found shape; a ``config.json`` field of the wrong type raises
+``ValueError`` naming the field (:class:`fastbert.models.BertConfig`).
 """
 
 import re
@@ -38,14 +40,18 @@ def read_state_dict(path):
     raise FileNotFoundError(f"fastbert: no model.safetensors or pytorch_model.bin in {path}")
 
 
-def from_hf(sd, prefix):
+def from_hf(sd, prefix, shapes=None):
     """Hugging Face names -> fastbert names for a model whose encoder lives under ``prefix``
-    (``"bert."`` for the models with heads, ``""`` for BertModel)."""
-    out, qkv = {}, {}
-    for key, value in sd.items():
-        key = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+    (``"bert."`` for the models with heads, ``""`` for BertModel). ``shapes`` (fastbert name -> the
+    model's shape): a tensor of another shape raises :class:`ShapeMismatch`, naming the tensor as the
+    checkpoint does, with the expected and found shapes. Without ``shapes``, query/key/value tensors
+    of different shapes (no ``qkv`` can hold them) raise it."""
+    out, qkv, origin = {}, {}, {}
+    for name, value in sd.items():
+        key = name.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
         if key == "cls.predictions.decoder.bias":
-            out.setdefault("cls.predictions.bias", value)
+            if "cls.predictions.bias" not in out:
+                out["cls.predictions.bias"], origin["cls.predictions.bias"] = value, name
             continue
         if prefix and not key.startswith(prefix) and not key.startswith(_HEADS):
             key = prefix + key
@@ -53,15 +59,37 @@ def from_hf(sd, prefix):
             key = key[len("bert."):]
         m = _QKV.match(key)
         if m:
-            qkv.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = value
+            qkv.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = (name, value)
         else:
-            out[key] = value
+            out[key], origin[key] = value, name
+    bad = [_mismatch(origin[k], shapes[k], v.shape) for k, v in out.items()
+           if shapes is not None and k in shapes and tuple(v.shape) != tuple(shapes[k])]
     for (base, kind), parts in qkv.items():
-        if len(parts) == 3:
-            out[f"{base}qkv.{kind}"] = torch.cat([parts["query"], parts["key"], parts["value"]])
+        whole = shapes.get(f"{base}qkv.{kind}") if shapes is not None else None
+        if whole is not None:
+            want = (whole[0] // 3, *whole[1:])
+            wrong = [_mismatch(n, want, v.shape) for n, v in parts.values() if tuple(v.shape) != want]
+        elif len({tuple(v.shape) for _, v in parts.values()}) > 1:
+            wrong = ["; ".join(f"{n} {list(v.shape)}" for n, v in parts.values()) + " (query, key and value "
+                     "must have one shape)"]
+        else:
+            wrong = []
+        bad += wrong
+        if len(parts) == 3 and not wrong:
+            out[f"{base}qkv.{kind}"] = torch.cat([parts[n][1] for n in ("query", "key", "value")])
         else:  # incomplete: reported as missing qkv
-            out.update({f"{base}{name}.{kind}": v for name, v in parts.items()})
+            out.update({f"{base}{n}.{kind}": v for n, (_, v) in parts.items()})
+    if bad:
+        raise ShapeMismatch("; ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
     return out
+
+
+class ShapeMismatch(ValueError):
+    """A checkpoint tensor's shape is not the model's (the message names each, expected and found)."""
+
+
+def _mismatch(name, expected, found):
+    return f"{name}: expected shape {list(expected)}, found {list(found)}"
 
 
 def to_hf(model, tensors=None):
@@ -87,16 +115,16 @@ def load(cls, path, **config_overrides):
         raise FileNotFoundError(f"fastbert: no config.json in {path} (a Hugging Face BERT checkpoint directory)")
     config = BertConfig.from_json_file(path / "config.json", **config_overrides)
     model = cls(config)
-    sd = from_hf(read_state_dict(path), getattr(cls, "hf_prefix", ""))
     own = model.state_dict()
     if config.tie_word_embeddings:
         own = {k: v for k, v in own.items() if not k.endswith("predictions.decoder.weight")}
+    try:
+        sd = from_hf(read_state_dict(path), getattr(cls, "hf_prefix", ""), {k: v.shape for k, v in own.items()})
+    except ShapeMismatch as e:
+        raise ShapeMismatch(f"fastbert: the checkpoint in {path} does not match its config.json (or the "
+                            f"overrides): {e}") from None
+    if config.tie_word_embeddings:
         sd.pop("cls.predictions.decoder.weight", None)
-    bad = [f"{k}: checkpoint {list(v.shape)} vs model {list(own[k].shape)}" for k, v in sd.items()
-           if k in own and v.shape != own[k].shape]
-    if bad:
-        raise ValueError(f"fastbert: the checkpoint in {path} does not match its config.json (or the "
-                         f"overrides): " + "; ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
     missing = sorted(set(own) - set(sd))
     unused = sorted(k for k in set(sd) - set(own) if not _IGNORED.search(k))
     model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)

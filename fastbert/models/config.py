@@ -8,11 +8,14 @@ eager PyTorch; or a collection of op names to fuse, the others eager) and ``atte
 fastbert/models/bert.py; ``False``: every position, padding included) and ``unpad_attention``
 (``"varlen"``: :func:`fastbert.ops.varlen_attention` on the packed tokens; ``"pad"``: re-pad Q/K/V,
 attend as the padded path does, unpad the context; ``"auto"``: the faster one measured for the device,
-:data:`UNPAD_ATTENTION`).
+:data:`UNPAD_ATTENTION`). Every combination of these fields treats a fully masked row
+(``attention_mask`` all zeros) alike: zero hidden states, the pooler of a zero vector, the same losses
+(see fastbert/models/bert.py).
 """
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
@@ -63,29 +66,52 @@ class BertConfig:
     extra: dict = field(default_factory=dict, repr=False)  # other config.json entries, kept for saving
 
     def __post_init__(self):
+        def bad(name, what):
+            raise ValueError(f"BertConfig: {name} must be {what}, got {getattr(self, name)!r} "
+                             f"({type(getattr(self, name)).__name__})")
+
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_number(v):
+            return (is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "intermediate_size", "max_position_embeddings", "type_vocab_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"BertConfig: {name} must be a positive int, got {value!r}")
+                     "intermediate_size", "max_position_embeddings", "type_vocab_size", "num_labels"):
+            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
+                bad(name, "a positive int")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"BertConfig: hidden_size {self.hidden_size} is not a multiple of "
                              f"num_attention_heads {self.num_attention_heads}")
-        if self.hidden_act not in HIDDEN_ACTS:
-            raise ValueError(f"BertConfig: hidden_act must be one of {', '.join(HIDDEN_ACTS)}, got {self.hidden_act!r}")
+        if not isinstance(self.hidden_act, str) or self.hidden_act not in HIDDEN_ACTS:
+            bad("hidden_act", f"one of {', '.join(HIDDEN_ACTS)}")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"BertConfig: {name} must be in [0, 1), got {getattr(self, name)!r}")
-        if self.attention not in ATTENTION:
-            raise ValueError(f"BertConfig: attention must be one of {ATTENTION}, got {self.attention!r}")
-        if self.unpad_attention not in UNPAD_ATTENTION_CHOICES:
-            raise ValueError(f"BertConfig: unpad_attention must be one of {UNPAD_ATTENTION_CHOICES}, got "
-                             f"{self.unpad_attention!r}")
-        if not isinstance(self.unpad, bool):
-            raise ValueError(f"BertConfig: unpad must be True or False, got {self.unpad!r}")
+            if not is_number(getattr(self, name)) or not 0.0 <= getattr(self, name) < 1.0:
+                bad(name, "a number in [0, 1)")
+        if self.classifier_dropout is not None and (
+                not is_number(self.classifier_dropout) or not 0.0 <= self.classifier_dropout < 1.0):
+            bad("classifier_dropout", "null or a number in [0, 1)")
+        if not is_number(self.layer_norm_eps) or self.layer_norm_eps <= 0:
+            bad("layer_norm_eps", "a positive number")
+        if not is_number(self.initializer_range) or self.initializer_range < 0:
+            bad("initializer_range", "a non-negative number")
+        if self.pad_token_id is not None and (not is_int(self.pad_token_id)
+                                              or not 0 <= self.pad_token_id < self.vocab_size):
+            bad("pad_token_id", f"null or an int in [0, vocab_size={self.vocab_size})")
+        for name in ("tie_word_embeddings", "unpad"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "true or false (a bool)")
+        if not isinstance(self.attention, str) or self.attention not in ATTENTION:
+            bad("attention", f"one of {ATTENTION}")
+        if not isinstance(self.unpad_attention, str) or self.unpad_attention not in UNPAD_ATTENTION_CHOICES:
+            bad("unpad_attention", f"one of {UNPAD_ATTENTION_CHOICES}")
+        if not isinstance(self.extra, dict):
+            bad("extra", "a dict")
         if not isinstance(self.fused, bool):
+            if isinstance(self.fused, (str, bytes)) or not hasattr(self.fused, "__iter__"):
+                bad("fused", f"true, false or a collection of op names among {FUSABLE}")
             self.fused = tuple(self.fused)
-            unknown = set(self.fused) - set(FUSABLE)
+            unknown = set(map(str, self.fused)) - set(FUSABLE)
             if unknown:
                 raise ValueError(f"BertConfig: fused ops must be among {FUSABLE}, got {sorted(unknown)}")
 
@@ -120,11 +146,16 @@ class BertConfig:
     # ---- Hugging Face config.json
     @classmethod
     def from_hf_dict(cls, d, **overrides):
+        if not isinstance(d, dict):
+            raise ValueError(f"BertConfig: a config.json must hold a JSON object of fields, got a {type(d).__name__}")
         if d.get("model_type", "bert") != "bert":
             raise ValueError(f"BertConfig: config.json is for model_type {d['model_type']!r}, not 'bert'")
         names = {f.name for f in dataclasses.fields(cls)} - set(FASTBERT_FIELDS)
         known = {k: v for k, v in d.items() if k in names}
         if "id2label" in d and "num_labels" not in d:
+            if not isinstance(d["id2label"], dict):
+                raise ValueError(f"BertConfig: id2label must be an object (label index -> name), got "
+                                 f"{d['id2label']!r} ({type(d['id2label']).__name__})")
             known["num_labels"] = len(d["id2label"])
         if known.get("classifier_dropout") is None:
             known.pop("classifier_dropout", None)
@@ -144,7 +175,16 @@ class BertConfig:
 
     @classmethod
     def from_json_file(cls, path, **overrides):
-        return cls.from_hf_dict(json.loads(Path(path).read_text()), **overrides)
+        """A ``config.json``; invalid JSON or a field of the wrong type raises ``ValueError`` naming the
+        file (and the field)."""
+        try:
+            d = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"BertConfig: {path} is not valid JSON: {e}") from None
+        try:
+            return cls.from_hf_dict(d, **overrides)
+        except ValueError as e:
+            raise ValueError(f"{e} (in {path})") from None
 
     def to_json_file(self, path, architectures=None):
         d = self.to_hf_dict()

@@ -13,6 +13,11 @@ Unpadded execution (``BertConfig.unpad``, fastbert/models/bert.py): the encoder 
 real tokens ``[T, H]`` of a :class:`fastbert.ops.Packing`; every layer but attention is token-wise
 and runs as it is, attention sees each sequence's own tokens (``varlen_attention``, or re-padded Q/K/V
 through the padded path's attention and the context unpadded again).
+
+A sequence whose key-padding mask is all False (no token to attend to) gets a zero attention output on
+every attention path: ``masked_softmax`` yields zero probabilities, the eager and SDPA paths zero the
+output (their softmax over an all-``finfo.min`` mask would otherwise attend uniformly to the padding),
+and the unpadded paths have no query for it.
 """
 
 import math
@@ -98,16 +103,22 @@ class SelfAttention(nn.Module):
     def attend(self, q, k, v, key_mask, additive_mask):
         """``[B, heads, S, D]`` context of padded ``q, k, v``."""
         p = self.p if self.training else 0.0
+        if self.fused and not self.sdpa:  # masked_softmax: a fully masked row's probabilities are zeros
+            scale = 1.0 / math.sqrt(self.head_dim)
+            probs = ops.masked_softmax(q @ k.transpose(-1, -2), key_mask, scale, dropout_p=self.p,
+                                       training=self.training)
+            return probs @ v
         if self.sdpa:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=additive_mask, dropout_p=p)
-        scores = q @ k.transpose(-1, -2)
-        scale = 1.0 / math.sqrt(self.head_dim)
-        if self.fused:
-            probs = ops.masked_softmax(scores, key_mask, scale, dropout_p=self.p, training=self.training)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=additive_mask, dropout_p=p)
         else:
-            x = scores * scale if additive_mask is None else scores * scale + additive_mask
-            probs = F.dropout(torch.softmax(x, -1), p, self.training)
-        return probs @ v
+            x = q @ k.transpose(-1, -2) * (1.0 / math.sqrt(self.head_dim))
+            x = x if additive_mask is None else x + additive_mask
+            out = F.dropout(torch.softmax(x, -1), p, self.training) @ v
+        if key_mask is None:
+            return out
+        # a sequence with no key to attend to: zeros, as masked_softmax gives (softmax over an additive
+        # mask of finfo.min everywhere would be uniform attention over the padding instead)
+        return torch.where(key_mask.any(-1)[:, None, None, None], out, out.new_zeros(()))
 
 
 class Attention(nn.Module):

@@ -3,6 +3,14 @@
 Backward recomputes ``z = x + bias`` from the saved inputs (nothing extra is stored) and returns
 ``dx`` and ``dbias = sum(dz over rows)``. ``bias`` may be fp32 while ``x`` is fp16/bf16 (autocast
 master weights): the result has x's dtype and dbias has bias's dtype.
+
+NaN and inf propagate as in eager PyTorch on every backend: NaN ``z`` gives NaN in ``y``, ``dx`` and
+``dbias``'s column; ``gelu(+inf) = inf``, ``gelu(-inf) = NaN`` (eager's ``-inf * 0``), and their
+gradients NaN. Finite ``z`` of any size gives the float64 reference's value (``gelu(-3e38) = -0``; the
+gradient saturates to 0 or 1 where eager's fp32 formula overflows to NaN).
+
+Double backward (differentiating the gradient, ``create_graph=True``) is not implemented by the fused
+backends and raises ``RuntimeError`` when attempted (the reference backend is eager and supports it).
 """
 
 import torch

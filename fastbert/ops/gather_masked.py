@@ -14,6 +14,10 @@ no host read.
 Backward writes the whole ``[B, S, H]`` gradient in one pass over its rows: row ``n`` is the
 incoming gradient row ``slot[n]`` when the token was selected, zeros otherwise (no separate
 zero-fill). ``slot[N]`` (int64, -1 for unselected tokens) comes out of the forward kernel.
+
+Rows are copied bit for bit (NaN and inf included). The backward is itself differentiable (its
+gradient is the gather again), so double backward works. ``hidden`` must have a non-empty last
+dimension, and ``ignore_index`` must fit in int64.
 """
 
 import torch
@@ -55,7 +59,8 @@ def backward(ctx, bwd_op, grad, _grad_targets=None, _grad_index=None, _grad_slot
 
 
 _library.register_autograd(f"fastbert::{OP}_fwd", torch.ops.fastbert.gather_masked_bwd.default,
-                           setup_context, backward)
+                           setup_context, backward,
+                           double_backward=True)
 
 
 def bwd_setup_context(ctx, inputs, output):
@@ -69,7 +74,8 @@ def bwd_backward(ctx, fwd_op, grad):
 
 
 _library.register_autograd(f"fastbert::{OP}_bwd", torch.ops.fastbert.gather_masked_fwd.default,
-                           bwd_setup_context, bwd_backward)
+                           bwd_setup_context, bwd_backward,
+                           double_backward=True)
 backends.register_op(OP)
 
 
@@ -101,7 +107,12 @@ def check_args(hidden, labels, ignore_index):
                          f"{list(labels.shape)}")
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         raise ValueError(f"{OP}: ignore_index must be an int, got {ignore_index!r}")
+    if not -2**63 <= ignore_index < 2**63:
+        raise ValueError(f"{OP}: ignore_index must fit in int64 ([-2**63, 2**63)), got {ignore_index!r}")
     _checks.same_device(hidden, labels, OP, "labels", "hidden")
+    if hidden.shape[-1] == 0:
+        raise ValueError(f"{OP}: hidden must have a non-empty last (hidden size) dimension, got shape "
+                         f"{list(hidden.shape)}")
     return hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
 
 

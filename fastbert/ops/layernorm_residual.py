@@ -9,6 +9,15 @@ parameter gradients reduce in two deterministic stages.
 Dtypes: ``x`` and ``residual`` share one (fp32/fp16/bf16; fp64 on the cpu and reference backends);
 ``weight``/``bias`` share one, possibly fp32 with half ``x`` (autocast master weights); ``x_bias`` any
 float dtype. ``y`` has x's dtype; each parameter gradient its parameter's dtype.
+
+``eps`` must be a finite positive number (``bool`` is rejected, not read as 1). NaN and inf in the
+inputs propagate as in eager PyTorch (a NaN or inf in a row makes that row's output NaN). Rows of huge
+finite values (e.g. one -1e30 element, or +-3e38) do not overflow the fp32 statistics on the cpu and
+triton backends: their statistics are computed with a power-of-two scaling (triton) or in fp64 (cpu),
+so they match the float64 reference where eager's fp32 layer_norm gives NaN.
+
+Double backward (differentiating the gradient, ``create_graph=True``) is not implemented by the fused
+backends and raises ``RuntimeError`` when attempted.
 """
 
 import torch
@@ -17,6 +26,7 @@ from fastbert import backends, philox, reference
 from fastbert.ops import _checks, _library
 
 OP = "layernorm_residual"
+_EPS_MAX = torch.finfo(torch.float32).max  # kernels add eps in fp32: beyond this it is inf
 
 
 def stats_dtype(dtype):
@@ -109,8 +119,10 @@ def check_args(x, residual, weight, bias, eps, x_bias, dropout_p):
         raise ValueError(f"{OP}: bias dtype {bias.dtype} differs from weight dtype {weight.dtype}")
     if (x.dtype == torch.float64) != (weight.dtype == torch.float64):
         raise ValueError(f"{OP}: float64 x needs float64 weight and bias and vice versa")
-    if not isinstance(eps, (int, float)) or not eps > 0:
-        raise ValueError(f"{OP}: eps must be a positive number, got {eps!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"{OP}: eps must be a number (int or float, not bool), got {type(eps).__name__} {eps!r}")
+    if not 0 < eps <= _EPS_MAX:  # also rejects NaN and inf (inf made every output bias)
+        raise ValueError(f"{OP}: eps must be a positive number (finite, at most float32's max), got {eps!r}")
     if not isinstance(dropout_p, (int, float)) or not 0 <= dropout_p < 1:
         raise ValueError(f"{OP}: dropout_p must be in [0, 1), got {dropout_p!r}")
 

@@ -23,8 +23,15 @@ NaN, unlike ``F.cross_entropy``'s mean), with zero gradients. Targets outside ``
 ``ignore_index`` raise ``ValueError`` on CPU; on CUDA they fail an asynchronous device-side assert
 (``torch._assert_async``): the op does not read anything back to the host, so it is
 cudagraph-safe and never stalls the launch queue.
+
+NaN and inf propagate as in eager PyTorch on every backend: a NaN logit (e.g. from a NaN in the
+weight, the rows or the bias) makes that row's loss and gradients NaN, and so the mean/sum loss.
+(Ignored rows keep a zero gradient whatever their logits.) ``ignore_index`` and ``chunk_size`` must fit
+in int64. Double backward (differentiating the gradients, ``create_graph=True``) is not implemented
+and raises ``RuntimeError`` when attempted.
 """
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -221,6 +228,13 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(rows, weight, bias, targets, grad_rows, grad_weight, grad_bias)
 
 
+def _finished_scale(grad_loss, targets, ignore_index):
+    """The factor for the forward's finished gradients: ``grad_loss``, or 0 when no target is valid
+    (the gradients are then exact zeros, as eager's whatever ``grad_loss``, even inf or NaN). On the
+    device, without reading anything back (CUDA, compiled graphs)."""
+    return torch.where((targets != ignore_index).any(), grad_loss, torch.zeros_like(grad_loss))
+
+
 def _backward(ctx, grad_loss, *_unused):
     """The gradients: recomputed chunk by chunk for ``reduction="none"`` (a per-row incoming
     gradient); otherwise the forward's gradients times the scalar ``grad_loss``. The first eager
@@ -230,7 +244,12 @@ def _backward(ctx, grad_loss, *_unused):
     if grad_loss is None:  # the loss did not reach what is being differentiated
         return (None,) * 9
     rows, weight, bias, targets, *grads = ctx.saved_tensors
-    if ctx.reduction == "none" or not ctx.compute_grad or ctx.consumed:
+    # An inf or NaN incoming gradient (read where that costs nothing: a CPU scalar) is applied per
+    # element, as eager's (softmax - onehot) * grad_loss before the matmuls: the finished gradients
+    # times it would turn their exact zeros (no rows, ignored rows) into NaN (0 * inf) where eager has 0.
+    nonfinite = (grad_loss.device.type == "cpu" and ctx.reduction != "none" and not _traced(grad_loss)
+                 and not math.isfinite(grad_loss.item()))
+    if ctx.reduction == "none" or not ctx.compute_grad or ctx.consumed or nonfinite:
         scale = grad_loss
         if ctx.reduction != "none":
             n_valid = (targets != ctx.ignore_index).sum().clamp(min=1)
@@ -238,18 +257,23 @@ def _backward(ctx, grad_loss, *_unused):
         gr, gw, gb = torch.ops.fastbert.linear_cross_entropy_chunked_bwd(
             rows, weight, bias, targets, scale, ctx.ignore_index, ctx.chunk_size, ctx.backend)
     elif _traced(grad_loss, *grads):
-        gr, gw, gb = (g * grad_loss for g in grads)
+        scale = _finished_scale(grad_loss, targets, ctx.ignore_index)
+        gr, gw, gb = (g * scale for g in grads)
     else:
         ctx.consumed = True
         # .data: an in-place update autograd does not track (the saved inputs stay unpackable)
         if not (grad_loss.device.type == "cpu" and grad_loss.item() == 1.0):  # loss.backward(): nothing to do
+            scale = _finished_scale(grad_loss, targets, ctx.ignore_index)
             for g in grads:
-                g.data.mul_(grad_loss)
+                g.data.mul_(scale)
         gr, gw, gb = grads
     return gr, gw, (gb if ctx.has_bias else None), None, None, None, None, None, None
 
 
-linear_cross_entropy_chunked.register_autograd(_backward, setup_context=_setup_context)
+# once differentiable: the gradients come from fused kernels with no derivative of their own, so
+# differentiating them (create_graph=True, double backward) raises instead of seeing a constant
+linear_cross_entropy_chunked.register_autograd(_library.once_differentiable(OP, _backward),
+                                               setup_context=_setup_context)
 
 
 def check_args(rows, weight, bias, targets, ignore_index, reduction, chunk_size):
@@ -279,8 +303,11 @@ def check_args(rows, weight, bias, targets, ignore_index, reduction, chunk_size)
     _checks.choice(reduction, OP, "reduction", REDUCTIONS)
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         raise ValueError(f"{OP}: ignore_index must be an int, got {ignore_index!r}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"{OP}: chunk_size must be a positive int or None, got {chunk_size!r}")
+    if not -2**63 <= ignore_index < 2**63:
+        raise ValueError(f"{OP}: ignore_index must fit in int64 ([-2**63, 2**63)), got {ignore_index!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
+                                   or not 1 <= chunk_size < 2**63):
+        raise ValueError(f"{OP}: chunk_size must be a positive int below 2**63 or None, got {chunk_size!r}")
 
 
 def linear_cross_entropy(rows, weight, bias, targets, ignore_index=-100, reduction="mean", chunk_size=None):

@@ -5,7 +5,21 @@
 or additive float, e.g. Hugging Face's ``[B, 1, 1, Sk]`` / ``[B, 1, Sq, Sk]`` with
 ``torch.finfo(dtype).min`` at padded keys (computed in fp32, so it cannot overflow in fp16/bf16).
 A row whose every key is excluded (bool False or additive -inf) gives zeros, never NaN; a row whose
-every key carries the same finite large negative value gets what softmax gives (uniform), as eager.
+every key carries the same finite large negative value gets what softmax gives (uniform), as eager
+(a float64 mask's finite values are clamped to float32's range, so ``torch.finfo(torch.float64).min``
+stays finite instead of becoming -inf).
+
+NaN and inf propagate as in eager PyTorch on every backend: a NaN score, scale or additive mask value
+(or a +inf score) makes its row NaN; a bool mask excludes its keys whatever their scores
+(``masked_fill`` semantics, so a NaN score at an excluded key weighs nothing). Two documented
+exceptions: dropout is a select (a dropped element is 0 even where it is NaN or inf; eager's
+``x * mask`` gives NaN there), on every backend and in every dropout op; and the backward does not
+read the mask, so where a row's incoming gradient is not finite a bool-excluded key's gradient is
+``0 * (g - sum(g p))`` = NaN (eager's ``masked_fill`` backward gives 0 there).
+
+Gradients: ``scores`` and an additive float ``mask`` that requires grad (``d/dmask = p (g - sum(g p))``,
+summed over the mask's broadcast dimensions). Double backward (differentiating the gradient, e.g.
+with ``create_graph=True``) is not implemented and raises ``RuntimeError`` when attempted.
 
 Dropout draws from the shared Philox stream (:mod:`fastbert.philox`); with dropout the forward also
 returns the pre-dropout softmax, which the backward needs (the mask itself is regenerated):
@@ -48,12 +62,23 @@ def setup_context(ctx, inputs, output):
     # without dropout the output is the softmax; with it, the pre-dropout softmax was returned too
     ctx.save_for_backward(soft if dropout_active(dropout_p, seed) else probs, seed)
     ctx.scale, ctx.dropout_p = scale, dropout_p
+    # an additive float mask that requires grad gets d/dmask = p (g - sum(g p)) (dscores / scale),
+    # summed over its broadcast dimensions
+    ctx.mask_shape = tuple(mask.shape) if mask is not None else None
+    ctx.mask_dtype = mask.dtype if mask is not None else None
     ctx.mark_non_differentiable(soft)
 
 
 def backward(ctx, bwd_op, grad, _grad_soft=None):
     soft, seed = ctx.saved_tensors
-    return bwd_op(grad, soft, ctx.scale, ctx.dropout_p, seed), None, None, None, None
+    dscores = bwd_op(grad, soft, ctx.scale, ctx.dropout_p, seed) if ctx.needs_input_grad[0] else None
+    dmask = None
+    if ctx.needs_input_grad[1]:
+        # scale 1: p (g - sum(g p)) itself (not dscores / scale: scale may be 0)
+        full = bwd_op(grad, soft, 1.0, ctx.dropout_p, seed)
+        acc = torch.float64 if full.dtype == torch.float64 else torch.float32
+        dmask = full.to(acc).sum_to_size(ctx.mask_shape).to(ctx.mask_dtype)
+    return dscores, dmask, None, None, None
 
 
 _library.register_autograd(f"fastbert::{OP}_fwd", torch.ops.fastbert.masked_softmax_bwd.default,

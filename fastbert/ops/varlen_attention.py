@@ -16,6 +16,10 @@ Dropout: element (head ``h``, query row ``t``, key ``j`` counted from the start 
 element ``(h * T + t) * max_seqlen + j`` of the shared Philox stream (:mod:`fastbert.philox`), so every
 backend drops the same probabilities for the same seed. As ``F.scaled_dot_product_attention`` and
 flash-attention, ``dropout_p > 0`` means dropout (no separate ``training`` flag).
+
+NaN and inf propagate as in eager PyTorch (a NaN or +inf score makes its query row NaN). Double
+backward (differentiating the gradients, ``create_graph=True``) is not implemented by the fused
+backends and raises ``RuntimeError`` when attempted.
 """
 
 import math

@@ -13,6 +13,7 @@ checkpoint on "which of the novels is this passage from" and reports held-out ac
 """
 
 import json
+import math
 import os
 import sys
 import time
@@ -50,16 +51,93 @@ def add_pretrain_arguments(p):
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
+PRESETS = ("tiny", "mini", "small", "base", "large")
+MAX_SEED = 2 ** 32 - 1
+
+
+def _int(x):
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _real(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def check_settings(s, where=None):
+    """Every pretraining setting checked before anything is read or written; a ``ValueError`` names
+    the flag (or, with ``where``, the field of that saved ``run.json``)."""
+    def bad(key, want):
+        name = f"{where}: {key}" if where else f"--{key.replace('_', '-')}"
+        raise ValueError(f"{name} must be {want}, got {s[key]!r}")
+
+    if s["preset"] not in PRESETS:
+        bad("preset", "one of " + ", ".join(PRESETS))
+    for key, low in (("vocab_size", 6), ("seq_len", 5), ("steps", 1), ("batch", 1), ("grad_accum", 1),
+                     ("save_every", 0)):
+        if not _int(s[key]) or s[key] < low:
+            bad(key, f"an int >= {low}")
+    if not _int(s["seed"]) or not 0 <= s["seed"] <= MAX_SEED:
+        bad("seed", "an int in [0, 2**32 - 1]")
+    if not _real(s["lr"]) or not math.isfinite(s["lr"]) or s["lr"] <= 0:
+        bad("lr", "a finite number > 0")
+    w = s["warmup"]
+    if not _real(w) or not math.isfinite(w) or w < 0 or (w >= 1 and w != int(w)):
+        bad("warmup", "a step count (a whole number >= 1) or a fraction of the steps in [0, 1)")
+    if w >= 1 and w > s["steps"]:
+        bad("warmup", f"at most the {s['steps']} steps")
+    if not _real(s["eval_fraction"]) or not 0.0 < s["eval_fraction"] < 0.5:
+        bad("eval_fraction", "in (0, 0.5)")
+    for key in ("whole_word", "bf16"):
+        if not isinstance(s[key], bool):
+            bad(key, "true or false")
+    for key in ("corpus", "vocab"):
+        if s[key] is not None and not isinstance(s[key], str):
+            bad(key, "a path")
+    from fastbert.models import BertConfig
+    positions = BertConfig.from_preset(s["preset"]).max_position_embeddings
+    if s["seq_len"] > positions:
+        bad("seq_len", f"at most {positions} (BERT-{s['preset']} has max_position_embeddings {positions})")
+    return s
+
+
+def check_device(device):
+    """``--device``: None (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N`` of a GPU that is there."""
+    if device is None:
+        return None
+    try:
+        d = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {device!r}") from None
+    if d.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: no CUDA GPU is available here (torch.cuda.is_available() is False); "
+                             "use --device cpu")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA GPU(s)")
+    return device
+
+
 def run_settings(args, out):
-    """The run's settings: the defaults overridden by the given flags; on ``--resume`` the saved
-    ``run.json``, and a flag that disagrees with it is an error."""
+    """The run's settings, checked: the defaults overridden by the given flags; on ``--resume`` the
+    saved ``run.json``, and a flag that disagrees with it is an error."""
     given = {k: getattr(args, k) for k in PRETRAIN_DEFAULTS if getattr(args, k, None) is not None}
     if not args.resume:
-        return {**PRETRAIN_DEFAULTS, **given}
+        return check_settings({**PRETRAIN_DEFAULTS, **given})
     saved_path = out / "run.json"
     if not saved_path.exists():
         raise ValueError(f"--resume: {saved_path} does not exist (no run to resume in {out})")
-    saved = json.loads(saved_path.read_text())
+    try:
+        saved = json.loads(saved_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"--resume: {saved_path} is not valid JSON ({e})") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"--resume: {saved_path} holds a JSON {type(saved).__name__}, not the run's settings")
+    missing = [k for k in PRETRAIN_DEFAULTS if k not in saved]
+    if missing:
+        raise ValueError(f"--resume: {saved_path} lacks the setting(s) {', '.join(missing)} (damaged or edited)")
+    saved = check_settings({k: saved[k] for k in PRETRAIN_DEFAULTS}, where=saved_path)
     clash = {k: (v, saved.get(k)) for k, v in given.items() if saved.get(k) != v}
     if clash:
         raise ValueError("--resume continues the run with its saved settings; these flags differ from "
@@ -87,22 +165,30 @@ def load_documents(corpus):
 
 
 def make_tokenizer(s, out, sentences, env, resume):
-    """Load the run's tokenizer (resume), the one given by --vocab, or train one (rank 0, the
-    others wait and load it); saved in ``<out>/tokenizer``."""
+    """The run's tokenizer, in memory: on resume the saved ``<out>/tokenizer``, else the one given
+    by --vocab or one trained on the corpus (by rank 0; the others receive it). Nothing is written
+    here: the caller saves it once every check has passed."""
+    from tokenizers import Tokenizer
+
     from fastbert.data import WordPieceTokenizer
     folder = out / "tokenizer"
-    if resume and (folder / "tokenizer.json").exists():
+    if resume:
+        if not (folder / "tokenizer.json").exists():
+            raise ValueError(f"--resume: {folder} has no tokenizer.json (the checkpoints' token ids need it)")
         return WordPieceTokenizer.load(folder)
+    text = None
     if env.main:
         if s["vocab"]:
             v = Path(s["vocab"])
             tok = WordPieceTokenizer.load(v) if v.is_dir() else WordPieceTokenizer.from_vocab(v)
         else:
             tok = WordPieceTokenizer.train_from_texts(sentences, vocab_size=s["vocab_size"])
-        tok.save(folder)
+        text = tok.backend_tokenizer.to_str()
     if env.world_size > 1:
-        torch.distributed.barrier()
-    return WordPieceTokenizer.load(folder)
+        box = [text]
+        torch.distributed.broadcast_object_list(box, src=0)
+        text = box[0]
+    return WordPieceTokenizer(Tokenizer.from_str(text))
 
 
 def pretrain_command(args):
@@ -111,11 +197,13 @@ def pretrain_command(args):
     from fastbert.models.bert import count_parameters
     from fastbert.train import TrainConfig, evaluate_pretraining, latest_checkpoint, pretrain
     from fastbert.train.distributed import init_from_env, shutdown
+    from fastbert.train.metrics import dumps
     from fastbert.train.plot import loss_curve_png, loss_table
+    from fastbert.train.trainer import check_setup
 
     out = Path(args.out)
-    s = run_settings(args, out)
-    env = init_from_env(args.device)
+    s = run_settings(args, out)  # every flag checked before anything is read or written
+    env = init_from_env(check_device(args.device))
     say = print if env.main else (lambda *a, **k: None)
     t0 = time.time()
     train_docs, held_docs = split_documents(load_documents(s["corpus"]), s["eval_fraction"])
@@ -134,8 +222,10 @@ def pretrain_command(args):
                      save_every=s["save_every"], seed=s["seed"], **warm)
     collate = MaskingCollator(tok.vocab_size, tok.mask_id, tok.pad_id, tok.special_ids,
                               continuation=tok.continuation_mask, whole_word=s["whole_word"], seed=s["seed"])
-    if env.main:
+    check_setup(model, examples, collate, tc)  # the data fit the model and the batch: only now write
+    if env.main and not args.resume:  # a resumed run keeps its tokenizer and settings as they are
         out.mkdir(parents=True, exist_ok=True)
+        tok.save(out / "tokenizer")
         (out / "run.json").write_text(json.dumps(s, indent=1) + "\n")
     say(f"fastbert pretrain: BERT-{s['preset']} ({count_parameters(model) / 1e6:.1f}M parameters) on "
         f"{s['corpus'] or 'the bundled Austen novels'}: {len(examples)} NSP pairs of <= {s['seq_len']} tokens "
@@ -164,7 +254,7 @@ def pretrain_command(args):
         summary["held_out"] = evaluate_pretraining(model, held, eval_collate)
     png = loss_curve_png(history, out / "loss_curve.png",
                          title=f"fastbert pretrain: BERT-{s['preset']}, {s['corpus'] or 'Austen'}")
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (out / "summary.json").write_text(dumps(summary, indent=1) + "\n")
     print(loss_table(history))
     if held:
         h = summary["held_out"]
@@ -200,8 +290,11 @@ def finetune_command(args):
     from fastbert.models import BertConfig, BertForSequenceClassification
     from fastbert.train import latest_checkpoint
     from fastbert.train.finetune import FinetuneConfig, finetune
+    from fastbert.train.metrics import dumps
 
     src, out = Path(args.source), Path(args.out)
+    check_finetune_flags(args)
+    device = torch.device(check_device(args.device) or ("cuda" if torch.cuda.is_available() else "cpu"))
     tok_dir = src / "tokenizer"
     if not (tok_dir / "tokenizer.json").exists():
         raise ValueError(f"finetune: {src} has no tokenizer/ (run `fastbert pretrain --out {src}` first)")
@@ -210,8 +303,11 @@ def finetune_command(args):
     if ckpt is None:
         raise ValueError(f"finetune: {src} has no checkpoint (run `fastbert pretrain --out {src}` first)")
     docs = load_documents(args.corpus)
+    positions = BertConfig.from_json_file(ckpt / "config.json").max_position_embeddings
+    if args.seq_len > positions:
+        raise ValueError(f"--seq-len must be at most {positions} ({ckpt} has max_position_embeddings {positions}), "
+                         f"got {args.seq_len}")
     train, test = novel_passages(docs, tok, max_seq_length=args.seq_len, seed=args.seed)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     runs = ["pretrained", "scratch"] if args.compare else ["scratch" if args.scratch else "pretrained"]
     print(f"fastbert finetune: {len(docs)} classes ({', '.join(d.title for d in docs)}), {len(train)} training and "
           f"{len(test)} held-out passages of <= {args.seq_len} tokens; chance {max_class_share(test):.1%}")
@@ -237,9 +333,22 @@ def finetune_command(args):
         print(f"{run}: held-out accuracy {res['accuracy']:.1%} after {len(res['history'])} steps "
               f"({results[run]['wall_s']:.0f} s)")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"checkpoint": str(ckpt), "classes": [d.title for d in docs],
+    (out / "results.json").write_text(dumps({"checkpoint": str(ckpt), "classes": [d.title for d in docs],
                                                   "train": len(train), "test": len(test), **results}, indent=1) + "\n")
     return 0
+
+
+def check_finetune_flags(args):
+    """The fine-tuning flags, checked before anything is read or written."""
+    for flag, value, low in (("--seq-len", args.seq_len, 3), ("--epochs", args.epochs, 1), ("--batch", args.batch, 1)):
+        if not _int(value) or value < low:
+            raise ValueError(f"{flag} must be an int >= {low}, got {value!r}")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise ValueError(f"--max-steps must be an int >= 1, got {args.max_steps!r}")
+    if not math.isfinite(args.lr) or args.lr <= 0:
+        raise ValueError(f"--lr must be a finite number > 0, got {args.lr!r}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise ValueError(f"--seed must be an int in [0, 2**32 - 1], got {args.seed!r}")
 
 
 def padding_summary(model, fractions):
@@ -264,10 +373,11 @@ def max_class_share(passages):
 
 
 def main(command, args):
-    """Run a command; bad input exits 2 with the error message rather than a traceback."""
+    """Run a command; bad input (and a file that cannot be read or written) exits 2 with the error
+    message rather than a traceback (FASTBERT_TRACEBACK=1 shows it)."""
     try:
         return (pretrain_command if command == "pretrain" else finetune_command)(args)
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         if os.environ.get("FASTBERT_TRACEBACK"):
             raise
         print(f"fastbert {command}: error: {e}", file=sys.stderr)

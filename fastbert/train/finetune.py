@@ -7,10 +7,10 @@
 AdamW (BERT's decay exclusions), linear warmup then decay to 0 over the run's steps, gradient
 clipping, a seeded shuffle per epoch (the last batch of an epoch may be smaller), an evaluation
 on the test set after every epoch (and when ``max_steps`` stops the run early), a tqdm bar, and
-metrics as JSON lines. The model stays on its device; batches go to the device of its parameters.
+metrics as JSON lines (standard JSON; a loss that becomes NaN or infinite stops the run with a
+``ValueError``). The model stays on its device; batches go to the device of its parameters.
 """
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
+from fastbert.train.metrics import dumps
 from fastbert.train.optim import make_optimizer
 from fastbert.train.schedule import make_scheduler
 
@@ -42,12 +43,16 @@ class FinetuneConfig:
                 raise ValueError(f"FinetuneConfig: {name} must be a positive int, got {value!r}")
         if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
             raise ValueError(f"FinetuneConfig: max_steps must be None or a positive int, got {self.max_steps!r}")
-        if not self.lr > 0:
-            raise ValueError(f"FinetuneConfig: lr must be > 0, got {self.lr!r}")
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            raise ValueError(f"FinetuneConfig: lr must be > 0 and finite, got {self.lr!r}")
         if not 0.0 <= self.warmup_ratio <= 1.0:
             raise ValueError(f"FinetuneConfig: warmup_ratio must be in [0, 1], got {self.warmup_ratio!r}")
-        if self.clip < 0:
-            raise ValueError(f"FinetuneConfig: clip must be >= 0 (0: no clipping), got {self.clip!r}")
+        if not self.clip >= 0 or not math.isfinite(self.clip):
+            raise ValueError(f"FinetuneConfig: clip must be >= 0 (0: no clipping) and finite, got {self.clip!r}")
+        if not self.weight_decay >= 0 or not math.isfinite(self.weight_decay):
+            raise ValueError(f"FinetuneConfig: weight_decay must be >= 0 and finite, got {self.weight_decay!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2 ** 63:
+            raise ValueError(f"FinetuneConfig: seed must be an int in [0, 2**63), got {self.seed!r}")
 
 
 def collate_passages(passages, pad_id):
@@ -140,7 +145,7 @@ def finetune(model, train, test, pad_id, config=None, out_dir=None, progress=Tru
 
     def record(kind, row):
         if log is not None:
-            log.write(json.dumps({"kind": kind, **row}) + "\n")
+            log.write(dumps({"kind": kind, **row}) + "\n")
             log.flush()
 
     try:
@@ -154,6 +159,9 @@ def finetune(model, train, test, pad_id, config=None, out_dir=None, progress=Tru
                     break
                 batch = collate_passages([train[i] for i in order[start:start + config.batch_size]], pad_id)
                 res = model(**{k: v.to(device) for k, v in batch.items()})
+                if not torch.isfinite(res.loss.detach()):
+                    raise ValueError(f"finetune: the loss is {float(res.loss.detach())} at step {step + 1}: training diverged "
+                                     f"(lower the learning rate, now {config.lr})")
                 opt.zero_grad(set_to_none=True)
                 res.loss.backward()
                 if config.clip:

@@ -7,7 +7,9 @@ Interruption: Ctrl-C (SIGINT) or SIGTERM during a step rolls the data position a
 generator back to the step's start and saves the last finished step before the
 ``KeyboardInterrupt`` propagates, so resuming reproduces the uninterrupted run; a signal during the
 optimizer update is held until the update is done. Any other exception saves the same way (when a
-step was finished since the start), then propagates.
+step was finished since the start), then propagates; except a loss that becomes NaN or infinite,
+which stops training before the update with :class:`NonFiniteLoss` (a ``ValueError``) and saves
+nothing. Metrics are standard JSON (a non-finite value is ``null``).
 
 Data order: the examples are visited in a permutation drawn from ``seed`` (a new one each epoch);
 the position in that stream is part of the checkpoint, as is the collator's generator. Dropout
@@ -21,7 +23,7 @@ masked tokens, so the gradients - and the losses - equal a single process's with
 ``batch_size`` (up to summation order and dropout). Rank 0 logs and writes checkpoints.
 """
 
-import json
+import math
 import signal
 import threading
 import time
@@ -36,10 +38,17 @@ from tqdm import tqdm
 
 from fastbert.train.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from fastbert.train.distributed import world
+from fastbert.train.metrics import dumps
 from fastbert.train.optim import make_optimizer
-from fastbert.train.schedule import make_scheduler
+from fastbert.train.schedule import make_scheduler, resolve_warmup
 
 IGNORE = -100
+MAX_SEED = 2 ** 32 - 1  # step_seed() of a larger seed overflows torch.manual_seed
+
+
+class NonFiniteLoss(ValueError):
+    """The loss became NaN or infinite: training stops before the update and saves nothing (the
+    weights that gave it are not worth a checkpoint; the last saved one stays ``latest``)."""
 
 
 @dataclass
@@ -58,11 +67,30 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "grad_accum"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig: {name} must be a positive int, got {getattr(self, name)!r}")
+        for name, low in (("steps", 1), ("batch_size", 1), ("grad_accum", 1), ("save_every", 0),
+                          ("keep_checkpoints", 0)):
+            value = getattr(self, name)
+            if not _is_int(value) or value < low:
+                raise ValueError(f"TrainConfig: {name} must be {'a positive int' if low else 'an int >= 0'}, "
+                                 f"got {value!r}")
+        if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"TrainConfig: seed must be an int in [0, 2**32 - 1], got {self.seed!r}")
+        for name, positive in (("lr", True), ("weight_decay", False), ("clip", False)):
+            value = getattr(self, name)
+            if not _is_real(value) or not math.isfinite(value) or value < 0 or (positive and value == 0):
+                raise ValueError(f"TrainConfig: {name} must be a finite number {'>' if positive else '>='} 0, "
+                                 f"got {value!r}")
         if self.warmup_steps is not None:
             self.warmup_ratio = None
+        resolve_warmup(self.steps, self.warmup_steps, self.warmup_ratio)  # its ValueError names the problem
+
+
+def _is_int(x):
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_real(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 class DataStream:
@@ -138,6 +166,40 @@ def check_data(model, examples, collate):
                          f"{c.vocab_size}; build the model with vocab_size=tokenizer.vocab_size")
 
 
+def check_setup(model, examples, collate, config):
+    """Everything :func:`pretrain` checks before it reads a checkpoint or writes a file (the CLI
+    calls it before it writes the run's tokenizer and settings): ``ValueError`` on a problem."""
+    size = world()[1]
+    if config.batch_size % size:
+        raise ValueError(f"pretrain: batch_size {config.batch_size} does not split over {size} processes")
+    check_data(model, examples, collate)
+    if len(examples) < config.batch_size:
+        raise ValueError(f"pretrain: {len(examples)} examples are fewer than one batch of {config.batch_size}")
+
+
+def resume_state(path, model, opt, sched, collate, config):
+    """Load the checkpoint at ``path`` for resuming and check that its metadata agree with it and
+    with the run: the step (checked against the folder name by :func:`load_checkpoint`) is within
+    the run's steps and the data position is the step's. Returns ``(step, position)``."""
+    state = load_checkpoint(path, model, opt, sched, restore_rng=False)
+    step, extra, where = state["step"], state["extra"], path / "trainer_state.pt"
+    if sched.last_epoch != step:
+        raise ValueError(f"pretrain: {where}: the scheduler has taken {sched.last_epoch} steps but the state says "
+                         f"{step} (the checkpoint was edited)")
+    if step > config.steps:
+        raise ValueError(f"pretrain: {where} is at step {step}, past the run's {config.steps} steps")
+    position = extra.get("position")
+    if not _is_int(position) or position != step * config.grad_accum:
+        raise ValueError(f"pretrain: {where}: the data position {position!r} is not step {step} x grad_accum "
+                         f"{config.grad_accum} (the checkpoint was edited or is not from this run)")
+    try:
+        collate.load_state_dict(extra["collator"])
+    except Exception as e:
+        raise ValueError(f"pretrain: {where}: cannot restore the masking collator's state "
+                         f"({type(e).__name__}: {e})") from None
+    return step, position
+
+
 def step_seed(seed, step, rank):
     return (seed * 1_000_003 + step) * 4099 + rank
 
@@ -146,9 +208,7 @@ def pretrain(model, examples, collate, config, out_dir, resume=False, progress=T
     """Train ``model`` (a BertForPreTraining) for ``config.steps`` optimizer steps; returns the list
     of per-step metrics (also appended to ``<out_dir>/metrics.jsonl`` by rank 0)."""
     rank, size = world()
-    if config.batch_size % size:
-        raise ValueError(f"pretrain: batch_size {config.batch_size} does not split over {size} processes")
-    check_data(model, examples, collate)
+    check_setup(model, examples, collate, config)
     out = Path(out_dir)
     device = next(model.parameters()).device
     opt = make_optimizer(model, config.lr, config.weight_decay)
@@ -159,9 +219,7 @@ def pretrain(model, examples, collate, config, out_dir, resume=False, progress=T
         path = latest_checkpoint(out)
         if path is None:
             raise ValueError(f"pretrain: resume=True but {out} has no checkpoint")
-        state = load_checkpoint(path, model, opt, sched, restore_rng=False)
-        step, data.position = state["step"], state["extra"]["position"]
-        collate.load_state_dict(state["extra"]["collator"])
+        step, data.position = resume_state(path, model, opt, sched, collate, config)
     start = step
     net = model
     if size > 1:
@@ -208,6 +266,10 @@ def pretrain(model, examples, collate, config, out_dir, resume=False, progress=T
                     sums[5] += batch["attention_mask"].numel()
                 if size > 1:
                     dist.all_reduce(sums)
+                if not math.isfinite(sums[0]):
+                    raise NonFiniteLoss(f"pretrain: the loss is {float(sums[0])} at step {step + 1}: training "
+                                        f"diverged (lower the learning rate, now {config.lr}); stopped without "
+                                        "saving, the last checkpoint is the last good one")
                 if config.clip:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip)
                 lr = opt.param_groups[0]["lr"]
@@ -222,18 +284,18 @@ def pretrain(model, examples, collate, config, out_dir, resume=False, progress=T
                        "padding": 1.0 - tokens / positions if positions else 0.0}
                 history.append(row)
                 if log is not None:
-                    log.write(json.dumps(row) + "\n")
+                    log.write(dumps(row) + "\n")
                     log.flush()
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", mlm=f"{mlm:.3f}", lr=f"{lr:.2e}")
                 if config.save_every and step % config.save_every == 0 and step < config.steps:
                     checkpoint()
             checkpoint()
-    except BaseException:
+    except BaseException as e:
         if begun is not None:  # roll the data and masks back to the start of the unfinished step
             data.position = begun[0]
             collate.load_state_dict(begun[1])
-        if step > start:
+        if step > start and not isinstance(e, NonFiniteLoss):
             checkpoint()  # the last completed step: resume continues from here
         raise
     finally:

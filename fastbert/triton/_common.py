@@ -39,35 +39,53 @@ def philox_keep(seed_ptr, r64, col0, n, threshold, GROUPED: tl.constexpr, BLOCK_
                 BLOCK_N: tl.constexpr):
     """Dropout keep mask [BLOCK_M, BLOCK_N] of rows ``r64`` (int64) x columns ``col0 + [0, BLOCK_N)``
     of a contiguous [rows, n] tensor: element ``e = r n + c`` on the shared Philox stream
-    (fastbert/philox.py), kept iff its top 24 bits are ``>= threshold``. GROUPED needs ``n`` and
-    ``col0`` multiples of 64 (and BLOCK_N a multiple of 64). The counters go to ``tl.philox`` as two
-    uint32 words, so every triton runs Philox4x32-10 (``tl.randint4x`` does so only from triton 3.4)."""
+    (fastbert/philox.py: counter ``16 (e >> 6) + (e & 15)``, output ``(e >> 4) & 3``), kept iff its
+    top 24 bits are ``>= threshold``. The counters go to ``tl.philox`` as two uint32 words, so every
+    triton runs Philox4x32-10 (``tl.randint4x`` does so only from triton 3.4).
+
+    Three static modes, by the launcher's GROUPED and BLOCK_N:
+    * GROUPED (``n`` and ``col0`` multiples of 64, BLOCK_N of 64): the columns ``c + 16 k``, k < 4, of
+      a 64-column group are the 4 outputs of one counter: one Philox call per 4 elements.
+    * paired (any ``n``, BLOCK_N a multiple of 64): a row starts at phase ``r n mod 64`` of the flat
+      stream, so the columns ``c + 16 k`` (``e + 16 k``) span at most two 64-groups, with the same low
+      4 bits: counters ``16 g + j`` and ``16 (g + 1) + j``, ``g = e >> 6``, ``j = e & 15``; element k
+      takes output ``u + k`` of the first (``u = (e >> 4) & 3``) or ``u + k - 4`` of the second, a
+      per-element select. Two Philox calls per 4 elements.
+    * per element (BLOCK_N < 64): one Philox call per element, only for rows of under 64 columns.
+    GROUPED and paired return the [M, G, 16] x k results interleaved back into column order (join +
+    permute + reshape: column ``64 gi + 16 k + j``)."""
     seed = tl.load(seed_ptr)
-    if GROUPED:
-        # n and col0 are multiples of 64: group (row, col0 / 64 + gi) holds columns 64 gi + 16 w + j,
-        # j < 16, w < 4: output w of counter 16 group + j. One counter per 4 elements; the outputs
-        # are interleaved back into element order (join + permute + reshape).
+    if BLOCK_N % 64 == 0:
         G: tl.constexpr = BLOCK_N // 64
-        grp = r64[:, None, None] * (n // 64) + (col0 // 64 + tl.arange(0, G))[None, :, None]
-        c = grp * 16 + tl.arange(0, 16)[None, None, :]
+        e = (r64[:, None, None] * n + col0 + (64 * tl.arange(0, G))[None, :, None]
+             + tl.arange(0, 16)[None, None, :])  # [M, G, 16]: the element of column k = 0
+        c = (e >> 6) * 16 + (e & 15)
         # 32-bit Philox on every triton: counter words (low, high, 0, 0) as uint32 (triton < 3.4's
         # tl.randint4x ran int64 counters as 64-bit Philox, a different stream)
         c_lo = c.to(tl.uint32)
         zero = c_lo * 0
-        o0, o1, o2, o3 = tl.philox(seed, c_lo, (c >> 32).to(tl.uint32), zero, zero)
-        k = tl.join(tl.join((o0 >> 8) >= threshold, (o1 >> 8) >= threshold),
-                    tl.join((o2 >> 8) >= threshold, (o3 >> 8) >= threshold))  # [M, G, j, q, p]: w = 2p + q
+        a0, a1, a2, a3 = tl.philox(seed, c_lo, (c >> 32).to(tl.uint32), zero, zero)
+        k0 = (a0 >> 8) >= threshold
+        k1 = (a1 >> 8) >= threshold
+        k2 = (a2 >> 8) >= threshold
+        k3 = (a3 >> 8) >= threshold
+        if not GROUPED:
+            c = c + 16
+            c_lo = c.to(tl.uint32)
+            b0, b1, b2, b3 = tl.philox(seed, c_lo, (c >> 32).to(tl.uint32), zero, zero)
+            u = (e >> 4) & 3
+            m0 = (b0 >> 8) >= threshold
+            m1 = (b1 >> 8) >= threshold
+            m2 = (b2 >> 8) >= threshold
+            # element k takes output u + k of (a0..a3, b0..b3): b3 is never needed (u + k <= 6)
+            k0, k1, k2, k3 = (
+                tl.where(u == 0, k0, tl.where(u == 1, k1, tl.where(u == 2, k2, k3))),
+                tl.where(u == 0, k1, tl.where(u == 1, k2, tl.where(u == 2, k3, m0))),
+                tl.where(u == 0, k2, tl.where(u == 1, k3, tl.where(u == 2, m0, m1))),
+                tl.where(u == 0, k3, tl.where(u == 1, m0, tl.where(u == 2, m1, m2))))
+        k = tl.join(tl.join(k0, k1), tl.join(k2, k3))  # [M, G, j, q, p]: k = 2p + q
         return tl.reshape(tl.permute(k, (0, 1, 4, 3, 2)), (BLOCK_M, BLOCK_N))
     else:
-        # One counter per element: 4x GROUPED's Philox work, paid only by rows whose length is not a
-        # multiple of 64 (BERT's 768/1024 and Sk = 128/512 are grouped). Why not group the whole
-        # 64-element groups and draw only the tails per element: the groups are blocks of the flat
-        # index r n + c, so with n % 64 != 0 they start at column (-r n) mod 64, a different phase in
-        # each row of the tile, and lining a row's outputs up with its columns needs a per-row
-        # rotation across lanes that a static register layout cannot express. (Columns c + 16 k,
-        # k < 4, span at most two groups, so 2 counters per 4 elements plus per-row selects would
-        # halve the work: a third GROUPED mode for every dropout kernel, not done.) The CUDA kernels
-        # group any alignment with warp ballots (ln::keep_bits) except on their scalar paths.
         e = r64[:, None] * n + (col0 + tl.arange(0, BLOCK_N))[None, :]
         c = (e >> 6) * 16 + (e & 15)
         c_lo = c.to(tl.uint32)

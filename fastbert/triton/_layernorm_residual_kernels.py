@@ -48,6 +48,71 @@ def _tile(x_ptr, res_ptr, xb, seed_ptr, r64, rmask, col0, n, threshold, scale,
     return h + tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32), keep, mask
 
 
+# Rows of huge values: a row whose largest |s| passes _BIG (2^50) has its statistics computed on
+# s * 2^-76 (exact: a power of two), so that neither sum(s) nor sum(d^2) can overflow fp32 (-1e30 in
+# a row made d^2 inf and the outputs 1e32; +-3e38 made them inf/NaN). mean and rstd are stored
+# unscaled (rstd may be subnormal there); the backward scales s - mean the same way (_s_hat). Rows
+# below _BIG are untouched (a scale of 1.0: the same bits as without it).
+_BIG = tl.constexpr(1125899906842624.0)        # 2^50
+_DOWN = tl.constexpr(1.3234889800848443e-23)   # 2^-76
+_UP = tl.constexpr(7.555786372591432e+22)      # 2^76
+_SMALL = tl.constexpr(8.881784197001252e-16)   # 2^-50
+
+
+@triton.jit
+def _row_scale(big):
+    """(sc, inv): (2^-76, 2^76) for rows of huge values, (1, 1) otherwise."""
+    return tl.where(big, _DOWN, 1.0), tl.where(big, _UP, 1.0)
+
+
+@triton.jit
+def _rstd_of(var, eps, big, inv):
+    """rstd of the scaled variance ``var`` in scaled units (``1 / sqrt(var_true + eps) / sc``): for
+    rows of huge values eps * sc^2 underflows, so it is min(1 / sqrt(var), 1 / (sqrt(eps) sc))."""
+    normal = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
+    huge = tl.minimum(tl.div_rn(1.0, tl.sqrt_rn(var)), inv * tl.div_rn(1.0, tl.sqrt_rn(eps + 0.0 * var)))
+    return tl.where(big, huge, normal)
+
+
+@triton.jit
+def _s_hat(s, mean, rstd):
+    """``(s - mean) * rstd`` for a [BLOCK_M, BLOCK_N] tile with per-row saved ``mean``/``rstd``: rows
+    of huge values (|mean| > 2^50 or rstd < 2^-50) as ``(s sc - mean sc) (rstd / sc)``, so that
+    ``s - mean`` cannot overflow and a subnormal rstd is scaled up before it multiplies."""
+    big = (tl.abs(mean) > _BIG) | (rstd < _SMALL)
+    sc, inv = _row_scale(big)
+    return (s * sc[:, None] - (mean * sc)[:, None]) * (rstd * inv)[:, None]
+
+
+@triton.jit
+def _looped_stats(x_ptr, res_ptr, xb_ptr, seed_ptr, r64, rmask, n, threshold, scale, sc,
+                  HAS_XBIAS: tl.constexpr, DROPOUT: tl.constexpr, GROUPED: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Pass 1 of the looped forward on ``s * sc``: per-chunk corrected two-pass statistics (count nb,
+    mean mb, M2), merged into the running (mean, m2) of the na columns before with Chan's formula;
+    also the largest |s| (unscaled) of each row."""
+    mean = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    amax = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for col0 in range(0, n, BLOCK_N):
+        c = col0 + tl.arange(0, BLOCK_N)
+        s, keep, mask = _tile(x_ptr, res_ptr, _row(xb_ptr, c, n, HAS_XBIAS), seed_ptr, r64,
+                              rmask, col0, n, threshold, scale, HAS_XBIAS, DROPOUT, GROUPED,
+                              BLOCK_M, BLOCK_N)
+        amax = tl.maximum(amax, tl.max(tl.abs(s), 1))
+        s = s * sc[:, None]
+        nb = tl.minimum(n - col0, BLOCK_N).to(tl.float32)
+        mb0 = tl.div_rn(tl.sum(s, 1), nb)
+        d = tl.where(mask, s - mb0[:, None], 0.0)
+        sd = tl.sum(d, 1)
+        corr = tl.div_rn(sd, nb)
+        na = col0 * 1.0
+        delta = mb0 + corr - mean
+        mean += delta * tl.div_rn(nb, na + nb)
+        m2 += (tl.sum(d * d, 1) - sd * corr) + delta * delta * tl.div_rn(na * nb, na + nb)
+    return mean, m2, amax
+
+
 @triton.jit
 def _ln_fwd_kernel(
     x_ptr,      # [rows, n] contiguous, fp32/fp16/bf16
@@ -82,47 +147,43 @@ def _ln_fwd_kernel(
             r64 = r.to(tl.int64)
             s, keep, mask = _tile(x_ptr, res_ptr, xb, seed_ptr, r64, rmask, 0, n,
                                   threshold, scale, HAS_XBIAS, DROPOUT, GROUPED, BLOCK_M, BLOCK_N)
+            big = tl.max(tl.abs(s), 1) > _BIG        # rows of huge values: statistics of s * 2^-76
+            sc, inv = _row_scale(big)
+            s = s * sc[:, None]
             m0 = tl.div_rn(tl.sum(s, 1), nf)
             d = tl.where(mask, s - m0[:, None], 0.0)  # exact for rows with a large mean
             sd = tl.sum(d, 1)
             corr = tl.div_rn(sd, nf)                   # mean = m0 + corr
             var = tl.maximum(tl.div_rn(tl.sum(d * d, 1) - sd * corr, nf), 0.0)
-            rstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
-            tl.store(mean_ptr + r, m0 + corr, mask=rmask)
-            tl.store(rstd_ptr + r, rstd, mask=rmask)
+            rstd = _rstd_of(var, eps, big, inv)        # in scaled units
+            tl.store(mean_ptr + r, (m0 + corr) * inv, mask=rmask)
+            tl.store(rstd_ptr + r, rstd * sc, mask=rmask)
             y = (d - corr[:, None]) * rstd[:, None] * w + b
             tl.store(y_ptr + _offsets(r64, 0, n, BLOCK_N), for_store(y, y_ptr), mask=mask)
     else:
         r = row0 + tl.arange(0, BLOCK_M)
         rmask = r < rows
         r64 = r.to(tl.int64)
-        # pass 1: per-chunk corrected two-pass statistics (count nb, mean mb, M2), merged into the
-        # running (mean, m2) of the na columns before with Chan's formula
-        mean = tl.zeros([BLOCK_M], dtype=tl.float32)
-        m2 = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for col0 in range(0, n, BLOCK_N):
-            c = col0 + tl.arange(0, BLOCK_N)
-            s, keep, mask = _tile(x_ptr, res_ptr, _row(xb_ptr, c, n, HAS_XBIAS), seed_ptr, r64,
-                                  rmask, col0, n, threshold, scale, HAS_XBIAS, DROPOUT, GROUPED,
-                                  BLOCK_M, BLOCK_N)
-            nb = tl.minimum(n - col0, BLOCK_N).to(tl.float32)
-            mb0 = tl.div_rn(tl.sum(s, 1), nb)
-            d = tl.where(mask, s - mb0[:, None], 0.0)
-            sd = tl.sum(d, 1)
-            corr = tl.div_rn(sd, nb)
-            na = col0 * 1.0
-            delta = mb0 + corr - mean
-            mean += delta * tl.div_rn(nb, na + nb)
-            m2 += (tl.sum(d * d, 1) - sd * corr) + delta * delta * tl.div_rn(na * nb, na + nb)
-        rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.maximum(tl.div_rn(m2, nf), 0.0) + eps))
-        tl.store(mean_ptr + r, mean, mask=rmask)
-        tl.store(rstd_ptr + r, rstd, mask=rmask)
+        # pass 1: statistics (_looped_stats); if a row of the tile turns out to hold huge values
+        # (rare), pass 1 runs again on s * 2^-76 for those rows
+        one = tl.full([BLOCK_M], 1.0, tl.float32)
+        mean, m2, amax = _looped_stats(x_ptr, res_ptr, xb_ptr, seed_ptr, r64, rmask, n, threshold, scale,
+                                       one, HAS_XBIAS, DROPOUT, GROUPED, BLOCK_M, BLOCK_N)
+        big = amax > _BIG
+        sc, inv = _row_scale(big)
+        if tl.max(big.to(tl.int32), 0) > 0:
+            mean, m2, amax = _looped_stats(x_ptr, res_ptr, xb_ptr, seed_ptr, r64, rmask, n, threshold,
+                                           scale, sc, HAS_XBIAS, DROPOUT, GROUPED, BLOCK_M, BLOCK_N)
+        rstd = _rstd_of(tl.maximum(tl.div_rn(m2, nf), 0.0), eps, big, inv)  # in scaled units
+        tl.store(mean_ptr + r, mean * inv, mask=rmask)
+        tl.store(rstd_ptr + r, rstd * sc, mask=rmask)
         # pass 2: recompute s chunk by chunk and write y
         for col0 in range(0, n, BLOCK_N):
             c = col0 + tl.arange(0, BLOCK_N)
             s, keep, mask = _tile(x_ptr, res_ptr, _row(xb_ptr, c, n, HAS_XBIAS), seed_ptr, r64,
                                   rmask, col0, n, threshold, scale, HAS_XBIAS, DROPOUT, GROUPED,
                                   BLOCK_M, BLOCK_N)
+            s = s * sc[:, None]
             y = (s - mean[:, None]) * rstd[:, None] * _row(w_ptr, c, n, True) + _row(b_ptr, c, n, True)
             tl.store(y_ptr + _offsets(r64, col0, n, BLOCK_N), for_store(y, y_ptr), mask=mask)
 
@@ -173,7 +234,7 @@ def _ln_bwd_kernel(
         offs = _offsets(r64, col0, n, BLOCK_N)
         mean = tl.load(mean_ptr + r, mask=rmask, other=0.0)
         rstd = tl.load(rstd_ptr + r, mask=rmask, other=0.0)  # masked rows: s_hat = 0, ds = 0
-        s_hat = (s - mean[:, None]) * rstd[:, None]
+        s_hat = _s_hat(s, mean, rstd)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         g = dy * w  # masked lanes: 0
         if LOOPED:
@@ -182,6 +243,8 @@ def _ln_bwd_kernel(
         else:
             c1 = tl.div_rn(tl.sum(g, 1), tl.cast(n, tl.float32))
             c2 = tl.div_rn(tl.sum(g * s_hat, 1), tl.cast(n, tl.float32))
+        # an infinite g (dy * w): eager's row of ds is all NaN (inf - inf in LayerNorm's backward)
+        c2 = tl.where(tl.abs(c1) < float("inf"), c2, float("nan"))
         ds = rstd[:, None] * (g - c1[:, None] - s_hat * c2[:, None])
         tl.store(dres_ptr + offs, for_store(ds, dres_ptr), mask=mask)
         if DROPOUT:
@@ -191,7 +254,9 @@ def _ln_bwd_kernel(
         acc_dw += tl.sum(dy * s_hat, 0)
         acc_db += tl.sum(dy, 0)
         if HAS_XBIAS:
-            acc_dxb += tl.sum(ds, 0)  # masked columns hold garbage but are never stored
+            # masked columns hold garbage but are never stored; masked rows add 0 (not their
+            # ds: with an inf or NaN weight their g = 0 * w is NaN)
+            acc_dxb += tl.sum(tl.where(mask, ds, 0.0), 0)
     K: tl.constexpr = 3 if HAS_XBIAS else 2
     base = partial_ptr + pid_m.to(tl.int64) * K * n + c
     tl.store(base, acc_dw, mask=c < n)
@@ -223,7 +288,7 @@ def _ln_bwd_stats_kernel(
         g = tl.load(dy_ptr + _offsets(r64, col0, n, BLOCK_N), mask=mask, other=0.0).to(tl.float32)
         g *= _row(w_ptr, c, n, True)
         acc1 += g
-        acc2 += g * (s - mean[:, None]) * rstd[:, None]
+        acc2 += g * _s_hat(s, mean, rstd)
     tl.store(stats_ptr + 2 * r64, tl.div_rn(tl.sum(acc1, 1), tl.cast(n, tl.float32)), mask=rmask)
     tl.store(stats_ptr + 2 * r64 + 1, tl.div_rn(tl.sum(acc2, 1), tl.cast(n, tl.float32)), mask=rmask)
 

@@ -74,7 +74,9 @@ def _grad(x, c, t, m, log_s, valid, sc):
     where the probabilities are large, ``x - m`` is exact and ``log s`` small (``exp(x - lse)``
     would carry ``lse``'s rounding, ~``|lse|`` ulps); zeros on ignored rows."""
     p = tl.exp((x - m[:, None]) - log_s[:, None])
-    onehot = (c[None, :] == t[:, None]).to(tl.float32)
+    # an inf or NaN row_scale: the target's term is NaN, as eager's -scale + p_t scale (not -inf)
+    one = tl.where(tl.abs(sc) < float("inf"), 1.0, float("nan"))
+    onehot = tl.where(c[None, :] == t[:, None], one[:, None], 0.0)
     return tl.where(valid[:, None], (p - onehot) * sc[:, None], 0.0)
 
 

@@ -20,15 +20,17 @@ backward's ``p`` is consistent with the forward's ``lse``.
 Backward, with ``p`` the softmax, ``P = keep ? p * p_scale : 0`` (the dropped probabilities),
 ``dP = dO v^T``, ``dp = keep ? dP * p_scale : 0`` and ``Delta_i = sum_d dO_i O_i = sum_j p_ij dp_ij``:
 ``dS = p (dp - Delta)``, ``dq = scale dS k``, ``dk = scale dS^T q``, ``dv = P^T dO``. fp16/bf16 rebuild
-``p = exp(s - lse)`` from the forward's ``lse`` and take ``Delta = rowsum(dO * O)``, as
-flash-attention. fp32 (``exact_softmax``) rebuilds ``p = exp(s - m) * (1 / l)`` from each row's max
-``m`` and sum ``l`` of ``exp(s - m)``, recomputed, and takes ``Delta = rowsum(p dp)``: eager softmax's
-roundings (``exp(s - lse)`` would carry the fp32 ``lse``'s rounding, an ulp of ``|lse|``, into every
-probability, several times eager's error in ``dq``).
+``p = exp(s - lse)`` from the forward's ``lse``, as flash-attention. fp32 (``exact_softmax``)
+rebuilds ``p = exp(s - m) * (1 / l)`` from each row's max ``m`` and sum ``l`` of ``exp(s - m)``,
+recomputed: eager softmax's roundings (``exp(s - lse)`` would carry the fp32 ``lse``'s rounding, an
+ulp of ``|lse|``, into every probability, several times eager's error in ``dq``). Every dtype takes
+``Delta = rowsum(p dp)`` (a pass over the keys, fp64 products and sum), not flash-attention's
+``rowsum(dO * O)``: the rounded ``O`` misses the ``dp`` that ``Delta`` cancels against by an ulp of
+``|dO| |O|``, which is the whole of ``dS`` where the true ``dS`` is 0 (a one-token sequence).
 
 1. ``_varlen_bwd_dq_kernel`` (a block of queries, looping over the key blocks): for fp32 first ``m``
-   and ``l`` of its rows (an online pass over the keys, as the forward) and ``Delta`` (a second pass),
-   then ``dq``. ``Delta`` (and ``m``, ``1 / l``) go to fp32 ``[heads, T]`` workspaces.
+   and ``l`` of its rows (an online pass over the keys, as the forward), then ``Delta`` (a pass), then
+   ``dq``. ``Delta`` (and ``m``, ``1 / l``) go to fp32 ``[heads, T]`` workspaces.
 2. ``_varlen_bwd_dkdv_kernel`` (a block of keys, looping over the query blocks, reading ``Delta`` and
    ``lse`` or ``m``, ``1 / l``): ``dk`` and ``dv``. No atomics: each output row is written by one program.
 
@@ -39,7 +41,8 @@ never TF32, matching eager PyTorch's default.
 Dropout: element (head ``h``, query row ``t``, key ``j`` of ``t``'s sequence) is element
 ``(h T + t) max_seqlen + j`` of the shared Philox stream: ``philox_keep`` (_common.py) with rows
 ``h T + t`` of a ``[heads T, max_seqlen]`` tensor; one counter per 4 elements when ``max_seqlen`` and
-the key block are multiples of 64 (``GROUPED``), else one per element. The forward, the ``dq`` pass
+the key block are multiples of 64 (``GROUPED``), else two per 4 elements (key blocks of 64 or more) or
+one per element. The forward, the ``dq`` pass
 and the ``dk``/``dv`` pass regenerate the same mask.
 """
 
@@ -67,6 +70,21 @@ def _dot(a, b, acc):
 
 
 @triton.jit
+def _query_rows(start, m0, seqlen, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_D: tl.constexpr):
+    """The forward's and the dq pass's query block, rows ``m0 + [0, BLOCK_M)`` of the sequence at
+    packed row ``start``: (offs_n, offs_d, dmask, mrow, t_m, qmask). No pointer goes in: Inductor's
+    mutation analysis takes a pointer argument of a helper whose results address a store as written."""
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < HEAD_DIM
+    mrow = offs_m < seqlen
+    t_m = (start + offs_m).to(tl.int64)  # packed rows (int64: row * stride may pass 2^31)
+    return offs_n, offs_d, dmask, mrow, t_m, mrow[:, None] & dmask[None, :]
+
+
+@triton.jit
 def _varlen_fwd_kernel(
     q_ptr, k_ptr, v_ptr,  # [T, H, D] strided (token, head strides below; element stride 1)
     cu_ptr,     # [B + 1] int32 cumulative sequence lengths
@@ -89,17 +107,12 @@ def _varlen_fwd_kernel(
     if m0 >= seqlen:
         return
     h64 = h.to(tl.int64)
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < HEAD_DIM
-    mrow = offs_m < seqlen
-    t_m = (start + offs_m).to(tl.int64)  # packed rows (int64: row * stride may pass 2^31)
-    qmask = mrow[:, None] & dmask[None, :]
+    offs_n, offs_d, dmask, mrow, t_m, qmask = _query_rows(start, m0, seqlen, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D)
     q = tl.load(q_ptr + (t_m[:, None] * sq_t + h64 * sq_h + offs_d[None, :]), mask=qmask, other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    kept = tl.zeros([BLOCK_M], dtype=tl.int32)  # dropout: whether any key of the row is kept
     for n0 in range(0, seqlen, BLOCK_N):
         cols = n0 + offs_n
         ncol = cols < seqlen
@@ -116,11 +129,14 @@ def _varlen_fwd_kernel(
         if DROPOUT:
             keep = philox_keep(seed_ptr, h64 * T + t_m, n0, max_seqlen, threshold, GROUPED, BLOCK_M, BLOCK_N)
             p = tl.where(keep, p, 0.0)
+            kept = tl.maximum(kept, tl.max((keep & ncol[None, :]).to(tl.int32), 1))
         v = tl.load(v_ptr + (t_n[:, None] * sv_t + h64 * sv_h + offs_d[None, :]), mask=kvmask, other=0.0)
         acc = _dot(for_store(p, v_ptr), v, acc * alpha[:, None])
         m_i = m_new
     if DROPOUT:
-        out = acc * (p_scale / l_i)[:, None]
+        # a row whose keys are all dropped is 0, as the select of every backend gives, also where its
+        # probabilities are NaN (then acc and l are NaN)
+        out = tl.where(kept[:, None] > 0, acc * (p_scale / l_i)[:, None], 0.0)
     else:
         out = acc / l_i[:, None]
     tl.store(out_ptr + (t_m[:, None] * (H * HEAD_DIM) + h64 * HEAD_DIM + offs_d[None, :]),
@@ -129,9 +145,31 @@ def _varlen_fwd_kernel(
 
 
 @triton.jit
+def _key_block(q, do, k_ptr, v_ptr, sk_t, sk_h, sv_t, sv_h, h64, start, seqlen, n0, offs_n, offs_d, dmask,
+               m_i, inv_l, scale, seed_ptr, rows, max_seqlen, threshold, p_scale, DROPOUT: tl.constexpr,
+               GROUPED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The dq kernel's key block ``n0``: (k, p, dp), ``p = exp(s - m) / l`` (``inv_l`` 1 with ``m``
+    the lse) and ``dp = dO v^T`` after dropout's backward (a select). Its Delta pass and its dq pass
+    take the same values. Only loads go through the pointers (nothing returned addresses a store)."""
+    cols = n0 + offs_n
+    ncol = cols < seqlen
+    t_n = (start + cols).to(tl.int64)
+    kvmask = ncol[:, None] & dmask[None, :]
+    k = tl.load(k_ptr + (t_n[:, None] * sk_t + h64 * sk_h + offs_d[None, :]), mask=kvmask, other=0.0)
+    v = tl.load(v_ptr + (t_n[:, None] * sv_t + h64 * sv_h + offs_d[None, :]), mask=kvmask, other=0.0)
+    s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)) * scale
+    p = tl.where(ncol[None, :], tl.exp(s - m_i[:, None]) * inv_l[:, None], 0.0)
+    dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32))
+    if DROPOUT:
+        keep = philox_keep(seed_ptr, rows, n0, max_seqlen, threshold, GROUPED, BLOCK_M, BLOCK_N)
+        dp = tl.where(keep, dp * p_scale, 0.0)
+    return k, p, dp
+
+
+@triton.jit
 def _varlen_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr,  # [T, H, D] strided (token, head strides below; element stride 1)
-    do_ptr, o_ptr,  # [T, H, D] contiguous: the output's gradient and the forward output
+    do_ptr,     # [T, H, D] contiguous: the output's gradient
     lse_ptr,    # [H, T] fp32 log-sum-exp from the forward; not read when EXACT_SOFTMAX
     cu_ptr,     # [B + 1] int32 cumulative sequence lengths
     seed_ptr,   # [1] int64 Philox seed; not read unless DROPOUT
@@ -156,16 +194,10 @@ def _varlen_bwd_dq_kernel(
     if m0 >= seqlen:
         return
     h64 = h.to(tl.int64)
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < HEAD_DIM
-    mrow = offs_m < seqlen
-    t_m = (start + offs_m).to(tl.int64)
-    qmask = mrow[:, None] & dmask[None, :]
+    offs_n, offs_d, dmask, mrow, t_m, qmask = _query_rows(start, m0, seqlen, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D)
+    q = tl.load(q_ptr + (t_m[:, None] * sq_t + h64 * sq_h + offs_d[None, :]), mask=qmask, other=0.0)
     offs_c = t_m[:, None] * (H * HEAD_DIM) + h64 * HEAD_DIM + offs_d[None, :]  # contiguous [T, H, D]
     do = tl.load(do_ptr + offs_c, mask=qmask, other=0.0)
-    q = tl.load(q_ptr + (t_m[:, None] * sq_t + h64 * sq_h + offs_d[None, :]), mask=qmask, other=0.0)
     if EXACT_SOFTMAX:
         # 1. the row statistics, online as the forward computes them: m the max score, l the sum of
         # exp(s - m). p = exp(s - m) * (1 / l) then rounds as eager softmax does (no fp32 lse, whose
@@ -186,46 +218,31 @@ def _varlen_bwd_dq_kernel(
         inv_l = 1.0 / l_i
         tl.store(m_ptr + (h64 * T + t_m), m_i, mask=mrow)
         tl.store(il_ptr + (h64 * T + t_m), inv_l, mask=mrow)
-        # 2. Delta = rowsum(p dp): the dp it cancels against in dS (exactly 0 for a one-token row)
-        delta = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for n0 in range(0, seqlen, BLOCK_N):
-            cols = n0 + offs_n
-            ncol = cols < seqlen
-            t_n = (start + cols).to(tl.int64)
-            kvmask = ncol[:, None] & dmask[None, :]
-            k = tl.load(k_ptr + (t_n[:, None] * sk_t + h64 * sk_h + offs_d[None, :]), mask=kvmask, other=0.0)
-            v = tl.load(v_ptr + (t_n[:, None] * sv_t + h64 * sv_h + offs_d[None, :]), mask=kvmask, other=0.0)
-            s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)) * scale
-            p = tl.where(ncol[None, :], tl.exp(s - m_i[:, None]) * inv_l[:, None], 0.0)
-            dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32))
-            if DROPOUT:
-                keep = philox_keep(seed_ptr, h64 * T + t_m, n0, max_seqlen, threshold, GROUPED, BLOCK_M,
-                                   BLOCK_N)
-                dp = tl.where(keep, dp * p_scale, 0.0)
-            delta += tl.sum(p * dp, 1)
-    else:  # p = exp(s - lse), Delta = rowsum(dO * O) (flash-attention's: no extra pass)
+    else:  # p = exp(s - lse)
         m_i = tl.load(lse_ptr + (h64 * T + t_m), mask=mrow, other=0.0)
-        o = tl.load(o_ptr + offs_c, mask=qmask, other=0.0)
-        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+        inv_l = tl.full([BLOCK_M], 1.0, tl.float32)
+    # 2. Delta = rowsum(p dp) from the p and dp that dS = p (dp - Delta) cancels against (exactly 0
+    # for a one-token row), not flash-attention's rowsum(dO * O): O is rounded to q's dtype, and
+    # dO . O then misses dp by an ulp of |dO| |O| (250 for dO = 1000, O = 1251.25 in fp16, where the
+    # true dS is 0). fp32 inputs: products and sum in fp64, rounded once: Delta's rounding is dk's and
+    # dq's largest error term, and an fp32 sum's depends on its order (a tree reduction, numpy's
+    # pairwise one under the interpreter: up to 3x eager's error in dk at 9 keys). fp16/bf16: fp32
+    # (their rounded p and dS dominate; fp64 would spill the fp16 dropout tile on sm_90).
+    DELTA_T: tl.constexpr = tl.float64 if EXACT_SOFTMAX else tl.float32
+    delta = tl.zeros([BLOCK_M], dtype=DELTA_T)
+    for n0 in range(0, seqlen, BLOCK_N):
+        k, p, dp = _key_block(q, do, k_ptr, v_ptr, sk_t, sk_h, sv_t, sv_h, h64, start, seqlen, n0, offs_n,
+                              offs_d, dmask, m_i, inv_l, scale, seed_ptr, h64 * T + t_m, max_seqlen,
+                              threshold, p_scale, DROPOUT, GROUPED, BLOCK_M, BLOCK_N)
+        delta += tl.sum(p.to(DELTA_T) * dp.to(DELTA_T), 1)
+    delta = delta.to(tl.float32)
     tl.store(delta_ptr + (h64 * T + t_m), delta, mask=mrow)
     # 3. dq = scale sum_j dS_ij k_j
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for n0 in range(0, seqlen, BLOCK_N):
-        cols = n0 + offs_n
-        ncol = cols < seqlen
-        t_n = (start + cols).to(tl.int64)
-        kvmask = ncol[:, None] & dmask[None, :]
-        k = tl.load(k_ptr + (t_n[:, None] * sk_t + h64 * sk_h + offs_d[None, :]), mask=kvmask, other=0.0)
-        v = tl.load(v_ptr + (t_n[:, None] * sv_t + h64 * sv_h + offs_d[None, :]), mask=kvmask, other=0.0)
-        s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)) * scale
-        if EXACT_SOFTMAX:
-            p = tl.where(ncol[None, :], tl.exp(s - m_i[:, None]) * inv_l[:, None], 0.0)
-        else:
-            p = tl.where(ncol[None, :], tl.exp(s - m_i[:, None]), 0.0)  # m_i holds lse here
-        dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32))
-        if DROPOUT:
-            keep = philox_keep(seed_ptr, h64 * T + t_m, n0, max_seqlen, threshold, GROUPED, BLOCK_M, BLOCK_N)
-            dp = tl.where(keep, dp * p_scale, 0.0)
+        k, p, dp = _key_block(q, do, k_ptr, v_ptr, sk_t, sk_h, sv_t, sv_h, h64, start, seqlen, n0, offs_n,
+                              offs_d, dmask, m_i, inv_l, scale, seed_ptr, h64 * T + t_m, max_seqlen,
+                              threshold, p_scale, DROPOUT, GROUPED, BLOCK_M, BLOCK_N)
         ds = p * (dp - delta[:, None])
         dq = _dot(for_store(ds, k_ptr), k, dq)
     tl.store(dq_ptr + offs_c, for_store(dq * scale, dq_ptr), mask=qmask)

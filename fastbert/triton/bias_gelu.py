@@ -58,13 +58,16 @@ def _gelu(z, APPROX_TANH: tl.constexpr):
 @triton.jit
 def _normal_cdf(z):
     """Phi(z) without cancellation, as the CPU and CUDA kernels compute it: a = |z| / sqrt 2 (clamped
-    at 9), erfc(a) = exp(-a^2) P(a) / Q(a) (erfcx fitted to 7e-8 relative, scripts/fit_gelu.py),
-    Phi = erfc(a) / 2 for z < 0 and 1 - erfc(a) / 2 otherwise (0.5 + erf / 2 cancels in the tail)."""
-    a = tl.minimum(tl.abs(z) * 0.7071067811865476, 9.0)
+    at 9, erfc(a) / 2 taken as 0 beyond: the clamped value made z Phi(z) -62 for z = -3e38 where eager
+    gives -0; -inf gives NaN = -inf * 0, as eager), erfc(a) = exp(-a^2) P(a) / Q(a) (erfcx fitted to
+    7e-8 relative, scripts/fit_gelu.py), Phi = erfc(a) / 2 for z < 0 and 1 - erfc(a) / 2 otherwise
+    (0.5 + erf / 2 cancels in the tail)."""
+    a_raw = tl.abs(z) * 0.7071067811865476
+    a = tl.minimum(a_raw, 9.0)
     e = tl.exp2(a * a * -1.4426950408889634)
     p = ((0.037916102900 * a + 0.206855456100) * a + 0.470344796950) * a + 0.499999964150
     q = (((0.1344987700 * a + 0.7316200554) * a + 1.748460695) * a + 2.069064260) * a + 1.0
-    h = e * p / q
+    h = tl.where(a_raw > 9.0, 0.0, e * p / q)
     return tl.where(z < 0.0, h, 1.0 - h)
 
 

@@ -193,9 +193,11 @@ def gather_masked_bwd_triton(grad: torch.Tensor, slot: torch.Tensor) -> torch.Te
 
 
 _library.register_autograd("fastbert::gather_masked_fwd_triton",
-                           torch.ops.fastbert.gather_masked_bwd_triton.default, setup_context, backward)
+                           torch.ops.fastbert.gather_masked_bwd_triton.default, setup_context, backward,
+                           double_backward=True)
 _library.register_autograd("fastbert::gather_masked_bwd_triton",
-                           torch.ops.fastbert.gather_masked_fwd_triton.default, bwd_setup_context, bwd_backward)
+                           torch.ops.fastbert.gather_masked_fwd_triton.default, bwd_setup_context, bwd_backward,
+                           double_backward=True)
 
 
 # ------------------------------------------------------------------------ ahead-of-time compile list

@@ -21,7 +21,8 @@ order. The row blocking is fixed by the shape and the GPU model (one resident wa
 Dropout draws from the shared Philox stream (fastbert/philox.py): element ``e`` (flat index into
 [rows, n]) takes output ``(e % 64) // 16`` of counter ``16 (e // 64) + e % 16``. When ``n % 64 == 0``
 (BERT widths) a tile's counters are generated once per 4 elements and the four outputs interleaved
-back into element order (``GROUPED``); otherwise each element draws its own counter.
+back into element order (``GROUPED``); otherwise two counters per 4 elements (tiles of 64 columns or
+more: a row's columns ``c + 16 k`` span at most two 64-element groups), or one per element under 64.
 """
 
 import functools

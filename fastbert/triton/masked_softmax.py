@@ -19,7 +19,8 @@ second.
 
 Dropout draws from the shared Philox stream (fastbert/philox.py) at the flat index of each element of
 the contiguous output (``philox_keep`` in _common.py): one counter per 4 elements when
-``Sk % 64 == 0`` (``GROUPED``), else one per element.
+``Sk % 64 == 0`` (``GROUPED``), else two per 4 elements (tiles of 64 columns or more; one per element
+under 64).
 """
 
 from typing import Optional, Tuple

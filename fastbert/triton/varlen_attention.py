@@ -44,13 +44,15 @@ def block_config(head_dim, dtype, kernel, dropout=False):
     bm, bn, nw, ns = _CONFIGS["fp32" if dtype in (torch.float32, "fp32") else "half"][kernel]
     if head_dim % 16:  # padded head dim (masked loads): half the query rows (full tiles spilled on sm_80)
         bm = max(16, bm // 2)  # (16: the smallest tl.dot)
+        if kernel == "dq" and nw == 8 and dropout:  # fp32's fp64 Delta with dropout spilled 24 bytes on 8
+            nw = 4                                      # warps (sm_90, head dim 24)
     elif bd == 16 and kernel == "dq" and bm == 32:  # fp32 dq at head dim 16 spilled 16 bytes (80 registers)
         bm = 16
     if dropout and bm == 64:  # the Philox rounds on top of the 64 x 64 half tiles spilled on sm_80 (triton 3.6)
         if kernel == "fwd":
             nw = 8
-        elif kernel == "dq":
-            bm = 32
+        elif kernel == "dq":  # and the Delta = rowsum(p dp) pass spilled 32 x 64 on 4 warps (8-16 bytes)
+            bm, nw = 32, 8
     return bm, bn, bd, nw, ns
 
 
@@ -58,11 +60,9 @@ def exact_softmax(dtype):
     """fp32 rebuilds the probabilities as eager softmax rounds them, ``p = exp(s - m) * (1 / l)`` from
     each row's max ``m`` and sum ``l`` (recomputed in a first pass over the keys in the dq kernel):
     ``exp(s - lse)`` carries the rounding of the fp32 ``lse`` (an ulp of ``|lse|``) into every
-    probability, several times eager's error in ``dq``. It also takes ``Delta = rowsum(p dp)`` (a second
-    pass): ``dS = p (dp - Delta)`` cancels, and ``rowsum(dO * O)`` rounds apart from the ``dp`` it
-    cancels against by more than eager's softmax backward (exactly 0 for a one-token sequence there).
-    fp16/bf16 take flash-attention's ``exp(s - lse)`` and ``rowsum(dO * O)``: their rounded ``p`` and
-    ``dS`` products dominate."""
+    probability, several times eager's error in ``dq``. fp16/bf16 take flash-attention's
+    ``exp(s - lse)``: their rounded ``p`` and ``dS`` products dominate. (Every dtype takes
+    ``Delta = rowsum(p dp)`` in fp64: _varlen_attention_kernels.py.)"""
     return dtype in (torch.float32, "fp32")
 
 
@@ -164,7 +164,7 @@ def varlen_attention_bwd_triton(grad: torch.Tensor, q: torch.Tensor, k: torch.Te
                                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_bwd(grad, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, dropout_p, seed)
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-    grad, out, lse = grad.contiguous(), out.contiguous(), lse.contiguous()
+    grad, lse = grad.contiguous(), lse.contiguous()  # out: checked, not read (Delta = rowsum(p dp))
     t_all, heads, d = q.shape
     batch = cu_seqlens.shape[0] - 1
     if t_all == 0 or heads == 0 or batch <= 0 or max_seqlen == 0 or d == 0:
@@ -180,7 +180,7 @@ def varlen_attention_bwd_triton(grad: torch.Tensor, q: torch.Tensor, k: torch.Te
     seed_arg = seed if drop else cu_seqlens
     per, consts = _consts(q, "dq", drop, max_seqlen)
     wrap_triton(_varlen_bwd_dq_kernel)[(triton.cdiv(max_seqlen, per), heads, batch)](
-        q, k, v, grad, out, lse, cu_seqlens, seed_arg, dq, delta, m, inv_l, *strides, t_all, heads, max_seqlen,
+        q, k, v, grad, lse, cu_seqlens, seed_arg, dq, delta, m, inv_l, *strides, t_all, heads, max_seqlen,
         float(scale), threshold, p_scale, EXACT_SOFTMAX=exact, **consts)
     per, consts = _consts(q, "dkdv", drop, max_seqlen)
     wrap_triton(_varlen_bwd_dkdv_kernel)[(triton.cdiv(max_seqlen, per), heads, batch)](
@@ -232,9 +232,9 @@ def _aot_specs():
             add(_varlen_fwd_kernel, s, drop, max_seqlen, {"out_ptr": f"*{s}", "lse_ptr": "*fp32"},
                 ("out_ptr", "lse_ptr"))
             add(_varlen_bwd_dq_kernel, s, drop, max_seqlen,
-                {"do_ptr": f"*{s}", "o_ptr": f"*{s}", "lse_ptr": "*fp32", "dq_ptr": f"*{s}", "delta_ptr": "*fp32",
+                {"do_ptr": f"*{s}", "lse_ptr": "*fp32", "dq_ptr": f"*{s}", "delta_ptr": "*fp32",
                  "m_ptr": "*fp32", "il_ptr": "*fp32"},
-                ("do_ptr", "o_ptr", "lse_ptr", "dq_ptr", "delta_ptr", "m_ptr", "il_ptr"))
+                ("do_ptr", "lse_ptr", "dq_ptr", "delta_ptr", "m_ptr", "il_ptr"))
             add(_varlen_bwd_dkdv_kernel, s, drop, max_seqlen,
                 {"do_ptr": f"*{s}", "lse_ptr": "*fp32", "delta_ptr": "*fp32", "m_ptr": "*fp32", "il_ptr": "*fp32",
                  "dk_ptr": f"*{s}", "dv_ptr": f"*{s}"},
