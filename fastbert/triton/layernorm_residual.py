@@ -61,7 +61,7 @@ def fwd_config(n, dropout):
     """``(BLOCK_M, BLOCK_N, num_warps, looped)`` of the forward for rows of length ``n``.
 
     A row that fits is one power-of-two block of columns; the tile takes enough rows for 16 elements
-    per thread (8 with per-element counters) over 4 to 8 warps: 768/1024 -> 2 rows x 1024 over 4
+    per thread (4 with paired or per-element dropout counters) over 4 to 8 warps: 768/1024 -> 2 rows x 1024 over 4
     warps (a thread: one 16-byte vector of x and of residual per row, ~80 registers, 6 programs per
     SM), 8192 -> 1 row over 8 warps (32 per thread).
     """
