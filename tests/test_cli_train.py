@@ -11,6 +11,7 @@ import torch
 from fastbert import cli
 from fastbert.data import default_corpus_documents
 from fastbert.train import trainer
+from tests.utils import within
 
 SMALL = ["--preset", "tiny", "--seq-len", "64", "--vocab-size", "600", "--batch", "8", "--no-progress"]
 
@@ -235,23 +236,6 @@ def test_resume_checks_what_it_reads(tmp_path, corpus, vocab, capsys):
     torch.save(state, state_file)
     assert cli.main(resume + ["--steps", "3"]) == 2  # a flag that differs from run.json, as before
     assert sorted(p.name for p in out.glob("step-*")) == ["step-1", "step-2"]
-
-
-class within:
-    """Fail with TimeoutError past ``seconds`` (a generous bound: minutes to hours when quadratic)."""
-
-    def __init__(self, seconds):
-        self.seconds = seconds
-
-    def __enter__(self):
-        def fire(*_):
-            raise TimeoutError(f"still running after {self.seconds} s: quadratic time?")
-        self.previous = signal.signal(signal.SIGALRM, fire)
-        signal.alarm(self.seconds)
-
-    def __exit__(self, *exc):
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, self.previous)
 
 
 def test_pretrain_on_a_corpus_with_one_huge_line(tmp_path, corpus, capsys):

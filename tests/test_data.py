@@ -12,6 +12,7 @@ import torch
 from fastbert.data import (DEFAULT_CORPUS_TITLES, SPECIAL_TOKENS, Document, MaskingCollator, WordPieceTokenizer,
                            default_corpus_documents, document_from_text, nsp_examples, read_documents, split_sentences,
                            tokenize_documents)
+from tests.utils import within
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_AUSTEN = ROOT.parent / "shared" / "data" / "austen"  # beside the checkout, when present
@@ -378,33 +379,6 @@ def test_examples_to_masked_batch_to_a_training_step(corpus, tok):
 
 
 # ------------------------------------------------------------------------- linear time on huge input
-
-class within:
-    """Fail (TimeoutError, raised in Python code, the regex engine included) past ``seconds``; a
-    generous bound: the inputs below take well under a second now and minutes when quadratic."""
-
-    def __init__(self, seconds):
-        self.seconds = seconds
-
-    def __enter__(self):
-        import signal
-        import time
-
-        def fire(*_):
-            raise TimeoutError(f"still running after {self.seconds} s: quadratic time?")
-
-        self.previous = signal.signal(signal.SIGALRM, fire)
-        signal.alarm(self.seconds)
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        import signal
-        import time
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, self.previous)
-        assert time.perf_counter() - self.t0 < self.seconds, "took too long: quadratic time?"
-
 
 def test_split_sentences_is_linear_on_long_runs():
     long_word = "x" * 200_000  # 61 s for 80,000 characters when the regex backtracked

@@ -6,6 +6,8 @@ be within 2x eager PyTorch's own error (same dtype, same device) plus a small pe
 
 import math
 import os
+import signal
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -126,3 +128,25 @@ def assert_grads_match(got, want, same_keys=True):
         assert torch.isfinite(got[k]).all(), f"{k}: non-finite gradient"
         err = (got[k] - w).abs().max().item()
         assert err <= 1e-5 * w.abs().max().item() + 1e-6 * scale, f"{k}: grad error {err:.3g} (|g| {w.abs().max():.3g})"
+
+
+class within:
+    """Fail (TimeoutError, raised in Python code, the regex engine included) past ``seconds``; a
+    generous bound: the inputs below take well under a second now and minutes when quadratic."""
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+
+    def __enter__(self):
+        def fire(*_):
+            raise TimeoutError(f"still running after {self.seconds} s: quadratic time?")
+
+        self.previous = signal.signal(signal.SIGALRM, fire)
+        signal.alarm(self.seconds)
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, self.previous)
+        assert time.perf_counter() - self.t0 < self.seconds, "took too long: quadratic time?"
