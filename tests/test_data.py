@@ -435,3 +435,21 @@ def test_training_skips_overlong_words_and_encoding_is_unchanged(tok):
     raw = tok.backend_tokenizer
     for text in ["a" * 101 + " é" + "b" * 150 + ".c", "Ab" * 60 + "—" + "x" * 120, "中" * 120, "e\u0301" * 80]:
         assert tok.encode(text) == raw.encode(text, add_special_tokens=False).ids
+
+
+def test_long_texts_are_cut_at_spaces_with_the_same_ids_and_words(tok, corpus, monkeypatch):
+    import fastbert.data.tokenizer as tokenizer_module
+    rng = random.Random(5)
+    words = [w for d in corpus[:2] for s in d.sentences[:400] for w in s.split()]
+    # one "line" of prose with long words, specials, tabs and non-ASCII spaces between the cut points
+    text = " ".join(rng.choice(words + ["[MASK]", "x" * 150, "é\u00a0b", "a\tb", "中文", "  "]) for _ in range(3000))
+    raw = tok.backend_tokenizer
+    whole = raw.encode(tokenizer_module._unk_long_words(text), add_special_tokens=False).ids
+    words = [w for w, _ in raw.pre_tokenizer.pre_tokenize_str(text)]
+    monkeypatch.setattr(tokenizer_module, "CHUNK_CHARS", 97)
+    assert len(tokenizer_module._chunks(text)) > 100
+    assert "".join(tokenizer_module._chunks("x" * 500)) == "x" * 500  # no space, no cut
+    assert tok.encode(text) == whole
+    assert tok.encode_batch(["", text, "short one."]) == [[], whole, raw.encode("short one.").ids[1:-1]]
+    # the trainer counts the same words (its vocabulary itself breaks ties differently run to run)
+    assert [w for c in tokenizer_module._chunks(text) for w, _ in raw.pre_tokenizer.pre_tokenize_str(c)] == words
