@@ -8,13 +8,13 @@ SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 # What the build depends on besides the sources; a change re-runs the (incremental) build.
 BUILD_ENV := FASTBERT_BUILD_CUDA=$(FASTBERT_BUILD_CUDA) TORCH_CUDA_ARCH_LIST=$(TORCH_CUDA_ARCH_LIST) CUDA_HOME=$(CUDA_HOME)
 
-.PHONY: test bench info build clean FORCE
+.PHONY: test bench info build clean FORCE lint format
 
 test: $(VENV)/.built
 	$(PY) -m pytest -q tests
 
 bench: $(VENV)/.built
-	$(VENV)/bin/fastbert bench --quick
+	$(VENV)/bin/fastbert bench --quick --out benchmarks/results
 
 info: $(VENV)/.built
 	$(PY) -m fastbert info
@@ -35,8 +35,28 @@ $(VENV)/.build-env: FORCE | $(PY)
 	@echo '$(BUILD_ENV)' | cmp -s - $@ || echo '$(BUILD_ENV)' > $@
 
 $(VENV)/.built: $(VENV)/.deps $(VENV)/.build-env $(SOURCES)
-	$(PIP) install --no-build-isolation -e ".[test,triton]"
+	$(PIP) install --no-build-isolation -e ".[all]"
 	touch $@
 
 clean:
 	rm -rf build fastbert/_C*.so *.egg-info $(VENV)/.built
+
+# Lint and format: ruff (config in pyproject.toml) for Python, clang-format (.clang-format) for csrc/.
+# `make lint` checks and changes nothing; `make format` applies the fixes and the formatting.
+RUFF_VERSION := 0.17.6
+CLANG_FORMAT_VERSION := 23.1.5
+CSRC_FORMAT := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \) 2>/dev/null | sort)
+
+$(VENV)/.lint-$(RUFF_VERSION)-$(CLANG_FORMAT_VERSION): | $(PY)
+	$(PIP) install -q ruff==$(RUFF_VERSION) clang-format==$(CLANG_FORMAT_VERSION)
+	touch $@
+
+lint: $(VENV)/.lint-$(RUFF_VERSION)-$(CLANG_FORMAT_VERSION)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/clang-format --dry-run --Werror $(CSRC_FORMAT)
+
+format: $(VENV)/.lint-$(RUFF_VERSION)-$(CLANG_FORMAT_VERSION)
+	$(VENV)/bin/ruff check --fix --exit-zero .
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/clang-format -i $(CSRC_FORMAT)

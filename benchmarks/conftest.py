@@ -1,10 +1,14 @@
 """pytest-benchmark set-up of ``pytest benchmarks/ --benchmark-only`` (see test_bench.py): options that
-narrow the cases, and one test id per case x candidate. ``make test`` never collects this directory
-(pyproject's testpaths is ``tests``)."""
+narrow the cases of ``fastbert.bench``, and one test id per case x candidate. ``make test`` never
+collects this directory (pyproject's testpaths is ``tests``). Needs pytest-benchmark
+(``pip install 'fastbert[bench]'``)."""
 
 import pytest
 
-from benchmarks import compare, harness, run
+from fastbert._optional import require
+from fastbert.bench import compare, harness, run
+
+require("pytest_benchmark", "bench", "pytest benchmarks/ --benchmark-only")
 
 
 def pytest_addoption(parser):
@@ -14,7 +18,7 @@ def pytest_addoption(parser):
     g.addoption("--bench-shapes", nargs="+", help="override the shapes, e.g. 8x16 4096x3072")
     g.addoption("--bench-device", default="auto", choices=["auto", "cpu", "cuda"])
     g.addoption("--bench-mode", default="quick", choices=["quick", "full"], help="the cases of "
-                "python -m benchmarks.run --quick (default) or --full")
+                "fastbert bench --quick (default) or --full")
     g.addoption("--bench-rounds", type=int, default=5, help="timed rounds per candidate (default 5)")
     g.addoption("--bench-warmup", type=int, default=2, help="untimed warm-up calls (default 2)")
 

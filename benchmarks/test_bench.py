@@ -1,13 +1,13 @@
 """The benchmark cases under pytest-benchmark: ``pytest benchmarks/ --benchmark-only [--bench-ops gelu]
 [--bench-shapes 8x16] [-k fastbert-cpu]``.
 
-One test ``test_<op>[<shape>-<dtype>-<pass>[-<params>]-<candidate>]`` per case of bench_<op>.py (the
-cases of ``python -m benchmarks.run --quick``) and candidate. The case's ``setup()`` (inputs, and
+One test ``test_<op>[<shape>-<dtype>-<pass>[-<params>]-<candidate>]`` per case of fastbert.bench.bench_<op> (the
+cases of ``fastbert bench --quick``) and candidate. The case's ``setup()`` (inputs, and
 torch.compile's compilation) runs once per case, outside the timed region, its candidates shared by
 that case's tests; each test then warms its candidate up and times ``--bench-rounds`` single calls
 with ``benchmark.pedantic`` (CUDA: synchronized after each call). A candidate the case does not have
 here (a backend that cannot run it) is skipped. The benchmarks of one case form one group of
-pytest-benchmark's table. ``python -m benchmarks.run`` remains the measurement (interleaved
+pytest-benchmark's table. ``fastbert bench`` remains the measurement (interleaved
 candidates, adaptive repeats, load flag, results files); this is for pytest-benchmark's tooling
 (``--benchmark-autosave``, ``--benchmark-compare``, ``--benchmark-json``).
 """
@@ -16,7 +16,7 @@ import gc
 
 import pytest
 
-from benchmarks import run
+from fastbert.bench import run
 
 _built = {}  # {case key: the case's candidates}: only the case being run (its tests are consecutive)
 

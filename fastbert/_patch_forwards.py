@@ -23,13 +23,13 @@ def _get(obj, path):
 
 
 class _AddNorm:
-    """BertSelfOutput / BertOutput: LayerNorm(dropout(dense(h)) + input)."""
+    """transformers' BertSelfOutput / BertOutput layers: LayerNorm(dropout(dense(h)) + input)."""
     fastbert_op = "layernorm_residual"
 
     def forward(self, hidden_states, input_tensor):
         ln = self.LayerNorm
         h = F.linear(hidden_states, self.dense.weight)
-        return ops.layernorm_residual(h, input_tensor.to(h.dtype), ln.weight, ln.bias, ln.eps, x_bias=self.dense.bias,
+        return ops.layernorm_residual(h, input_tensor.to(h.dtype), ln.weight, ln.bias, self.dense.bias, eps=ln.eps,
                                       dropout_p=self.dropout.p, training=self.training)
 
 
@@ -38,23 +38,31 @@ class _Intermediate:
     fastbert_op = "bias_gelu"
 
     def forward(self, hidden_states):
-        return ops.bias_gelu(F.linear(hidden_states, self.dense.weight), self.dense.bias, self.fastbert_approximate)
+        return ops.bias_gelu(F.linear(hidden_states, self.dense.weight), self.dense.bias,
+                             approximate=self.fastbert_approximate)
 
 
 class _MaskedLM:
     """*ForMaskedLM / BertForPreTraining in training mode with labels: the head and the loss on the
-    labelled rows only; no logits are built (``logits`` / ``prediction_logits`` is None). In eval mode,
-    or without labels, transformers' own forward (full ``[batch, seq, vocab]`` logits)."""
+    labelled rows only; no logits are built (``logits`` / ``prediction_logits`` is None), unless the
+    forward keyword ``return_logits=True`` asks for the labelled rows' logits ``[M, vocab]``. In eval
+    mode, or without labels, transformers' own forward (full ``[batch, seq, vocab]`` logits);
+    ``return_logits=False`` with labels: the fused loss and no logits in eval mode too (the contract of
+    ``fastbert.models``)."""
     fastbert_op = "mlm_loss"
 
     def forward(self, *args, **kwargs):
         spec = self.fastbert_mlm
         original = type(self).fastbert_original.forward
+        return_logits = kwargs.pop("return_logits", None)
+        if return_logits not in (None, True, False):
+            raise ValueError(f"fastbert.patch: return_logits must be None, True or False, got {return_logits!r}")
         a = type(self).fastbert_signature.bind(self, *args, **kwargs).arguments
         extra = dict(a.pop("kwargs", {}))
         labels, nsp_labels = a.pop("labels", None), a.pop("next_sentence_label", None)
         return_dict = extra.pop("return_dict", None)
-        if not self.training or labels is None or (spec.nsp is not None and nsp_labels is None):
+        fused = self.training or return_logits is False
+        if not fused or labels is None or (spec.nsp is not None and nsp_labels is None):
             return original(self, *args, **kwargs)  # the logits are wanted, or no loss to fuse: transformers' own
         a.pop("self")
         out = _get(self, spec.base)(**a, **extra, return_dict=True)
@@ -63,17 +71,19 @@ class _MaskedLM:
         dense, norm, decoder = _get(self, spec.dense), _get(self, spec.norm), _get(self, spec.decoder)
         act = spec.act or self.config.hidden_act
         if isinstance(act, str) and act in GELU:
-            h = ops.bias_gelu(F.linear(rows, dense.weight), dense.bias, GELU[act])
+            h = ops.bias_gelu(F.linear(rows, dense.weight), dense.bias, approximate=GELU[act])
         else:
             h = _activation(act)(dense(rows))
-        loss = ops.linear_cross_entropy(norm(h), decoder.weight, decoder.bias, targets)
+        h = norm(h)
+        loss = ops.linear_cross_entropy(h, decoder.weight, targets, decoder.bias)
+        logits = decoder(h) if self.training and return_logits is True else None  # the labelled rows [M, vocab]
         if spec.nsp is None:
-            res = _output_class(self, spec)(loss=loss, logits=None, hidden_states=out.hidden_states,
+            res = _output_class(self, spec)(loss=loss, logits=logits, hidden_states=out.hidden_states,
                                             attentions=out.attentions)
         else:
             nsp_logits = _get(self, spec.nsp)(out[1])
             loss = loss + F.cross_entropy(nsp_logits.view(-1, 2), nsp_labels.to(nsp_logits.device).view(-1))
-            res = _output_class(self, spec)(loss=loss, prediction_logits=None, seq_relationship_logits=nsp_logits,
+            res = _output_class(self, spec)(loss=loss, prediction_logits=logits, seq_relationship_logits=nsp_logits,
                                             hidden_states=out.hidden_states, attentions=out.attentions)
         if return_dict is None:
             return_dict = getattr(self.config, "return_dict", True)
@@ -207,11 +217,12 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
         if max_seqlen is None:
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
         q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [1, heads, T, D] -> [T, heads, D]
-        out = ops.varlen_attention(q, k, v, cu_seqlens.to(torch.int32), int(max_seqlen), scaling,
-                                   dropout if module.training else 0.0)
+        out = ops.varlen_attention(q, k, v, cu_seqlens.to(torch.int32), int(max_seqlen), scale=scaling,
+                                   dropout_p=dropout, training=module.training)
         return out.unsqueeze(0), None  # [1, T, heads, D], as the padded path's transpose(1, 2)
     scores = torch.matmul(query, key.transpose(2, 3))
-    probs = ops.masked_softmax(scores, attention_mask, scaling, dropout_p=dropout, training=dropout > 0)
+    # transformers passes dropout=0.0 in eval mode (dropout = 0.0 if not self.training else p)
+    probs = ops.masked_softmax(scores, attention_mask, scale=scaling, dropout_p=dropout, training=module.training)
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
 
 

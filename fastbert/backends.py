@@ -26,11 +26,22 @@ where ``ContextVar.get`` graph-breaks) the compiled region reads the tracing thr
 constant and is guarded on the choice most recently entered or left in any thread: switching
 backends recompiles, but a compiled function run at once by threads with *different* overrides may
 run the choice it was traced with.
+
+Triton is imported lazily: ``import fastbert`` checks only that it is installed
+(``importlib.util.find_spec``). The first time the triton backend would run an op (every other reason
+it could not is ruled out), :func:`select` (through :func:`reasons_for`) imports :mod:`fastbert.triton`,
+which imports triton and registers the ``fastbert::<op>_*_triton`` kernels; a triton that fails to
+import, or kernels that fail to register, then become the backend's reason. Importing
+:mod:`fastbert.triton` (``fastbert.triton`` attribute access, ``fastbert info``) loads it as well.
+Neither this module nor ``import fastbert`` imports ``torch._dynamo`` (which imports triton).
 """
 
 import contextlib
 import contextvars
+import importlib
+import importlib.util
 import os
+import sys
 import warnings
 
 import torch
@@ -55,6 +66,7 @@ NOT_IMPLEMENTED = {("varlen_attention", "cuda"): "no CUDA kernel for varlen_atte
 _global = {}        # backend -> reasons it cannot run anywhere in this process
 _op_missing = {}    # (op, backend) -> reason the op has no kernel on that backend
 _TRITON_INTERPRET = False
+_TRITON_PENDING = False  # triton is installed but fastbert.triton (its kernels) is not imported yet
 _warned = set()     # (op, device, reasons) already warned about by select
 
 
@@ -79,15 +91,30 @@ _override = contextvars.ContextVar("fastbert_backend", default=DEFAULT)
 _last = DEFAULT
 
 
+def _constant_result(fn):
+    """``torch.compiler.assume_constant_result(fn)`` without importing torch._dynamo (and with it
+    triton) now: that decorator only sets this attribute, which dynamo reads when it traces a call to
+    ``fn`` (it then runs ``fn`` in plain Python and uses the result as a constant)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+# Whether dynamo traces ContextVar.get; None until first needed (while compiling, when torch._dynamo
+# is imported anyway): checking imports torch._dynamo.
+_DYNAMO_TRACES_CONTEXTVAR = None
+
+
+@_constant_result
 def _dynamo_traces_contextvar():
-    try:
-        from torch._dynamo.variables import misc
-    except Exception:  # pragma: no cover - a torch without dynamo
-        return False
-    return hasattr(misc, "ContextVarVariable")
-
-
-_DYNAMO_TRACES_CONTEXTVAR = _dynamo_traces_contextvar()
+    global _DYNAMO_TRACES_CONTEXTVAR
+    if _DYNAMO_TRACES_CONTEXTVAR is None:
+        try:
+            from torch._dynamo.variables import misc
+        except Exception:  # pragma: no cover - a torch without dynamo
+            _DYNAMO_TRACES_CONTEXTVAR = False
+        else:
+            _DYNAMO_TRACES_CONTEXTVAR = hasattr(misc, "ContextVarVariable")
+    return _DYNAMO_TRACES_CONTEXTVAR
 
 
 def current():
@@ -95,14 +122,14 @@ def current():
     return _override.get()
 
 
-@torch.compiler.assume_constant_result
+@_constant_result
 def _traced_override():
     return _override.get()
 
 
 def _choice():
     """:func:`current`, in a form torch.compile traces (see the module docstring)."""
-    if _DYNAMO_TRACES_CONTEXTVAR or not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() or _dynamo_traces_contextvar():
         return _override.get()
     # dynamo without ContextVar support: the tracing thread's choice, as a constant; testing _last
     # guards the compiled code on it (its value), so a change of choice recompiles
@@ -150,14 +177,38 @@ def refresh():
                     f"fastbert::{op}_fwd", key):
                 _op_missing[(op, name)] = NOT_IMPLEMENTED.get(
                     (op, name), f"no {key} kernel is registered for fastbert::{op}_fwd")
-        if not _global["triton"] and not hasattr(torch.ops.fastbert, f"{op}_fwd_triton"):
+        if not _global["triton"] and not _TRITON_PENDING and not hasattr(torch.ops.fastbert, f"{op}_fwd_triton"):
             _op_missing[(op, "triton")] = f"no Triton kernel for {op}"
 
 
 def _triton_reasons():
-    from fastbert import triton as ft
+    """The triton backend's reasons, without importing triton: once fastbert.triton is imported,
+    whether it loaded; before, only whether triton is installed (:data:`_TRITON_PENDING`: it is)."""
+    global _TRITON_PENDING
+    _TRITON_PENDING = False
+    ft = sys.modules.get("fastbert.triton")
+    if ft is not None and (getattr(ft, "available", False) or getattr(ft, "error", None)):  # imported
+        return [] if ft.available else [ft.error]
+    try:
+        found = importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # a broken or blocked triton
+        found = False
+    if not found:
+        return ["triton is not installed: pip install 'fastbert[triton]'"]
+    _TRITON_PENDING = True
+    return []
 
-    return [] if ft.available else [ft.error]
+
+@_constant_result
+def _load_triton(op=None):
+    """Import fastbert.triton (triton and the Triton kernels) unless done already; the triton
+    backend's reasons for ``op`` (any op: ``None``) it leaves, as a tuple. Under torch.compile this
+    runs in plain Python when traced and its result is a constant (no guard on the loading state)."""
+    if _TRITON_PENDING:
+        importlib.import_module("fastbert.triton")  # its __init__ calls refresh() when loaded
+        refresh()
+    missing = _op_missing.get((op, "triton"))
+    return tuple(_global["triton"]) + ((missing,) if missing else ())
 
 
 def availability(name):
@@ -166,6 +217,8 @@ def availability(name):
     if name in ("cuda", "triton") and not reasons and not torch.cuda.is_available():
         reasons.append("no CUDA device is available" + (
             " (triton runs CPU tensors under TRITON_INTERPRET=1)" if name == "triton" else ""))
+    if name == "triton" and not reasons:
+        reasons = list(_load_triton())  # the first time: whether triton and its kernels load
     return reasons
 
 
@@ -195,6 +248,10 @@ def reasons_for(name, op, devices, dtypes, converted_dtypes=()):
     for dt in sorted(bad, key=str):
         reasons.append(f"dtype {str(dt).replace('torch.', '')} is not supported (it supports "
                        f"{', '.join(str(d).replace('torch.', '') for d in DTYPES[name])})")
+    if name == "triton" and not reasons:
+        # nothing else rules triton out: import it and its kernels now (the first time), and report
+        # whether they loaded
+        reasons = list(_load_triton(op))
     return reasons
 
 

@@ -25,7 +25,7 @@ class FusedBiasGELU(torch.nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x):
-        return ops.bias_gelu(x, self.bias, self.approximate)
+        return ops.bias_gelu(x, self.bias, approximate=self.approximate)
 
     def extra_repr(self):
         return f"{self.num_features}, approximate={self.approximate!r}, bias={self.bias is not None}"
@@ -51,8 +51,8 @@ class FusedLayerNormResidual(torch.nn.Module):
         self.bias = torch.nn.Parameter(torch.zeros(hidden_size, device=device, dtype=dtype))
 
     def forward(self, x, residual, x_bias=None):
-        return ops.layernorm_residual(x, residual, self.weight, self.bias, self.eps, x_bias=x_bias,
-                                      dropout_p=self.p, training=self.training)
+        return ops.layernorm_residual(x, residual, self.weight, self.bias, x_bias, eps=self.eps, dropout_p=self.p,
+                                      training=self.training)
 
     def extra_repr(self):
         return f"{self.hidden_size}, eps={self.eps}, p={self.p}"
@@ -71,7 +71,7 @@ class FusedMaskedSoftmax(torch.nn.Module):
         self.scale, self.p = float(scale), p
 
     def forward(self, scores, mask=None):
-        return ops.masked_softmax(scores, mask, self.scale, dropout_p=self.p, training=self.training)
+        return ops.masked_softmax(scores, mask, scale=self.scale, dropout_p=self.p, training=self.training)
 
     def extra_repr(self):
         return f"scale={self.scale:g}, p={self.p}"
@@ -86,7 +86,7 @@ class MaskedTokenGather(torch.nn.Module):
         self.ignore_index = ignore_index
 
     def forward(self, hidden, labels):
-        return ops.gather_masked(hidden, labels, self.ignore_index)
+        return ops.gather_masked(hidden, labels, ignore_index=self.ignore_index)
 
     def extra_repr(self):
         return f"ignore_index={self.ignore_index}"
@@ -112,8 +112,8 @@ class FusedLinearCrossEntropy(torch.nn.Module):
         torch.nn.init.normal_(self.weight, std=0.02)
 
     def forward(self, rows, targets):
-        return ops.linear_cross_entropy(rows, self.weight, self.bias, targets, self.ignore_index,
-                                        self.reduction, self.chunk_size)
+        return ops.linear_cross_entropy(rows, self.weight, targets, self.bias, ignore_index=self.ignore_index,
+                                        reduction=self.reduction, chunk_size=self.chunk_size)
 
     def extra_repr(self):
         return (f"{self.in_features}, {self.num_classes}, bias={self.bias is not None}, "

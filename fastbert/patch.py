@@ -9,29 +9,33 @@
     model = transformers.AutoModel.from_pretrained(...)
     fastbert.unpatch_transformers()
 
-What is replaced, in every layer of the encoder:
+What is replaced, in every layer of the encoder (each item is one keyword switch of :func:`patch`, named
+as in its :class:`PatchReport` and in ``fastbert.models.BertConfig.fused``: :data:`OPTIONS`):
 
-* ``intermediate``: dense bias + activation -> :func:`fastbert.ops.bias_gelu` (exact for
+* ``bias_gelu``: the intermediate dense bias + activation -> :func:`fastbert.ops.bias_gelu` (exact for
   ``hidden_act="gelu"``, tanh for ``"gelu_new"`` / ``"gelu_pytorch_tanh"``; any other activation
   is left alone, and the report says so);
-* ``attention.output`` and ``output``: dense bias + dropout + residual + LayerNorm ->
-  :func:`fastbert.ops.layernorm_residual`;
-* attention: the model's ``attn_implementation`` becomes ``"fastbert"``, registered with
+* ``layernorm_residual``: ``attention.output`` and ``output``, dense bias + dropout + residual +
+  LayerNorm -> :func:`fastbert.ops.layernorm_residual`;
+* ``attention``: the model's ``attn_implementation`` becomes ``"fastbert"``, registered with
   transformers' ``AttentionInterface``: ``QK^T`` -> :func:`fastbert.ops.masked_softmax` (scale,
   padding mask, dropout) -> ``@ V`` (left alone for decoders and cross-attention). It returns the
   attention probabilities, so ``output_attentions=True`` works as with ``"eager"``, as a forward
   argument and on the config (``config.output_attentions = True``: registering the attention extends
   transformers' check, which otherwise accepts only ``"eager"``, to ``"fastbert"``);
-* the MLM loss of ``*ForMaskedLM`` / ``BertForPreTraining``, **in training mode with** ``labels``
-  (and ``next_sentence_label`` for pre-training): only the labelled rows go through the head
-  (:func:`fastbert.ops.gather_masked`) and the loss through :func:`fastbert.ops.linear_cross_entropy`;
-  no ``[tokens, vocab]`` logits are built, so the returned ``logits`` / ``prediction_logits`` are
-  **None** (the loss, and ``seq_relationship_logits``, hidden states and attentions when asked for,
-  are returned as usual; a ``return_dict=False`` tuple drops the None, as transformers' tuples do).
-  In **eval mode**, or without labels, the model runs transformers' own head and loss: full
-  ``[batch, seq, vocab]`` logits, exactly transformers' outputs. Logits while training: patch with
-  ``mlm_loss=False``;
-* unpadded execution (``unpad=True``, the default; needs ``attention``): the encoder model
+* ``mlm_loss``: the MLM loss of ``*ForMaskedLM`` / ``BertForPreTraining``, with the output contract of
+  ``fastbert.models``. **In training mode with** ``labels`` (and ``next_sentence_label`` for
+  pre-training): only the labelled rows go through the head (:func:`fastbert.ops.gather_masked`) and
+  the loss through :func:`fastbert.ops.linear_cross_entropy`; no ``[tokens, vocab]`` logits are built,
+  so the returned ``logits`` / ``prediction_logits`` are **None** (the loss, and
+  ``seq_relationship_logits``, hidden states and attentions when asked for, are returned as usual; a
+  ``return_dict=False`` tuple drops the None, as transformers' tuples do). The forward keyword
+  ``return_logits=True`` also returns the labelled rows' logits ``[M, vocab]`` (row-major order:
+  transformers' full logits at ``labels != -100``), one more matmul. In **eval mode**, or without
+  labels, the model runs transformers' own head and loss: full ``[batch, seq, vocab]`` logits, exactly
+  transformers' outputs. ``return_logits=False`` with labels: the fused loss and no logits in either
+  mode;
+* ``unpad``: unpadded execution (the default; needs ``attention``): the encoder model
   (``BertModel``, ``RobertaModel``, ``ElectraModel``, ... also as the ``.bert`` / ``.roberta`` /
   ``.electra`` of a heads model) runs the embeddings on the padded batch (position and token-type ids
   exactly transformers'), keeps the real tokens (:func:`fastbert.ops.unpad`), runs every layer on
@@ -70,12 +74,16 @@ from typing import Dict, List, Optional, Tuple
 from fastbert._patch_forwards import (ATTENTION, CU_SEQLENS, GELU, MAX_SEQLEN, _AddNorm,  # noqa: F401
                                       _Intermediate, _MaskedLM, _Unpadded, accept_output_attentions_on_save,
                                       attention_forward, register_attention)
+from fastbert.models.config import FUSABLE
+from fastbert._optional import require
 
-OPTIONS = ("gelu", "layernorm", "attention", "mlm_loss", "unpad")
+# the keyword switches of patch / patch_transformers, also the keys of PatchReport.replaced and
+# left_alone: BertConfig.fused's names, and "unpad" (BertConfig's field of that name)
+OPTIONS = FUSABLE + ("unpad",)
 
 
 @dataclass(frozen=True)
-class MLMHead:
+class MLMPaths:
     """Where a masked-LM model keeps its pieces (attribute paths from the model)."""
     base: str                     # the encoder: "bert"
     dense: str                    # the head transform's dense layer
@@ -90,26 +98,26 @@ class MLMHead:
 class Family:
     module: str                   # transformers.models.<x>.modeling_<x>
     prefix: str                   # class-name prefix: Bert -> BertIntermediate, BertOutput, ...
-    mlm: Dict[str, MLMHead] = field(default_factory=dict)
+    mlm: Dict[str, MLMPaths] = field(default_factory=dict)
 
 
 def _roberta_like(module, prefix, base):
-    return Family(module, prefix, {f"{prefix}ForMaskedLM": MLMHead(base, "lm_head.dense", "lm_head.layer_norm", "gelu",
-                                                                   "lm_head.decoder")})
+    return Family(module, prefix, {f"{prefix}ForMaskedLM": MLMPaths(base, "lm_head.dense", "lm_head.layer_norm",
+                                                                    "gelu", "lm_head.decoder")})
 
 
 _BERT_HEAD = dict(base="bert", dense="cls.predictions.transform.dense", norm="cls.predictions.transform.LayerNorm",
                   act=None, decoder="cls.predictions.decoder")
 FAMILIES = {
     "bert": Family("transformers.models.bert.modeling_bert", "Bert", {
-        "BertForMaskedLM": MLMHead(**_BERT_HEAD),
-        "BertForPreTraining": MLMHead(**_BERT_HEAD, nsp="cls.seq_relationship", output="BertForPreTrainingOutput")}),
+        "BertForMaskedLM": MLMPaths(**_BERT_HEAD),
+        "BertForPreTraining": MLMPaths(**_BERT_HEAD, nsp="cls.seq_relationship", output="BertForPreTrainingOutput")}),
     "roberta": _roberta_like("transformers.models.roberta.modeling_roberta", "Roberta", "roberta"),
     "xlm-roberta": _roberta_like("transformers.models.xlm_roberta.modeling_xlm_roberta", "XLMRoberta", "roberta"),
     "camembert": _roberta_like("transformers.models.camembert.modeling_camembert", "Camembert", "roberta"),
     "electra": Family("transformers.models.electra.modeling_electra", "Electra", {
-        "ElectraForMaskedLM": MLMHead("electra", "generator_predictions.dense", "generator_predictions.LayerNorm",
-                                      "gelu", "generator_lm_head")}),
+        "ElectraForMaskedLM": MLMPaths("electra", "generator_predictions.dense", "generator_predictions.LayerNorm",
+                                       "gelu", "generator_lm_head")}),
 }
 
 
@@ -128,8 +136,8 @@ def supported():
 @dataclass
 class PatchReport:
     model_type: str
-    replaced: Dict[str, int] = field(default_factory=dict)          # what -> how many modules
-    left_alone: List[Tuple[str, str]] = field(default_factory=list)  # (what, why)
+    replaced: Dict[str, int] = field(default_factory=dict)          # switch (one of OPTIONS) -> how many modules
+    left_alone: List[Tuple[str, str]] = field(default_factory=list)  # (switch, why)
     notes: List[str] = field(default_factory=list)                  # how a replacement behaves per call
 
     def __str__(self):
@@ -176,10 +184,7 @@ def _register_outputs(module, sub):
 
 
 def _family(model, caller):
-    try:
-        from transformers import PreTrainedModel
-    except ImportError as e:
-        raise ImportError(f"fastbert.{caller} needs the `transformers` package") from e
+    PreTrainedModel = require("transformers", "hf", f"fastbert.{caller}").PreTrainedModel
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"fastbert.{caller}: expects a transformers PreTrainedModel (e.g. BertModel), got "
                         f"{type(model).__module__}.{type(model).__name__}")
@@ -194,18 +199,21 @@ def _original_name(module):
     return getattr(type(module), "fastbert_original", type(module)).__name__
 
 
-def patch(model, *, gelu=True, layernorm=True, attention=True, mlm_loss=True, unpad=True):
+def patch(model, *, bias_gelu=True, layernorm_residual=True, attention=True, mlm_loss=True, unpad=True):
     """Patch a built transformers BERT-family model in place (see the module docstring); returns a
-    :class:`PatchReport`. Patching a patched model again changes nothing. ``attention`` sets the
+    :class:`PatchReport`. Patching a patched model again changes nothing. Each keyword is one switch
+    (:data:`OPTIONS`, the names of the report and of ``BertConfig.fused``). ``attention`` sets the
     ``"fastbert"`` attention on ``model.config`` whatever it was; ``unpad`` (needs ``attention``) runs
     the encoder on the real tokens only (see :class:`fastbert._patch_forwards._Unpadded`)."""
-    return _patch(model, dict(gelu=gelu, layernorm=layernorm, attention=attention, mlm_loss=mlm_loss, unpad=unpad))
+    return _patch(model, dict(bias_gelu=bias_gelu, layernorm_residual=layernorm_residual, attention=attention,
+                              mlm_loss=mlm_loss, unpad=unpad))
 
 
 def _patch(model, options, kept=None):
     """:func:`patch` with ``options``; ``kept``: why the model keeps its attention (the caller chose it)."""
     kind, fam = _family(model, "patch")
-    gelu, layernorm, mlm_loss, unpad = (options.get(k, True) for k in ("gelu", "layernorm", "mlm_loss", "unpad"))
+    gelu, layernorm, mlm_loss, unpad = (options.get(k, True)
+                                        for k in ("bias_gelu", "layernorm_residual", "mlm_loss", "unpad"))
     attention = options.get("attention", True) and kept is None
     report = PatchReport(kind)
     config = model.config
@@ -229,8 +237,8 @@ def _patch(model, options, kept=None):
             _swap(m, _MaskedLM, fastbert_mlm=fam.mlm[cls])
             count("mlm_loss")
     if skipped_gelu:
-        report.left_alone.append((f"intermediate x{len(skipped_gelu)}",
-                                  f"activation {act!r} is not one of {', '.join(GELU)}"))
+        report.left_alone.append(("bias_gelu", f"{len(skipped_gelu)} intermediate layer(s): activation {act!r} "
+                                               f"is not one of {', '.join(GELU)}"))
     if mlm_loss and _original_name(model) not in fam.mlm:
         report.left_alone.append(("mlm_loss", f"{_original_name(model)} has no MLM loss to fuse"))
     decoder = _decoder(config)
@@ -269,7 +277,8 @@ def _patch(model, options, kept=None):
                 report.left_alone.append(("unpad", f"no {fam.prefix}Model inside {_original_name(model)}"))
     if "mlm_loss" in report.replaced:
         report.notes.append("mlm_loss: in training mode with labels, logits are None (never built; the loss is "
-                            "fused); in eval mode or without labels, transformers' full [batch, seq, vocab] logits")
+                            "fused; return_logits=True: the labelled rows' [M, vocab]); in eval mode or without "
+                            "labels, transformers' full [batch, seq, vocab] logits")
     return report
 
 
@@ -303,10 +312,10 @@ def patch_transformers(**options):
     :func:`patch` (same keyword options), except that an attention the caller chose is kept (see the
     module docstring); where fastbert picks the attention, the model gets its own copy of the config.
     :func:`unpatch_transformers` stops it."""
-    from transformers import PreTrainedModel
+    PreTrainedModel = require("transformers", "hf", "fastbert.patch_transformers").PreTrainedModel
     unknown = set(options) - set(OPTIONS)
     if unknown:
-        raise TypeError(f"patch_transformers: unknown options {sorted(unknown)}; choose from {OPTIONS}")
+        raise TypeError(f"patch_transformers: unknown options {sorted(unknown)}; choose from {', '.join(OPTIONS)}")
     init = _HOOKS.get("__init__", PreTrainedModel.__init__)
     post = _HOOKS.get("post_init", PreTrainedModel.post_init)
     if options.get("attention", True):
@@ -355,7 +364,7 @@ def _own_config(model):
 def unpatch_transformers():
     """Models built from now on are transformers' own again (built ones stay patched: see
     :func:`unpatch`)."""
-    from transformers import PreTrainedModel
+    PreTrainedModel = require("transformers", "hf", "fastbert.unpatch_transformers").PreTrainedModel
     for name in ("__init__", "post_init"):
         original = _HOOKS.pop(name, None)
         if original is not None:

@@ -50,13 +50,13 @@ def _op_cases(device, dtype):
 
     def layernorm_residual():
         x, r, w, b = leaf(37, 200), leaf(37, 200), leaf(200), leaf(200)
-        y = ops.layernorm_residual(x, r, w, b, 1e-12, dropout_p=0.1, training=True)
+        y = ops.layernorm_residual(x, r, w, b, eps=1e-12, dropout_p=0.1, training=True)
         return grads(y, x, r, w, b)
 
     def masked_softmax():
         s = leaf(3, 4, 37, 37)
         mask = torch.rand(3, 1, 1, 37, device=device) > 0.2
-        return grads(ops.masked_softmax(s, mask, 0.125, 0.1, True), s)
+        return grads(ops.masked_softmax(s, mask, scale=0.125, dropout_p=0.1, training=True), s)
 
     def gather_masked():
         h = leaf(5 * 37, 200)
@@ -69,7 +69,7 @@ def _op_cases(device, dtype):
         r, w, b = leaf(67, 96), leaf(1000, 96, scale=0.1), leaf(1000)
         t = torch.randint(0, 1000, (67,), device=device)
         t[::7] = -100
-        return grads(ops.linear_cross_entropy(r, w, b, t, chunk_size=32), r, w, b)
+        return grads(ops.linear_cross_entropy(r, w, t, b, chunk_size=32), r, w, b)
 
     def varlen_attention():
         lens = torch.tensor([37, 1, 64, 13], device=device)

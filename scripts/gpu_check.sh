@@ -89,7 +89,7 @@ if [ -n "$san_pid" ]; then
   done
 fi
 
-stage bench 150 "$OUT/bench.log" $PY -m benchmarks.run --quick --device cuda --case-seconds 1 --no-plots --dtype bfloat16 \
+stage bench 150 "$OUT/bench.log" $PY -m fastbert.bench.run --quick --device cuda --case-seconds 1 --no-plots --dtype bfloat16 \
   --ops gelu layernorm_residual masked_softmax gather_mlm varlen_attention --out "$TMP/bench"
 cp "$TMP"/bench/*[0-9].json "$TMP/bench.json" 2>/dev/null || true
 tail -30 "$OUT/bench.log" | tee -a "$OUT/summary.txt"

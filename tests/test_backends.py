@@ -166,7 +166,7 @@ def test_compiled_select_follows_the_backend_choice(monkeypatch, contextvar_trac
 
     from torch._dynamo.testing import CompileCounter
 
-    if contextvar_tracing and not backends._DYNAMO_TRACES_CONTEXTVAR:
+    if contextvar_tracing and not backends._dynamo_traces_contextvar():
         pytest.skip("this torch's dynamo does not trace ContextVar.get")
     monkeypatch.setattr(backends, "_DYNAMO_TRACES_CONTEXTVAR", contextvar_tracing)
     x = torch.randn(2, 3)
@@ -216,6 +216,32 @@ def test_env_var_forces_backend():
     assert forced.returncode != 0 and "BackendUnavailable" in forced.stderr and "tensors on cpu" in forced.stderr
 
 
+def test_triton_is_imported_only_when_a_triton_kernel_would_run():
+    """``import fastbert`` checks that triton is installed without importing it; a forced triton
+    backend that cannot run for another reason (CPU tensors without TRITON_INTERPRET) does not import
+    it either; ``fastbert.triton`` (attribute access) does, and refreshes the backends."""
+    code = ("import sys, torch, fastbert\n"
+            "from fastbert import backends\n"
+            "assert backends._global['triton'] == [] and backends._TRITON_PENDING\n"
+            "with fastbert.backend('triton'):\n"
+            "    try:\n"
+            "        fastbert.bias_gelu(torch.randn(2, 2))\n"
+            "    except fastbert.BackendUnavailable as e:\n"
+            "        print(e)\n"
+            "print('triton' in sys.modules, 'fastbert.triton' in sys.modules)\n"
+            "print(fastbert.triton.available, 'triton' in sys.modules, backends._TRITON_PENDING)")
+    env = {k: v for k, v in ENV.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    forced, before, after = out.stdout.splitlines()[-3:]
+    assert "CPU tensors run on triton only under TRITON_INTERPRET=1" in forced
+    assert before == "False False"
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is not None:
+        assert after == "True True False"
+
+
 def test_import_without_extension_degrades_to_reference():
     code = ("import sys, warnings, torch; sys.modules['fastbert._C'] = None\n"
             "with warnings.catch_warnings(record=True) as w:\n"
@@ -260,7 +286,7 @@ def test_info_tells_the_truth(as_module):
 
 
 def test_fastbert_bench_runs_the_suite(tmp_path):
-    """``fastbert bench`` (the console script make bench calls) runs benchmarks/run.py from any
+    """``fastbert bench`` (the console script make bench calls) runs fastbert.bench.run from any
     directory: one tiny gelu case, results written where --out says."""
     exe = os.path.join(os.path.dirname(sys.executable), "fastbert")
     if not os.path.exists(exe):

@@ -1,5 +1,5 @@
-"""Tests of benchmarks.compare (matching, noise, verdicts, --fail-if-regression), benchmarks.plots and
-the Markdown summary, on synthetic rows. Never times anything."""
+"""Tests of fastbert.bench.compare (matching, noise, verdicts, --fail-if-regression), fastbert.bench.plots
+and the Markdown summary, on synthetic rows. Never times anything."""
 
 import json
 import math
@@ -7,7 +7,7 @@ import types
 
 import pytest
 
-from benchmarks import compare, harness, plots, report, run
+from fastbert.bench import compare, harness, plots, report, run
 
 META = {"device": "cpu", "device_name": "Test CPU (2 cores)", "host_kind": "cpu-test-2c", "ncores": 2,
         "torch": "2.0", "torch_threads": 2, "git_commit": "abc", "timestamp": "2026-01-02T03:04:05+00:00",

@@ -1,4 +1,4 @@
-"""benchmarks/bench_realistic.py (the `realistic` workload of `fastbert bench`) at a tiny size: the batch
+"""fastbert/bench/bench_realistic.py (the `realistic` workload of `fastbert bench`) at a tiny size: the batch
 it builds, its cases, candidates that run and agree, and the harness's per-case budget. Behaviour
 only; no timing is checked."""
 
@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-from benchmarks import bench_realistic as br
-from benchmarks import harness
+from fastbert.bench import bench_realistic as br
+from fastbert.bench import harness
 
 
 def test_lengths_are_fixed_and_about_54_percent_padding():

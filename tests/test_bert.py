@@ -11,7 +11,7 @@ import fastbert
 from fastbert.models import (BertConfig, BertForMaskedLM, BertForPreTraining, BertForSequenceClassification,
                              BertModel, count_parameters)
 from fastbert.models import checkpoint
-from tests.utils import assert_grads_match, backend_params, use_backend
+from tests.utils import VocabMatmuls, assert_grads_match, backend_params, use_backend
 
 
 transformers = pytest.importorskip("transformers")
@@ -111,7 +111,56 @@ def test_save_pretrained_loads_in_transformers(tmp_path, seed, name):
                                    at_real(ho.last_hidden_state, inputs, True), rtol=1e-5, atol=1e-5)
     else:
         torch.testing.assert_close(fo.loss, ho.loss, rtol=1e-5, atol=1e-6)
+    if name in MLM_LOGITS:  # eval mode with labels: transformers' full [batch, seq, vocab] logits too
+        key = MLM_LOGITS[name]
+        assert getattr(fo, key).shape == getattr(ho, key).shape == (3, 11, 99)
+        torch.testing.assert_close(at_real(getattr(fo, key), inputs, True), at_real(getattr(ho, key), inputs, True),
+                                   rtol=1e-5, atol=1e-5)
     assert json.loads((tmp_path / "config.json").read_text())["architectures"] == [name]
+
+
+MLM_LOGITS = {"BertForMaskedLM": "logits", "BertForPreTraining": "prediction_logits"}
+
+
+@pytest.mark.parametrize("unpad", [True, False], ids=["unpadded", "padded"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "eager"])
+@pytest.mark.parametrize("name", list(MLM_LOGITS))
+def test_mlm_output_contract(seed, name, fused, unpad):
+    """Training mode with labels: logits None and no logits matmul (fused); ``return_logits=True``: the
+    labelled rows' ``[M, vocab]`` logits, the full logits at ``labels != -100``; eval mode or no labels:
+    the full ``[batch, seq, vocab]`` logits; ``return_logits=False``: no logits in either mode."""
+    config = BertConfig(**SMALL, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, fused=fused, unpad=unpad)
+    model, key = FASTBERT[name](config), MLM_LOGITS[name]
+    inputs, labels = batch()
+    extra, labelled = targets(name, labels), labels != -100  # batch(): labels at real tokens only
+    with torch.no_grad():
+        full = getattr(model.eval()(**inputs), key)
+    assert full.shape == (3, 11, 99)
+    model.train()
+    with VocabMatmuls(99) as seen:
+        out = model(**inputs, **extra)
+    assert getattr(out, key) is None
+    if fused:
+        assert seen.shapes == []  # the loss never builds logits
+    with VocabMatmuls(99) as seen:
+        rows = model(**inputs, **extra, return_logits=True)
+    assert getattr(rows, key).shape == (int(labelled.sum()), 99)
+    if fused:
+        assert seen.shapes == [(int(labelled.sum()), 99)]  # one matmul, on the labelled rows
+    torch.testing.assert_close(getattr(rows, key), full[labelled], rtol=1e-5, atol=1e-5)
+    assert torch.equal(rows.loss, out.loss)
+    model.eval()
+    evaluated = model(**inputs, **extra)
+    torch.testing.assert_close(getattr(evaluated, key), full, rtol=0, atol=0)
+    torch.testing.assert_close(evaluated.loss, out.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model(**inputs, **extra, return_logits=True).loss, out.loss, rtol=1e-5, atol=1e-6)
+    quiet = model(**inputs, **extra, return_logits=False)
+    assert getattr(quiet, key) is None
+    torch.testing.assert_close(quiet.loss, out.loss, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="return_logits must be None, True or False"):
+        model(**inputs, **extra, return_logits="rows")
+    with pytest.raises(TypeError):
+        model(*inputs.values(), *extra.values(), True)  # with_accuracy / return_logits are keyword-only
 
 
 def test_logits_without_labels_match(tmp_path, seed):

@@ -28,7 +28,7 @@ def run(backend, x, b, approximate, dy):
     x = x.detach().requires_grad_()
     b = b.detach().requires_grad_() if b is not None else None
     with use_backend(backend):
-        y = fastbert.bias_gelu(x, b, approximate)
+        y = fastbert.bias_gelu(x, b, approximate=approximate)
     y.backward(dy)
     return y.detach(), x.grad, (b.grad if b is not None else None)
 
@@ -166,8 +166,8 @@ def test_gradcheck_float64_cpu(seed, approximate):
     x = torch.randn(6, 13, dtype=torch.float64, requires_grad=True)
     b = torch.randn(13, dtype=torch.float64, requires_grad=True)
     with fastbert.backend("cpu"):
-        assert torch.autograd.gradcheck(lambda x, b: fastbert.bias_gelu(x, b, approximate), (x, b))
-        assert torch.autograd.gradcheck(lambda x: fastbert.bias_gelu(x, None, approximate), (x,))
+        assert torch.autograd.gradcheck(lambda x, b: fastbert.bias_gelu(x, b, approximate=approximate), (x, b))
+        assert torch.autograd.gradcheck(lambda x: fastbert.bias_gelu(x, None, approximate=approximate), (x,))
 
 
 @requires_c
@@ -211,7 +211,7 @@ def test_torch_compile_fullgraph(seed, dynamic):
 
 @requires_c
 def test_torch_compile_inductor(seed):
-    f = torch.compile(lambda x, b: fastbert.bias_gelu(x, b, "tanh"), fullgraph=True)
+    f = torch.compile(lambda x, b: fastbert.bias_gelu(x, b, approximate="tanh"), fullgraph=True)
     x, b = torch.randn(8, 96), torch.randn(96)
     torch.testing.assert_close(f(x, b), reference.bias_gelu(x, b, "tanh"), rtol=1e-5, atol=1e-6)
 
@@ -265,7 +265,7 @@ def test_bad_input(backend, args, match):
 
 def test_bad_approximate_and_types():
     with pytest.raises(ValueError, match="approximate must be one of 'none', 'tanh', got 'fast'"):
-        fastbert.bias_gelu(torch.randn(2, 3), None, "fast")
+        fastbert.bias_gelu(torch.randn(2, 3), None, approximate="fast")
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):
         fastbert.bias_gelu([1.0, 2.0])
     with pytest.raises(TypeError, match="bias must be a torch.Tensor"):
@@ -318,7 +318,7 @@ def test_extreme_inputs_saturate(backend, approximate):
     """Huge |z| (z^3 and z^2 overflow fp32) still gives gelu = z or 0 and gelu' = 1 or 0, no NaN."""
     x = torch.tensor([[-1e20, -1e4, -30.0, -10.0, 10.0, 30.0, 1e4, 1e20]]).requires_grad_()
     with use_backend(backend):
-        y = fastbert.bias_gelu(x, None, approximate)
+        y = fastbert.bias_gelu(x, None, approximate=approximate)
     y.backward(torch.ones_like(y))
     torch.testing.assert_close(y.detach(), torch.where(x > 0, x, 0.0).detach(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(x.grad, (x > 0).float(), rtol=0, atol=1e-6)
@@ -332,7 +332,7 @@ def test_huge_and_infinite_z_forward_matches_eager(backend, dtype, approximate):
     NaN (-inf * 0), +inf stays inf, NaN stays NaN; finite z matches the float64 reference."""
     x = torch.tensor([[-3e38, -1e30, -1e20, -20.0, float("-inf"), float("inf"), float("nan"), 3e38]]).to(dtype)
     with use_backend(backend):
-        y = fastbert.bias_gelu(x, None, approximate)
+        y = fastbert.bias_gelu(x, None, approximate=approximate)
     want = reference.bias_gelu(x.double(), None, approximate)
     base = F.gelu(x, approximate=approximate)
     assert torch.equal(y.isnan(), want.isnan()) and torch.equal(y.isnan(), base.isnan()), (

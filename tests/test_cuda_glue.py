@@ -151,7 +151,7 @@ def test_bias_gelu(backend):
             bias = None if bias_kind == "none" else fake_cuda(8, dtype=dtype if bias_kind == "same" else torch.float32,
                                                               grad=bias_grad)
             with Record() as rec:
-                y = ops.bias_gelu(x, bias, approximate)
+                y = ops.bias_gelu(x, bias, approximate=approximate)
             like(y, x, "y")
             assert y.is_contiguous()
             args, (dx, dbias, _) = run_backward(rec, "bias_gelu", backend, torch.ones_like(y))
@@ -174,7 +174,7 @@ def test_layernorm_residual(backend):
             xdt = {"none": None, "same": dtype, "fp32": torch.float32, "fp64": torch.float64}[xb_kind]
             xb = fake_cuda(16, dtype=xdt, grad=True) if xdt else None
             with Record() as rec:
-                y = ops.layernorm_residual(x, res, w, b, 1e-5, x_bias=xb, dropout_p=p, training=training)
+                y = ops.layernorm_residual(x, res, w, b, xb, eps=1e-5, dropout_p=p, training=training)
             like(y, x, "y")
             _, mean, rstd = rec.last(fwd_name("layernorm_residual", backend))[2]
             assert mean.dtype == rstd.dtype == torch.float32 and mean.shape == x.shape[:-1]
@@ -211,7 +211,7 @@ def test_masked_softmax(backend):
             for mask in _masks(dtype, backend):
                 scores = fake_cuda(2, 2, 3, 5, dtype=dtype, grad=True)
                 with Record() as rec:
-                    probs = ops.masked_softmax(scores, mask, 0.125, dropout_p=p, training=training)
+                    probs = ops.masked_softmax(scores, mask, scale=0.125, dropout_p=p, training=training)
                 like(probs, scores, "probs")
                 args, (dscores, *rest) = run_backward(rec, "masked_softmax", backend, torch.ones_like(probs))
                 like(dscores, scores, "dscores")
@@ -275,7 +275,7 @@ def test_linear_cross_entropy(backend, monkeypatch):
             bias = fake_cuda(11, dtype=torch.float32, grad=grad) if with_bias else None
             targets = torch.randint(0, 11, (10,), device="cuda")
             with Record() as rec:
-                loss = ops.linear_cross_entropy(rows, weight, bias, targets, ignore_index=3, reduction=reduction,
+                loss = ops.linear_cross_entropy(rows, weight, targets, bias, ignore_index=3, reduction=reduction,
                                                 chunk_size=chunk)
             assert loss.dtype == dtype and loss.device == rows.device
             assert loss.shape == ((10,) if reduction == "none" else ())

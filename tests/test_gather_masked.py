@@ -22,7 +22,7 @@ def make_labels(shape, frac, device, dtype=torch.int64, vocab=1000, ignore_index
 def run(backend, hidden, labels, ignore_index=-100):
     x = hidden.detach().requires_grad_()
     with use_backend(backend):
-        rows, targets, index = fastbert.gather_masked(x, labels, ignore_index)
+        rows, targets, index = fastbert.gather_masked(x, labels, ignore_index=ignore_index)
     dy = torch.randn_like(rows)
     rows.backward(dy)
     return rows.detach(), targets, index, x.grad, dy
@@ -165,7 +165,7 @@ def test_hidden_size_zero_is_a_clear_error():
         with pytest.raises(ValueError, match="hidden must have a non-empty last"):
             fastbert.gather_masked(torch.randn(shape), labels)
     with pytest.raises(ValueError, match="ignore_index must fit in int64"):
-        fastbert.gather_masked(torch.randn(2, 3, 4), torch.zeros(2, 3, dtype=torch.long), 2**63)
+        fastbert.gather_masked(torch.randn(2, 3, 4), torch.zeros(2, 3, dtype=torch.long), ignore_index=2**63)
 
 
 @pytest.mark.parametrize("backend", backend_params("cpu"))

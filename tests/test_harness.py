@@ -14,9 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import bench_gather_mlm, bench_gelu, bench_layernorm_residual, harness, report, run
-from benchmarks.harness import Budget, Case, LoadProbe
-
+from fastbert.bench import bench_gather_mlm, bench_gelu, bench_layernorm_residual, harness, report, run
+from fastbert.bench.harness import Budget, Case, LoadProbe
 
 # ---------------------------------------------------------------- statistics
 
@@ -444,7 +443,7 @@ def test_bert_step_cases_run_and_agree():
     """A tiny BERT (batch 2, seq 16, hidden 32, 1 layer): every candidate but torch.compile runs a
     training step; fastbert fused and unfused (same seed, same weights) start from the same loss;
     with dropout off and the same weights, Hugging Face's model gives that loss too."""
-    from benchmarks import bench_bert
+    from fastbert.bench import bench_bert
     (case,) = bench_bert.cases(shapes=[(2, 16, 32, 1), (2, 16, 32)], use_compile=False)
     assert (case.op, case.shape, case.pass_, case.bytes) == ("bert_pretrain", (2, 16, 32, 1), "step", None)
     _, cfg = bench_bert.config_for(32, 1)
@@ -478,7 +477,7 @@ def test_bert_step_cases_run_and_agree():
 def test_patch_step_cases_run_and_agree():
     """bench_patch: transformers' BertForPreTraining eager vs fastbert.patch'ed, tiny shape: both
     candidates take a step; with dropout off (same weights) they start from the same loss."""
-    from benchmarks import bench_bert, bench_patch
+    from fastbert.bench import bench_bert, bench_patch
     if bench_bert.transformers is None:
         pytest.skip("transformers not installed")
     (case,) = bench_patch.cases(shapes=[(2, 16, 32, 1)])

@@ -37,7 +37,7 @@ def run(backend, inputs, dy, p, seed_value):
     x, r, w, b, xb = _leaves(inputs)
     torch.manual_seed(seed_value)
     with use_backend(backend):
-        y = fastbert.layernorm_residual(x, r, w, b, 1e-12, x_bias=xb, dropout_p=p, training=p > 0)
+        y = fastbert.layernorm_residual(x, r, w, b, xb, eps=1e-12, dropout_p=p, training=p > 0)
     return _grads(y, dy, x, r, w, b, xb)
 
 
@@ -151,7 +151,7 @@ def test_dropout_seeds(device, backend):
     assert not torch.equal(out(1), out(2))
     assert torch.equal(out(1, training=False), out(2, training=False))
     with use_backend(backend):
-        plain = fastbert.layernorm_residual(x, r, w, b, x_bias=xb)
+        plain = fastbert.layernorm_residual(x, r, w, b, x_bias=xb, training=False)
     torch.testing.assert_close(out(3, training=False), plain, rtol=0, atol=0)
 
 
@@ -326,7 +326,7 @@ def test_double_backward_raises(backend):
     """Second derivatives through the fused backward raise instead of being silently zero."""
     x, r, w, b, xb = _leaves(make_inputs((5, 7), torch.float32, "cpu"))
     with use_backend(backend):
-        y = fastbert.layernorm_residual(x, r, w, b, 1e-5, x_bias=xb)
+        y = fastbert.layernorm_residual(x, r, w, b, xb, eps=1e-5)
     gx, gw = torch.autograd.grad((y * y).sum(), (x, w), create_graph=True)
     with pytest.raises(RuntimeError, match="layernorm_residual: double backward"):
         torch.autograd.grad((gx * gx).sum() + gw.sum(), w)
@@ -389,7 +389,7 @@ def test_constant_row_tiny_eps_gives_bias(backend):
     (a rounded fp32 mean times rstd = 1e6 gave -0.00745)."""
     x = torch.full((1, 7), 0.1)
     with use_backend(backend):
-        y = fastbert.layernorm_residual(x, torch.zeros_like(x), torch.ones(7), torch.zeros(7), 1e-12)
+        y = fastbert.layernorm_residual(x, torch.zeros_like(x), torch.ones(7), torch.zeros(7), eps=1e-12)
     assert (y == 0).all(), y
 
 
@@ -407,7 +407,7 @@ def test_inf_weight_backward_is_nan_as_eager(backend, p):
     xs, r, ws, b, xb = _leaves(inputs)
     torch.manual_seed(3)
     with use_backend(backend):
-        y = fastbert.layernorm_residual(xs, r, ws, b, 0.1, x_bias=xb, dropout_p=p, training=p > 0)
+        y = fastbert.layernorm_residual(xs, r, ws, b, xb, eps=0.1, dropout_p=p, training=p > 0)
     y.backward(dy)
     x64, r64, w64, b64, xb64 = _leaves(inputs, torch.float64)
     reference.layernorm_residual(x64, r64, w64, b64, 0.1, xb64, p, seed if p > 0 else None).backward(dy.double())

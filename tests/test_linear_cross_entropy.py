@@ -88,8 +88,8 @@ def test_kernels_extreme_logits(device, backend):
 def run(backend, rows, weight, bias, targets, reduction, chunk_size, dy=None):
     leaves = [t.detach().requires_grad_() if t is not None else None for t in (rows, weight, bias)]
     with use_backend(backend):
-        loss = fastbert.linear_cross_entropy(leaves[0], leaves[1], leaves[2], targets, IGNORE, reduction,
-                                             chunk_size)
+        loss = fastbert.linear_cross_entropy(leaves[0], leaves[1], targets, leaves[2], ignore_index=IGNORE,
+                                             reduction=reduction, chunk_size=chunk_size)
     loss.backward(dy if dy is not None else torch.ones_like(loss))
     return [loss.detach()] + [t.grad if t is not None else None for t in leaves]
 
@@ -174,7 +174,7 @@ def test_gradcheck_cpu(reduction):
     targets = torch.tensor([1, IGNORE, 8, 0, 3, 3, IGNORE])
     with fastbert.backend("cpu"):
         assert torch.autograd.gradcheck(
-            lambda r, w, b: fastbert.linear_cross_entropy(r, w, b, targets, reduction=reduction, chunk_size=3),
+            lambda r, w, b: fastbert.linear_cross_entropy(r, w, targets, b, reduction=reduction, chunk_size=3),
             (rows, weight, bias))
 
 
@@ -200,7 +200,7 @@ def test_torch_compile_fullgraph_dynamic_m(seed, backend):
 
     def f(h, labels):
         rows, targets, _ = fastbert.gather_masked(h, labels)
-        return fastbert.linear_cross_entropy(torch.tanh(rows), weight, bias, targets)
+        return fastbert.linear_cross_entropy(torch.tanh(rows), weight, targets, bias)
 
     with use_backend(backend):
         compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
@@ -226,7 +226,7 @@ _PEAK = textwrap.dedent("""
     m, h, v, fused = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "fused"
 
     def loss_of(rows, weight, bias, targets):
-        return (fastbert.linear_cross_entropy(rows, weight, bias, targets) if fused
+        return (fastbert.linear_cross_entropy(rows, weight, targets, bias) if fused
                 else reference.linear_cross_entropy(rows, weight, bias, targets))
 
     def kib(field):  # from /proc/self/status: VmRSS (now) or VmHWM (peak since the last reset)
@@ -276,23 +276,23 @@ def test_bad_input():
     targets = torch.tensor([1, 2, 3, IGNORE])
     lce = fastbert.linear_cross_entropy
     with pytest.raises(ValueError, match=r"targets must be in \[0, 10\)"):
-        lce(rows, weight, None, torch.tensor([1, 10, 3, 0]))
+        lce(rows, weight, torch.tensor([1, 10, 3, 0]))
     with pytest.raises(ValueError, match=r"targets must be in \[0, 10\)"):
-        lce(rows, weight, None, torch.tensor([1, -5, 3, 0]))
+        lce(rows, weight, torch.tensor([1, -5, 3, 0]))
     with pytest.raises(ValueError, match="targets must be int64"):
-        lce(rows, weight, None, targets.float())
+        lce(rows, weight, targets.float())
     with pytest.raises(ValueError, match="targets must have shape"):
-        lce(rows, weight, None, targets[:3])
+        lce(rows, weight, targets[:3])
     with pytest.raises(ValueError, match="rows must be"):
-        lce(rows, torch.randn(10, 7), None, targets)
+        lce(rows, torch.randn(10, 7), targets)
     with pytest.raises(ValueError, match="bias must have shape"):
-        lce(rows, weight, torch.zeros(9), targets)
+        lce(rows, weight, targets, torch.zeros(9))
     with pytest.raises(ValueError, match="reduction"):
-        lce(rows, weight, None, targets, reduction="avg")
+        lce(rows, weight, targets, reduction="avg")
     with pytest.raises(ValueError, match="chunk_size"):
-        lce(rows, weight, None, targets, chunk_size=0)
+        lce(rows, weight, targets, chunk_size=0)
     with pytest.raises(ValueError, match="weight is on meta"):
-        lce(rows, weight.to("meta"), None, targets)
+        lce(rows, weight.to("meta"), targets)
 
 
 def test_module_state_dict_matches_linear():
@@ -317,7 +317,8 @@ def test_backward_twice_with_retain_graph(device, backend, reduction):
     targets = make_targets(11, 23, device)
     leaves = [t.clone().requires_grad_() for t in (rows, weight, bias)]
     with use_backend(backend):
-        loss = fastbert.linear_cross_entropy(*leaves, targets, reduction=reduction, chunk_size=4)
+        loss = fastbert.linear_cross_entropy(leaves[0], leaves[1], targets, leaves[2], reduction=reduction,
+                                             chunk_size=4)
     loss.backward(torch.tensor(2.0, dtype=loss.dtype, device=device), retain_graph=True)
     first = [t.grad.clone() for t in leaves]
     loss.backward(torch.tensor(0.5, dtype=loss.dtype, device=device))
@@ -344,7 +345,7 @@ def test_nan_weight_row_propagates_as_eager(device, backend):
         assert torch.equal(g.isnan(), e.isnan()), (
             f"{backend} {name}: NaN at {g.isnan().nonzero().tolist()}, eager at {e.isnan().nonzero().tolist()}")
     with use_backend(backend):
-        loss = fastbert.linear_cross_entropy(rows, weight, None, targets, IGNORE, "mean", 8)
+        loss = fastbert.linear_cross_entropy(rows, weight, targets, ignore_index=IGNORE, reduction="mean", chunk_size=8)
     assert loss.isnan()
 
 
@@ -358,7 +359,7 @@ def test_out_of_range_int_arguments(kwargs, match):
     """ints beyond int64 raise a ValueError naming the argument (not the dispatcher's traceback)."""
     rows, weight, targets = torch.randn(3, 4), torch.randn(5, 4), torch.tensor([1, 2, 3])
     with pytest.raises(ValueError, match=match):
-        fastbert.linear_cross_entropy(rows, weight, None, targets, **kwargs)
+        fastbert.linear_cross_entropy(rows, weight, targets, **kwargs)
 
 
 @pytest.mark.parametrize("backend", backend_params("cpu"))
@@ -369,7 +370,7 @@ def test_double_backward_raises(backend):
     weight = torch.randn(5, 8, requires_grad=True)
     targets = torch.tensor([1, 2, 3, 0, IGNORE, 4])
     with use_backend(backend):
-        loss = fastbert.linear_cross_entropy(rows, weight, None, targets)
+        loss = fastbert.linear_cross_entropy(rows, weight, targets)
     g_rows, g_weight = torch.autograd.grad(loss, (rows, weight), create_graph=True)
     want = torch.autograd.grad(reference.linear_cross_entropy(rows, weight, None, targets), (rows, weight))
     torch.testing.assert_close(g_rows, want[0])
@@ -390,7 +391,7 @@ def test_nonfinite_incoming_gradient_without_valid_rows_gives_zero(backend, case
     bias = torch.randn(5).requires_grad_()
     for reduction in ("mean", "sum"):
         with use_backend(backend):
-            loss = fastbert.linear_cross_entropy(rows, weight, bias, targets, IGNORE, reduction)
+            loss = fastbert.linear_cross_entropy(rows, weight, targets, bias, ignore_index=IGNORE, reduction=reduction)
         loss.backward(torch.tensor(grad))
         for name, g in (("rows", rows.grad), ("weight", weight.grad), ("bias", bias.grad)):
             assert g is not None and (g == 0).all(), f"{reduction} {name}: {g}"
@@ -406,7 +407,7 @@ def test_infinite_logits_give_eager_nan_loss(backend):
     targets = torch.tensor([1, 2])
     assert F.cross_entropy(rows @ weight.t(), targets, reduction="none").isnan().all()
     with use_backend(backend):
-        loss = fastbert.linear_cross_entropy(rows, weight, None, targets, IGNORE, "none")
+        loss = fastbert.linear_cross_entropy(rows, weight, targets, ignore_index=IGNORE, reduction="none")
     assert loss.isnan().all(), loss
 
 
@@ -420,7 +421,7 @@ def test_infinite_row_gradient_gives_eager_nan_at_target(backend):
     got, want = (rows.clone().requires_grad_(), weight.clone().requires_grad_()), \
         (rows.double().requires_grad_(), weight.double().requires_grad_())
     with use_backend(backend):
-        fastbert.linear_cross_entropy(*got, None, targets, IGNORE, "none").backward(dy)
+        fastbert.linear_cross_entropy(*got, targets, ignore_index=IGNORE, reduction="none").backward(dy)
     reference.linear_cross_entropy(*want, None, targets, IGNORE, "none").backward(dy.double())
     for g, w in zip(got, want):
         assert w.grad.isnan().any() and torch.equal(g.grad.isnan(), w.grad.isnan()), (g.grad, w.grad)

@@ -54,7 +54,7 @@ def run(backend, scores, mask, scale, p, seed_value, dy):
     x = scores.detach().requires_grad_()
     torch.manual_seed(seed_value)
     with use_backend(backend):
-        y = fastbert.masked_softmax(x, mask, scale, dropout_p=p, training=p > 0)
+        y = fastbert.masked_softmax(x, mask, scale=scale, dropout_p=p, training=p > 0)
     y.backward(dy)
     return y.detach(), x.grad
 
@@ -233,13 +233,13 @@ def test_dropout_seeds(device, backend):
     def out(seed, training=True):
         torch.manual_seed(seed)
         with use_backend(backend):
-            return fastbert.masked_softmax(scores, None, 0.5, dropout_p=0.2, training=training)
+            return fastbert.masked_softmax(scores, None, scale=0.5, dropout_p=0.2, training=training)
 
     assert torch.equal(out(1), out(1))
     assert not torch.equal(out(1), out(2))
     assert torch.equal(out(1, training=False), out(2, training=False))
     with use_backend(backend):
-        plain = fastbert.masked_softmax(scores, None, 0.5)
+        plain = fastbert.masked_softmax(scores, None, scale=0.5)
     torch.testing.assert_close(out(3, training=False), plain, rtol=0, atol=0)
 
 
@@ -378,7 +378,7 @@ def test_nan_score_or_scale_propagates_as_eager(backend):
     scores[1, 1, 1, 0] = float("nan")  # at an excluded key: no effect
     for m in (None, mask):
         with use_backend(backend):
-            got = fastbert.masked_softmax(scores, m, 0.5)
+            got = fastbert.masked_softmax(scores, m, scale=0.5)
         want = reference.masked_softmax(scores.double(), canonical_mask(scores, m), 0.5)
         eager_x = scores * 0.5 if m is None else (scores * 0.5).masked_fill(~m[:, None, None, :], float("-inf"))
         assert torch.equal(torch.softmax(eager_x, -1).isnan(), want.isnan())
@@ -386,10 +386,10 @@ def test_nan_score_or_scale_propagates_as_eager(backend):
         finite = ~want.isnan()
         torch.testing.assert_close(got[finite].double(), want[finite], rtol=1e-6, atol=1e-7)
     with use_backend(backend):
-        got = fastbert.masked_softmax(scores.nan_to_num(), None, float("nan"))
+        got = fastbert.masked_softmax(scores.nan_to_num(), None, scale=float("nan"))
     assert got.isnan().all(), f"{backend}: a NaN scale gave finite probabilities"
     with use_backend(backend):  # and with a fully excluding bool mask, zeros (masked_fill), not NaN
-        got = fastbert.masked_softmax(scores.nan_to_num(), torch.zeros(2, 7, dtype=torch.bool), float("nan"))
+        got = fastbert.masked_softmax(scores.nan_to_num(), torch.zeros(2, 7, dtype=torch.bool), scale=float("nan"))
     assert (got == 0).all()
 
 
@@ -415,7 +415,7 @@ def test_float64_finfo_min_mask_gives_eager_uniform_row(backend):
     big = torch.tensor(torch.finfo(torch.float64).min, dtype=torch.float64)
     mask = torch.where(keep, torch.zeros((), dtype=torch.float64), big)[:, None, None, :]
     with use_backend(backend):
-        got = fastbert.masked_softmax(scores, mask, 0.5)
+        got = fastbert.masked_softmax(scores, mask, scale=0.5)
     want = torch.softmax(scores.double() * 0.5 + mask, -1)
     torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(got[1], torch.full_like(got[1], 1 / 7))
@@ -436,7 +436,7 @@ def test_additive_mask_gradient(backend, mask_shape):
     dy = torch.randn(2, 2, 3, 7)
     s, m = scores.clone().requires_grad_(), mask.clone().requires_grad_()
     with use_backend(backend):
-        fastbert.masked_softmax(s, m, 0.7).backward(dy)
+        fastbert.masked_softmax(s, m, scale=0.7).backward(dy)
     s64, m64 = scores.double().requires_grad_(), mask.double().requires_grad_()
     torch.softmax(s64 * 0.7 + m64, -1).backward(dy.double())
     assert m.grad is not None and m.grad.shape == mask.shape
@@ -445,7 +445,7 @@ def test_additive_mask_gradient(backend, mask_shape):
     # only the mask requires grad: it still gets its gradient
     m2 = mask.clone().requires_grad_()
     with use_backend(backend):
-        fastbert.masked_softmax(scores, m2, 0.7).backward(dy)
+        fastbert.masked_softmax(scores, m2, scale=0.7).backward(dy)
     torch.testing.assert_close(m2.grad, m.grad)
 
 
@@ -454,12 +454,12 @@ def test_double_backward_raises(backend):
     """Differentiating the gradient (create_graph=True) raises instead of giving a silent zero."""
     x = torch.randn(2, 2, 3, 7, requires_grad=True)
     with use_backend(backend):
-        y = fastbert.masked_softmax(x, None, 0.5)
+        y = fastbert.masked_softmax(x, None, scale=0.5)
     (g,) = torch.autograd.grad((y * y).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="masked_softmax: double backward"):
         torch.autograd.grad((g * g).sum(), x)
     with use_backend(backend):  # a first-order gradient with create_graph=True is still fine
-        (g1,) = torch.autograd.grad(fastbert.masked_softmax(x, None, 0.5).pow(2).sum(), x, create_graph=True)
+        (g1,) = torch.autograd.grad(fastbert.masked_softmax(x, None, scale=0.5).pow(2).sum(), x, create_graph=True)
     torch.testing.assert_close(g1, g)
 
 
@@ -480,7 +480,7 @@ def test_dropout_zeroes_dropped_nan(backend, dtype):
     x = s.clone().requires_grad_()
     with use_backend(backend):
         torch.manual_seed(5)
-        (y := fastbert.masked_softmax(x, None, 1.0, dropout_p=0.5, training=True)).backward(dy)
+        (y := fastbert.masked_softmax(x, None, scale=1.0, dropout_p=0.5, training=True)).backward(dy)
     x64 = s.double().requires_grad_()
     reference.masked_softmax(x64, None, 1.0, 0.5, seed).backward(dy.double())
     assert (y[dropped] == 0).all()
@@ -488,7 +488,7 @@ def test_dropout_zeroes_dropped_nan(backend, dtype):
     torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-6)
     with use_backend(backend):  # a NaN row: NaN where kept, 0 where dropped
         torch.manual_seed(5)
-        y = fastbert.masked_softmax(s.index_fill(-1, torch.tensor([1]), float("nan")), None, 1.0, 0.5, True)
+        y = fastbert.masked_softmax(s.index_fill(-1, torch.tensor([1]), float("nan")), None, dropout_p=0.5)
     assert (y[dropped] == 0).all() and y[~dropped].isnan().all(), y
 
 
@@ -496,5 +496,5 @@ def test_dropout_zeroes_dropped_nan(backend, dtype):
 def test_huge_max_score_is_finite(backend):
     """A row max of 1e30: eager gives [1, 0]; the exp's offset must not overflow (NaN)."""
     with use_backend(backend):
-        y = fastbert.masked_softmax(torch.tensor([[[[1e30, 1.0]]]]), None, 1.0)
+        y = fastbert.masked_softmax(torch.tensor([[[[1e30, 1.0]]]]), None, scale=1.0)
     assert torch.equal(y, torch.tensor([[[[1.0, 0.0]]]])), y

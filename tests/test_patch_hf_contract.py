@@ -2,7 +2,9 @@
 
 * MLM heads in eval mode with labels return transformers' outputs exactly as shaped
   (``[batch, seq, vocab]`` logits, same tuple layout); in training mode with labels the logits are
-  None (never built) and the loss is transformers' loss;
+  None (never built) and the loss is transformers' loss; ``return_logits=True`` gives the labelled
+  rows' logits ``[M, vocab]`` (transformers' full logits at ``labels != -100``), ``return_logits=False``
+  no logits in eval mode either (the contract of ``fastbert.models``, tests/test_bert.py);
 * patch_transformers keeps an attention the caller chose (``from_pretrained`` / ``_from_config``
   ``attn_implementation=``, or the config) and picks ``"fastbert"`` only where none was chosen, on
   the model's own copy of the config: a config the caller passed in is never written by fastbert;
@@ -17,6 +19,7 @@ transformers = pytest.importorskip("transformers")
 from fastbert.patch import patch, patch_transformers, supported, unpatch_transformers  # noqa: E402
 
 from tests.test_patch import CONFIGS  # noqa: E402  (the families' configs)
+from tests.utils import VocabMatmuls  # noqa: E402
 
 V, S, H, LAYERS, HEADS = 53, 9, 32, 2, 4
 MLM = [("bert", "ForMaskedLM"), ("bert", "ForPreTraining"), ("roberta", "ForMaskedLM"), ("electra", "ForMaskedLM")]
@@ -81,14 +84,30 @@ def test_training_mode_with_labels_builds_no_logits(kind, what, seed):
     model = model_class(kind, what)(config(kind)).train()
     batch = inputs(kind, what, torch.Generator().manual_seed(seed))
     want = model(**batch)
+    with torch.no_grad():
+        full = model.eval()(**batch)[logits_key(what)]  # transformers' own (dropout is 0 in these configs)
+    model.train()
     patch(model)
-    got, got_tuple = model(**batch), model(**batch, return_dict=False)
-    assert getattr(got, logits_key(what)) is None
+    with VocabMatmuls(V) as seen:
+        got = model(**batch)
+    got_tuple = model(**batch, return_dict=False)
+    assert getattr(got, logits_key(what)) is None and seen.shapes == []  # no logits matmul
     torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
     # the tuple drops the None, as transformers' tuples do: the loss first, then what was computed
     assert torch.equal(got_tuple[0], got.loss) and len(got_tuple) == (2 if what == "ForPreTraining" else 1)
     no_labels = {k: v for k, v in batch.items() if k not in ("labels", "next_sentence_label")}
     assert model(**no_labels)[logits_key(what)].shape == (3, S, V)  # without labels: the full logits
+    labelled = batch["labels"] != -100
+    with VocabMatmuls(V) as seen:
+        rows = model(**batch, return_logits=True)  # the labelled rows' logits, one more matmul
+    assert rows[logits_key(what)].shape == (int(labelled.sum()), V) and len(seen.shapes) == 1
+    torch.testing.assert_close(rows[logits_key(what)], full[labelled], rtol=1e-5, atol=1e-5)
+    assert torch.equal(rows.loss, got.loss)
+    model.eval()
+    quiet = model(**batch, return_logits=False)  # eval mode, no logits: the fused loss only
+    assert getattr(quiet, logits_key(what)) is None
+    torch.testing.assert_close(quiet.loss, want.loss, rtol=1e-5, atol=1e-6)
+    assert model(**batch, return_logits=True)[logits_key(what)].shape == (3, S, V)  # eval: the full logits
 
 
 def attention_configs(model):

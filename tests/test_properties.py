@@ -21,11 +21,12 @@ eager's error is measured in a second summation order (see ``check``). Copies (g
 unpad/pad) must be exact. Argument checks: invalid ``eps`` raises, a float mask that requires grad
 gets its gradient (or is rejected).
 
-Budgets: ``make test`` runs EXAMPLES (8) examples per test and backend, derandomized (the same
-examples every run), with no example database, no deadline and no shrinking: about 30 s of test time
+Budgets: ``make test`` runs EXAMPLES (8) examples per test and backend from a fixed seed (0: the same
+examples every run, whatever the tests' source or formatting; hypothesis's ``derandomize`` would hash
+the source), with no example database, no deadline and no shrinking: about 30 s of test time
 (45 s with start-up) on the 2-core CI machine. ``FASTBERT_HYPOTHESIS_EXAMPLES=2000 pytest
 tests/test_properties.py`` runs a larger budget; ``FASTBERT_HYPOTHESIS_SEED=<n>`` draws other
-examples than the derandomized ones; ``FASTBERT_HYPOTHESIS_SHRINK=1`` shrinks a failure to a minimal
+examples; ``FASTBERT_HYPOTHESIS_SHRINK=1`` shrinks a failure to a minimal
 example (slow); ``FASTBERT_HYPOTHESIS_SPECIALS=0`` leaves the special values out. A failure prints
 the drawn example and a ``@reproduce_failure`` blob. Hypothesis's caches go to the temp dir.
 
@@ -57,27 +58,29 @@ from tests.utils import backend_params, use_backend
 # hypothesis's caches (its example database is off) go to the temp dir, not a .hypothesis/ in the repo
 set_hypothesis_home_dir(os.path.join(tempfile.gettempdir(), "fastbert-hypothesis"))
 EXAMPLES = int(os.environ.get("FASTBERT_HYPOTHESIS_EXAMPLES", "0") or 0) or 8
-_SEED = os.environ.get("FASTBERT_HYPOTHESIS_SEED")
+SEED = int(os.environ.get("FASTBERT_HYPOTHESIS_SEED", "0") or 0)
 _SHRINK = os.environ.get("FASTBERT_HYPOTHESIS_SHRINK", "0") not in ("", "0")
 
 
 def prop(f):
     """The suite's hypothesis settings: EXAMPLES examples, reproducible in CI, nothing written."""
-    f = settings(max_examples=EXAMPLES, derandomize=_SEED is None, database=None, deadline=None,
+    f = settings(max_examples=EXAMPLES, database=None, deadline=None,
                  print_blob=True, phases=[ph for ph in Phase if _SHRINK or ph != Phase.shrink],
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                                          HealthCheck.filter_too_much])(f)
-    return seed(int(_SEED))(f) if _SEED is not None else f
+    return seed(SEED)(f)
 
 
 BACKENDS = backend_params("cpu")
 HALF = S.HALF
 
 
-# Known open finding: on the CI machine the derandomized examples of test_varlen_attention[cpu:generic]
-# include a float64 dropout case (lengths [6], 3 heads x 6, scale -0.5, p 0.2) whose dk is 7x eager's
-# error (7.9e-15 at scale 2.3; the FMA builds pass). Not reproduced in a standalone run; open.
-_OPEN = {"test_varlen_attention[cpu:generic]": "float64 dropout dk at 7x eager's error on CI's examples (open)"}
+# Known open defect found by this suite (the examples are fixed by SEED): the layernorm kernels
+# centre a row as s - mean with mean = s[0] + mean(s - s[0]) rounded to fp32, so a row of 1000s with
+# one 1000.0078 (bf16 inputs, fp32 sums) carries the mean's rounding (1.4e-5) into every s_hat
+# (4.3e-5 at eps 0.1): dweight 0.988 off at 5.3e3 where eager (s rounded to bf16) is 1e-4 off. cpu
+# computes the same. The fix: centre as (s - s[0]) - mean(s - s[0]) in the forward and backward.
+_OPEN = {"test_layernorm_residual[triton]": "fp32 mean rounding carried into s_hat (open)"}
 
 
 @pytest.fixture(autouse=True)
@@ -124,8 +127,8 @@ def test_bias_gelu(backend, data):
         return [_flip(y, flip and _lead(y)), _flip(dx, flip and _lead(dx)), db]
 
     check(backend, f"bias_gelu {backend} {tuple(shape)} {dtype} {approximate}", ("y", "dx", "dbias"),
-          (x, bias), dy, lambda x, b: fastbert.bias_gelu(x, b, approximate), lambda x, b: _gelu64(x, b, approximate),
-          eager)
+          (x, bias), dy, lambda x, b: fastbert.bias_gelu(x, b, approximate=approximate),
+          lambda x, b: _gelu64(x, b, approximate), eager)
 
 
 def _drawn_seed(seed_value):
@@ -157,7 +160,7 @@ def test_layernorm_residual(backend, data):
 
     def fused(x, r, w, b, xb):
         torch.manual_seed(seed_value)
-        return fastbert.layernorm_residual(x, r, w, b, eps, x_bias=xb, dropout_p=p, training=p > 0)
+        return fastbert.layernorm_residual(x, r, w, b, xb, eps=eps, dropout_p=p, training=p > 0)
 
     def exact(x, r, w, b, xb):
         return reference.layernorm_residual(x, r, w, b, eps, xb, p, seed_t)
@@ -192,11 +195,11 @@ def test_layernorm_residual_eps_is_a_positive_finite_number(backend, eps):
         if valid:
             if eps > 1e30 or eps < 1e-30:  # far outside fp32's useful range: only the check is tested
                 return
-            y = fastbert.layernorm_residual(x, x, w, b, eps)
+            y = fastbert.layernorm_residual(x, x, w, b, eps=eps)
             assert y.isfinite().all()
         else:
             with pytest.raises((ValueError, TypeError), match="eps"):
-                fastbert.layernorm_residual(x, x, w, b, eps)
+                fastbert.layernorm_residual(x, x, w, b, eps=eps)
 
 
 # ------------------------------------------------------------------------------ masked_softmax
@@ -222,7 +225,7 @@ def test_masked_softmax(backend, data):
 
     def fused(x):
         torch.manual_seed(seed_value)
-        return fastbert.masked_softmax(x, mask, scale, dropout_p=p, training=p > 0)
+        return fastbert.masked_softmax(x, mask, scale=scale, dropout_p=p, training=p > 0)
 
     def exact(x):
         return reference.masked_softmax(x, _mask64(scores, mask), scale, p, seed_t)
@@ -273,7 +276,7 @@ def test_masked_softmax_float_mask_gradient(backend, data):
     dy = torch.randn(shape, generator=g)
     with use_backend(backend):
         try:
-            y = fastbert.masked_softmax(scores, mask, 0.5)
+            y = fastbert.masked_softmax(scores, mask, scale=0.5)
         except (ValueError, RuntimeError):
             return
     y.backward(dy)
@@ -306,12 +309,12 @@ def test_gather_masked(backend, data):
     with use_backend(backend):
         if h == 0:  # an empty hidden size: either [M, 0] rows or a ValueError that names hidden
             try:
-                rows, targets, index = fastbert.gather_masked(x, labels, ignore_index)
+                rows, targets, index = fastbert.gather_masked(x, labels, ignore_index=ignore_index)
             except ValueError as e:
                 assert "hidden" in str(e), e
                 return
         else:
-            rows, targets, index = fastbert.gather_masked(x, labels, ignore_index)
+            rows, targets, index = fastbert.gather_masked(x, labels, ignore_index=ignore_index)
     rows.backward(dy)
     assert_same(rows.detach(), rows_w, f"{what} rows")
     assert_same(targets, targets_w, f"{what} targets")
@@ -351,16 +354,7 @@ def test_unpad_pad(backend, data):
 
 # ------------------------------------------------------------------------ linear_cross_entropy
 
-# Known open defect (found by this suite, not fixed yet): the Triton kernel's gradient under an
-# incoming gradient near the dtype's largest value (bf16: drows 2.75e38 where the reference is 3e26).
-# strict: the drawn examples are fixed (derandomized), so a fix makes this xpass and fail, to be removed.
-_CE_OPEN = pytest.mark.xfail(strict=True, reason="triton linear_cross_entropy: incoming gradients near the "
-                                                  "dtype's max overflow drows (open)")
-_CE_BACKENDS = [pytest.param(*b.values, marks=(*b.marks, _CE_OPEN))
-                if getattr(b, "values", (b,))[0] == "triton" else b for b in BACKENDS]
-
-
-@pytest.mark.parametrize("backend", _CE_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @prop
 @given(data=st.data())
 def test_linear_cross_entropy(backend, data):
@@ -380,7 +374,7 @@ def test_linear_cross_entropy(backend, data):
     dy = data.draw(S.tensors((m,) if reduction == "none" else (), dtype), "dy")
 
     def fused(r, w, b):
-        return fastbert.linear_cross_entropy(r, w, b, targets, -100, reduction, chunk)
+        return fastbert.linear_cross_entropy(r, w, targets, b, reduction=reduction, chunk_size=chunk)
 
     def exact(r, w, b):
         """The reference, an ignored row's logits masked out: its gradient is 0 by contract (eager's
@@ -434,7 +428,7 @@ def test_varlen_attention(backend, data):
 
     def fused(q, k, v):
         torch.manual_seed(seed_value)
-        return fastbert.ops.varlen_attention(q, k, v, cu, max_seqlen, scale, dropout_p=p)
+        return fastbert.ops.varlen_attention(q, k, v, cu, max_seqlen, scale=scale, dropout_p=p)
 
     def exact(q, k, v):
         return reference.varlen_attention(q, k, v, cu, max_seqlen, scale, p, seed_t)[0]

@@ -45,7 +45,7 @@ def run(backend, q, k, v, cu, max_seqlen, scale, p, seed_value, dy):
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     torch.manual_seed(seed_value)
     with use_backend(backend):
-        out = OP(*leaves, cu, max_seqlen, scale, dropout_p=p)
+        out = OP(*leaves, cu, max_seqlen, scale=scale, dropout_p=p)
     out.backward(dy)
     return (out.detach(), *(t.grad for t in leaves))
 
@@ -182,7 +182,7 @@ def test_dropout_statistics(backend, p):
     v = torch.nn.functional.one_hot(pos, d).float()[:, None, :].expand(t_all, heads, d).contiguous()
     torch.manual_seed(11)
     with use_backend(backend):
-        out = OP(q, k, v, cu, max_seqlen, 0.125, dropout_p=p)
+        out = OP(q, k, v, cu, max_seqlen, scale=0.125, dropout_p=p)
     keep = philox.keep_mask(int(drawn_seed(11)), (heads, t_all, max_seqlen), p)
     probs, _ = reference.varlen_attention(q, k, v, cu, max_seqlen, 0.125)  # no dropout
     kept_all, want_all = [], []
@@ -359,7 +359,7 @@ def test_double_backward_raises(backend):
     _, (q, k, v) = packed(lengths, heads, d, torch.float32)
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     with use_backend(backend):
-        out = OP(q, k, v, cu, 1, 0.5)
+        out = OP(q, k, v, cu, 1, scale=0.5)
     gq, gv = torch.autograd.grad((out * out).sum(), (q, v), create_graph=True)
     with pytest.raises(RuntimeError, match="varlen_attention: double backward"):
         torch.autograd.grad((gv * gv).sum(), v)

@@ -134,13 +134,13 @@ def drive():
         rows, targets, _ = fastbert.ops.gather_masked(hidden, labels)
         backward(rows)
         weight, bias = t(11, 8), t(11)
-        backward(fastbert.ops.linear_cross_entropy(rows.detach().requires_grad_(), weight, bias, targets))
+        backward(fastbert.ops.linear_cross_entropy(rows.detach().requires_grad_(), weight, targets, bias))
         for lengths, heads, d, dtype, p in (([0, 0, 9, 0], 2, 16, torch.float32, 0.0),
                                             ([1, 5, 0, 17], 3, 7, torch.bfloat16, 0.1)):
             cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
             cu[1:] = torch.tensor(lengths).cumsum(0)
             q, k, v = t(sum(lengths), 3, heads, d, dtype=dtype).unbind(1)
-            backward(fastbert.ops.varlen_attention(q, k, v, cu.to(dev), max(lengths), 0.25, dropout_p=p))
+            backward(fastbert.ops.varlen_attention(q, k, v, cu.to(dev), max(lengths), scale=0.25, dropout_p=p))
 
 
 def dump(path):

@@ -1,6 +1,6 @@
 """Tolerances, backend parametrisation and skip markers shared by the tests.
 
-Accuracy rule (DESIGN.md): compared with the float64 reference, a fused result's max abs error must
+Accuracy rule (CONTRIBUTING.md): compared with the float64 reference, a fused result's max abs error must
 be within 2x eager PyTorch's own error (same dtype, same device) plus a small per-dtype atol.
 """
 
@@ -150,3 +150,21 @@ class within:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, self.previous)
         assert time.perf_counter() - self.t0 < self.seconds, "took too long: quadratic time?"
+
+
+class VocabMatmuls(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the output shape of every matmul (``mm``, ``addmm``, ``bmm``) whose last dimension is
+    ``vocab``: the MLM logits GEMMs. fastbert's fused loss is one custom op, whose inner chunked
+    matmuls this mode does not see (it is off while a handler runs), so it records none."""
+
+    MATMULS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
+
+    def __init__(self, vocab):
+        super().__init__()
+        self.vocab, self.shapes = vocab, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in self.MATMULS and out.shape[-1] == self.vocab:
+            self.shapes.append(tuple(out.shape))
+        return out

@@ -90,15 +90,15 @@ void softmax_fwd_f32(const VarlenSoftmaxArgs& a) {
       vmx = vmax(vmx, v);
       vnan |= v != v;
     });
-    const float mx = hmax(vmx), mlog2e = mx * kLog2e;
+    const float mx = hmax(vmx);
     if (nan_row(vnan, mx)) {  // NaN probabilities and lse, as eager
       fill_nan_probs(row, n, drop, a.e0 + static_cast<uint64_t>(i) * a.e_step, rnd);
       lse[i] = NAN;
       continue;
     }
     Sum sum;
-    for_row(n, [&](int64_t j, int64_t m) {  // e = 2^(s log2e - m log2e): one rounding per row (cancels)
-      const vf e = head(exp2_or_zero(ld(row + j, m) * kLog2e - mlog2e), m);
+    for_row(n, [&](int64_t j, int64_t m) {  // e = 2^((s - max) log2e), as the backward: s log2e would
+      const vf e = head(exp2_or_zero((ld(row + j, m) - mx) * kLog2e), m);  // overflow at |s| > 2.4e38
       st(row + j, e, m);
       sum.acc += e;
     }, [&] { sum.flush(); });

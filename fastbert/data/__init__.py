@@ -8,7 +8,8 @@ corpus), and next-sentence-prediction pairs for BERT pretraining.
                               continuation=tok.continuation_mask, whole_word=True)
     batch = collate(examples[:32])              # input_ids, token_type_ids, attention_mask, labels, ...
 
-Needs the ``tokenizers`` package.
+Needs the ``tokenizers`` package (``pip install 'fastbert[train]'``; without it importing this
+package raises :class:`fastbert._optional.MissingExtra`, an ImportError naming that command).
 """
 
 from fastbert.data.corpus import (ABBREVIATIONS, DEFAULT_CORPUS_TITLES, Document, NSPExample,

@@ -20,10 +20,10 @@ from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-try:
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-except ImportError as e:  # pragma: no cover - depends on the environment
-    raise ImportError("fastbert.data needs the `tokenizers` package (pip install tokenizers)") from e
+from fastbert._optional import require
+
+require("tokenizers", "train", "fastbert.data (the WordPiece tokenizer)")  # else MissingExtra, naming the pip command
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers  # noqa: E402
 
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 SPECIAL_TOKENS = (PAD, UNK, CLS, SEP, MASK)

@@ -1,9 +1,19 @@
 """BERT on fastbert's fused ops: ``BertModel`` and the pretraining, masked-LM and classification
 models, named as Hugging Face's so that its checkpoints load (fastbert/models/checkpoint.py).
 
-The MLM loss runs on the labelled tokens only: ``gather_masked`` picks their rows, the head's
-transform runs on those, and ``linear_cross_entropy`` scores them against the (tied) decoder without
-materialising the ``[M, vocab]`` logits. Without labels the models return the full logits instead.
+The MLM output contract (``BertForMaskedLM``, ``BertForPreTraining``; the same as ``fastbert.patch``'s):
+
+* training mode with ``labels``: the loss runs on the labelled tokens only (``gather_masked`` picks
+  their rows, the head's transform runs on those, and ``linear_cross_entropy`` scores them against the
+  (tied) decoder without materialising the ``[M, vocab]`` logits); ``logits`` / ``prediction_logits``
+  is None. ``return_logits=True`` also returns the labelled rows' logits ``[M, vocab]`` (``M`` labelled
+  tokens at real positions, row-major order: ``full_logits[labels != -100]``), one more matmul;
+* eval mode with ``labels``: the loss and the full ``[batch, seq, vocab]`` logits (the loss is computed
+  from them, as Hugging Face's);
+* without ``labels`` (either mode): the full ``[batch, seq, vocab]`` logits;
+* ``return_logits=False`` with ``labels``: no logits in either mode, the fused loss only (cheap
+  evaluation loops).
+
 MLM accuracy needs the arg-max of the logits, which the fused loss never holds: it is computed
 (under no_grad, chunk by chunk) when ``with_accuracy`` is true, by default only in eval mode.
 
@@ -43,7 +53,7 @@ IGNORE = -100
 
 
 @dataclass
-class BertOutput:
+class EncoderOutput:
     last_hidden_state: torch.Tensor
     pooler_output: Optional[torch.Tensor] = None
     packed: Optional[torch.Tensor] = None              # unpadded path: the real tokens' hidden states [T, H]
@@ -57,7 +67,7 @@ class PreTrainingOutput:
     nsp_loss: Optional[torch.Tensor] = None
     mlm_accuracy: Optional[torch.Tensor] = None
     nsp_accuracy: Optional[torch.Tensor] = None
-    prediction_logits: Optional[torch.Tensor] = None        # only without labels
+    prediction_logits: Optional[torch.Tensor] = None        # see the module docstring's MLM output contract
     seq_relationship_logits: Optional[torch.Tensor] = None
 
 
@@ -65,7 +75,7 @@ class PreTrainingOutput:
 class MaskedLMOutput:
     loss: Optional[torch.Tensor] = None
     accuracy: Optional[torch.Tensor] = None
-    logits: Optional[torch.Tensor] = None          # only without labels
+    logits: Optional[torch.Tensor] = None          # see the module docstring's MLM output contract
 
 
 @dataclass
@@ -172,7 +182,7 @@ class BertModel(BertPreTrainedModel):
         hidden = self.encoder(x, key_mask, additive)
         if key_mask is not None:  # a row with no real token: zeros, as on the unpadded path
             hidden = torch.where(key_mask.any(1)[:, None, None], hidden, hidden.new_zeros(()))
-        return BertOutput(hidden, self.pooler(hidden[:, 0]) if self.pooler is not None else None)
+        return EncoderOutput(hidden, self.pooler(hidden[:, 0]) if self.pooler is not None else None)
 
     @staticmethod
     def masks(attention_mask, x):
@@ -200,7 +210,7 @@ class BertModel(BertPreTrainedModel):
             nonempty = (p.cu_seqlens[1:] > p.cu_seqlens[:-1])[:, None]
             cls = x[first.clamp(max=max(p.total - 1, 0))] if p.total else x.new_zeros((p.batch, x.shape[-1]))
             pooled = self.pooler(torch.where(nonempty, cls, torch.zeros((), dtype=cls.dtype, device=cls.device)))
-        return BertOutput(ops.pad(x, p), pooled, x, p)
+        return EncoderOutput(ops.pad(x, p), pooled, x, p)
 
 
 class MLMHead(nn.Module):
@@ -219,22 +229,37 @@ class MLMHead(nn.Module):
     def logits(self, hidden):
         return F.linear(self.transform(hidden), self.decoder.weight, self.bias)
 
-    def loss(self, hidden, labels, with_accuracy):
-        """``(mean MLM loss over the labelled tokens, accuracy or None)``."""
+    def loss(self, hidden, labels, with_accuracy, labelled_logits=False):
+        """``(mean MLM loss over the labelled tokens, accuracy or None, logits or None)``: the logits of
+        the labelled rows ``[M, vocab]`` (row-major order) when ``labelled_logits``, else None."""
         if labels.shape != hidden.shape[:-1]:
             raise ValueError(f"BERT: labels must have shape {list(hidden.shape[:-1])}, got {list(labels.shape)}")
         if not self.fused:
             logits = self.logits(hidden)
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE)
-            acc = None
-            if with_accuracy:
-                sel = labels != IGNORE
-                acc = (logits.detach()[sel].argmax(-1) == labels[sel]).float().mean()
-            return loss, acc
-        rows, targets, _ = ops.gather_masked(hidden, labels, IGNORE)
+            sel = labels != IGNORE
+            acc = (logits.detach()[sel].argmax(-1) == labels[sel]).float().mean() if with_accuracy else None
+            return loss, acc, (logits[sel] if labelled_logits else None)
+        rows, targets, _ = ops.gather_masked(hidden, labels, ignore_index=IGNORE)
         x = self.transform(rows)
-        loss = ops.linear_cross_entropy(x, self.decoder.weight, self.bias, targets, IGNORE)
-        return loss, (self.accuracy(x.detach(), targets) if with_accuracy else None)
+        loss = ops.linear_cross_entropy(x, self.decoder.weight, targets, self.bias, ignore_index=IGNORE)
+        logits = F.linear(x, self.decoder.weight, self.bias) if labelled_logits else None
+        return loss, (self.accuracy(x.detach(), targets) if with_accuracy else None), logits
+
+    def scored(self, hidden, labels, with_accuracy):
+        """``(loss, accuracy or None, logits)`` from the logits of every row of ``hidden`` (eval mode):
+        the mean over the labelled tokens, 0 when there are none (as the fused loss)."""
+        if labels.shape != hidden.shape[:-1]:
+            raise ValueError(f"BERT: labels must have shape {list(hidden.shape[:-1])}, got {list(labels.shape)}")
+        logits = self.logits(hidden)
+        flat, targets = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
+        n = (targets != IGNORE).sum().clamp(min=1)
+        loss = F.cross_entropy(flat, targets, ignore_index=IGNORE, reduction="sum") / n
+        acc = None
+        if with_accuracy:
+            sel = targets != IGNORE
+            acc = (flat.detach()[sel].argmax(-1) == targets[sel]).sum().float() / n
+        return loss, acc, logits
 
     @torch.no_grad()
     def accuracy(self, x, targets, chunk=1024):
@@ -265,6 +290,17 @@ def _full_logits(head, out):
     return ops.pad(head.logits(out.packed), out.packing)
 
 
+def _mlm(head, out, labels, attention_mask, training, with_accuracy, return_logits):
+    """``(loss, accuracy or None, logits or None)`` of the MLM head under the module docstring's contract."""
+    if return_logits not in (None, True, False):
+        raise ValueError(f"BERT: return_logits must be None, True or False, got {return_logits!r}")
+    hidden, labels = _mlm_rows(out, labels, attention_mask)
+    if training or return_logits is False:
+        return head.loss(hidden, labels, with_accuracy, labelled_logits=training and return_logits is True)
+    loss, acc, logits = head.scored(hidden, labels, with_accuracy)  # eval mode: the full logits
+    return loss, acc, (logits if out.packing is None else ops.pad(logits, out.packing))
+
+
 class PreTrainingHeads(nn.Module):
     def __init__(self, config, word_embeddings):
         super().__init__()
@@ -275,7 +311,7 @@ class PreTrainingHeads(nn.Module):
 class BertForPreTraining(BertPreTrainedModel):
     """BERT with the MLM and next-sentence heads. With ``labels`` (MLM, ``-100`` = unlabelled) and
     ``next_sentence_label`` (0 = IsNext, 1 = NotNext) it returns the losses (and accuracies);
-    without them, the prediction and seq-relationship logits."""
+    ``prediction_logits`` follow the module docstring's MLM output contract (``return_logits``)."""
 
     hf_prefix = "bert."
 
@@ -286,7 +322,7 @@ class BertForPreTraining(BertPreTrainedModel):
         self.init_weights()
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, next_sentence_label=None,
-                with_accuracy=None):
+                *, with_accuracy=None, return_logits=None):
         out = self.bert(input_ids, attention_mask, token_type_ids)
         nsp_logits = self.cls.seq_relationship(out.pooler_output)
         with_accuracy = not self.training if with_accuracy is None else with_accuracy
@@ -294,8 +330,8 @@ class BertForPreTraining(BertPreTrainedModel):
         if labels is None:
             res.prediction_logits = _full_logits(self.cls.predictions, out)
         else:
-            res.mlm_loss, res.mlm_accuracy = self.cls.predictions.loss(*_mlm_rows(out, labels, attention_mask),
-                                                                        with_accuracy)
+            res.mlm_loss, res.mlm_accuracy, res.prediction_logits = _mlm(
+                self.cls.predictions, out, labels, attention_mask, self.training, with_accuracy, return_logits)
             res.loss = res.mlm_loss
         if next_sentence_label is not None:
             res.nsp_loss = F.cross_entropy(nsp_logits, next_sentence_label.reshape(-1))
@@ -311,7 +347,8 @@ class MLMOnlyHead(nn.Module):
 
 
 class BertForMaskedLM(BertPreTrainedModel):
-    """BERT with the MLM head only (no pooler, as Hugging Face's)."""
+    """BERT with the MLM head only (no pooler, as Hugging Face's); ``logits`` follow the module
+    docstring's MLM output contract (``return_logits``)."""
 
     hf_prefix = "bert."
 
@@ -321,12 +358,14 @@ class BertForMaskedLM(BertPreTrainedModel):
         self.cls = MLMOnlyHead(config, self.bert.embeddings.word_embeddings)
         self.init_weights()
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, with_accuracy=None):
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, *, with_accuracy=None,
+                return_logits=None):
         out = self.bert(input_ids, attention_mask, token_type_ids)
         if labels is None:
             return MaskedLMOutput(logits=_full_logits(self.cls.predictions, out))
         with_accuracy = not self.training if with_accuracy is None else with_accuracy
-        return MaskedLMOutput(*self.cls.predictions.loss(*_mlm_rows(out, labels, attention_mask), with_accuracy))
+        return MaskedLMOutput(*_mlm(self.cls.predictions, out, labels, attention_mask, self.training, with_accuracy,
+                                    return_logits))
 
 
 class BertForSequenceClassification(BertPreTrainedModel):

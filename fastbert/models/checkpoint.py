@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from fastbert._optional import require
 from fastbert.models.config import BertConfig
 
 _QKV = re.compile(r"^(.*attention\.self\.)(query|key|value)\.(weight|bias)$")
@@ -33,7 +34,7 @@ _HEADS = ("cls.", "classifier.")
 def read_state_dict(path):
     path = Path(path)
     if (path / "model.safetensors").exists():
-        from safetensors.torch import load_file
+        load_file = require("safetensors.torch", "train", "reading model.safetensors").load_file
         return load_file(str(path / "model.safetensors"))
     if (path / "pytorch_model.bin").exists():
         return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
@@ -138,7 +139,7 @@ def load(cls, path, **config_overrides):
 
 
 def save(model, path):
-    from safetensors.torch import save_file
+    save_file = require("safetensors.torch", "train", "saving a checkpoint (model.safetensors)").save_file
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)

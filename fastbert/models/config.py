@@ -2,8 +2,9 @@
 
 Field names are Hugging Face's (``hidden_size``, ``num_hidden_layers``, ...), so a ``config.json``
 reads and writes as it is. fastbert's own fields: ``fused`` (``True``: every fused op; ``False``:
-eager PyTorch; or a collection of op names to fuse, the others eager) and ``attention``
-(``"fused"``: ``masked_softmax`` between two matmuls; ``"sdpa"``: ``F.scaled_dot_product_attention``),
+eager PyTorch; or a collection of switch names among :data:`FUSABLE` to fuse, the others eager: the
+names of ``fastbert.patch``'s options and report) and ``attention`` (``"fused"``: ``masked_softmax``
+between two matmuls, when ``fused`` includes ``"attention"``; ``"sdpa"``: ``F.scaled_dot_product_attention``),
 ``unpad`` (``True``, the default: with an ``attention_mask``, only the real tokens are computed, see
 fastbert/models/bert.py; ``False``: every position, padding included) and ``unpad_attention``
 (``"varlen"``: :func:`fastbert.ops.varlen_attention` on the packed tokens; ``"pad"``: re-pad Q/K/V,
@@ -22,7 +23,9 @@ from typing import Optional, Union
 
 # hidden_act name -> fastbert's GELU approximation ("none" = exact erf)
 HIDDEN_ACTS = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_tanh": "tanh"}
-FUSABLE = ("bias_gelu", "layernorm_residual", "masked_softmax", "mlm_loss")
+# The fused switches: one vocabulary for BertConfig.fused, fastbert.patch's options and its PatchReport
+# (patch has one more switch, "unpad", which is BertConfig's own field of that name).
+FUSABLE = ("bias_gelu", "layernorm_residual", "attention", "mlm_loss")
 ATTENTION = ("fused", "sdpa")
 UNPAD_ATTENTION_CHOICES = ("auto", "varlen", "pad")
 # unpad_attention="auto": per device type, the attention measured faster on unpadded batches
@@ -109,11 +112,11 @@ class BertConfig:
             bad("extra", "a dict")
         if not isinstance(self.fused, bool):
             if isinstance(self.fused, (str, bytes)) or not hasattr(self.fused, "__iter__"):
-                bad("fused", f"true, false or a collection of op names among {FUSABLE}")
+                bad("fused", f"true, false or a collection of switch names among {FUSABLE}")
             self.fused = tuple(self.fused)
             unknown = set(map(str, self.fused)) - set(FUSABLE)
             if unknown:
-                raise ValueError(f"BertConfig: fused ops must be among {FUSABLE}, got {sorted(unknown)}")
+                raise ValueError(f"BertConfig: fused switches must be among {FUSABLE}, got {sorted(unknown)}")
 
     @property
     def gelu_approximate(self):
@@ -130,7 +133,9 @@ class BertConfig:
         return UNPAD_ATTENTION.get(device_type, "pad")
 
     def fuses(self, op):
-        """Whether ``op`` (one of ``FUSABLE``) runs on fastbert's fused kernel."""
+        """Whether the switch ``op`` (one of ``FUSABLE``) runs on fastbert's fused kernels."""
+        if op not in FUSABLE:
+            raise ValueError(f"BertConfig.fuses: unknown switch {op!r}; choose from {FUSABLE}")
         return self.fused if isinstance(self.fused, bool) else op in self.fused
 
     def replace(self, **changes):

@@ -7,7 +7,7 @@ three, so Q, K and V come out of one matmul (fastbert/models/checkpoint.py split
 Each sub-layer output is ``layernorm_residual(x @ W.T, residual, ..., x_bias=b)``: the dense bias,
 dropout, the residual add and LayerNorm in one pass; the intermediate layer is ``x @ W.T`` then
 ``bias_gelu``; attention probabilities come from ``masked_softmax`` (scale, key-padding mask and
-dropout in one pass).
+dropout in one pass). Every op is called with ``training=self.training``.
 
 Unpadded execution (``BertConfig.unpad``, fastbert/models/bert.py): the encoder then runs on the
 real tokens ``[T, H]`` of a :class:`fastbert.ops.Packing`; every layer but attention is token-wise
@@ -30,7 +30,7 @@ from fastbert import ops
 
 
 class AddNorm(nn.Module):
-    """``LayerNorm(dropout(dense(x)) + residual)``: HF's BertSelfOutput / BertOutput."""
+    """``LayerNorm(dropout(dense(x)) + residual)``: Hugging Face's BertSelfOutput / BertOutput layers."""
 
     def __init__(self, n_in, n_out, config):
         super().__init__()
@@ -43,8 +43,8 @@ class AddNorm(nn.Module):
         ln = self.LayerNorm
         if self.fused:
             h = F.linear(x, self.dense.weight)  # under autocast: the autocast dtype, the residual cast to it
-            return ops.layernorm_residual(h, residual.to(h.dtype), ln.weight, ln.bias, ln.eps,
-                                          x_bias=self.dense.bias, dropout_p=self.p, training=self.training)
+            return ops.layernorm_residual(h, residual.to(h.dtype), ln.weight, ln.bias, self.dense.bias, eps=ln.eps,
+                                          dropout_p=self.p, training=self.training)
         h = F.dropout(self.dense(x), self.p, self.training)
         return F.layer_norm(h + residual, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
 
@@ -60,7 +60,7 @@ class Intermediate(nn.Module):
 
     def forward(self, x):
         if self.fused:
-            return ops.bias_gelu(F.linear(x, self.dense.weight), self.dense.bias, self.approximate)
+            return ops.bias_gelu(F.linear(x, self.dense.weight), self.dense.bias, approximate=self.approximate)
         return F.gelu(self.dense(x), approximate=self.approximate)
 
 
@@ -72,7 +72,7 @@ class SelfAttention(nn.Module):
         self.heads, self.head_dim = config.num_attention_heads, config.head_dim
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.p = config.attention_probs_dropout_prob
-        self.fused = config.fuses("masked_softmax")
+        self.fused = config.fuses("attention")
         self.sdpa = config.attention == "sdpa"
         self.varlen = {d: config.attention_for_unpadded(d) == "varlen" for d in ("cpu", "cuda")}
 
@@ -92,8 +92,8 @@ class SelfAttention(nn.Module):
         qkv = self.qkv(x)
         if self.varlen.get(x.device.type, False):
             q, k, v = qkv.view(t, 3, self.heads, self.head_dim).unbind(1)
-            ctx = ops.varlen_attention(q, k, v, p.cu_seqlens, p.max_seqlen, 1.0 / math.sqrt(self.head_dim),
-                                       self.p if self.training else 0.0)
+            ctx = ops.varlen_attention(q, k, v, p.cu_seqlens, p.max_seqlen, scale=1.0 / math.sqrt(self.head_dim),
+                                       dropout_p=self.p, training=self.training)
             return ctx.reshape(t, h)
         padded = ops.pad(qkv, p).view(p.batch, p.seqlen, 3, self.heads, self.head_dim)
         q, k, v = padded.permute(2, 0, 3, 1, 4).unbind(0)
@@ -105,7 +105,7 @@ class SelfAttention(nn.Module):
         p = self.p if self.training else 0.0
         if self.fused and not self.sdpa:  # masked_softmax: a fully masked row's probabilities are zeros
             scale = 1.0 / math.sqrt(self.head_dim)
-            probs = ops.masked_softmax(q @ k.transpose(-1, -2), key_mask, scale, dropout_p=self.p,
+            probs = ops.masked_softmax(q @ k.transpose(-1, -2), key_mask, scale=scale, dropout_p=self.p,
                                        training=self.training)
             return probs @ v
         if self.sdpa:
@@ -175,7 +175,7 @@ class Embeddings(nn.Module):
         rest = pos + self.token_type_embeddings(token_type_ids)
         words, ln = self.word_embeddings(input_ids), self.LayerNorm
         if self.fused:
-            x = ops.layernorm_residual(words, rest, ln.weight, ln.bias, ln.eps)
+            x = ops.layernorm_residual(words, rest, ln.weight, ln.bias, eps=ln.eps)  # dropout: below, after LN
         else:
             x = F.layer_norm(words + rest, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
         return F.dropout(x, self.p, self.training)
@@ -203,7 +203,7 @@ class MLMTransform(nn.Module):
 
     def forward(self, x):
         if self.fused:
-            x = ops.bias_gelu(F.linear(x, self.dense.weight), self.dense.bias, self.approximate)
+            x = ops.bias_gelu(F.linear(x, self.dense.weight), self.dense.bias, approximate=self.approximate)
         else:
             x = F.gelu(self.dense(x), approximate=self.approximate)
         return self.LayerNorm(x)

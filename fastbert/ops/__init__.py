@@ -1,4 +1,8 @@
-"""Public, autograd-aware fused ops. Each op lives in its own file (schema, fake, autograd, dispatch)."""
+"""Public, autograd-aware fused ops. Each op lives in its own file (schema, fake, autograd, dispatch).
+
+One calling convention for every op: tensors are positional (optional tensors default to None), options
+are keyword-only, and dropout follows ``F.dropout``: ``dropout_p > 0`` drops unless ``training=False``.
+"""
 
 from fastbert.ops.bias_gelu import bias_gelu
 from fastbert.ops.gather_masked import gather_masked
@@ -8,5 +12,5 @@ from fastbert.ops.masked_softmax import masked_softmax
 from fastbert.ops.unpad import Packing, pad, packing, unpad
 from fastbert.ops.varlen_attention import varlen_attention
 
-__all__ = ["bias_gelu", "gather_masked", "layernorm_residual", "linear_cross_entropy", "masked_softmax", "Packing", "pad", "packing", "unpad",
-           "varlen_attention"]
+__all__ = ["bias_gelu", "gather_masked", "layernorm_residual", "linear_cross_entropy", "masked_softmax", "Packing",
+           "pad", "packing", "unpad", "varlen_attention"]

@@ -83,13 +83,13 @@ def check_args(x, bias, approximate):
                              f"and bias {bias.dtype}")
 
 
-def bias_gelu(x, bias=None, approximate="none"):
+def bias_gelu(x, bias=None, *, approximate="none"):
     """``gelu(x + bias)`` over the last dimension of ``x`` (``bias`` has shape ``[x.shape[-1]]``).
 
     Args:
         x: float32/float16/bfloat16 tensor of any shape (float64 on the cpu and reference backends).
         bias: optional 1-D tensor of size ``x.shape[-1]`` on x's device; any float dtype.
-        approximate: ``"none"`` (exact, erf) or ``"tanh"``, as in ``torch.nn.functional.gelu``.
+        approximate: ``"none"`` (exact, erf) or ``"tanh"``, as in ``torch.nn.functional.gelu`` (keyword-only).
     """
     check_args(x, bias, approximate)
     return _IMPLS[backends.select(OP, x, bias)](x, bias, approximate)

@@ -116,12 +116,13 @@ def check_args(hidden, labels, ignore_index):
     return hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
 
 
-def gather_masked(hidden, labels, ignore_index=-100):
+def gather_masked(hidden, labels, *, ignore_index=-100):
     """The labelled rows of ``hidden``: ``(rows, targets, index)``.
 
     Args:
         hidden: ``[batch, seq, H]`` (or ``[N, H]``) float tensor, e.g. the encoder output.
-        labels: ``[batch, seq]`` (or ``[N]``) integer tensor; ``ignore_index`` marks unlabelled tokens.
+        labels: ``[batch, seq]`` (or ``[N]``) integer tensor; ``ignore_index`` (keyword-only) marks
+            unlabelled tokens.
     Returns:
         rows ``[M, H]`` (hidden's dtype, differentiable), targets ``[M]`` int64 (the labels of those
         rows), index ``[M]`` int64 (their flat positions in ``labels``), in row-major order.

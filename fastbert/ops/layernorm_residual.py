@@ -127,16 +127,19 @@ def check_args(x, residual, weight, bias, eps, x_bias, dropout_p):
         raise ValueError(f"{OP}: dropout_p must be in [0, 1), got {dropout_p!r}")
 
 
-def layernorm_residual(x, residual, weight, bias, eps=1e-12, *, x_bias=None, dropout_p=0.0, training=False):
+def layernorm_residual(x, residual, weight, bias, x_bias=None, *, eps=1e-12, dropout_p=0.0, training=True):
     """``LayerNorm(dropout(x + x_bias) + residual) * weight + bias`` over the last dimension of ``x``.
 
     Args:
         x: the sub-layer output (e.g. a Linear's output without its bias), any leading shape.
         residual: the sub-layer input, same shape and dtype as ``x``.
         weight, bias: LayerNorm parameters of shape ``[x.shape[-1]]`` (one dtype for both).
-        eps: added to the variance (BERT uses 1e-12).
         x_bias: optional bias added to ``x`` before dropout (the Linear's bias, folded in).
-        dropout_p: dropout probability in [0, 1); dropout runs only when ``training`` is True.
+    Keyword-only options:
+        eps: added to the variance (BERT uses 1e-12).
+        dropout_p: dropout probability in [0, 1).
+        training: apply dropout (default True, as ``F.dropout``); ``training=False`` (evaluation)
+            skips it whatever ``dropout_p``.
     """
     check_args(x, residual, weight, bias, eps, x_bias, dropout_p)
     seed = philox.draw_seed(x.device) if training and dropout_p > 0 else None

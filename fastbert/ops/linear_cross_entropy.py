@@ -310,15 +310,18 @@ def check_args(rows, weight, bias, targets, ignore_index, reduction, chunk_size)
         raise ValueError(f"{OP}: chunk_size must be a positive int below 2**63 or None, got {chunk_size!r}")
 
 
-def linear_cross_entropy(rows, weight, bias, targets, ignore_index=-100, reduction="mean", chunk_size=None):
+def linear_cross_entropy(rows, weight, targets, bias=None, *, ignore_index=-100, reduction="mean", chunk_size=None):
     """``F.cross_entropy(rows @ weight.T + bias, targets, ignore_index=..., reduction=...)`` without
     the ``[M, vocab]`` logits: peak extra memory is one ``[chunk_size, vocab]`` block.
 
     Args:
         rows: ``[M, H]`` (e.g. the transformed masked-token rows of :func:`gather_masked`).
         weight: ``[vocab, H]`` decoder weight (BERT ties it to the word embeddings); cast to rows'
-            dtype if it differs (autocast-style master weights), likewise ``bias`` ``[vocab]`` or None.
-        targets: ``[M]`` int64 class indices; ``ignore_index`` rows add nothing.
+            dtype if it differs (autocast-style master weights), likewise ``bias``.
+        targets: ``[M]`` int64 (or int32) class indices; ``ignore_index`` rows add nothing.
+        bias: optional ``[vocab]`` decoder bias (None: no bias, the same as zeros).
+    Keyword-only options:
+        ignore_index: the target value of rows that add nothing (default -100).
         reduction: ``"mean"`` over the non-ignored rows (0 when there are none), ``"sum"`` or ``"none"``.
         chunk_size: rows per chunk (default: a ~24 MiB ``[chunk, vocab]`` block).
     Returns the loss in rows' dtype (computed in fp32).

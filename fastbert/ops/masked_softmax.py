@@ -133,15 +133,18 @@ def check_args(scores, scale, dropout_p):
         raise ValueError(f"{OP}: dropout_p must be in [0, 1), got {dropout_p!r}")
 
 
-def masked_softmax(scores, mask=None, scale=1.0, dropout_p=0.0, training=False):
+def masked_softmax(scores, mask=None, *, scale=1.0, dropout_p=0.0, training=True):
     """``dropout(softmax(scores * scale + mask))`` over the last dimension of 4-D ``scores``.
 
     Args:
         scores: ``[batch, heads, queries, keys]`` attention scores (e.g. ``q @ k.transpose(-1, -2)``).
         mask: None; bool ``[batch, keys]`` (True = attend); or a mask broadcastable to ``scores``,
             bool or additive float (``-inf`` or ``torch.finfo(dtype).min`` at excluded keys).
+    Keyword-only options:
         scale: multiplies the scores before the mask is added (``1 / sqrt(head_dim)``).
-        dropout_p: dropout probability in [0, 1); dropout runs only when ``training`` is True.
+        dropout_p: dropout probability in [0, 1).
+        training: apply dropout (default True, as ``F.dropout``); ``training=False`` (evaluation)
+            skips it whatever ``dropout_p``.
     """
     check_args(scores, scale, dropout_p)
     mask = canonical_mask(scores, mask)

@@ -14,8 +14,8 @@ rebuild the probabilities ``p = exp(s - lse)`` without storing them. Backward (`
 
 Dropout: element (head ``h``, query row ``t``, key ``j`` counted from the start of ``t``'s sequence) is
 element ``(h * T + t) * max_seqlen + j`` of the shared Philox stream (:mod:`fastbert.philox`), so every
-backend drops the same probabilities for the same seed. As ``F.scaled_dot_product_attention`` and
-flash-attention, ``dropout_p > 0`` means dropout (no separate ``training`` flag).
+backend drops the same probabilities for the same seed. As every fastbert dropout op (and ``F.dropout``),
+``dropout_p > 0`` means dropout unless ``training=False``.
 
 NaN and inf propagate as in eager PyTorch (a NaN or +inf score makes its query row NaN). Double
 backward (differentiating the gradients, ``create_graph=True``) is not implemented by the fused
@@ -128,21 +128,24 @@ def check_cu_seqlens(cu_seqlens, total, max_seqlen):
         raise ValueError(f"{OP}: max_seqlen {max_seqlen} is smaller than the longest sequence ({max(lengths)})")
 
 
-def varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale=None, dropout_p=0.0):
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, scale=None, dropout_p=0.0, training=True):
     """Self-attention within each packed sequence (see the module docstring).
 
     Args:
         q, k, v: ``[total_tokens, heads, head_dim]`` float tensors (views of a packed QKV are fine).
         cu_seqlens: int32 ``[batch + 1]`` cumulative sequence lengths (0, len0, len0 + len1, ...).
         max_seqlen: the longest sequence (an upper bound is fine).
+    Keyword-only options:
         scale: multiplies ``q k^T``; default ``1 / sqrt(head_dim)``.
-        dropout_p: dropout on the attention probabilities, in [0, 1) (0 in evaluation).
+        dropout_p: dropout on the attention probabilities, in [0, 1).
+        training: apply dropout (default True, as ``F.dropout``); ``training=False`` (evaluation)
+            skips it whatever ``dropout_p``.
     Returns:
         ``[total_tokens, heads, head_dim]`` in q's dtype.
     """
     if scale is None and isinstance(q, torch.Tensor) and q.dim() == 3:
         scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0
     check_args(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p)
-    seed = philox.draw_seed(q.device) if dropout_p > 0 else None
+    seed = philox.draw_seed(q.device) if training and dropout_p > 0 else None
     name = backends.select(OP, q)
     return _IMPLS[name](q, k, v, cu_seqlens, int(max_seqlen), float(scale), float(dropout_p), seed)

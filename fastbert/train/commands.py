@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from fastbert._optional import MissingExtra, require
+
 PRETRAIN_DEFAULTS = dict(preset="mini", corpus=None, vocab=None, vocab_size=8000, seq_len=128, steps=400, batch=32,
                          grad_accum=1, lr=1e-3, warmup=0.1, whole_word=True, bf16=False, save_every=100, seed=0,
                          eval_fraction=0.03)
@@ -168,9 +170,8 @@ def make_tokenizer(s, out, sentences, env, resume):
     """The run's tokenizer, in memory: on resume the saved ``<out>/tokenizer``, else the one given
     by --vocab or one trained on the corpus (by rank 0; the others receive it). Nothing is written
     here: the caller saves it once every check has passed."""
-    from tokenizers import Tokenizer
-
-    from fastbert.data import WordPieceTokenizer
+    from fastbert.data import WordPieceTokenizer  # MissingExtra without tokenizers
+    from fastbert.data.tokenizer import Tokenizer
     folder = out / "tokenizer"
     if resume:
         if not (folder / "tokenizer.json").exists():
@@ -200,6 +201,8 @@ def pretrain_command(args):
     from fastbert.train.metrics import dumps
     from fastbert.train.plot import loss_curve_png, loss_table
     from fastbert.train.trainer import check_setup
+    for module in ("tqdm", "safetensors", "matplotlib"):  # the rest of [train]: fail now, not mid-run
+        require(module, "train", "fastbert pretrain")
 
     out = Path(args.out)
     s = run_settings(args, out)  # every flag checked before anything is read or written
@@ -291,6 +294,8 @@ def finetune_command(args):
     from fastbert.train import latest_checkpoint
     from fastbert.train.finetune import FinetuneConfig, finetune
     from fastbert.train.metrics import dumps
+    for module in ("tqdm", "safetensors"):  # the rest of what it needs from [train]: fail now, not mid-run
+        require(module, "train", "fastbert finetune")
 
     src, out = Path(args.source), Path(args.out)
     check_finetune_flags(args)
@@ -373,11 +378,12 @@ def max_class_share(passages):
 
 
 def main(command, args):
-    """Run a command; bad input (and a file that cannot be read or written) exits 2 with the error
-    message rather than a traceback (FASTBERT_TRACEBACK=1 shows it)."""
+    """Run a command; bad input, a file that cannot be read or written and a missing optional package
+    (:class:`~fastbert._optional.MissingExtra`: its one line names the pip command) exit 2 with the
+    error message rather than a traceback (FASTBERT_TRACEBACK=1 shows it)."""
     try:
         return (pretrain_command if command == "pretrain" else finetune_command)(args)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, MissingExtra) as e:
         if os.environ.get("FASTBERT_TRACEBACK"):
             raise
         print(f"fastbert {command}: error: {e}", file=sys.stderr)

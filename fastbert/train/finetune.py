@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from tqdm import tqdm
 
+from fastbert._optional import require
 from fastbert.train.metrics import dumps
 from fastbert.train.optim import make_optimizer
 from fastbert.train.schedule import make_scheduler
@@ -120,6 +120,7 @@ def finetune(model, train, test, pad_id, config=None, out_dir=None, progress=Tru
     is also appended to ``<out_dir>/finetune_metrics.jsonl`` (a ``"kind"`` field: ``"train"`` or
     ``"eval"``). Seeds the global torch RNG with ``config.seed`` (dropout); the model ends in the
     train/eval mode it started in."""
+    tqdm = require("tqdm", "train", "fastbert.train.finetune (its progress bar)").tqdm
     config = FinetuneConfig() if config is None else config
     if not len(train):
         raise ValueError("finetune: the training set is empty")

@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+from fastbert._optional import require
+
 
 def smooth(values, window):
     """Trailing moving average (the first points average what there is)."""
@@ -17,7 +19,7 @@ def smooth(values, window):
 def loss_curve_png(history, path, title="fastbert pretrain"):
     """Plot ``loss``, ``mlm_loss`` and ``nsp_loss`` (raw and smoothed) against the step, with the
     learning rate on a second axis; returns the path."""
-    import matplotlib
+    matplotlib = require("matplotlib", "train", "fastbert's loss-curve plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -34,8 +34,8 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
+from fastbert._optional import require
 from fastbert.train.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from fastbert.train.distributed import world
 from fastbert.train.metrics import dumps
@@ -207,6 +207,7 @@ def step_seed(seed, step, rank):
 def pretrain(model, examples, collate, config, out_dir, resume=False, progress=True):
     """Train ``model`` (a BertForPreTraining) for ``config.steps`` optimizer steps; returns the list
     of per-step metrics (also appended to ``<out_dir>/metrics.jsonl`` by rank 0)."""
+    tqdm = require("tqdm", "train", "fastbert.train.pretrain (its progress bar)").tqdm
     rank, size = world()
     check_setup(model, examples, collate, config)
     out = Path(out_dir)
@@ -322,7 +323,7 @@ def evaluate_pretraining(model, examples, collate, batch_size=64):
     try:
         for i in range(0, len(examples), batch_size):
             batch = {k: v.to(device) for k, v in collate(examples[i:i + batch_size]).items()}
-            res = model(**batch, with_accuracy=True)
+            res = model(**batch, with_accuracy=True, return_logits=False)  # the fused loss, no [B, S, vocab] logits
             n, m = batch["input_ids"].shape[0], int((batch["labels"] != IGNORE).sum())
             tokens += m
             tot["mlm_loss"] += float(res.mlm_loss) * m

@@ -118,17 +118,18 @@ def public_cases():
 
     ops = fastbert.ops
     return [
-        ("ops.bias_gelu tanh", lambda x, b: ops.bias_gelu(x, b, "tanh"), lambda: (t(8, 3072), t(3072)), None),
+        ("ops.bias_gelu tanh", lambda x, b: ops.bias_gelu(x, b, approximate="tanh"),
+         lambda: (t(8, 3072), t(3072)), None),
         ("ops.layernorm_residual dropout", lambda x, r, w, b, xb: ops.layernorm_residual(
             x, r, w, b, x_bias=xb, dropout_p=0.1, training=True),
          lambda: (t(8, 768), t(8, 768), t(768), t(768), t(768)), None),
         ("ops.masked_softmax bool mask dropout", lambda s, m: ops.masked_softmax(
-            s, m, 0.125, dropout_p=0.1, training=True),
+            s, m, scale=0.125, dropout_p=0.1, training=True),
          lambda: (t(2, 12, 128, 128), t(2, 128, dtype=torch.bool)), None),
         ("ops.varlen_attention dropout", lambda q, k, v, cu: ops.varlen_attention(q, k, v, cu, 128, dropout_p=0.1),
          lambda: (t(1000, 12, 64), t(1000, 12, 64), t(1000, 12, 64), t(9, dtype=torch.int32)), None),
         ("ops.gather_masked", lambda h, lab: ops.gather_masked(h, lab),
          lambda: (t(512, 768), t(512, dtype=torch.int64)), "gather_masked_fwd_triton"),
-        ("ops.linear_cross_entropy", lambda r, w, b, y: ops.linear_cross_entropy(r, w, b, y),
+        ("ops.linear_cross_entropy", lambda r, w, b, y: ops.linear_cross_entropy(r, w, y, b),
          lambda: (t(600, 768), t(30522, 768), t(30522), t(600, dtype=torch.int64)), "linear_cross_entropy_chunked"),
     ]

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import fastbert
-from benchmarks.candidates import timed_candidates
-from benchmarks.harness import DTYPES, Case, numel
+from fastbert.bench.candidates import timed_candidates
+from fastbert.bench.harness import DTYPES, Case, numel
 
 OP = "bias_gelu"
 SHAPES = [(4096, 3072), (4096, 4096)]  # B*S = 4096 tokens; BERT-base / BERT-large FFN width
@@ -25,7 +25,7 @@ def eager_bias_gelu(x, b, approximate="none"):
 def fastbert_fn(backend):
     def fn(x, b, approximate="none"):
         with fastbert.backend(backend):
-            return fastbert.bias_gelu(x, b, approximate)
+            return fastbert.bias_gelu(x, b, approximate=approximate)
     return fn
 
 

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 import fastbert
-from benchmarks.candidates import backend_candidates, timed_candidates
-from benchmarks.harness import COMPILE, EAGER, DTYPES, Case, numel
+from fastbert.bench.candidates import backend_candidates, timed_candidates
+from fastbert.bench.harness import COMPILE, DTYPES, EAGER, Case, numel
 
 GATHER_SHAPES = [(8, 128, 768), (32, 128, 768)]
 MLM_SHAPES = [(8, 128, 768, 30522)]
@@ -101,7 +101,7 @@ def fastbert_head(backend):
             rows, targets, _ = fastbert.gather_masked(hidden, labels)
             x = fastbert.bias_gelu(F.linear(rows, w["dense_w"]), w["dense_b"])
             x = F.layer_norm(x, x.shape[-1:], w["ln_w"], w["ln_b"], 1e-12)
-            return fastbert.linear_cross_entropy(x, w["dec_w"], w["dec_b"], targets)
+            return fastbert.linear_cross_entropy(x, w["dec_w"], targets, w["dec_b"])
     return fn
 
 

@@ -16,7 +16,7 @@ grad); ``q, k, v`` are its views. Candidates, every one returning ``[T, heads, 6
 
 Passes: ``fwd`` under no_grad (dropout still runs), ``fwd+bwd`` (backward from a preallocated
 ``dy``). Compute-bound: no byte count. ``x eager`` is against the eager pad-attend-unpad path.
-``python -m benchmarks.bench_varlen_attention`` prints one quick interleaved comparison.
+``python -m fastbert.bench.bench_varlen_attention`` prints one quick interleaved comparison.
 """
 
 import math
@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 
 import fastbert
-from benchmarks.bench_realistic import LENGTHS, sentence_lengths
-from benchmarks.candidates import backend_candidates
-from benchmarks.harness import DTYPES, EAGER, Case
+from fastbert.bench.bench_realistic import LENGTHS, sentence_lengths
+from fastbert.bench.candidates import backend_candidates
+from fastbert.bench.harness import DTYPES, EAGER, Case
 
 OP = "varlen_attention"
 HEADS, HEAD_DIM, P = 12, 64, 0.1
@@ -68,7 +68,7 @@ def eager_softmax(scores, keys, scale):
 
 
 def fused_softmax(scores, keys, scale):
-    return fastbert.masked_softmax(scores, keys, scale, dropout_p=P, training=True)
+    return fastbert.masked_softmax(scores, keys, scale=scale, dropout_p=P, training=True)
 
 
 def sdpa(qkv, pk):
@@ -128,7 +128,7 @@ def cases(device="cpu", mode="quick", dtypes=None, shapes=None, use_compile=True
 
 def main():
     """A quick interleaved comparison on this machine (no results files)."""
-    from benchmarks import harness
+    from fastbert.bench import harness
     for case in cases():
         rows = harness.run_case(case, {"device": "cpu"})
         print(case.key())

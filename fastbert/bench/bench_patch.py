@@ -1,11 +1,11 @@
 """One training step of ``transformers.BertForPreTraining``, unpatched vs ``fastbert.patch`` (``--ops patch``).
 
 A case is op ``hf_patch_step``, shape ``(batch, seq, hidden, layers)``, pass ``step``: exactly
-bench_bert's step (:class:`benchmarks.bench_bert.Step`): ``optimizer.zero_grad(set_to_none=True)``,
+bench_bert's step (:class:`fastbert.bench.bench_bert.Step`): ``optimizer.zero_grad(set_to_none=True)``,
 the forward with ``labels=`` (MLM, 15% of the attended tokens labelled, the rest -100) and
 ``next_sentence_label=``, ``loss.backward()``, ``optimizer.step()`` (``torch.optim.AdamW``, lr 1e-4,
 its defaults otherwise), in training mode (dropout 0.1), on bench_bert's inputs
-(:func:`benchmarks.bench_bert.make_inputs`: random token ids, token types 0/1 by half, every other
+(:func:`fastbert.bench.bench_bert.make_inputs`: random token ids, token types 0/1 by half, every other
 sequence's last 16 tokens padded). Candidates, each with its own model and optimizer, both built by
 ``bench_bert.build_model("eager", ...)``: ``transformers.BertForPreTraining`` with the
 ``transformers.BertConfig`` equivalent to the preset (``attn_implementation="eager"``), initialised
@@ -26,15 +26,15 @@ H=768, A=12, intermediate 3072), the shape of the target: patched >= 1.3x faster
 <= 0.6x its activation memory. Other ``--shapes BxSxHxL`` as in bench_bert (:func:`config_for`);
 fp32 only; GB/s is not reported (compute-bound).
 
-**Peak memory** ("peak MB") is bench_bert's (:func:`benchmarks.bench_bert.step_peak_memory`): the
+**Peak memory** ("peak MB") is bench_bert's (:func:`fastbert.bench.bench_bert.step_peak_memory`): the
 step's peak minus the parameters, gradients and AdamW state held between steps, i.e. activations
 saved for backward plus autograd and optimizer temporaries (the gradients are freed before the
 measured step and their bytes subtracted; CPU: torch's CPU allocator events from the profiler;
 CUDA: max_memory_allocated). ``params["state_bytes"]`` is that state (4 x the parameter bytes).
 
-``python -m benchmarks.bench_patch [--preset mini base]`` (not part of ``make bench``) prints what
+``python -m fastbert.bench.bench_patch [--preset mini base]`` (not part of ``make bench``) prints what
 ``fastbert.patch`` replaced, the case table and, per shape, patched vs eager against the targets;
-it writes no results files (``python -m benchmarks.run --ops patch`` does).
+it writes no results files (``python -m fastbert.bench.run --ops patch`` does).
 """
 
 import argparse
@@ -43,9 +43,18 @@ import sys
 
 import torch
 
-from benchmarks import harness
-from benchmarks.bench_bert import (BATCH, EAGER, SEQ, PRESETS, Step, build_model, make_inputs, step_cases,
-                                   transformers)
+from fastbert.bench import harness
+from fastbert.bench.bench_bert import (
+    BATCH,
+    EAGER,
+    PRESETS,
+    SEQ,
+    Step,
+    build_model,
+    make_inputs,
+    step_cases,
+    transformers,
+)
 
 OP = "hf_patch_step"
 PATCHED = "patched"
@@ -115,9 +124,9 @@ def verdict(rows):
 
 
 def main(argv=None):
-    from benchmarks import report
+    from fastbert.bench import report
 
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_patch",
+    p = argparse.ArgumentParser(prog="python -m fastbert.bench.bench_patch",
                                 description="transformers BertForPreTraining training step, eager vs "
                                             "fastbert.patch: time, activation memory, the targets.")
     p.add_argument("--preset", nargs="+", default=["mini"], choices=list(PRESETS))

@@ -4,7 +4,7 @@ fastbert backend that can run the inputs here."""
 import torch
 
 import fastbert
-from benchmarks.harness import COMPILE, EAGER
+from fastbert.bench.harness import COMPILE, EAGER
 
 
 def backend_candidates(device, op, tensors, make_fn):

@@ -1,5 +1,5 @@
-"""Compare two results files row by row: ``python -m benchmarks.compare NEW.json OLD.json
-[--fail-if-regression PCT]`` (``python -m benchmarks.run --compare OLD.json`` does it after a run).
+"""Compare two results files row by row: ``python -m fastbert.bench.compare NEW.json OLD.json
+[--fail-if-regression PCT]`` (``python -m fastbert.bench.run --compare OLD.json`` does it after a run).
 
 Rows are matched on the case (``harness.KEY``, with derived ``*_bytes`` params left out) and the
 candidate. Per row: new/old ratio of the p50 and its noise, the relative half-width of the ratio's
@@ -15,7 +15,7 @@ import math
 import sys
 from pathlib import Path
 
-from benchmarks.harness import KEY, SCHEMA
+from fastbert.bench.harness import KEY, SCHEMA
 
 SLOWER, FASTER, SAME, ADDED, REMOVED, UNKNOWN = "slower", "faster", "within noise", "added", "removed", "n/a"
 
@@ -151,7 +151,7 @@ def compare_files(new_path, old_path, fail_pct=None, out=print):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.compare", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m fastbert.bench.compare", description=__doc__.split("\n")[0])
     p.add_argument("new", help="results JSON of the new run")
     p.add_argument("old", help="results JSON to compare against")
     p.add_argument("--fail-if-regression", type=float, metavar="PCT", help="exit 1 when a row "

@@ -39,13 +39,13 @@ padded one, and setup says so on stderr.
 Repeats: each BERT-base step takes seconds on a small CPU, so the cases fix their own budget
 (:data:`QUICK_BUDGET`: 1 warm-up call each, then 3 interleaved rounds; ``--full``: 1 warm-up, 7
 rounds) instead of the run's adaptive one, and ``--quick`` does not measure peak memory (``--full``
-does: bench_bert's :func:`~benchmarks.bench_bert.step_peak_memory` for the step, activations and
-temporaries above the training state). n < 6 gives no median CI: ``benchmarks.compare`` then uses
+does: bench_bert's :func:`~fastbert.bench.bench_bert.step_peak_memory` for the step, activations and
+temporaries above the training state). n < 6 gives no median CI: ``fastbert.bench.compare`` then uses
 the p20-p80 spread as the noise.
 
 Smaller models for smoke tests: ``fastbert bench --ops realistic --preset tiny`` (or ``--shapes
 32x128x128x2``: batch x max length x hidden x layers, by bench_bert's :func:`config_for`), or
-``python -m benchmarks.bench_realistic --preset tiny`` (the tables and the padding summary, no
+``python -m fastbert.bench.bench_realistic --preset tiny`` (the tables and the padding summary, no
 results files).
 """
 
@@ -58,9 +58,9 @@ import sys
 
 import torch
 
-from benchmarks import harness
-from benchmarks.bench_bert import LR, PRESETS, Step, config_for, step_peak_memory, transformers
-from benchmarks.harness import EAGER, Budget, Case
+from fastbert.bench import harness
+from fastbert.bench.bench_bert import LR, PRESETS, Step, config_for, step_peak_memory, transformers
+from fastbert.bench.harness import EAGER, Budget, Case
 
 OP = "bert_realistic"
 BATCH = 32
@@ -364,9 +364,9 @@ def summary(rows):
 # ------------------------------------------------------------------------------------ standalone
 
 def main(argv=None):
-    from benchmarks import report
+    from fastbert.bench import report
 
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_realistic",
+    p = argparse.ArgumentParser(prog="python -m fastbert.bench.bench_realistic",
                                 description="BERT sentence classification on variable-length padded batches: "
                                             "transformers eager / sdpa vs fastbert.patch(unpad=True) vs "
                                             "fastbert.models; no results files (fastbert bench --ops realistic "

@@ -1,36 +1,39 @@
-"""Run the op benchmarks: ``python -m benchmarks.run [--quick|--full] [--ops gelu] [--dtype ...]``.
+"""Run the op benchmarks: ``fastbert bench [--quick|--full] [--ops gelu] [--dtype ...] [--out DIR]``
+(or ``python -m fastbert.bench.run``, the same flags).
 
-Discovers ``benchmarks/bench_<op>.py`` modules (each defines ``cases(device, mode, dtypes, shapes)``),
+Discovers the ``fastbert.bench.bench_<op>`` modules (each defines ``cases(device, mode, dtypes, shapes)``),
 measures the machine's copy bandwidth once, runs every case (candidates interleaved; only those
 named by ``--backends`` when given), prints the table and writes ``<out>/<host-kind>.json`` and
 ``.csv`` (the latest results) and their dated copies ``<out>/<host-kind>-<YYYY-MM-DD>.json`` and
-``.csv``, and the plots ``<host-kind>-speedup.png`` and ``-bandwidth.png`` (``benchmarks.plots``).
+``.csv``, and the plots ``<host-kind>-speedup.png`` and ``-bandwidth.png`` (``fastbert.bench.plots``).
+``<out>`` is ``--out``, default ``./fastbert-bench-results`` in the current directory (a source
+checkout's committed results: ``--out benchmarks/results``, as ``make bench`` does).
 ``--compare OLD.json`` then compares this run's rows with OLD's rows of the ops (dtypes, shapes,
-backends) selected (``benchmarks.compare``); ``--fail-if-regression PCT`` makes a regression beyond
-noise and PCT percent exit 1.
+backends) selected (``fastbert.bench.compare``); ``--fail-if-regression PCT`` makes a regression beyond
+noise and PCT percent exit 1. tqdm, and matplotlib for the plots, come with ``pip install 'fastbert[bench]'``.
 """
 
 import argparse
 import dataclasses
 import importlib
+import importlib.util
 import inspect
 import pkgutil
 import sys
 import time
 from pathlib import Path
 
-from tqdm import tqdm
+import fastbert.bench
+from fastbert._optional import require
+from fastbert.bench import compare, harness, report
 
-import benchmarks
-from benchmarks import compare, harness, report
-
-RESULTS = Path(__file__).resolve().parent / "results"
+OUT = "fastbert-bench-results"  # the default --out: relative, so under the current directory
 
 
 def discover():
-    """``{op: module}`` for every benchmarks/bench_<op>.py."""
-    return {m.name[len("bench_"):]: importlib.import_module(f"benchmarks.{m.name}")
-            for m in pkgutil.iter_modules(benchmarks.__path__) if m.name.startswith("bench_")}
+    """``{op: module}`` for every ``fastbert.bench.bench_<op>`` module."""
+    return {m.name[len("bench_"):]: importlib.import_module(f"fastbert.bench.{m.name}")
+            for m in pkgutil.iter_modules(fastbert.bench.__path__) if m.name.startswith("bench_")}
 
 
 def _split(values):
@@ -53,7 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--preset", choices=list(PRESETS), help="model preset of the cases that take one "
                    "(realistic: default base; tiny for a smoke test)")
-    p.add_argument("--out", default=str(RESULTS), help="results directory (default benchmarks/results)")
+    p.add_argument("--out", default=OUT, help=f"results directory (default ./{OUT}, in the current "
+                   "directory; created if missing)")
     p.add_argument("--case-seconds", type=float, help="time cap per case (overrides the mode's)")
     p.add_argument("--copy-mib", type=int, default=256, help="buffer size of the copy-bandwidth probe")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (CPU), default torch's")
@@ -75,7 +79,12 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    """Run the benchmarks as ``argv`` says; the exit status. A missing optional dependency (tqdm;
+    matplotlib unless ``--no-plots``) raises ``fastbert._optional.MissingExtra`` before anything runs."""
     args = parse_args(argv)
+    tqdm = require("tqdm", "bench", "fastbert bench").tqdm
+    if not args.no_plots and importlib.util.find_spec("matplotlib") is None:  # fail now, not after the run
+        require("matplotlib", "bench", "fastbert bench's plots (or run with --no-plots)")
     wall0 = time.perf_counter()
     import torch
     device = args.device
@@ -150,11 +159,11 @@ def main(argv=None):
           f"{min(loads, default=0):.2f}-{max(loads, default=0):.2f} cores, "
           f"{busy} rows flagged busy (*); wrote {json_path} and {csv_path}, and the dated "
           f"copies {dated}.json and .csv")
-    print(f"wrote {report.write_markdown(json_path)} (python -m benchmarks.report {json_path} --readme README.md "
+    print(f"wrote {report.write_markdown(json_path)} (python -m fastbert.bench.report {json_path} --readme README.md "
           "puts it in the README)")
     if not args.no_plots:
         try:
-            from benchmarks import plots
+            from fastbert.bench import plots  # imports matplotlib only to draw
             print("wrote " + (" and ".join(map(str, plots.write_plots(json_path))) or "no plot: nothing to plot"))
         except Exception as e:  # the results are written; a plot must not fail the run
             print(f"plots not written: {type(e).__name__}: {e}", file=sys.stderr)

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 import fastbert
-from benchmarks.candidates import timed_candidates
-from benchmarks.harness import DTYPES, Case, numel
+from fastbert.bench.candidates import timed_candidates
+from fastbert.bench.harness import DTYPES, Case, numel
 
 OP = "masked_softmax"
 SHAPES = [(32, 12, 128, 128), (8, 16, 512, 512)]  # BERT-base S=128, BERT-large S=512
@@ -29,7 +29,7 @@ def eager_fn(x, mask, p):
 def fastbert_fn(backend):
     def fn(x, mask, p):
         with fastbert.backend(backend):
-            return fastbert.masked_softmax(x, mask, SCALE, dropout_p=p, training=True)
+            return fastbert.masked_softmax(x, mask, scale=SCALE, dropout_p=p, training=True)
     return fn
 
 

@@ -1,4 +1,4 @@
-"""PNG plots of a results file: ``python -m benchmarks.plots RESULTS.json [...]`` (``run.py`` makes
+"""PNG plots of a results file: ``python -m fastbert.bench.plots RESULTS.json [...]`` (``run.py`` makes
 them after every run), written next to it:
 
 * ``<stem>-speedup.png``: per op, grouped bars per case of every candidate other than eager and
@@ -7,18 +7,17 @@ them after every run), written next to it:
   achieved GB/s per case, labelled with its % of the roof, and the roof: the copy bandwidth
   measured in the run that produced the row (``copy_gbps``).
 
-Small ops share a row of panels. Drawn with matplotlib's Agg renderer (no pyplot, no display).
+Small ops share a row of panels. Drawn with matplotlib's Agg renderer (no pyplot, no display);
+matplotlib (``pip install 'fastbert[bench]'``) is imported only when a plot is drawn.
 """
 
 import json
 import sys
 from pathlib import Path
 
-from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, LogLocator
-
-from benchmarks.compare import identity_params
-from benchmarks.harness import COMPILE, EAGER
+from fastbert._optional import require
+from fastbert.bench.compare import identity_params
+from fastbert.bench.harness import COMPILE, EAGER
 
 BASES = ((EAGER, "speedup_vs_eager"), (COMPILE, "speedup_vs_compile"))
 SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
@@ -65,6 +64,8 @@ def _pack(panels):
 def draw(panels, title, ylabel, path, log=False, roof=False):
     """``panels``: ``[(op, cases, series)]``, series ``[(label, get)]`` with ``get(case rows)`` ->
     ``(value, text)`` or None. Bars per case and series, a row of panels per packed group."""
+    Figure = require("matplotlib.figure", "bench", "fastbert bench's plots").Figure
+    ticker = require("matplotlib.ticker", "bench", "fastbert bench's plots")
     rows, cap = _pack(panels)
     labels = list(dict.fromkeys(label for _, _, series in panels for label, _ in series))
     color = {label: COLORS[i % len(COLORS)] for i, label in enumerate(labels)}
@@ -101,8 +102,8 @@ def draw(panels, title, ylabel, path, log=False, roof=False):
                         roofs.add(gb)
             if log:
                 ax.set_yscale("log", base=2)
-                ax.yaxis.set_major_locator(LogLocator(base=2))
-                ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+                ax.yaxis.set_major_locator(ticker.LogLocator(base=2))
+                ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
                 handles["1.0 (as fast)"] = ax.axhline(1.0, color="black", lw=1, ls="--")
                 ax.set_ylim(min(0.5, ax.get_ylim()[0]), max(2.0, top) * 1.8)
             else:
@@ -174,7 +175,7 @@ def write_plots(results_path):
 
 if __name__ == "__main__":
     if len(sys.argv) < 2:
-        sys.exit("usage: python -m benchmarks.plots RESULTS.json [...]")
+        sys.exit("usage: python -m fastbert.bench.plots RESULTS.json [...]")
     for arg in sys.argv[1:]:
         for p in write_plots(arg):
             print(f"wrote {p}")

@@ -38,7 +38,7 @@ produced at the peak: a little *under* the activations alone, as in a real run. 
 freeing first, the CPU profiler would not see the old gradients' frees, blocks allocated before it
 started, while CUDA would: the two would differ by the gradients.)
 
-``python -m benchmarks.bench_bert --share [--preset mini]`` (not part of ``make bench``) prints per
+``python -m fastbert.bench.bench_bert --share [--preset mini]`` (not part of ``make bench``) prints per
 candidate (fastbert, fastbert-unfused, eager) the step time, tokens per second, and the share of the
 step's self CPU time spent outside matrix multiplications (:func:`matmul_share`).
 """
@@ -49,8 +49,8 @@ import sys
 
 import torch
 
-from benchmarks import harness
-from benchmarks.harness import COMPILE, EAGER, Budget, Case, CpuTimer, percentile, time_candidates
+from fastbert.bench import harness
+from fastbert.bench.harness import COMPILE, EAGER, Budget, Case, CpuTimer, percentile, time_candidates
 from fastbert.models import PRESETS, BertConfig, BertForPreTraining, count_parameters
 
 try:
@@ -272,9 +272,9 @@ def format_share(rows, preset, batch, seq):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_bert",
+    p = argparse.ArgumentParser(prog="python -m fastbert.bench.bench_bert",
                                 description="Step time and the share of it outside matmuls "
-                                            "(the timed cases run through `python -m benchmarks.run --ops bert`).")
+                                            "(the timed cases run through `python -m fastbert.bench.run --ops bert`).")
     p.add_argument("--share", action="store_true", required=True,
                    help="time fastbert, fastbert-unfused and eager and profile their matmul share")
     p.add_argument("--preset", default="mini", choices=list(PRESETS))

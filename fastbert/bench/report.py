@@ -1,6 +1,6 @@
 """Results of a run: host facts, the terminal table, ``<host-kind>.json`` and ``.csv`` (the latest
 results of the machine) with their dated copies ``<host-kind>-<YYYY-MM-DD>.json`` and ``.csv`` (that
-day's results), and the Markdown summary ``<host-kind>.md`` (``python -m benchmarks.report
+day's results), and the Markdown summary ``<host-kind>.md`` (``python -m fastbert.bench.report
 RESULTS.json [candidate]``).
 
 Every row is flat and self-contained (``harness.FIELDS``: the case key, the statistics, the load
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.harness import FIELDS, KEY, SCHEMA
-from fastbert.cli import cpu_model
+from fastbert.bench.harness import FIELDS, KEY, SCHEMA
+from fastbert.info import cpu_model
 
 
 def _slug(text):
@@ -30,11 +30,18 @@ def _slug(text):
 
 
 def git_commit():
-    """Short commit of the checkout, ``+dirty`` if tracked code (not results) has changes."""
+    """Short commit of the source checkout fastbert runs from, ``+dirty`` if tracked code (not
+    ``benchmarks/results``) has changes; None for an installed wheel (fastbert's parent folder is
+    not the top of a git checkout) or without git."""
+    root = Path(__file__).resolve().parent.parent.parent  # <checkout>/fastbert/bench/report.py
+
     def git(*args):
         return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
-                              cwd=Path(__file__).resolve().parent.parent).stdout.strip()
+                              cwd=root).stdout.strip()
     try:
+        top = git("rev-parse", "--show-toplevel")
+        if not top or Path(top).resolve() != root:  # e.g. site-packages inside some other repository
+            return None
         commit = git("rev-parse", "--short=12", "HEAD")
         dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".",
                     ":(exclude)benchmarks/results")
@@ -175,7 +182,8 @@ def markdown_table(rows, fused="fastbert-cpu"):
         out.append(f"| {op} | {shape} | {dtype} | {pass_} | {params or '-'} | {p50('eager')} | "
                    f"{p50('torch.compile')} | {fmt_ms(f['p50_ms'])} ({fmt_ms(f['p20_ms'])}-{fmt_ms(f['p80_ms'])}) | "
                    f"{fmt(f['speedup_vs_eager'], '.2f')} | {fmt(f['speedup_vs_compile'], '.2f')} | "
-                   f"{fmt(100 * f['frac_copy_bw'] if f['frac_copy_bw'] else None, '.0f')} | {mb('eager')} / {mb(fused)} |")
+                   f"{fmt(100 * f['frac_copy_bw'] if f['frac_copy_bw'] else None, '.0f')} | "
+                   f"{mb('eager')} / {mb(fused)} |")
     return "\n".join(out)
 
 
@@ -200,7 +208,7 @@ def markdown_summary(doc, name="results", fused=None):
         f"{fmt(max(loads, default=None), '.2f')} cores, {sum(bool(r.get('busy')) for r in rows)} rows flagged "
         "busy.", "",
         f"p50 in ms (p20-p80 for fastbert: `{'`, else `'.join((fused,) if isinstance(fused, str) else fused)}`); "
-        f"regenerate with `python -m benchmarks.report {name}`.", "",
+        f"regenerate with `python -m fastbert.bench.report {name}`.", "",
         markdown_table(rows, fused), ""])
 
 
@@ -228,10 +236,11 @@ def update_readme(readme, summary):
     return path
 
 
-if __name__ == "__main__":  # python -m benchmarks.report results/<host>.json [--candidate C] [--readme README.md]
+if __name__ == "__main__":  # python -m fastbert.bench.report results/<host>.json [--candidate C] [--readme README.md]
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m benchmarks.report", description="Markdown summary of a results file")
+    p = argparse.ArgumentParser(prog="python -m fastbert.bench.report",
+                                description="Markdown summary of a results file")
     p.add_argument("results")
     p.add_argument("--candidate", help="the fastbert candidate of the table (default fastbert-<device>, else fastbert)")
     p.add_argument("--readme", help="also put the summary between the benchmark markers of this README")

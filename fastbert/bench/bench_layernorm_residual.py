@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 import fastbert
-from benchmarks.candidates import timed_candidates
-from benchmarks.harness import DTYPES, Case, numel
+from fastbert.bench.candidates import timed_candidates
+from fastbert.bench.harness import DTYPES, Case, numel
 
 OP = "layernorm_residual"
 SHAPES = [(4096, 768), (4096, 1024)]  # B*S = 4096 tokens; BERT-base / BERT-large hidden size
@@ -28,7 +28,7 @@ def eager_fn(x, r, w, b, xb, p):
 def fastbert_fn(backend):
     def fn(x, r, w, b, xb, p):
         with fastbert.backend(backend):
-            return fastbert.layernorm_residual(x, r, w, b, EPS, x_bias=xb, dropout_p=p, training=True)
+            return fastbert.layernorm_residual(x, r, w, b, eps=EPS, x_bias=xb, dropout_p=p, training=True)
     return fn
 
 

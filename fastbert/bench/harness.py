@@ -6,7 +6,7 @@ Data model (kept flat so a CLI can compare runs):
   candidates ``{name: zero-arg callable}`` (compilation happens there, outside the timed region).
 * :func:`run_case` times the candidates of a case interleaved (round-robin per round, the order
   rotated each round) after a warm-up, and returns one flat *row* dict per candidate (``FIELDS``).
-* :mod:`benchmarks.report` prints the table and writes ``<host-kind>.json``/``.csv`` (long format,
+* :mod:`fastbert.bench.report` prints the table and writes ``<host-kind>.json``/``.csv`` (long format,
   the same rows; and the dated copies ``<host-kind>-<YYYY-MM-DD>.*``) with the run-level facts
   from its ``host_info``.
 
@@ -101,7 +101,7 @@ def dtype_name(name):
 
 
 def fastbert_candidates(device=None, op=None, dtype=None):
-    """``fastbert-<backend>`` names as ``benchmarks.candidates`` makes them (never the reference
+    """``fastbert-<backend>`` names as ``fastbert.bench.candidates`` makes them (never the reference
     backend, the test oracle; never triton on CPU). With ``device``: only the backends that can
     run there (and run ``op`` in ``dtype`` when given), by fastbert's availability rules."""
     import fastbert
