@@ -107,20 +107,38 @@ class BuildExt(cpp_extension.BuildExtension):
         out = Path(self.build_temp).resolve() / "isa"
         out.mkdir(parents=True, exist_ok=True)
         abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-        base = ["-O3", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-ffp-contract=fast",
-                "-fno-math-errno", "-fno-trapping-math", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
-                f"-I{ROOT / 'csrc'}"]
+        base = [
+            "-O3",
+            "-std=c++17",
+            "-fPIC",
+            "-fvisibility=hidden",
+            "-ffp-contract=fast",
+            "-fno-math-errno",
+            "-fno-trapping-math",
+            f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+            f"-I{ROOT / 'csrc'}",
+        ]
         cxx = os.environ.get("CXX", "c++")
-        lines = ["rule cxx", "  command = $cxx -MMD -MF $out.d $flags -c $in -o $out",
-                 "  depfile = $out.d", "  deps = gcc", "  description = CXX $out", ""]
+        lines = [
+            "rule cxx",
+            "  command = $cxx -MMD -MF $out.d $flags -c $in -o $out",
+            "  depfile = $out.d",
+            "  deps = gcc",
+            "  description = CXX $out",
+            "",
+        ]
         objects = []
         for isa, flags in ISA_FLAGS.items():
             for src in kernels:
                 obj = out / isa / (Path(src).stem + ".o")
                 objects.append(str(obj))
                 allflags = base + flags + [f"-DFASTBERT_ISA={isa}"]
-                lines += [f"build {obj}: cxx {src}", f"  cxx = {cxx}",
-                          f"  flags = {' '.join(shlex.quote(f) for f in allflags)}", ""]
+                lines += [
+                    f"build {obj}: cxx {src}",
+                    f"  cxx = {cxx}",
+                    f"  flags = {' '.join(shlex.quote(f) for f in allflags)}",
+                    "",
+                ]
         write_if_changed(out / "build.ninja", "\n".join(lines))
         if shutil.which("ninja"):
             subprocess.check_call(["ninja", "-C", str(out), "-j", os.environ["MAX_JOBS"]])
@@ -136,29 +154,40 @@ class BuildExt(cpp_extension.BuildExtension):
 def make_extension():
     with_cuda = want_cuda()
     glue = sorted(glob.glob("csrc/*.cpp")) + sorted(
-        f for f in glob.glob("csrc/cpu/*.cpp") if not f.endswith("_kernel.cpp"))
+        f for f in glob.glob("csrc/cpu/*.cpp") if not f.endswith("_kernel.cpp")
+    )
     arch = cuda_arch_list() if with_cuda else ""
     gen = ROOT / "build" / "generated"
-    write_if_changed(gen / "fastbert_build_config.h", "\n".join([
-        "#pragma once",
-        f'#define FASTBERT_BUILT_WITH_CUDA {int(with_cuda)}',
-        f'#define FASTBERT_CUDA_ARCH_LIST "{arch}"',
-        f'#define FASTBERT_BUILD_TORCH "{torch.__version__}"',
-        f'#define FASTBERT_BUILD_CUDA_VERSION "{torch.version.cuda if with_cuda else ""}"',
-        f'#define FASTBERT_CPU_ISAS "{",".join(ISA_FLAGS)}"',
-        f'#define FASTBERT_HAVE_X86_ISAS {int(X86)}', ""]))
+    write_if_changed(
+        gen / "fastbert_build_config.h",
+        "\n".join(
+            [
+                "#pragma once",
+                f"#define FASTBERT_BUILT_WITH_CUDA {int(with_cuda)}",
+                f'#define FASTBERT_CUDA_ARCH_LIST "{arch}"',
+                f'#define FASTBERT_BUILD_TORCH "{torch.__version__}"',
+                f'#define FASTBERT_BUILD_CUDA_VERSION "{torch.version.cuda if with_cuda else ""}"',
+                f'#define FASTBERT_CPU_ISAS "{",".join(ISA_FLAGS)}"',
+                f"#define FASTBERT_HAVE_X86_ISAS {int(X86)}",
+                "",
+            ]
+        ),
+    )
     cxx = ["-O3", "-fopenmp", f"-I{gen}", f"-I{ROOT / 'csrc'}"]
     # libgomp.so.1 is the SONAME torch ships and loads first, so this links to torch's OpenMP runtime.
     link = ["-fopenmp"]
     if not with_cuda:
-        return cpp_extension.CppExtension("fastbert._C", glue, extra_compile_args={"cxx": cxx},
-                                          extra_link_args=link)
+        return cpp_extension.CppExtension("fastbert._C", glue, extra_compile_args={"cxx": cxx}, extra_link_args=link)
     sources = glue + sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu"))
     inc = [f"-I{d}" for d in nvidia_include_dirs()]
     nvcc = ["-O3", "-lineinfo", f"-I{ROOT / 'csrc'}"] + inc
     return cpp_extension.CUDAExtension(
-        "fastbert._C", sources, define_macros=[("FASTBERT_WITH_CUDA", "1")],
-        extra_compile_args={"cxx": cxx + inc, "nvcc": nvcc}, extra_link_args=link)
+        "fastbert._C",
+        sources,
+        define_macros=[("FASTBERT_WITH_CUDA", "1")],
+        extra_compile_args={"cxx": cxx + inc, "nvcc": nvcc},
+        extra_link_args=link,
+    )
 
 
 setup(

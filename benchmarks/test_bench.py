@@ -38,21 +38,25 @@ def _run(benchmark, bench, request):
     fn = candidates[name]
     if device == "cuda":
         import torch
+
         call = fn
 
         def fn():
             out = call()
             torch.cuda.synchronize()
             return out
+
     benchmark.group = " ".join(k for k in case.key() if k)
     benchmark.extra_info.update(op=case.op, bytes=case.bytes, candidate=name)
-    benchmark.pedantic(fn, rounds=request.config.getoption("bench_rounds"),
-                       warmup_rounds=request.config.getoption("bench_warmup"))
+    benchmark.pedantic(
+        fn, rounds=request.config.getoption("bench_rounds"), warmup_rounds=request.config.getoption("bench_warmup")
+    )
 
 
 def _make_test(op):
     def test(benchmark, bench, request):
         _run(benchmark, bench, request)
+
     test.__name__ = test.__qualname__ = f"test_{op}"
     test.__doc__ = f"bench_{op}.py's cases x candidates under pytest-benchmark"
     return test

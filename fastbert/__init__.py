@@ -17,16 +17,37 @@ from fastbert import ops  # noqa: E402  (defines the op schemas first)
 from fastbert import _ext  # noqa: E402  (then registers the compiled kernels)
 from fastbert import backends  # noqa: E402  (fastbert.triton, and triton, load at first use: see backends)
 from fastbert.backends import BackendUnavailable, ReferenceFallbackWarning, backend, not_supported_reasons  # noqa: E402
-from fastbert.ops import (bias_gelu, gather_masked, layernorm_residual, linear_cross_entropy,  # noqa: E402
-                          masked_softmax)
+from fastbert.ops import (
+    bias_gelu,
+    gather_masked,
+    layernorm_residual,
+    linear_cross_entropy,  # noqa: E402
+    masked_softmax,
+)
 from fastbert import nn  # noqa: E402
 from fastbert.patch import patch, patch_transformers, unpatch, unpatch_transformers  # noqa: E402  (functions)
 
 backends.refresh()
 
-__all__ = ["BackendUnavailable", "ReferenceFallbackWarning", "backend", "bias_gelu", "backends", "gather_masked",
-           "layernorm_residual", "linear_cross_entropy", "masked_softmax", "nn", "not_supported_reasons", "ops",
-           "patch", "patch_transformers", "unpatch", "unpatch_transformers", "__version__"]
+__all__ = [
+    "BackendUnavailable",
+    "ReferenceFallbackWarning",
+    "backend",
+    "bias_gelu",
+    "backends",
+    "gather_masked",
+    "layernorm_residual",
+    "linear_cross_entropy",
+    "masked_softmax",
+    "nn",
+    "not_supported_reasons",
+    "ops",
+    "patch",
+    "patch_transformers",
+    "unpatch",
+    "unpatch_transformers",
+    "__version__",
+]
 
 
 def __getattr__(name):

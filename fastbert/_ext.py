@@ -11,4 +11,6 @@ except Exception as e:  # ImportError when not built, OSError/ImportError on a b
     warnings.warn(
         f"fastbert: compiled kernels are unavailable ({error}); ops fall back to the reference "
         "backend. Build them with `pip install --no-build-isolation .` (see README).",
-        RuntimeWarning, stacklevel=2)
+        RuntimeWarning,
+        stacklevel=2,
+    )

@@ -22,5 +22,7 @@ def require(module: str, extra: str, feature: str):
         return importlib.import_module(module)
     except ImportError as e:
         top = module.split(".")[0]
-        raise MissingExtra(f"{feature} needs the `{top}` package, which is not installed: "
-                           f"pip install 'fastbert[{extra}]' (or pip install {top})") from e
+        raise MissingExtra(
+            f"{feature} needs the `{top}` package, which is not installed: "
+            f"pip install 'fastbert[{extra}]' (or pip install {top})"
+        ) from e

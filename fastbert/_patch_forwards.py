@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from fastbert import ops
 
 ATTENTION = "fastbert"
-GELU = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}   # hidden_act -> bias_gelu's approximate
+GELU = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}  # hidden_act -> bias_gelu's approximate
 # The kwargs that carry packed sequences to the attention function (the names transformers' own
 # flash-attention varlen path uses, so its packed-batch collators work with the fastbert attention too).
 CU_SEQLENS, MAX_SEQLEN = "cu_seq_lens_q", "max_length_q"
@@ -24,22 +24,33 @@ def _get(obj, path):
 
 class _AddNorm:
     """transformers' BertSelfOutput / BertOutput layers: LayerNorm(dropout(dense(h)) + input)."""
+
     fastbert_op = "layernorm_residual"
 
     def forward(self, hidden_states, input_tensor):
         ln = self.LayerNorm
         h = F.linear(hidden_states, self.dense.weight)
-        return ops.layernorm_residual(h, input_tensor.to(h.dtype), ln.weight, ln.bias, self.dense.bias, eps=ln.eps,
-                                      dropout_p=self.dropout.p, training=self.training)
+        return ops.layernorm_residual(
+            h,
+            input_tensor.to(h.dtype),
+            ln.weight,
+            ln.bias,
+            self.dense.bias,
+            eps=ln.eps,
+            dropout_p=self.dropout.p,
+            training=self.training,
+        )
 
 
 class _Intermediate:
     """BertIntermediate: act(dense(h)) with the bias and GELU fused."""
+
     fastbert_op = "bias_gelu"
 
     def forward(self, hidden_states):
-        return ops.bias_gelu(F.linear(hidden_states, self.dense.weight), self.dense.bias,
-                             approximate=self.fastbert_approximate)
+        return ops.bias_gelu(
+            F.linear(hidden_states, self.dense.weight), self.dense.bias, approximate=self.fastbert_approximate
+        )
 
 
 class _MaskedLM:
@@ -49,6 +60,7 @@ class _MaskedLM:
     mode, or without labels, transformers' own forward (full ``[batch, seq, vocab]`` logits);
     ``return_logits=False`` with labels: the fused loss and no logits in eval mode too (the contract of
     ``fastbert.models``)."""
+
     fastbert_op = "mlm_loss"
 
     def forward(self, *args, **kwargs):
@@ -78,13 +90,19 @@ class _MaskedLM:
         loss = ops.linear_cross_entropy(h, decoder.weight, targets, decoder.bias)
         logits = decoder(h) if self.training and return_logits is True else None  # the labelled rows [M, vocab]
         if spec.nsp is None:
-            res = _output_class(self, spec)(loss=loss, logits=logits, hidden_states=out.hidden_states,
-                                            attentions=out.attentions)
+            res = _output_class(self, spec)(
+                loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
+            )
         else:
             nsp_logits = _get(self, spec.nsp)(out[1])
             loss = loss + F.cross_entropy(nsp_logits.view(-1, 2), nsp_labels.to(nsp_logits.device).view(-1))
-            res = _output_class(self, spec)(loss=loss, prediction_logits=logits, seq_relationship_logits=nsp_logits,
-                                            hidden_states=out.hidden_states, attentions=out.attentions)
+            res = _output_class(self, spec)(
+                loss=loss,
+                prediction_logits=logits,
+                seq_relationship_logits=nsp_logits,
+                hidden_states=out.hidden_states,
+                attentions=out.attentions,
+            )
         if return_dict is None:
             return_dict = getattr(self.config, "return_dict", True)
         return res if return_dict else res.to_tuple()
@@ -103,6 +121,7 @@ class _Unpadded:
     (``pooler_output = tanh(pooler.dense.bias)``). A batch without padding, and calls the unpadded
     path cannot serve (see :func:`_padded_because`), run the padded forward (the other patched layers
     still fused)."""
+
     fastbert_op = "unpad"
 
     def forward(self, *args, **kwargs):
@@ -119,20 +138,31 @@ class _Unpadded:
         return_dict = extra.pop("return_dict", None)
         if return_dict is None:
             return_dict = getattr(self.config, "return_dict", True)
-        for k in ("output_attentions", "output_hidden_states", "use_cache", "encoder_attention_mask",
-                  "cache", "past_key_values", "encoder_hidden_states"):
+        for k in (
+            "output_attentions",
+            "output_hidden_states",
+            "use_cache",
+            "encoder_attention_mask",
+            "cache",
+            "past_key_values",
+            "encoder_hidden_states",
+        ):
             extra.pop(k, None)
-        emb = self.embeddings(input_ids=a.get("input_ids"), token_type_ids=a.get("token_type_ids"),
-                              position_ids=a.get("position_ids"), inputs_embeds=a.get("inputs_embeds"))
+        emb = self.embeddings(
+            input_ids=a.get("input_ids"),
+            token_type_ids=a.get("token_type_ids"),
+            position_ids=a.get("position_ids"),
+            inputs_embeds=a.get("inputs_embeds"),
+        )
         if packing.total == 0:  # no real token in the batch: nothing to run
             return _output(self, emb.new_zeros(packing.batch, packing.seqlen, self.config.hidden_size), return_dict)
-        x = ops.unpad(emb, packing)                                   # [T, E]
-        if getattr(self, "embeddings_project", None) is not None:    # ELECTRA: E -> H on the real rows only
+        x = ops.unpad(emb, packing)  # [T, E]
+        if getattr(self, "embeddings_project", None) is not None:  # ELECTRA: E -> H on the real rows only
             x = self.embeddings_project(x)
         extra[CU_SEQLENS] = extra["cu_seq_lens_k"] = packing.cu_seqlens
         extra[MAX_SEQLEN] = extra["max_length_k"] = packing.max_seqlen
-        packed = self.encoder(x.unsqueeze(0), attention_mask=None, **extra)[0][0]   # [T, H]
-        seq = ops.pad(packed, packing)                                # [B, S, H], zeros at padding
+        packed = self.encoder(x.unsqueeze(0), attention_mask=None, **extra)[0][0]  # [T, H]
+        seq = ops.pad(packed, packing)  # [B, S, H], zeros at padding
         return _output(self, seq, return_dict, _first_tokens(packed, packing))
 
 
@@ -140,6 +170,7 @@ def _output(model, seq, return_dict, first=None):
     """The base model's output: ``last_hidden_state`` and, where the model has a pooler, its output
     on each row's first real token (zeros for a row without one)."""
     from transformers import modeling_outputs as mo
+
     if hasattr(model, "pooler"):
         pooled = None
         if model.pooler is not None:
@@ -159,8 +190,12 @@ def _padded_because(model, a, extra):
     ids = a.get("input_ids") if a.get("input_ids") is not None else a.get("inputs_embeds")
     if mask is None:
         return "no attention_mask (nothing to unpad)"
-    if (not isinstance(mask, torch.Tensor) or mask.dim() != 2 or ids is None
-            or tuple(mask.shape) != tuple(ids.shape[:2])):
+    if (
+        not isinstance(mask, torch.Tensor)
+        or mask.dim() != 2
+        or ids is None
+        or tuple(mask.shape) != tuple(ids.shape[:2])
+    ):
         return "attention_mask is not a [batch, seq] padding mask"
     if config._attn_implementation != ATTENTION:
         return f"attention implementation is {config._attn_implementation!r}, not {ATTENTION!r}"
@@ -191,12 +226,14 @@ def _activation(act):
     if callable(act):
         return act
     from transformers.activations import ACT2FN
+
     return ACT2FN[act]
 
 
 def _output_class(model, spec):
     if spec.output == "MaskedLMOutput":
         from transformers.modeling_outputs import MaskedLMOutput
+
         return MaskedLMOutput
     return getattr(importlib.import_module(type(model).fastbert_original.__module__), spec.output)
 
@@ -217,8 +254,16 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
         if max_seqlen is None:
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
         q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [1, heads, T, D] -> [T, heads, D]
-        out = ops.varlen_attention(q, k, v, cu_seqlens.to(torch.int32), int(max_seqlen), scale=scaling,
-                                   dropout_p=dropout, training=module.training)
+        out = ops.varlen_attention(
+            q,
+            k,
+            v,
+            cu_seqlens.to(torch.int32),
+            int(max_seqlen),
+            scale=scaling,
+            dropout_p=dropout,
+            training=module.training,
+        )
         return out.unsqueeze(0), None  # [1, T, heads, D], as the padded path's transpose(1, 2)
     scores = torch.matmul(query, key.transpose(2, 3))
     # transformers passes dropout=0.0 in eval mode (dropout = 0.0 if not self.training else p)
@@ -231,6 +276,7 @@ def register_attention():
     attention is ``"fastbert"`` take ``output_attentions=True`` (see :func:`_accept_output_attentions`)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
     AttentionInterface.register(ATTENTION, attention_forward)
     AttentionMaskInterface.register(ATTENTION, sdpa_mask)  # bool [B, 1, q, kv] (True = attend) or None
     _accept_output_attentions()
@@ -242,6 +288,7 @@ def _accept_output_attentions():
     them (padded path; a call asking for them never runs unpadded), so the setter is extended to accept
     ``"fastbert"`` as well; every other attention keeps transformers' check and error."""
     from transformers import PreTrainedConfig
+
     prop = inspect.getattr_static(PreTrainedConfig, "output_attentions", None)
     if not isinstance(prop, property) or prop.fset is None or getattr(prop.fset, "fastbert", False):
         return
@@ -252,6 +299,7 @@ def _accept_output_attentions():
             self._output_attentions = value  # what transformers' setter stores once its check passes
         else:
             original(self, value)
+
     fset.fastbert = True
     PreTrainedConfig.output_attentions = property(prop.fget, fset, prop.fdel, prop.__doc__)
 
@@ -272,5 +320,6 @@ def _fastbert_aware(validator):
     def validate_output_attentions(self):
         if getattr(self, "_attn_implementation", None) != ATTENTION:
             validator(self)
+
     validate_output_attentions.fastbert = True
     return validate_output_attentions

@@ -49,8 +49,7 @@ import torch
 BACKENDS = ("cuda", "triton", "cpu", "reference")
 PRIORITY = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
 _HALF = (torch.float32, torch.float16, torch.bfloat16)
-DTYPES = {"cuda": _HALF, "triton": _HALF, "cpu": _HALF + (torch.float64,),
-          "reference": _HALF + (torch.float64,)}
+DTYPES = {"cuda": _HALF, "triton": _HALF, "cpu": _HALF + (torch.float64,), "reference": _HALF + (torch.float64,)}
 DEVICES = {"cuda": ("cuda",), "triton": ("cuda", "cpu"), "cpu": ("cpu",), "reference": None}
 # (op, backend) -> further dtypes of the ``converted=`` tensors: the CUDA glue (csrc/cuda) converts a
 # float64 additive mask (finite values clamped to fp32's range) and a float64 x_bias to fp32. The
@@ -59,15 +58,16 @@ DEVICES = {"cuda": ("cuda",), "triton": ("cuda", "cpu"), "cpu": ("cpu",), "refer
 CONVERTED = {("masked_softmax", "cuda"): (torch.float64,), ("layernorm_residual", "cuda"): (torch.float64,)}
 WARN_DEVICES = ("cuda",)  # device types on which ``auto`` warns when it runs the reference backend
 
-OPS = []            # op names registered by fastbert/ops/<op>.py
+OPS = []  # op names registered by fastbert/ops/<op>.py
 # (op, backend) pairs with no kernel by design, and what runs instead
-NOT_IMPLEMENTED = {("varlen_attention", "cuda"): "no CUDA kernel for varlen_attention (CUDA tensors run its "
-                                                 "Triton kernels)"}
-_global = {}        # backend -> reasons it cannot run anywhere in this process
-_op_missing = {}    # (op, backend) -> reason the op has no kernel on that backend
+NOT_IMPLEMENTED = {
+    ("varlen_attention", "cuda"): "no CUDA kernel for varlen_attention (CUDA tensors run its Triton kernels)"
+}
+_global = {}  # backend -> reasons it cannot run anywhere in this process
+_op_missing = {}  # (op, backend) -> reason the op has no kernel on that backend
 _TRITON_INTERPRET = False
 _TRITON_PENDING = False  # triton is installed but fastbert.triton (its kernels) is not imported yet
-_warned = set()     # (op, device, reasons) already warned about by select
+_warned = set()  # (op, device, reasons) already warned about by select
 
 
 class BackendUnavailable(RuntimeError):
@@ -173,10 +173,10 @@ def refresh():
     _op_missing.clear()
     for op in OPS:
         for name, key in (("cpu", "CPU"), ("cuda", "CUDA")):
-            if not _global[name] and not torch._C._dispatch_has_kernel_for_dispatch_key(
-                    f"fastbert::{op}_fwd", key):
+            if not _global[name] and not torch._C._dispatch_has_kernel_for_dispatch_key(f"fastbert::{op}_fwd", key):
                 _op_missing[(op, name)] = NOT_IMPLEMENTED.get(
-                    (op, name), f"no {key} kernel is registered for fastbert::{op}_fwd")
+                    (op, name), f"no {key} kernel is registered for fastbert::{op}_fwd"
+                )
         if not _global["triton"] and not _TRITON_PENDING and not hasattr(torch.ops.fastbert, f"{op}_fwd_triton"):
             _op_missing[(op, "triton")] = f"no Triton kernel for {op}"
 
@@ -215,8 +215,10 @@ def availability(name):
     """Reasons the backend cannot run in this process at all (empty: it can run somewhere)."""
     reasons = list(_global[_check_name(name)])
     if name in ("cuda", "triton") and not reasons and not torch.cuda.is_available():
-        reasons.append("no CUDA device is available" + (
-            " (triton runs CPU tensors under TRITON_INTERPRET=1)" if name == "triton" else ""))
+        reasons.append(
+            "no CUDA device is available"
+            + (" (triton runs CPU tensors under TRITON_INTERPRET=1)" if name == "triton" else "")
+        )
     if name == "triton" and not reasons:
         reasons = list(_load_triton())  # the first time: whether triton and its kernels load
     return reasons
@@ -227,8 +229,9 @@ def not_supported_reasons(name, op, *tensors, converted=()):
     ``converted`` tensors' dtypes may also be those of :data:`CONVERTED` (see the module docstring)."""
     tensors = [t for t in tensors if t is not None]
     converted = [t for t in converted if t is not None]
-    return reasons_for(name, op, {t.device.type for t in tensors + converted}, {t.dtype for t in tensors},
-                       {t.dtype for t in converted})
+    return reasons_for(
+        name, op, {t.device.type for t in tensors + converted}, {t.dtype for t in tensors}, {t.dtype for t in converted}
+    )
 
 
 def reasons_for(name, op, devices, dtypes, converted_dtypes=()):
@@ -246,8 +249,10 @@ def reasons_for(name, op, devices, dtypes, converted_dtypes=()):
     extra = CONVERTED.get((op, name), ())
     bad = (set(dtypes) - set(DTYPES[name])) | (set(converted_dtypes) - set(DTYPES[name]) - set(extra))
     for dt in sorted(bad, key=str):
-        reasons.append(f"dtype {str(dt).replace('torch.', '')} is not supported (it supports "
-                       f"{', '.join(str(d).replace('torch.', '') for d in DTYPES[name])})")
+        reasons.append(
+            f"dtype {str(dt).replace('torch.', '')} is not supported (it supports "
+            f"{', '.join(str(d).replace('torch.', '') for d in DTYPES[name])})"
+        )
     if name == "triton" and not reasons:
         # nothing else rules triton out: import it and its kernels now (the first time), and report
         # whether they loaded
@@ -261,8 +266,7 @@ def select(op, *tensors, converted=()):
     if forced != "auto":
         reasons = not_supported_reasons(forced, op, *tensors, converted=converted)
         if reasons:
-            raise BackendUnavailable(
-                f"fastbert: backend '{forced}' cannot run {op} here: " + "; ".join(reasons))
+            raise BackendUnavailable(f"fastbert: backend '{forced}' cannot run {op} here: " + "; ".join(reasons))
         return forced
     device = next(t.device.type for t in tensors if t is not None)
     why = []
@@ -285,5 +289,9 @@ def _warn_reference(op, device, why):
     if key in _warned:
         return
     _warned.add(key)
-    warnings.warn(f"fastbert: {op} runs on the reference backend (eager PyTorch, slow) for {device} "
-                  f"tensors because " + " | ".join(why), ReferenceFallbackWarning, stacklevel=4)
+    warnings.warn(
+        f"fastbert: {op} runs on the reference backend (eager PyTorch, slow) for {device} "
+        f"tensors because " + " | ".join(why),
+        ReferenceFallbackWarning,
+        stacklevel=4,
+    )

@@ -15,6 +15,7 @@ def bench(argv):
     is one line on stderr and exit status 2."""
     try:
         from fastbert.bench import run
+
         return run.main(argv)
     except MissingExtra as e:
         print(e, file=sys.stderr)
@@ -29,15 +30,29 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
     p_info = sub.add_parser("info", help="versions, what _C was built with, backends and why not")
     p_info.add_argument("--json", action="store_true", help="print JSON instead of text")
-    sub.add_parser("bench", help="run the benchmark suite (fastbert bench --help: --quick/--full, --ops, "
-                   "--dtype, --device, --out, --compare, ...)")
+    sub.add_parser(
+        "bench",
+        help="run the benchmark suite (fastbert bench --help: --quick/--full, --ops, "
+        "--dtype, --device, --out, --compare, ...)",
+    )
     from fastbert.train import commands
-    commands.add_pretrain_arguments(sub.add_parser(
-        "pretrain", help="pretrain BERT (MLM + NSP); no arguments: BERT-mini on the bundled Austen novels",
-        description=commands.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
-    commands.add_finetune_arguments(sub.add_parser(
-        "finetune", help="fine-tune a pretrained checkpoint on which-novel-is-this-passage-from",
-        description=commands.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+
+    commands.add_pretrain_arguments(
+        sub.add_parser(
+            "pretrain",
+            help="pretrain BERT (MLM + NSP); no arguments: BERT-mini on the bundled Austen novels",
+            description=commands.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
+    commands.add_finetune_arguments(
+        sub.add_parser(
+            "finetune",
+            help="fine-tune a pretrained checkpoint on which-novel-is-this-passage-from",
+            description=commands.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
     args = parser.parse_args(argv)
     if args.command in ("pretrain", "finetune"):
         return commands.main(args.command, args)

@@ -39,7 +39,8 @@ def collect():
         "platform": f"{platform.system()} {platform.machine()}",
         "cpu": f"{cpu_model()} ({os.cpu_count()} logical cores, torch uses {torch.get_num_threads()} threads)",
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        if torch.cuda.is_available() else [],
+        if torch.cuda.is_available()
+        else [],
         "extension": None,
         "extension_error": _ext.error,
         "triton_interpret": backends._TRITON_INTERPRET,
@@ -71,8 +72,10 @@ def collect():
 def print_info(info):
     """Print :func:`collect`'s dict as the text of ``fastbert info``."""
     print(f"fastbert {info['fastbert']}")
-    print(f"  python {info['python']}, torch {info['torch']} (CUDA {info['torch_cuda']}), "
-          f"triton {info['triton'] or 'not importable'}")
+    print(
+        f"  python {info['python']}, torch {info['torch']} (CUDA {info['torch_cuda']}), "
+        f"triton {info['triton'] or 'not importable'}"
+    )
     print(f"  {info['platform']}, {info['cpu']}")
     print(f"  GPUs: {', '.join(info['gpus']) or 'none visible'}")
     ext = info["extension"]
@@ -85,9 +88,11 @@ def print_info(info):
             print(f"  CUDA kernels: yes (CUDA {ext['cuda_version']}, archs {ext['cuda_arch_list']})")
         else:
             print("  CUDA kernels: no (built without CUDA)")
-        print(f"  CPU kernels compiled: {', '.join(ext['cpu_isas'])}; this CPU runs: "
-              f"{', '.join(ext['cpu_isas_supported'])}; in use: {ext['cpu_isa_in_use']} "
-              f"(FASTBERT_CPU_ISA={ext['FASTBERT_CPU_ISA']})")
+        print(
+            f"  CPU kernels compiled: {', '.join(ext['cpu_isas'])}; this CPU runs: "
+            f"{', '.join(ext['cpu_isas_supported'])}; in use: {ext['cpu_isa_in_use']} "
+            f"(FASTBERT_CPU_ISA={ext['FASTBERT_CPU_ISA']})"
+        )
     print(f"backend choice: {info['backend_choice']} (FASTBERT_BACKEND or fastbert.backend(...))")
     print(f"triton interpreter (TRITON_INTERPRET): {'on' if info['triton_interpret'] else 'off'}")
     print("backends:")

@@ -51,8 +51,9 @@ class FusedLayerNormResidual(torch.nn.Module):
         self.bias = torch.nn.Parameter(torch.zeros(hidden_size, device=device, dtype=dtype))
 
     def forward(self, x, residual, x_bias=None):
-        return ops.layernorm_residual(x, residual, self.weight, self.bias, x_bias, eps=self.eps, dropout_p=self.p,
-                                      training=self.training)
+        return ops.layernorm_residual(
+            x, residual, self.weight, self.bias, x_bias, eps=self.eps, dropout_p=self.p, training=self.training
+        )
 
     def extra_repr(self):
         return f"{self.hidden_size}, eps={self.eps}, p={self.p}"
@@ -98,8 +99,17 @@ class FusedLinearCrossEntropy(torch.nn.Module):
     ``bias`` like ``nn.Linear`` (so a decoder's state_dict loads); tie ``weight`` to an embedding by
     assigning the embedding's parameter. ``forward(rows, targets) -> loss``."""
 
-    def __init__(self, in_features, num_classes, bias=True, ignore_index=-100, reduction="mean",
-                 chunk_size=None, device=None, dtype=None):
+    def __init__(
+        self,
+        in_features,
+        num_classes,
+        bias=True,
+        ignore_index=-100,
+        reduction="mean",
+        chunk_size=None,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         _checks.choice(reduction, "FusedLinearCrossEntropy", "reduction", ("mean", "sum", "none"))
         self.in_features, self.num_classes = in_features, num_classes
@@ -112,9 +122,18 @@ class FusedLinearCrossEntropy(torch.nn.Module):
         torch.nn.init.normal_(self.weight, std=0.02)
 
     def forward(self, rows, targets):
-        return ops.linear_cross_entropy(rows, self.weight, targets, self.bias, ignore_index=self.ignore_index,
-                                        reduction=self.reduction, chunk_size=self.chunk_size)
+        return ops.linear_cross_entropy(
+            rows,
+            self.weight,
+            targets,
+            self.bias,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            chunk_size=self.chunk_size,
+        )
 
     def extra_repr(self):
-        return (f"{self.in_features}, {self.num_classes}, bias={self.bias is not None}, "
-                f"ignore_index={self.ignore_index}, reduction={self.reduction!r}")
+        return (
+            f"{self.in_features}, {self.num_classes}, bias={self.bias is not None}, "
+            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}"
+        )

@@ -71,11 +71,21 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-from fastbert._patch_forwards import (ATTENTION, CU_SEQLENS, GELU, MAX_SEQLEN, _AddNorm,  # noqa: F401
-                                      _Intermediate, _MaskedLM, _Unpadded, accept_output_attentions_on_save,
-                                      attention_forward, register_attention)
-from fastbert.models.config import FUSABLE
 from fastbert._optional import require
+from fastbert._patch_forwards import (  # noqa: F401
+    ATTENTION,
+    CU_SEQLENS,
+    GELU,
+    MAX_SEQLEN,
+    _AddNorm,
+    _Intermediate,
+    _MaskedLM,
+    _Unpadded,
+    accept_output_attentions_on_save,
+    attention_forward,
+    register_attention,
+)
+from fastbert.models.config import FUSABLE
 
 # the keyword switches of patch / patch_transformers, also the keys of PatchReport.replaced and
 # left_alone: BertConfig.fused's names, and "unpad" (BertConfig's field of that name)
@@ -85,39 +95,59 @@ OPTIONS = FUSABLE + ("unpad",)
 @dataclass(frozen=True)
 class MLMPaths:
     """Where a masked-LM model keeps its pieces (attribute paths from the model)."""
-    base: str                     # the encoder: "bert"
-    dense: str                    # the head transform's dense layer
-    norm: str                     # its LayerNorm
-    act: Optional[str]            # the transform's activation; None: config.hidden_act
-    decoder: str                  # the output projection (weight tied to the word embeddings)
-    nsp: Optional[str] = None     # the next-sentence head (BertForPreTraining)
+
+    base: str  # the encoder: "bert"
+    dense: str  # the head transform's dense layer
+    norm: str  # its LayerNorm
+    act: Optional[str]  # the transform's activation; None: config.hidden_act
+    decoder: str  # the output projection (weight tied to the word embeddings)
+    nsp: Optional[str] = None  # the next-sentence head (BertForPreTraining)
     output: str = "MaskedLMOutput"
 
 
 @dataclass(frozen=True)
 class Family:
-    module: str                   # transformers.models.<x>.modeling_<x>
-    prefix: str                   # class-name prefix: Bert -> BertIntermediate, BertOutput, ...
+    module: str  # transformers.models.<x>.modeling_<x>
+    prefix: str  # class-name prefix: Bert -> BertIntermediate, BertOutput, ...
     mlm: Dict[str, MLMPaths] = field(default_factory=dict)
 
 
 def _roberta_like(module, prefix, base):
-    return Family(module, prefix, {f"{prefix}ForMaskedLM": MLMPaths(base, "lm_head.dense", "lm_head.layer_norm",
-                                                                    "gelu", "lm_head.decoder")})
+    return Family(
+        module,
+        prefix,
+        {f"{prefix}ForMaskedLM": MLMPaths(base, "lm_head.dense", "lm_head.layer_norm", "gelu", "lm_head.decoder")},
+    )
 
 
-_BERT_HEAD = dict(base="bert", dense="cls.predictions.transform.dense", norm="cls.predictions.transform.LayerNorm",
-                  act=None, decoder="cls.predictions.decoder")
+_BERT_HEAD = dict(
+    base="bert",
+    dense="cls.predictions.transform.dense",
+    norm="cls.predictions.transform.LayerNorm",
+    act=None,
+    decoder="cls.predictions.decoder",
+)
 FAMILIES = {
-    "bert": Family("transformers.models.bert.modeling_bert", "Bert", {
-        "BertForMaskedLM": MLMPaths(**_BERT_HEAD),
-        "BertForPreTraining": MLMPaths(**_BERT_HEAD, nsp="cls.seq_relationship", output="BertForPreTrainingOutput")}),
+    "bert": Family(
+        "transformers.models.bert.modeling_bert",
+        "Bert",
+        {
+            "BertForMaskedLM": MLMPaths(**_BERT_HEAD),
+            "BertForPreTraining": MLMPaths(**_BERT_HEAD, nsp="cls.seq_relationship", output="BertForPreTrainingOutput"),
+        },
+    ),
     "roberta": _roberta_like("transformers.models.roberta.modeling_roberta", "Roberta", "roberta"),
     "xlm-roberta": _roberta_like("transformers.models.xlm_roberta.modeling_xlm_roberta", "XLMRoberta", "roberta"),
     "camembert": _roberta_like("transformers.models.camembert.modeling_camembert", "Camembert", "roberta"),
-    "electra": Family("transformers.models.electra.modeling_electra", "Electra", {
-        "ElectraForMaskedLM": MLMPaths("electra", "generator_predictions.dense", "generator_predictions.LayerNorm",
-                                       "gelu", "generator_lm_head")}),
+    "electra": Family(
+        "transformers.models.electra.modeling_electra",
+        "Electra",
+        {
+            "ElectraForMaskedLM": MLMPaths(
+                "electra", "generator_predictions.dense", "generator_predictions.LayerNorm", "gelu", "generator_lm_head"
+            )
+        },
+    ),
 }
 
 
@@ -136,13 +166,15 @@ def supported():
 @dataclass
 class PatchReport:
     model_type: str
-    replaced: Dict[str, int] = field(default_factory=dict)          # switch (one of OPTIONS) -> how many modules
+    replaced: Dict[str, int] = field(default_factory=dict)  # switch (one of OPTIONS) -> how many modules
     left_alone: List[Tuple[str, str]] = field(default_factory=list)  # (switch, why)
-    notes: List[str] = field(default_factory=list)                  # how a replacement behaves per call
+    notes: List[str] = field(default_factory=list)  # how a replacement behaves per call
 
     def __str__(self):
-        lines = [f"fastbert.patch ({self.model_type}): replaced "
-                 + (", ".join(f"{k} x{v}" for k, v in self.replaced.items()) or "nothing")]
+        lines = [
+            f"fastbert.patch ({self.model_type}): replaced "
+            + (", ".join(f"{k} x{v}" for k, v in self.replaced.items()) or "nothing")
+        ]
         lines += [f"  left alone: {what}: {why}" for what, why in self.left_alone]
         lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
@@ -186,12 +218,15 @@ def _register_outputs(module, sub):
 def _family(model, caller):
     PreTrainedModel = require("transformers", "hf", f"fastbert.{caller}").PreTrainedModel
     if not isinstance(model, PreTrainedModel):
-        raise TypeError(f"fastbert.{caller}: expects a transformers PreTrainedModel (e.g. BertModel), got "
-                        f"{type(model).__module__}.{type(model).__name__}")
+        raise TypeError(
+            f"fastbert.{caller}: expects a transformers PreTrainedModel (e.g. BertModel), got "
+            f"{type(model).__module__}.{type(model).__name__}"
+        )
     kind = getattr(model.config, "model_type", None)
     if kind not in FAMILIES or kind not in supported():
-        raise ValueError(f"fastbert.{caller}: model type {kind!r} is not supported; supported: "
-                         f"{', '.join(supported())}")
+        raise ValueError(
+            f"fastbert.{caller}: model type {kind!r} is not supported; supported: {', '.join(supported())}"
+        )
     return kind, FAMILIES[kind]
 
 
@@ -205,15 +240,24 @@ def patch(model, *, bias_gelu=True, layernorm_residual=True, attention=True, mlm
     (:data:`OPTIONS`, the names of the report and of ``BertConfig.fused``). ``attention`` sets the
     ``"fastbert"`` attention on ``model.config`` whatever it was; ``unpad`` (needs ``attention``) runs
     the encoder on the real tokens only (see :class:`fastbert._patch_forwards._Unpadded`)."""
-    return _patch(model, dict(bias_gelu=bias_gelu, layernorm_residual=layernorm_residual, attention=attention,
-                              mlm_loss=mlm_loss, unpad=unpad))
+    return _patch(
+        model,
+        dict(
+            bias_gelu=bias_gelu,
+            layernorm_residual=layernorm_residual,
+            attention=attention,
+            mlm_loss=mlm_loss,
+            unpad=unpad,
+        ),
+    )
 
 
 def _patch(model, options, kept=None):
     """:func:`patch` with ``options``; ``kept``: why the model keeps its attention (the caller chose it)."""
     kind, fam = _family(model, "patch")
-    gelu, layernorm, mlm_loss, unpad = (options.get(k, True)
-                                        for k in ("bias_gelu", "layernorm_residual", "mlm_loss", "unpad"))
+    gelu, layernorm, mlm_loss, unpad = (
+        options.get(k, True) for k in ("bias_gelu", "layernorm_residual", "mlm_loss", "unpad")
+    )
     attention = options.get("attention", True) and kept is None
     report = PatchReport(kind)
     config = model.config
@@ -237,8 +281,12 @@ def _patch(model, options, kept=None):
             _swap(m, _MaskedLM, fastbert_mlm=fam.mlm[cls])
             count("mlm_loss")
     if skipped_gelu:
-        report.left_alone.append(("bias_gelu", f"{len(skipped_gelu)} intermediate layer(s): activation {act!r} "
-                                               f"is not one of {', '.join(GELU)}"))
+        report.left_alone.append(
+            (
+                "bias_gelu",
+                f"{len(skipped_gelu)} intermediate layer(s): activation {act!r} is not one of {', '.join(GELU)}",
+            )
+        )
     if mlm_loss and _original_name(model) not in fam.mlm:
         report.left_alone.append(("mlm_loss", f"{_original_name(model)} has no MLM loss to fuse"))
     decoder = _decoder(config)
@@ -259,8 +307,11 @@ def _patch(model, options, kept=None):
         if decoder:
             report.left_alone.append(("unpad", "decoder / cross-attention configs run padded"))
         elif not attention:
-            why = ("needs attention=True (the fastbert attention runs packed sequences)" if kept is None
-                   else "needs the fastbert attention, and the caller chose another")
+            why = (
+                "needs attention=True (the fastbert attention runs packed sequences)"
+                if kept is None
+                else "needs the fastbert attention, and the caller chose another"
+            )
             report.left_alone.append(("unpad", why))
         else:
             for m in model.modules():
@@ -272,13 +323,16 @@ def _patch(model, options, kept=None):
                     "unpad: last_hidden_state is zero at padding positions; the pooler reads each row's first real "
                     "token; a row with no real token gives zeros (pooler: tanh(bias)). Batches without padding, and "
                     "calls with no attention_mask, a non-[batch, seq] mask, output_attentions, output_hidden_states, "
-                    "encoder_hidden_states or a cache, run the padded path")
+                    "encoder_hidden_states or a cache, run the padded path"
+                )
             else:
                 report.left_alone.append(("unpad", f"no {fam.prefix}Model inside {_original_name(model)}"))
     if "mlm_loss" in report.replaced:
-        report.notes.append("mlm_loss: in training mode with labels, logits are None (never built; the loss is "
-                            "fused; return_logits=True: the labelled rows' [M, vocab]); in eval mode or without "
-                            "labels, transformers' full [batch, seq, vocab] logits")
+        report.notes.append(
+            "mlm_loss: in training mode with labels, logits are None (never built; the loss is "
+            "fused; return_logits=True: the labelled rows' [M, vocab]); in eval mode or without "
+            "labels, transformers' full [batch, seq, vocab] logits"
+        )
     return report
 
 
@@ -302,7 +356,7 @@ def unpatch(model):
     return model
 
 
-_HOOKS = {}                             # transformers' own PreTrainedModel.__init__ / post_init while hooked
+_HOOKS = {}  # transformers' own PreTrainedModel.__init__ / post_init while hooked
 _REQUESTED = weakref.WeakKeyDictionary()  # model -> the attention its config named before transformers chose one
 _NONE = object()
 
@@ -345,8 +399,9 @@ def _patch_built(model, options):
     kept = None
     if requested not in (None, _NONE, ATTENTION):
         kept = f"attn_implementation={requested!r} was chosen by the caller (patch_transformers keeps it)"
-    elif (options.get("attention", True) and model.config._attn_implementation != ATTENTION
-          and not _decoder(model.config)):
+    elif (
+        options.get("attention", True) and model.config._attn_implementation != ATTENTION and not _decoder(model.config)
+    ):
         _own_config(model)  # the attention is about to change
     _patch(model, options, kept)
 

@@ -15,10 +15,10 @@ kept when the top 24 bits of its output are ``>= threshold(p)``, and kept values
 import torch
 
 ROUNDS = 10
-M0, M1 = 0xD2511F53, 0xCD9E8D57      # round multipliers
-W0, W1 = 0x9E3779B9, 0xBB67AE85      # key increments
+M0, M1 = 0xD2511F53, 0xCD9E8D57  # round multipliers
+W0, W1 = 0x9E3779B9, 0xBB67AE85  # key increments
 MASK32 = 0xFFFFFFFF
-SEED_HIGH = 2**62                    # seeds are drawn from [0, 2^62)
+SEED_HIGH = 2**62  # seeds are drawn from [0, 2^62)
 
 
 def threshold(p):
@@ -41,7 +41,7 @@ def _mulhilo(a, m):
     """(high, low) 32-bit halves of a * m for int64 tensors ``a`` of uint32 values, without overflow."""
     a_hi, a_lo = a >> 16, a & 0xFFFF
     m_hi, m_lo = m >> 16, m & 0xFFFF
-    mid = a_hi * m_lo + a_lo * m_hi          # < 2^33
+    mid = a_hi * m_lo + a_lo * m_hi  # < 2^33
     t = a_lo * m_lo + ((mid & 0xFFFF) << 16)  # < 2^33
     return (a_hi * m_hi + (mid >> 16) + (t >> 32)) & MASK32, t & MASK32
 

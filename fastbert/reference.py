@@ -170,8 +170,9 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p=0.0, seed
         lse = torch.logsumexp(x, -1)
         p = torch.softmax(x, -1)  # not exp(x - lse): lse's rounding would scale every probability
         if keep is not None:
-            p = torch.where(keep[:, s:e, :e - s], p * philox.scale(dropout_p), torch.zeros((), dtype=acc,
-                                                                                          device=p.device))
+            p = torch.where(
+                keep[:, s:e, : e - s], p * philox.scale(dropout_p), torch.zeros((), dtype=acc, device=p.device)
+            )
         outs.append((p @ vb).transpose(0, 1))
         lses.append(lse)
     # no sequences (T = 0): an empty output that is still in q's, k's and v's autograd graph

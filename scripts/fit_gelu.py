@@ -43,15 +43,16 @@ def fit(f, X, m, k, odd, relative, n=8000, iterations=300):
     fx = np.array([f(x) for x in xs])
     s = (xs / X) ** 2 if odd else xs / X  # basis variable in [0, 1] keeps the system well conditioned
     lead = xs if odd else np.ones(n)
-    A = np.concatenate([np.stack([lead * s**i for i in range(m + 1)], 1),
-                        np.stack([-fx * s**i for i in range(1, k + 1)], 1)], 1)
+    A = np.concatenate(
+        [np.stack([lead * s**i for i in range(m + 1)], 1), np.stack([-fx * s**i for i in range(1, k + 1)], 1)], 1
+    )
     scale = 1 / np.abs(fx) if relative else np.ones(n)
     w, q, best = np.ones(n), np.ones(n), None
     for _ in range(iterations):
         W = w * scale / q
         coef = np.linalg.lstsq(A * W[:, None], fx * W, rcond=None)[0]
-        p = np.polyval(coef[:m + 1][::-1], s) * lead
-        q = 1 + np.polyval(np.r_[coef[m + 1:][::-1], 0], s)
+        p = np.polyval(coef[: m + 1][::-1], s) * lead
+        q = 1 + np.polyval(np.r_[coef[m + 1 :][::-1], 0], s)
         err = (fx - p / q) * scale
         if best is None or np.abs(err).max() < best[0]:
             best = (np.abs(err).max(), coef.copy())

@@ -31,12 +31,20 @@ import torch
 import fastbert
 from fastbert import ops
 
-OPS = ("bias_gelu", "layernorm_residual", "masked_softmax", "gather_masked", "linear_cross_entropy",
-       "varlen_attention", "unpad")
+OPS = (
+    "bias_gelu",
+    "layernorm_residual",
+    "masked_softmax",
+    "gather_masked",
+    "linear_cross_entropy",
+    "varlen_attention",
+    "unpad",
+)
 
 
 def _op_cases(device, dtype):
     """``{op: fn()}``: each fn runs the op forward and backward and returns the tensors to compare."""
+
     def leaf(*shape, scale=1.0):
         return (torch.randn(*shape, device=device, dtype=dtype) * scale).requires_grad_()
 
@@ -60,8 +68,9 @@ def _op_cases(device, dtype):
 
     def gather_masked():
         h = leaf(5 * 37, 200)
-        labels = torch.where(torch.rand(5 * 37, device=device) < 0.15,
-                             torch.randint(0, 100, (5 * 37,), device=device), -100)
+        labels = torch.where(
+            torch.rand(5 * 37, device=device) < 0.15, torch.randint(0, 100, (5 * 37,), device=device), -100
+        )
         rows, _, _ = ops.gather_masked(h, labels)
         return grads(rows, h)
 
@@ -98,12 +107,13 @@ def sanitize(backends, device="cuda"):
                 with fastbert.backend(b):
                     results[b] = [t.detach().double() for t in cases[name]()]
             tol = 1e-3 if dtype == torch.float32 else 2e-2
-            err = max(float(((a - r).abs() / (r.abs() + 1)).max()) if a.numel() else 0.0
-                      for a, r in zip(results[backend], results["reference"]))
+            err = max(
+                float(((a - r).abs() / (r.abs() + 1)).max()) if a.numel() else 0.0
+                for a, r in zip(results[backend], results["reference"])
+            )
             ok = err <= tol
             bad += not ok
-            print(f"{'ok' if ok else 'MISMATCH'} {name} {backend} {str(dtype)[6:]}: max rel err {err:.2e}",
-                  flush=True)
+            print(f"{'ok' if ok else 'MISMATCH'} {name} {backend} {str(dtype)[6:]}: max rel err {err:.2e}", flush=True)
     if device == "cuda":
         torch.cuda.synchronize()
     return 1 if bad else 0
@@ -126,13 +136,17 @@ def _batch(cfg, batch, seq, device):
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(5, cfg.vocab_size, (batch, seq), generator=g)
     mask = torch.ones(batch, seq, dtype=torch.long)
-    mask[::2, seq - seq // 4:] = 0  # every other sequence padded
+    mask[::2, seq - seq // 4 :] = 0  # every other sequence padded
     labels = torch.where((torch.rand(batch, seq, generator=g) < 0.15) & (mask > 0), ids, -100)
     types = torch.zeros_like(ids)
-    types[:, seq // 2:] = 1
+    types[:, seq // 2 :] = 1
     nsp = torch.randint(0, 2, (batch,), generator=g)
-    return {k: v.to(device) for k, v in dict(input_ids=ids, attention_mask=mask, token_type_ids=types,
-                                             labels=labels, next_sentence_label=nsp).items()}
+    return {
+        k: v.to(device)
+        for k, v in dict(
+            input_ids=ids, attention_mask=mask, token_type_ids=types, labels=labels, next_sentence_label=nsp
+        ).items()
+    }
 
 
 MODES = ("eager", "default", "reduce-overhead")
@@ -144,8 +158,9 @@ def bert_step(preset, device, batch, seq, steps, unpad, modes=MODES):
     from fastbert.models import PRESETS, BertConfig, BertForPreTraining
 
     torch.set_float32_matmul_precision("high")
-    cfg = BertConfig(**{**PRESETS[preset], "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
-                        "unpad": unpad})
+    cfg = BertConfig(
+        **{**PRESETS[preset], "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "unpad": unpad}
+    )
     data = _batch(cfg, batch, seq, device)
     from torch._dynamo.utils import counters
     from torch._inductor import cudagraph_utils
@@ -205,8 +220,9 @@ def run_tests(shards, extra):
     for i in range(shards):
         if ids[i::shards]:
             log = tempfile.TemporaryFile("w+")
-            procs.append((subprocess.Popen(base + ["-q", "-rfEs", *ids[i::shards]], stdout=log,
-                                           stderr=subprocess.STDOUT), log))
+            procs.append(
+                (subprocess.Popen(base + ["-q", "-rfEs", *ids[i::shards]], stdout=log, stderr=subprocess.STDOUT), log)
+            )
 
     def stop(signum, frame):  # the stage's time limit: take the shards down too
         for proc, _ in procs:
@@ -235,22 +251,29 @@ def _count(pattern, text, default=None):
 def summarize(out, bench=None, bert=None):
     """``OUT/results.json``: stages (name, seconds, exit status), test counts, sanitizer error counts,
     the benchmark rows and the BERT step. Exit 1 when a stage failed or a sanitizer found errors."""
+
     def read(path):
         return open(path, errors="replace").read() if path and os.path.exists(path) else ""
 
     summary = read(os.path.join(out, "summary.txt"))
-    stages = [dict(name=m[0], seconds=int(m[1]), status=int(m[2]))
-              for m in re.findall(r"^stage (\S+) (\d+) s exit (-?\d+)", summary, re.M)]
+    stages = [
+        dict(name=m[0], seconds=int(m[1]), status=int(m[2]))
+        for m in re.findall(r"^stage (\S+) (\d+) s exit (-?\d+)", summary, re.M)
+    ]
     tests = read(os.path.join(out, "tests.log"))
     sanitizer = {}
-    for tool, body in re.findall(r"^## compute-sanitizer --tool (\w+)\n(.*?)(?=^## |\Z)",
-                                 read(os.path.join(out, "sanitizer.log")), re.M | re.S):
-        sanitizer[tool] = dict(errors=_count(r"ERROR SUMMARY: (\d+) error", body),
-                               mismatches=len(re.findall(r"^MISMATCH", body, re.M)))
+    for tool, body in re.findall(
+        r"^## compute-sanitizer --tool (\w+)\n(.*?)(?=^## |\Z)", read(os.path.join(out, "sanitizer.log")), re.M | re.S
+    ):
+        sanitizer[tool] = dict(
+            errors=_count(r"ERROR SUMMARY: (\d+) error", body), mismatches=len(re.findall(r"^MISMATCH", body, re.M))
+        )
     res = dict(
         versions=summary.split("== versions\n", 1)[-1].split("stage ", 1)[0].strip(),
         stages=stages,
-        tests={k: sum(int(n) for n in re.findall(rf"(\d+) {k}", tests)) for k in ("passed", "failed", "skipped", "error")},
+        tests={
+            k: sum(int(n) for n in re.findall(rf"(\d+) {k}", tests)) for k in ("passed", "failed", "skipped", "error")
+        },
         sanitizer=sanitizer,
         bench=json.loads(read(bench)) if read(bench) else None,
         bert_step=json.loads(read(bert)) if read(bert) else None,
@@ -275,8 +298,12 @@ def main(argv=None):
     b.add_argument("--seq", type=int, default=128)
     b.add_argument("--steps", type=int, default=10)
     b.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    b.add_argument("--no-unpad", dest="unpad", action="store_false",
-                   help="padded execution (no data-dependent packing in the graph)")
+    b.add_argument(
+        "--no-unpad",
+        dest="unpad",
+        action="store_false",
+        help="padded execution (no data-dependent packing in the graph)",
+    )
     t = sub.add_parser("tests")
     t.add_argument("--shards", type=int, default=6)
     m = sub.add_parser("summarize")
@@ -293,9 +320,18 @@ def main(argv=None):
     if args.cmd == "bert-step":
         res = bert_step(args.preset, args.device, args.batch, args.seq, args.steps, args.unpad, args.modes)
         with open(args.out, "w") as f:
-            json.dump(dict(preset=args.preset, batch=args.batch, seq=args.seq, unpad=args.unpad,
-                           device=torch.cuda.get_device_name(0) if args.device == "cuda" else args.device,
-                           modes=res), f, indent=1)
+            json.dump(
+                dict(
+                    preset=args.preset,
+                    batch=args.batch,
+                    seq=args.seq,
+                    unpad=args.unpad,
+                    device=torch.cuda.get_device_name(0) if args.device == "cuda" else args.device,
+                    modes=res,
+                ),
+                f,
+                indent=1,
+            )
         return 1 if any(r["error"] for r in res.values()) else 0
     return summarize(args.out, args.bench, args.bert)
 

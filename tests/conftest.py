@@ -24,8 +24,7 @@ def seed():
 @pytest.fixture
 def poison():
     """Uninitialised outputs are filled with NaN, so a kernel that skips an element fails."""
-    prev = (torch.are_deterministic_algorithms_enabled(),
-            torch.utils.deterministic.fill_uninitialized_memory)
+    prev = (torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory)
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.utils.deterministic.fill_uninitialized_memory = True
     yield
@@ -45,6 +44,7 @@ def _auto_backend():
 # Every fastbert Triton launch of the session is recorded as the specialisation a CUDA launch would
 # compile (tests/triton_launches.py); tests/test_triton_aot.py, moved last, compiles them for sm_80
 # and sm_90. FASTBERT_RECORD_LAUNCHES=<file> also writes them to a JSON file at the end.
+
 
 def pytest_sessionstart(session):
     from tests import triton_launches

@@ -34,8 +34,9 @@ def assert_matches(got, ref64, eager, what, nan_ok=None):
     nan = (got.isnan() != ref64.isnan()) & ~as_eager
     assert not nan.any(), f"{what}: NaN differs from the reference {_at(nan, got, ref64, eager)} (got, want, eager)"
     inf = ((got.isinf() & (got != rounded)) | (ref64.isinf() & (got != ref64))) & ~as_eager
-    assert not inf.any(), \
+    assert not inf.any(), (
         f"{what}: infinity differs from the reference {_at(inf, got, ref64, eager)} (got, want, eager)"
+    )
     both = ref64.isfinite() & got.isfinite()
     # eager's error is measured where eager is finite; where it overflowed, that same error is its
     # credit (not none at all: one overflowed element would otherwise leave the whole tensor 1 ulp)
@@ -103,8 +104,9 @@ def check(backend, what, names, inputs, dy, fused, exact, eager, reorder=True, n
 
 def assert_same(got, want, what):
     """Exact equality (a copy), NaN included."""
-    assert got.shape == want.shape and got.dtype == want.dtype, \
+    assert got.shape == want.shape and got.dtype == want.dtype, (
         f"{what}: {got.dtype} {tuple(got.shape)} != {want.dtype} {tuple(want.shape)}"
+    )
     torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{what}: {m}")
 
 
@@ -141,7 +143,7 @@ class _Gelu64(torch.autograd.Function):
         zc = z.clamp(-1e3, 1e3).nan_to_num(0.0)
         if ctx.approximate == "tanh":
             c, k = math.sqrt(2 / math.pi), 0.044715
-            sg = torch.sigmoid(2 * c * (zc + k * zc ** 3))
+            sg = torch.sigmoid(2 * c * (zc + k * zc**3))
             d = sg + 2 * zc * sg * (1 - sg) * c * (1 + 3 * k * zc * zc)
         else:
             d = 0.5 * torch.special.erfc(-zc / math.sqrt(2)) + zc * torch.exp(-zc * zc / 2) / math.sqrt(2 * math.pi)

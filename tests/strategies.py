@@ -32,8 +32,26 @@ def special_values(dtype):
     then cannot check them (there is no wider reference)."""
     fi = torch.finfo(dtype)
     big = torch.finfo(torch.float32).max if dtype == torch.float64 else fi.max
-    return [0.0, -0.0, INF, -INF, NAN, big, -big, fi.tiny, -fi.tiny, fi.tiny * fi.eps, fi.eps,
-            1e30, -1e30, 3e38, -3e38, 1e4, -1e4, 1 / fi.eps]
+    return [
+        0.0,
+        -0.0,
+        INF,
+        -INF,
+        NAN,
+        big,
+        -big,
+        fi.tiny,
+        -fi.tiny,
+        fi.tiny * fi.eps,
+        fi.eps,
+        1e30,
+        -1e30,
+        3e38,
+        -3e38,
+        1e4,
+        -1e4,
+        1 / fi.eps,
+    ]
 
 
 # sizes: small (0 and 1 included) most of the time, now and then one past a vector / block width
@@ -61,8 +79,7 @@ def tensors(draw, shape, dtype, specials=True, spreads=(1.0, 3.0, 1e-3, 100.0, 1
     t = t.to(dtype)
     n = t.numel()
     if specials and SPECIALS and n:
-        pos = draw(st.lists(st.tuples(st.integers(0, n - 1), st.sampled_from(special_values(dtype))),
-                            max_size=4))
+        pos = draw(st.lists(st.tuples(st.integers(0, n - 1), st.sampled_from(special_values(dtype))), max_size=4))
         flat = t.view(-1)
         for i, v in pos:
             flat[i] = v
@@ -111,8 +128,7 @@ def masks(draw, shape, dtype, backend):
         return with_layout(keep, draw(layouts()))
     mdtypes = list(HALF) + ([torch.float64] if backend.partition(":")[0] != "triton" else [])
     mdtype = draw(st.sampled_from(sorted({dtype} | set(mdtypes), key=str)))
-    fill = draw(st.sampled_from([float("-inf"), torch.finfo(mdtype).min, torch.finfo(torch.float32).min,
-                                 -1e4]))
+    fill = draw(st.sampled_from([float("-inf"), torch.finfo(mdtype).min, torch.finfo(torch.float32).min, -1e4]))
     values = draw(tensors(mshape, mdtype, spreads=(1.0, 3.0)))
     m = torch.where(keep, values, torch.tensor(fill, dtype=torch.float64).to(mdtype))
     return with_layout(m, draw(layouts()))

@@ -82,6 +82,7 @@ def test_dropout_is_on_by_default(backend, op, seed):
 
         def run(**o):
             return ops.varlen_attention(q, k, v, cu, 13, **o)
+
     with use_backend(backend):
         default = _seeded(1, run, dropout_p=0.5)
         assert torch.equal(default, _seeded(1, run, dropout_p=0.5, training=True))
@@ -117,13 +118,20 @@ def test_linear_cross_entropy_without_bias_is_a_zero_bias(backend, reduction, se
 def test_one_vocabulary_for_the_fused_switches():
     transformers = pytest.importorskip("transformers")
     from fastbert.patch import OPTIONS, patch, patch_transformers
+
     assert OPTIONS == FUSABLE + ("unpad",)  # "unpad": BertConfig's own field of that name
     assert FUSABLE == ("bias_gelu", "layernorm_residual", "attention", "mlm_loss")
     keywords = [p.name for p in inspect.signature(patch).parameters.values() if p.kind == p.KEYWORD_ONLY]
     assert tuple(keywords) == OPTIONS
     assert "unpad" in {f.name for f in __import__("dataclasses").fields(BertConfig)}
-    config = transformers.BertConfig(vocab_size=31, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                     intermediate_size=24, max_position_embeddings=16)
+    config = transformers.BertConfig(
+        vocab_size=31,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=24,
+        max_position_embeddings=16,
+    )
     report = patch(transformers.BertForMaskedLM(config))
     assert set(report.replaced) == set(OPTIONS)
     for switch in OPTIONS:

@@ -18,8 +18,7 @@ ENV = {**os.environ, "PYTHONWARNINGS": "default"}
 
 
 def run_py(code, **env):
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**ENV, **env}, timeout=300)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**ENV, **env}, timeout=300)
 
 
 @requires_c
@@ -45,15 +44,21 @@ def test_converted_tensors_accept_the_dtypes_the_glue_converts():
     float64 tensor whose dtype the kernel takes as is does, and triton takes no float64 x_bias."""
     f32, f64 = {torch.float32}, {torch.float64}
     assert backends.reasons_for("cuda", "masked_softmax", {"cuda"}, f32, f64) == backends.reasons_for(
-        "cuda", "masked_softmax", {"cuda"}, f32)
+        "cuda", "masked_softmax", {"cuda"}, f32
+    )
     assert backends.reasons_for("cuda", "layernorm_residual", {"cuda"}, f32, f64) == backends.reasons_for(
-        "cuda", "layernorm_residual", {"cuda"}, f32)
+        "cuda", "layernorm_residual", {"cuda"}, f32
+    )
     assert any("float64" in r for r in backends.reasons_for("cuda", "masked_softmax", {"cuda"}, f64))
     assert any("float64" in r for r in backends.reasons_for("cuda", "bias_gelu", {"cuda"}, f32, f64))
     assert any("float64" in r for r in backends.reasons_for("triton", "layernorm_residual", {"cuda"}, f32, f64))
     # a converted tensor's device still counts
-    assert any("tensors on cpu" in r for r in backends.not_supported_reasons(
-        "cuda", "masked_softmax", torch.empty(1, device="meta"), converted=(torch.zeros(1),)))
+    assert any(
+        "tensors on cpu" in r
+        for r in backends.not_supported_reasons(
+            "cuda", "masked_softmax", torch.empty(1, device="meta"), converted=(torch.zeros(1),)
+        )
+    )
 
 
 def _fallback_warnings(record):
@@ -140,8 +145,10 @@ def test_backend_override_is_per_thread_and_exits_in_any_order():
             for b in barriers:
                 b.abort()
 
-    threads = [threading.Thread(target=worker, args=("a", "reference")),
-               threading.Thread(target=worker, args=("b", "auto"))]
+    threads = [
+        threading.Thread(target=worker, args=("a", "reference")),
+        threading.Thread(target=worker, args=("b", "auto")),
+    ]
     with fastbert.backend("reference"):  # the main thread's override is not the others'
         for t in threads:
             t.start()
@@ -205,8 +212,10 @@ def test_forced_reference_runs_anywhere():
 
 
 def test_env_var_forces_backend():
-    code = ("import torch, fastbert; from fastbert import backends;"
-            "print(backends.current(), backends.select('bias_gelu', torch.randn(2, 2)))")
+    code = (
+        "import torch, fastbert; from fastbert import backends;"
+        "print(backends.current(), backends.select('bias_gelu', torch.randn(2, 2)))"
+    )
     out = run_py(code, FASTBERT_BACKEND="reference")
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["reference", "reference"]
@@ -220,16 +229,18 @@ def test_triton_is_imported_only_when_a_triton_kernel_would_run():
     """``import fastbert`` checks that triton is installed without importing it; a forced triton
     backend that cannot run for another reason (CPU tensors without TRITON_INTERPRET) does not import
     it either; ``fastbert.triton`` (attribute access) does, and refreshes the backends."""
-    code = ("import sys, torch, fastbert\n"
-            "from fastbert import backends\n"
-            "assert backends._global['triton'] == [] and backends._TRITON_PENDING\n"
-            "with fastbert.backend('triton'):\n"
-            "    try:\n"
-            "        fastbert.bias_gelu(torch.randn(2, 2))\n"
-            "    except fastbert.BackendUnavailable as e:\n"
-            "        print(e)\n"
-            "print('triton' in sys.modules, 'fastbert.triton' in sys.modules)\n"
-            "print(fastbert.triton.available, 'triton' in sys.modules, backends._TRITON_PENDING)")
+    code = (
+        "import sys, torch, fastbert\n"
+        "from fastbert import backends\n"
+        "assert backends._global['triton'] == [] and backends._TRITON_PENDING\n"
+        "with fastbert.backend('triton'):\n"
+        "    try:\n"
+        "        fastbert.bias_gelu(torch.randn(2, 2))\n"
+        "    except fastbert.BackendUnavailable as e:\n"
+        "        print(e)\n"
+        "print('triton' in sys.modules, 'fastbert.triton' in sys.modules)\n"
+        "print(fastbert.triton.available, 'triton' in sys.modules, backends._TRITON_PENDING)"
+    )
     env = {k: v for k, v in ENV.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -243,14 +254,16 @@ def test_triton_is_imported_only_when_a_triton_kernel_would_run():
 
 
 def test_import_without_extension_degrades_to_reference():
-    code = ("import sys, warnings, torch; sys.modules['fastbert._C'] = None\n"
-            "with warnings.catch_warnings(record=True) as w:\n"
-            "    warnings.simplefilter('always')\n"
-            "    import fastbert\n"
-            "print(sum('compiled kernels are unavailable' in str(x.message) for x in w))\n"
-            "print(fastbert.backends.select('bias_gelu', torch.randn(2, 2)))\n"
-            "y = fastbert.bias_gelu(torch.randn(2, 2))\n"
-            "print(fastbert.backends.availability('cpu'))")
+    code = (
+        "import sys, warnings, torch; sys.modules['fastbert._C'] = None\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import fastbert\n"
+        "print(sum('compiled kernels are unavailable' in str(x.message) for x in w))\n"
+        "print(fastbert.backends.select('bias_gelu', torch.randn(2, 2)))\n"
+        "y = fastbert.bias_gelu(torch.randn(2, 2))\n"
+        "print(fastbert.backends.availability('cpu'))"
+    )
     out = run_py(code)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
@@ -275,13 +288,15 @@ def test_info_tells_the_truth(as_module):
         assert info["backends"][name]["available"] == (not backends.availability(name)), name
     assert info["backends"]["reference"]["available"]
     assert info["backends"]["cuda"]["available"] == (
-        torch.cuda.is_available() and fastbert._ext.C is not None and fastbert._ext.C.build_info()["cuda"])
+        torch.cuda.is_available() and fastbert._ext.C is not None and fastbert._ext.C.build_info()["cuda"]
+    )
     if fastbert._ext.C is not None:
         ext = info["extension"]
         assert ext["cpu_isa_in_use"] == fastbert._ext.C.cpu_isas_supported()[0]
         assert set(ext["cpu_isas_supported"]) <= set(ext["cpu_isas"])
-    text = subprocess.run([sys.executable, "-m", "fastbert", "info"], capture_output=True, text=True,
-                          env=ENV, timeout=300)
+    text = subprocess.run(
+        [sys.executable, "-m", "fastbert", "info"], capture_output=True, text=True, env=ENV, timeout=300
+    )
     assert "backends:" in text.stdout and "bias_gelu" in text.stdout
 
 
@@ -291,8 +306,23 @@ def test_fastbert_bench_runs_the_suite(tmp_path):
     exe = os.path.join(os.path.dirname(sys.executable), "fastbert")
     if not os.path.exists(exe):
         pytest.skip("console script not installed (package not pip-installed)")
-    cmd = [exe, "bench", "--ops", "gelu", "--dtype", "fp32", "--shapes", "8x16", "--case-seconds", "0.5",
-           "--copy-mib", "8", "--out", str(tmp_path), "--no-plots"]
+    cmd = [
+        exe,
+        "bench",
+        "--ops",
+        "gelu",
+        "--dtype",
+        "fp32",
+        "--shapes",
+        "8x16",
+        "--case-seconds",
+        "0.5",
+        "--copy-mib",
+        "8",
+        "--out",
+        str(tmp_path),
+        "--no-plots",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600, cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "bias_gelu" in out.stdout and list(tmp_path.glob("*.json"))

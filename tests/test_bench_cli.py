@@ -39,29 +39,34 @@ def test_imports_from_any_directory_without_the_source_tree(tmp_path):
     """``import fastbert.bench.run`` with the cwd elsewhere and the checkout off PYTHONPATH: no
     ``benchmarks`` package, no ``fastbert.cli`` (no cycle), matplotlib not imported yet; the
     bench_<op> modules are found in the package."""
-    code = ("import sys, pkgutil, fastbert.bench, fastbert.bench.run, fastbert.bench.plots, "
-            "fastbert.bench.report\n"
-            "assert 'benchmarks' not in sys.modules and 'fastbert.cli' not in sys.modules\n"
-            "assert 'matplotlib' not in sys.modules, 'matplotlib imported before a plot is drawn'\n"
-            "assert str(fastbert.bench.run.OUT) == 'fastbert-bench-results'\n"
-            "names = {m.name for m in pkgutil.iter_modules(fastbert.bench.__path__)}\n"
-            "assert {'bench_gelu', 'bench_realistic', 'harness', 'run'} <= names, names\n"
-            "print('ok')\n")
-    pythonpath = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
-                  if p and Path(p).resolve() != ROOT]
+    code = (
+        "import sys, pkgutil, fastbert.bench, fastbert.bench.run, fastbert.bench.plots, "
+        "fastbert.bench.report\n"
+        "assert 'benchmarks' not in sys.modules and 'fastbert.cli' not in sys.modules\n"
+        "assert 'matplotlib' not in sys.modules, 'matplotlib imported before a plot is drawn'\n"
+        "assert str(fastbert.bench.run.OUT) == 'fastbert-bench-results'\n"
+        "names = {m.name for m in pkgutil.iter_modules(fastbert.bench.__path__)}\n"
+        "assert {'bench_gelu', 'bench_realistic', 'harness', 'run'} <= names, names\n"
+        "print('ok')\n"
+    )
+    pythonpath = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != ROOT]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(pythonpath))
     if not pythonpath:
         del env["PYTHONPATH"]
-    got = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True,
-                         text=True, timeout=300)
+    got = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert got.returncode == 0 and got.stdout.strip() == "ok", got.stdout + got.stderr
     assert not (tmp_path / "benchmarks").exists()
 
 
-@pytest.mark.parametrize("missing, argv", [
-    ("tqdm", ["--no-plots"]),
-    ("matplotlib", []),  # plots wanted: said before the run, not after it
-])
+@pytest.mark.parametrize(
+    "missing, argv",
+    [
+        ("tqdm", ["--no-plots"]),
+        ("matplotlib", []),  # plots wanted: said before the run, not after it
+    ],
+)
 def test_missing_extra_is_one_line_and_exit_2(monkeypatch, capsys, tmp_path, missing, argv):
     monkeypatch.setitem(sys.modules, missing, None)  # import fails as if not installed
     monkeypatch.setattr(run, "discover", lambda: pytest.fail("ran without " + missing))
@@ -76,6 +81,7 @@ def test_git_commit_only_of_a_source_checkout(tmp_path, monkeypatch):
     """An installed fastbert (here: a site-packages inside some other git repository) stores no
     commit; the checkout fastbert runs from stores its own."""
     from fastbert.bench import report
+
     if subprocess.run(["git", "init", "-q", str(tmp_path)], capture_output=True).returncode != 0:
         pytest.skip("git not available")
     site = tmp_path / "venv" / "site-packages" / "fastbert" / "bench"
@@ -84,5 +90,8 @@ def test_git_commit_only_of_a_source_checkout(tmp_path, monkeypatch):
     monkeypatch.setattr(report, "__file__", str(site / "report.py"))
     assert report.git_commit() is None
     if (ROOT / ".git").exists():
-        assert checkout and checkout.split("+")[0] in subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
+        assert (
+            checkout
+            and checkout.split("+")[0]
+            in subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
+        )

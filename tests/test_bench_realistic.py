@@ -27,9 +27,9 @@ def test_workload_batches():
     assert int(lengths.max()) <= 16 and work.name.endswith("clamp8..16-seed178")
     assert p["input_ids"].shape == (6, int(lengths.max())) and p["labels"].shape == (6,)
     assert torch.equal(p["attention_mask"].sum(1), lengths)
-    assert (p["input_ids"][:, 0] == 1).all()                                    # [CLS] first
-    assert (p["input_ids"].gather(1, (lengths - 1)[:, None]) == 2).all()        # [SEP] last real token
-    assert (p["input_ids"][p["attention_mask"] == 0] == 0).all()                # right padding, pad id 0
+    assert (p["input_ids"][:, 0] == 1).all()  # [CLS] first
+    assert (p["input_ids"].gather(1, (lengths - 1)[:, None]) == 2).all()  # [SEP] last real token
+    assert (p["input_ids"][p["attention_mask"] == 0] == 0).all()  # right padding, pad id 0
     assert n["attention_mask"].all() and n["input_ids"].shape == (6, round(int(lengths.sum()) / 6))
     assert abs(n["input_ids"].numel() - work.tokens) <= 3
     assert set(work.params()) == {"lengths", "pad_frac", "tokens", "padded_len", "nopad_len"}
@@ -67,8 +67,9 @@ def test_tiny_cases_run_and_agree():
     assert set(fwd_case.setup()) == set(br.FWD_CANDIDATES if hf else (br.FASTBERT,))
 
     _, cfg = br.config_for(32, 1)
-    infer = br.make_fwd_candidates(cfg.replace(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
-                                   batch=4, max_len=16)
+    infer = br.make_fwd_candidates(
+        cfg.replace(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0), batch=4, max_len=16
+    )
     logits = {name: fn() for name, fn in infer.items()}
     for name, out in logits.items():
         assert out.shape == (4, 2) and not infer[name].model.training
@@ -80,6 +81,7 @@ def test_case_budget_replaces_the_runs_and_summary_names_the_overhead():
 
     def setup():
         return {name: (lambda name=name: calls.__setitem__(name, calls[name] + 1)) for name in calls}
+
     fixed = harness.Budget(min_rounds=3, max_rounds=3, time_s=0.0, rel_ci=0.0, warmup_calls=1, warmup_s=0.0)
     case = harness.Case("x", (1,), "float32", "fwd", None, setup, peak_memory=br._no_peak_memory, budget=fixed)
     rows = harness.run_case(case, {"device": "cpu", "ncores": 2}, budget=harness.FULL)

@@ -8,18 +8,29 @@ import pytest
 import torch
 
 import fastbert
-from fastbert.models import (BertConfig, BertForMaskedLM, BertForPreTraining, BertForSequenceClassification,
-                             BertModel, count_parameters)
-from fastbert.models import checkpoint
+from fastbert.models import (
+    BertConfig,
+    BertForMaskedLM,
+    BertForPreTraining,
+    BertForSequenceClassification,
+    BertModel,
+    checkpoint,
+    count_parameters,
+)
 from tests.utils import VocabMatmuls, assert_grads_match, backend_params, use_backend
-
 
 transformers = pytest.importorskip("transformers")
 
 CLASSES = ["BertModel", "BertForPreTraining", "BertForMaskedLM", "BertForSequenceClassification"]
 FASTBERT = {c.__name__: c for c in (BertModel, BertForPreTraining, BertForMaskedLM, BertForSequenceClassification)}
-SMALL = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-             max_position_embeddings=64)
+SMALL = dict(
+    vocab_size=99,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=37,
+    max_position_embeddings=64,
+)
 
 
 def hf_model(name, hidden_act="gelu", **kw):
@@ -32,7 +43,7 @@ def batch(vocab=99, b=3, s=11):
     mask = torch.ones(b, s, dtype=torch.long)
     mask[1, 7:] = 0  # padding in the batch
     tt = torch.zeros(b, s, dtype=torch.long)
-    tt[:, s // 2:] = 1
+    tt[:, s // 2 :] = 1
     # labelled real tokens only (unpadded models ignore labels at padding: see test_unpad.py)
     labels = torch.where((torch.rand(b, s) < 0.3) & mask.bool(), ids, torch.full_like(ids, -100))
     labels[0, 0] = ids[0, 0]  # at least one labelled token
@@ -87,8 +98,12 @@ def test_hugging_face_checkpoint_parity(tmp_path, seed, name, hidden_act, unpad)
         proj = proj * inputs["attention_mask"][..., None]
     ho, fo = run(hf, name, inputs, extra, proj), run(fb, name, inputs, extra, proj)
     if name == "BertModel":
-        torch.testing.assert_close(at_real(fo.last_hidden_state, inputs, unpad),
-                                   at_real(ho.last_hidden_state, inputs, unpad), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            at_real(fo.last_hidden_state, inputs, unpad),
+            at_real(ho.last_hidden_state, inputs, unpad),
+            rtol=1e-5,
+            atol=1e-5,
+        )
         torch.testing.assert_close(fo.pooler_output, ho.pooler_output, rtol=1e-5, atol=1e-5)
     else:
         torch.testing.assert_close(fo.loss, ho.loss, rtol=1e-5, atol=1e-6)
@@ -99,23 +114,29 @@ def test_hugging_face_checkpoint_parity(tmp_path, seed, name, hidden_act, unpad)
 def test_save_pretrained_loads_in_transformers(tmp_path, seed, name):
     fb = FASTBERT[name](BertConfig(**SMALL, hidden_dropout_prob=0.0)).eval()
     fb.save_pretrained(tmp_path)
-    hf, info = getattr(transformers, name).from_pretrained(tmp_path, output_loading_info=True,
-                                                           attn_implementation="eager")
+    hf, info = getattr(transformers, name).from_pretrained(
+        tmp_path, output_loading_info=True, attn_implementation="eager"
+    )
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     inputs, labels = batch()
     extra = targets(name, labels)
     with torch.no_grad():
         ho, fo = hf.eval()(**inputs, **extra), fb(**inputs, **extra)
     if name == "BertModel":
-        torch.testing.assert_close(at_real(fo.last_hidden_state, inputs, True),
-                                   at_real(ho.last_hidden_state, inputs, True), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            at_real(fo.last_hidden_state, inputs, True),
+            at_real(ho.last_hidden_state, inputs, True),
+            rtol=1e-5,
+            atol=1e-5,
+        )
     else:
         torch.testing.assert_close(fo.loss, ho.loss, rtol=1e-5, atol=1e-6)
     if name in MLM_LOGITS:  # eval mode with labels: transformers' full [batch, seq, vocab] logits too
         key = MLM_LOGITS[name]
         assert getattr(fo, key).shape == getattr(ho, key).shape == (3, 11, 99)
-        torch.testing.assert_close(at_real(getattr(fo, key), inputs, True), at_real(getattr(ho, key), inputs, True),
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            at_real(getattr(fo, key), inputs, True), at_real(getattr(ho, key), inputs, True), rtol=1e-5, atol=1e-5
+        )
     assert json.loads((tmp_path / "config.json").read_text())["architectures"] == [name]
 
 
@@ -170,8 +191,9 @@ def test_logits_without_labels_match(tmp_path, seed):
     inputs, _ = batch()
     with torch.no_grad():
         ho, fo = hf(**inputs), fb(**inputs)
-    torch.testing.assert_close(at_real(fo.prediction_logits, inputs, True), at_real(ho.prediction_logits, inputs, True),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        at_real(fo.prediction_logits, inputs, True), at_real(ho.prediction_logits, inputs, True), rtol=1e-5, atol=1e-5
+    )
     torch.testing.assert_close(fo.seq_relationship_logits, ho.seq_relationship_logits, rtol=1e-5, atol=1e-5)
 
 
@@ -220,8 +242,9 @@ def test_sdpa_attention_matches_fused(seed):
     sdpa.load_state_dict(fused.state_dict())
     inputs, _ = batch()
     with torch.no_grad():
-        torch.testing.assert_close(sdpa(**inputs).last_hidden_state, fused(**inputs).last_hidden_state,
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            sdpa(**inputs).last_hidden_state, fused(**inputs).last_hidden_state, rtol=1e-5, atol=1e-5
+        )
 
 
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
@@ -266,15 +289,21 @@ def test_old_names_bare_encoder_and_missing_heads(tmp_path, seed):
     BertForPreTraining with the heads reported missing (not silently random)."""
     hf = hf_model("BertModel")
     hf.config.save_pretrained(tmp_path)
-    sd = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
-          for k, v in hf.state_dict().items()}
+    sd = {
+        k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+        for k, v in hf.state_dict().items()
+    }
     torch.save(sd, tmp_path / "pytorch_model.bin")
     with pytest.warns(UserWarning, match=r"keep their random initialisation: .*cls\.seq_relationship\.weight"):
         fb = BertForPreTraining.from_pretrained(tmp_path).eval()
     inputs, _ = batch()
     with torch.no_grad():
-        torch.testing.assert_close(at_real(fb.bert(**inputs).last_hidden_state, inputs, True),
-                                   at_real(hf(**inputs).last_hidden_state, inputs, True), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            at_real(fb.bert(**inputs).last_hidden_state, inputs, True),
+            at_real(hf(**inputs).last_hidden_state, inputs, True),
+            rtol=1e-5,
+            atol=1e-5,
+        )
     with pytest.warns(UserWarning, match=r"not used by this model: .*cls\.predictions\.bias"):
         hf_pre = hf_model("BertForPreTraining")
         hf_pre.save_pretrained(tmp_path / "pre")
@@ -305,10 +334,15 @@ def _tiny_checkpoint(tmp_path, **config):
     return model
 
 
-@pytest.mark.parametrize("name,shape", [("encoder.layer.1.attention.self.query.weight", [32, 33]),
-                                        ("encoder.layer.0.attention.self.key.bias", [31]),
-                                        ("encoder.layer.0.attention.self.value.weight", [33, 32]),
-                                        ("encoder.layer.0.intermediate.dense.weight", [38, 32])])
+@pytest.mark.parametrize(
+    "name,shape",
+    [
+        ("encoder.layer.1.attention.self.query.weight", [32, 33]),
+        ("encoder.layer.0.attention.self.key.bias", [31]),
+        ("encoder.layer.0.attention.self.value.weight", [33, 32]),
+        ("encoder.layer.0.intermediate.dense.weight", [38, 32]),
+    ],
+)
 def test_wrong_shaped_weight_is_named_with_both_shapes(tmp_path, name, shape):
     """A checkpoint tensor of the wrong shape (a query/key/value part included, which used to fail in
     torch.cat or be reported as the joined qkv) raises one line naming it, expected and found."""
@@ -330,22 +364,29 @@ def test_wrong_shaped_weight_is_named_with_both_shapes(tmp_path, name, shape):
             checkpoint.from_hf(parts, "")
 
 
-@pytest.mark.parametrize("field,value,match", [
-    (None, [1, 2], "config.json must hold a JSON object of fields, got a list"),
-    ("hidden_size", "32", r"hidden_size must be a positive int, got '32' \(str\)"),
-    ("num_hidden_layers", None, r"num_hidden_layers must be a positive int, got None"),
-    ("num_attention_heads", True, r"num_attention_heads must be a positive int, got True \(bool\)"),
-    ("hidden_dropout_prob", None, r"hidden_dropout_prob must be a number in \[0, 1\), got None"),
-    ("attention_probs_dropout_prob", "0.1", r"attention_probs_dropout_prob must be a number in \[0, 1\), got '0.1'"),
-    ("layer_norm_eps", "1e-12", r"layer_norm_eps must be a positive number, got '1e-12'"),
-    ("initializer_range", None, "initializer_range must be a non-negative number"),
-    ("hidden_act", ["gelu"], r"hidden_act must be one of .*got \['gelu'\]"),
-    ("tie_word_embeddings", "false", r"tie_word_embeddings must be true or false \(a bool\), got 'false'"),
-    ("tie_word_embeddings", 0, r"tie_word_embeddings must be true or false \(a bool\), got 0"),
-    ("classifier_dropout", "0.1", r"classifier_dropout must be null or a number in \[0, 1\), got '0.1'"),
-    ("pad_token_id", "0", r"pad_token_id must be null or an int"),
-    ("id2label", ["a", "b"], r"id2label must be an object"),
-])
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        (None, [1, 2], "config.json must hold a JSON object of fields, got a list"),
+        ("hidden_size", "32", r"hidden_size must be a positive int, got '32' \(str\)"),
+        ("num_hidden_layers", None, r"num_hidden_layers must be a positive int, got None"),
+        ("num_attention_heads", True, r"num_attention_heads must be a positive int, got True \(bool\)"),
+        ("hidden_dropout_prob", None, r"hidden_dropout_prob must be a number in \[0, 1\), got None"),
+        (
+            "attention_probs_dropout_prob",
+            "0.1",
+            r"attention_probs_dropout_prob must be a number in \[0, 1\), got '0.1'",
+        ),
+        ("layer_norm_eps", "1e-12", r"layer_norm_eps must be a positive number, got '1e-12'"),
+        ("initializer_range", None, "initializer_range must be a non-negative number"),
+        ("hidden_act", ["gelu"], r"hidden_act must be one of .*got \['gelu'\]"),
+        ("tie_word_embeddings", "false", r"tie_word_embeddings must be true or false \(a bool\), got 'false'"),
+        ("tie_word_embeddings", 0, r"tie_word_embeddings must be true or false \(a bool\), got 0"),
+        ("classifier_dropout", "0.1", r"classifier_dropout must be null or a number in \[0, 1\), got '0.1'"),
+        ("pad_token_id", "0", r"pad_token_id must be null or an int"),
+        ("id2label", ["a", "b"], r"id2label must be an object"),
+    ],
+)
 def test_config_json_of_wrong_types_names_the_field(tmp_path, field, value, match):
     """A config.json holding a list, strings for numbers, null, or a string for a bool raises
     ValueError naming the field (and the file), never a TypeError from deep inside or a silent
@@ -361,15 +402,23 @@ def test_config_json_of_wrong_types_names_the_field(tmp_path, field, value, matc
     with pytest.raises(ValueError, match=match) as err:
         BertForMaskedLM.from_pretrained(tmp_path)
     assert str(tmp_path / "config.json") in str(err.value)
-    (tmp_path / "config.json").write_text("{\"hidden_size\": 32,")
+    (tmp_path / "config.json").write_text('{"hidden_size": 32,')
     with pytest.raises(ValueError, match="is not valid JSON"):
         BertModel.from_pretrained(tmp_path)
 
 
 def test_config_accepts_what_hugging_face_writes():
     """null classifier_dropout / pad_token_id, ints for float fields: accepted as before."""
-    cfg = BertConfig.from_hf_dict({**SMALL, "classifier_dropout": None, "pad_token_id": None, "hidden_dropout_prob": 0,
-                                   "layer_norm_eps": 1, "tie_word_embeddings": False})
+    cfg = BertConfig.from_hf_dict(
+        {
+            **SMALL,
+            "classifier_dropout": None,
+            "pad_token_id": None,
+            "hidden_dropout_prob": 0,
+            "layer_norm_eps": 1,
+            "tie_word_embeddings": False,
+        }
+    )
     assert cfg.pad_token_id is None and cfg.hidden_dropout_prob == 0 and cfg.tie_word_embeddings is False
     assert BertForMaskedLM(cfg).cls.predictions.decoder.weight is not None
 
@@ -411,11 +460,16 @@ def test_presets_parameter_counts_and_config_json(tmp_path):
     assert count_parameters(BertModel(BertConfig.from_preset("base"))) == 109_482_240
     assert count_parameters(BertForPreTraining(BertConfig.from_preset("base"))) == 110_106_428
     large = BertConfig.from_preset("large")
-    assert (large.num_hidden_layers, large.hidden_size, large.num_attention_heads, large.intermediate_size) == \
-        (24, 1024, 16, 4096)
+    assert (large.num_hidden_layers, large.hidden_size, large.num_attention_heads, large.intermediate_size) == (
+        24,
+        1024,
+        16,
+        4096,
+    )
     for name, approx in (("gelu", "none"), ("gelu_new", "tanh"), ("gelu_pytorch_tanh", "tanh")):
-        cfg = BertConfig.from_hf_dict(transformers.BertConfig(hidden_act=name, layer_norm_eps=1e-7,
-                                                              hidden_dropout_prob=0.2).to_dict())
+        cfg = BertConfig.from_hf_dict(
+            transformers.BertConfig(hidden_act=name, layer_norm_eps=1e-7, hidden_dropout_prob=0.2).to_dict()
+        )
         assert cfg.gelu_approximate == approx and cfg.layer_norm_eps == 1e-7 and cfg.hidden_dropout_prob == 0.2
         cfg.to_json_file(tmp_path / "config.json")
         assert BertConfig.from_json_file(tmp_path / "config.json").replace(extra={}) == cfg.replace(extra={})

@@ -6,11 +6,20 @@ import torch.nn.functional as F
 
 import fastbert
 from fastbert import reference
-from tests.utils import (DTYPES, HAS_CUDA, assert_close, backend_params, device_backend_params,
-                         requires_c, use_backend)
+from tests.utils import DTYPES, HAS_CUDA, assert_close, backend_params, device_backend_params, requires_c, use_backend
 
-SHAPES = [(3, 1), (5, 7), (4, 127), (2, 768), (3, 1023), (2, 3072), (1, 4096), (2, 3, 768), (0, 5),
-          (300, 40)]  # the last: many row blocks in the dbias reductions
+SHAPES = [
+    (3, 1),
+    (5, 7),
+    (4, 127),
+    (2, 768),
+    (3, 1023),
+    (2, 3072),
+    (1, 4096),
+    (2, 3, 768),
+    (0, 5),
+    (300, 40),
+]  # the last: many row blocks in the dbias reductions
 APPROXIMATE = ("none", "tanh")
 
 
@@ -88,7 +97,8 @@ def test_nonfinite_z_gradient_matches_reference(device, backend, dtype, approxim
     for name, got, want, base in (("dx", dx, dx64, dx_eager), ("dbias", db, db64, db_eager)):
         assert torch.equal(got.isnan(), want.isnan()), (
             f"{backend} {name}: NaN at {got.isnan().nonzero().tolist()}, reference NaN at "
-            f"{want.isnan().nonzero().tolist()}")
+            f"{want.isnan().nonzero().tolist()}"
+        )
         finite = want.isfinite()
         assert_close(got[finite], want[finite], base[finite].to(got.dtype), f"{backend} {name} {approximate}")
 
@@ -116,8 +126,10 @@ def test_cuda_and_triton_agree_to_the_ulp(dtype, approximate, shape):
     got_triton = run("triton", x, b, approximate, dy)
     for name, c, t in zip(("y", "dx"), got_cuda, got_triton):
         d = ulps(c, t)
-        assert d.max() <= 1, f"{name}: {d.max()} ulps apart at {d.argmax()}: cuda {c.view(-1)[d.argmax()]}, " \
-                             f"triton {t.view(-1)[d.argmax()]}"
+        assert d.max() <= 1, (
+            f"{name}: {d.max()} ulps apart at {d.argmax()}: cuda {c.view(-1)[d.argmax()]}, "
+            f"triton {t.view(-1)[d.argmax()]}"
+        )
 
 
 @pytest.mark.usefixtures("seed", "poison")
@@ -181,13 +193,18 @@ def test_opcheck(seed, dtype):
     torch.library.opcheck(torch.ops.fastbert.bias_gelu_bwd.default, (dy, x.detach(), b.detach(), "none", True))
 
 
-@pytest.mark.skipif(not (fastbert.triton.available and fastbert.backends._TRITON_INTERPRET),
-                    reason="triton on CPU needs TRITON_INTERPRET=1")
+@pytest.mark.skipif(
+    not (fastbert.triton.available and fastbert.backends._TRITON_INTERPRET),
+    reason="triton on CPU needs TRITON_INTERPRET=1",
+)
 def test_opcheck_triton(seed):
     x = torch.randn(3, 40, requires_grad=True)
     b = torch.randn(40, requires_grad=True)
-    torch.library.opcheck(torch.ops.fastbert.bias_gelu_fwd_triton.default, (x, b, "none"),
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    torch.library.opcheck(
+        torch.ops.fastbert.bias_gelu_fwd_triton.default,
+        (x, b, "none"),
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+    )
 
 
 @requires_c
@@ -248,16 +265,20 @@ def test_cpu_isas_agree(seed):
 
 # ---- bad input -------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("backend", ["auto", "reference"])
-@pytest.mark.parametrize("args,match", [
-    ((torch.randn(4, 8), torch.randn(7)), "bias must have shape \\[8\\]"),
-    ((torch.randn(4, 8), torch.randn(2, 8)), "bias must have shape"),
-    ((torch.randint(0, 5, (4, 8)), None), "x must be float32"),
-    ((torch.randn(4, 8), torch.randint(0, 5, (8,))), "bias must be float32"),
-    ((torch.randn(4, 8), torch.randn(8, device="meta")), "bias is on meta"),
-    ((torch.tensor(1.0), None), "x must have at least one dimension"),
-    ((torch.randn(4, 8).double(), torch.randn(8)), "float64 x needs a float64 bias"),
-])
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        ((torch.randn(4, 8), torch.randn(7)), "bias must have shape \\[8\\]"),
+        ((torch.randn(4, 8), torch.randn(2, 8)), "bias must have shape"),
+        ((torch.randint(0, 5, (4, 8)), None), "x must be float32"),
+        ((torch.randn(4, 8), torch.randint(0, 5, (8,))), "bias must be float32"),
+        ((torch.randn(4, 8), torch.randn(8, device="meta")), "bias is on meta"),
+        ((torch.tensor(1.0), None), "x must have at least one dimension"),
+        ((torch.randn(4, 8).double(), torch.randn(8)), "float64 x needs a float64 bias"),
+    ],
+)
 def test_bad_input(backend, args, match):
     with fastbert.backend(backend), pytest.raises(ValueError, match=match):
         fastbert.bias_gelu(*args)
@@ -273,11 +294,14 @@ def test_bad_approximate_and_types():
 
 
 @requires_c
-@pytest.mark.parametrize("args,match", [
-    ((torch.randn(4, 8), torch.randn(7), "none"), "bias must have shape \\[8\\]"),
-    ((torch.randn(4, 8), None, "exact"), "approximate must be 'none' or 'tanh'"),
-    ((torch.randint(0, 5, (4, 8)), None, "none"), "x must be float32"),
-])
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        ((torch.randn(4, 8), torch.randn(7), "none"), "bias must have shape \\[8\\]"),
+        ((torch.randn(4, 8), None, "exact"), "approximate must be 'none' or 'tanh'"),
+        ((torch.randint(0, 5, (4, 8)), None, "none"), "x must be float32"),
+    ],
+)
 def test_bad_input_direct_op(args, match):
     """The C++ ops check their inputs too (for callers that skip the Python wrapper)."""
     with pytest.raises(ValueError, match=match):
@@ -296,6 +320,7 @@ def test_forcing_unavailable_backend_raises_with_reasons():
 
 
 # ---- module ----------------------------------------------------------------------------------
+
 
 def test_module(seed):
     m = fastbert.nn.FusedBiasGELU(24, approximate="tanh")
@@ -336,7 +361,8 @@ def test_huge_and_infinite_z_forward_matches_eager(backend, dtype, approximate):
     want = reference.bias_gelu(x.double(), None, approximate)
     base = F.gelu(x, approximate=approximate)
     assert torch.equal(y.isnan(), want.isnan()) and torch.equal(y.isnan(), base.isnan()), (
-        f"{backend}: NaN at {y.isnan().nonzero().tolist()}, reference {want.isnan().nonzero().tolist()}")
+        f"{backend}: NaN at {y.isnan().nonzero().tolist()}, reference {want.isnan().nonzero().tolist()}"
+    )
     ok = ~want.isnan()
     assert torch.equal(y[ok].double(), want.to(dtype)[ok].double()), f"{backend}: {y.tolist()} vs {want.tolist()}"
 

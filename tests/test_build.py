@@ -38,11 +38,21 @@ def test_cpu_isa_variants():
 @requires_c
 def test_forced_cpu_isa_env():
     code = "import torch, fastbert; print(fastbert._ext.C.cpu_isa()); fastbert.bias_gelu(torch.randn(2, 3))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "FASTBERT_CPU_ISA": "generic"})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "FASTBERT_CPU_ISA": "generic"},
+    )
     assert out.returncode == 0 and out.stdout.strip() == "generic", out.stderr
-    bad = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "FASTBERT_CPU_ISA": "mmx"})
+    bad = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "FASTBERT_CPU_ISA": "mmx"},
+    )
     assert bad.returncode != 0 and "FASTBERT_CPU_ISA=mmx: unknown CPU ISA" in bad.stderr
 
 
@@ -70,8 +80,11 @@ def _cuobjdump():
     import triton
 
     bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    for path in (shutil.which("cuobjdump"), os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"),
-                                                         "bin", "cuobjdump"), bundled):
+    for path in (
+        shutil.which("cuobjdump"),
+        os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "cuobjdump"),
+        bundled,
+    ):
         if path and os.path.exists(path):
             return path
     return None
@@ -96,6 +109,7 @@ def test_build_requirements_match_the_metadata():
     """``license = "Apache-2.0"`` (a PEP 639 string) needs setuptools >= 77 to build at all: the
     declared build floor must be at least that (an image with an older setuptools failed at once)."""
     import re
+
     import tomllib
 
     meta = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
@@ -109,6 +123,7 @@ def test_version_floors_are_the_tested_minimum():
     """pyproject.toml's floors for torch (runtime and build), triton and transformers are exactly the
     versions CI's second environment pins (.ci/min-versions.txt): the oldest ones that are tested."""
     import re
+
     import tomllib
 
     root = Path(__file__).resolve().parent.parent
@@ -116,11 +131,18 @@ def test_version_floors_are_the_tested_minimum():
     assert set(pins) == {"torch", "triton", "transformers"}, pins
     meta = tomllib.loads((root / "pyproject.toml").read_text())
     extras = meta["project"]["optional-dependencies"]
-    lists = {"[build-system] requires": meta["build-system"]["requires"],
-             "[project] dependencies": meta["project"]["dependencies"],
-             "the triton extra": extras["triton"], "the test extra": extras["test"]}
-    expected = {"[build-system] requires": "torch", "[project] dependencies": "torch",
-                "the triton extra": "triton", "the test extra": "transformers"}
+    lists = {
+        "[build-system] requires": meta["build-system"]["requires"],
+        "[project] dependencies": meta["project"]["dependencies"],
+        "the triton extra": extras["triton"],
+        "the test extra": extras["test"],
+    }
+    expected = {
+        "[build-system] requires": "torch",
+        "[project] dependencies": "torch",
+        "the triton extra": "triton",
+        "the test extra": "transformers",
+    }
 
     def release(v):  # "2.11" and "2.11.0" are the same floor
         parts = [int(x) for x in v.split(".")]
@@ -135,6 +157,7 @@ def test_version_floors_are_the_tested_minimum():
                 continue
             floor = re.fullmatch(rf"{re.escape(name)}\s*>=\s*([0-9.]+)", req)
             assert floor, f"{where}: {req!r} must be exactly '{name}>=<floor>'"
-            assert release(floor.group(1)) == release(pins[name]), \
+            assert release(floor.group(1)) == release(pins[name]), (
                 f"{where}: {req!r}, but CI's oldest environment tests {name}=={pins[name]} (.ci/min-versions.txt)"
+            )
         assert any(r.startswith(expected[where]) for r in reqs), f"{where} names no {expected[where]} floor"

@@ -29,6 +29,7 @@ def corpus(tmp_path_factory):
 def vocab(corpus, tmp_path_factory):
     """One tokenizer for runs that must agree (tokenizers' trainer breaks merge ties in hash order)."""
     from fastbert.data import WordPieceTokenizer, read_documents
+
     tok = WordPieceTokenizer.train_from_texts([s for d in read_documents(corpus) for s in d.sentences], vocab_size=600)
     return str(tok.save(tmp_path_factory.mktemp("tok")))
 
@@ -39,8 +40,25 @@ def metrics(out):
 
 def test_pretrain_writes_a_run_and_learns(tmp_path, corpus, capsys):
     out = tmp_path / "run"
-    assert cli.main(["pretrain", *SMALL, "--corpus", str(corpus), "--steps", "30", "--lr", "2e-3",
-                     "--save-every", "10", "--out", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "pretrain",
+                *SMALL,
+                "--corpus",
+                str(corpus),
+                "--steps",
+                "30",
+                "--lr",
+                "2e-3",
+                "--save-every",
+                "10",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "MLM accuracy" in text and "tokens/s" in text
     rows = metrics(out)
@@ -82,8 +100,10 @@ def test_sigint_then_resume_equals_the_uninterrupted_run(tmp_path, corpus, vocab
 @pytest.fixture
 def terminal_signals():
     """SIGINT/SIGTERM as in a terminal, also when the tests run as a background job (SIGINT ignored)."""
-    saved = {sig: signal.signal(sig, handler) for sig, handler in ((signal.SIGINT, signal.default_int_handler),
-                                                                  (signal.SIGTERM, signal.SIG_DFL))}
+    saved = {
+        sig: signal.signal(sig, handler)
+        for sig, handler in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL))
+    }
     yield
     for sig, handler in saved.items():
         signal.signal(sig, handler)
@@ -110,19 +130,43 @@ def test_finetune_compare(tmp_path, corpus, capsys):
     src = tmp_path / "pre"
     assert cli.main(["pretrain", *SMALL, "--corpus", str(corpus), "--steps", "3", "--out", str(src)]) == 0
     out = tmp_path / "ft"
-    assert cli.main(["finetune", "--from", str(src), "--corpus", str(corpus), "--compare", "--seq-len", "64",
-                     "--max-steps", "4", "--batch", "8", "--out", str(out), "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "finetune",
+                "--from",
+                str(src),
+                "--corpus",
+                str(corpus),
+                "--compare",
+                "--seq-len",
+                "64",
+                "--max-steps",
+                "4",
+                "--batch",
+                "8",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     res = json.loads((out / "results.json").read_text())
     assert res["classes"] == sorted(p.stem for p in corpus.glob("*.txt"))
     for run in ("pretrained", "scratch"):
         assert res[run]["steps"] == 4 and 0.0 <= res[run]["accuracy"] <= 1.0
         assert (out / run / "model" / "model.safetensors").exists()
-        steps = [json.loads(line) for line in (out / run / "finetune_metrics.jsonl").read_text().splitlines()
-                 if json.loads(line)["kind"] == "train"]
+        steps = [
+            json.loads(line)
+            for line in (out / run / "finetune_metrics.jsonl").read_text().splitlines()
+            if json.loads(line)["kind"] == "train"
+        ]
         assert all(0.0 <= r["padding"] < 1.0 for r in steps) and max(r["padding"] for r in steps) > 0
         assert res[run]["padding"]["unpadded"] is True
-        assert res[run]["padding"]["batch_padding"] == pytest.approx(sum(r["padding"] for r in steps) / len(steps),
-                                                                     abs=1e-4)
+        assert res[run]["padding"]["batch_padding"] == pytest.approx(
+            sum(r["padding"] for r in steps) / len(steps), abs=1e-4
+        )
     assert "held-out accuracy" in capsys.readouterr().out
 
 
@@ -142,8 +186,11 @@ def test_bad_input_is_a_clear_error(tmp_path, corpus, capsys):
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "the", "a", "##s"]) + "\n")
     bad(["pretrain", *SMALL, "--corpus", str(corpus), "--vocab", str(vocab), *out], capsys, "[MASK]")
-    bad(["pretrain", *SMALL[:2], "--seq-len", "600", "--vocab-size", "600", "--corpus", str(corpus), *out], capsys,
-        "max_position_embeddings 512")
+    bad(
+        ["pretrain", *SMALL[:2], "--seq-len", "600", "--vocab-size", "600", "--corpus", str(corpus), *out],
+        capsys,
+        "max_position_embeddings 512",
+    )
     bad(["finetune", "--from", str(tmp_path / "nothing")], capsys, "has no tokenizer")
     assert not any((tmp_path / "o").glob("step-*"))
 
@@ -165,43 +212,88 @@ def test_resume_from_a_corrupted_checkpoint(tmp_path, corpus, capsys):
 
 def snapshot(folder):
     """Every file under ``folder``: its bytes and modification time (a rewrite with the same bytes shows)."""
-    return {p.relative_to(folder): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))
-            if p.is_file()}
+    return {
+        p.relative_to(folder): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()
+    }
 
 
 def test_bad_flags_are_rejected_before_anything_is_written(tmp_path, corpus, vocab, capsys, monkeypatch):
     out = tmp_path / "run"
-    assert cli.main(["pretrain", *SMALL, "--corpus", str(corpus), "--vocab", vocab, "--steps", "2",
-                     "--out", str(out)]) == 0
+    assert (
+        cli.main(["pretrain", *SMALL, "--corpus", str(corpus), "--vocab", vocab, "--steps", "2", "--out", str(out)])
+        == 0
+    )
     before = snapshot(out)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    base = ["pretrain", "--preset", "tiny", "--seq-len", "64", "--vocab-size", "300", "--batch", "8", "--no-progress",
-            "--corpus", str(corpus), "--out", str(out)]  # would retrain (and overwrite) the run's tokenizer
+    base = [
+        "pretrain",
+        "--preset",
+        "tiny",
+        "--seq-len",
+        "64",
+        "--vocab-size",
+        "300",
+        "--batch",
+        "8",
+        "--no-progress",
+        "--corpus",
+        str(corpus),
+        "--out",
+        str(out),
+    ]  # would retrain (and overwrite) the run's tokenizer
     for flags, message in [
-            (["--steps", "0"], "--steps must be an int >= 1, got 0"),
-            (["--lr", "inf"], "--lr must be a finite number > 0, got inf"), (["--lr", "nan"], "--lr must be"),
-            (["--lr", "0"], "--lr must be"), (["--warmup", "inf"], "--warmup must be"),
-            (["--warmup", "2.5"], "--warmup must be"), (["--steps", "3", "--warmup", "5"], "at most the 3 steps"),
-            (["--eval-fraction", "nan"], "--eval-fraction must be"), (["--save-every", "-1"], "--save-every must be"),
-            (["--seed", str(2 ** 70)], "--seed must be an int in [0, 2**32 - 1]"), (["--seed", "-1"], "--seed must be"),
-            (["--device", "bogus"], "--device must be cpu, cuda or cuda:N, got 'bogus'"),
-            (["--device", "cuda"], "--device cuda: no CUDA GPU is available"),
-            (["--seq-len", "600"], "--seq-len must be at most 512"),
-            (["--batch", "100000"], "fewer than one batch")]:
+        (["--steps", "0"], "--steps must be an int >= 1, got 0"),
+        (["--lr", "inf"], "--lr must be a finite number > 0, got inf"),
+        (["--lr", "nan"], "--lr must be"),
+        (["--lr", "0"], "--lr must be"),
+        (["--warmup", "inf"], "--warmup must be"),
+        (["--warmup", "2.5"], "--warmup must be"),
+        (["--steps", "3", "--warmup", "5"], "at most the 3 steps"),
+        (["--eval-fraction", "nan"], "--eval-fraction must be"),
+        (["--save-every", "-1"], "--save-every must be"),
+        (["--seed", str(2**70)], "--seed must be an int in [0, 2**32 - 1]"),
+        (["--seed", "-1"], "--seed must be"),
+        (["--device", "bogus"], "--device must be cpu, cuda or cuda:N, got 'bogus'"),
+        (["--device", "cuda"], "--device cuda: no CUDA GPU is available"),
+        (["--seq-len", "600"], "--seq-len must be at most 512"),
+        (["--batch", "100000"], "fewer than one batch"),
+    ]:
         bad(base + flags, capsys, message)
         assert snapshot(out) == before, flags
     ft = ["finetune", "--from", str(out), "--out", str(tmp_path / "ft"), "--corpus", str(corpus), "--no-progress"]
-    for flags, message in [(["--lr", "inf"], "--lr must be a finite number > 0"), (["--epochs", "0"], "--epochs must be"),
-                           (["--seed", str(2 ** 70)], "--seed must be"), (["--device", "bogus"], "--device must be"),
-                           (["--device", "cuda"], "no CUDA GPU"), (["--seq-len", "9999"], "--seq-len must be at most")]:
+    for flags, message in [
+        (["--lr", "inf"], "--lr must be a finite number > 0"),
+        (["--epochs", "0"], "--epochs must be"),
+        (["--seed", str(2**70)], "--seed must be"),
+        (["--device", "bogus"], "--device must be"),
+        (["--device", "cuda"], "no CUDA GPU"),
+        (["--seq-len", "9999"], "--seq-len must be at most"),
+    ]:
         bad(ft + flags, capsys, message)
     assert not (tmp_path / "ft").exists() and snapshot(out) == before
 
 
 def test_resume_checks_what_it_reads(tmp_path, corpus, vocab, capsys):
     out = tmp_path / "run"
-    assert cli.main(["pretrain", *SMALL, "--corpus", str(corpus), "--vocab", vocab, "--steps", "2", "--save-every", "1",
-                     "--out", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "pretrain",
+                *SMALL,
+                "--corpus",
+                str(corpus),
+                "--vocab",
+                vocab,
+                "--steps",
+                "2",
+                "--save-every",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     resume = ["pretrain", "--out", str(out), "--resume", "--no-progress"]
     state_file = out / "step-2" / "trainer_state.pt"
     state = torch.load(state_file, weights_only=True)
@@ -214,16 +306,19 @@ def test_resume_checks_what_it_reads(tmp_path, corpus, vocab, capsys):
 
     settings = json.loads((out / "run.json").read_text())
     for path, data, message in [
-            (out / "latest", b"", "latest is empty"),
-            (out / "latest", b"../other/step-2\n", "not a checkpoint folder step-N"),
-            (state_file, edited(lambda s: s.update(step=1)), "says step 1 but its folder is step-2"),
-            (state_file, edited(lambda s: s.pop("optimizer")), "lacks optimizer"),
-            (state_file, edited(lambda s: s.update(step="2")), "step is a str"),
-            (state_file, edited(lambda s: s["extra"].update(position=5)), "data position 5 is not step 2"),
-            (out / "run.json", json.dumps({k: v for k, v in settings.items() if k != "steps"}).encode(),
-             "lacks the setting(s) steps"),
-            (out / "run.json", b"{", "run.json is not valid JSON"),
-            (out / "tokenizer" / "tokenizer.json", b'{"version": "1.0", "model": 3', "cannot read"),
+        (out / "latest", b"", "latest is empty"),
+        (out / "latest", b"../other/step-2\n", "not a checkpoint folder step-N"),
+        (state_file, edited(lambda s: s.update(step=1)), "says step 1 but its folder is step-2"),
+        (state_file, edited(lambda s: s.pop("optimizer")), "lacks optimizer"),
+        (state_file, edited(lambda s: s.update(step="2")), "step is a str"),
+        (state_file, edited(lambda s: s["extra"].update(position=5)), "data position 5 is not step 2"),
+        (
+            out / "run.json",
+            json.dumps({k: v for k, v in settings.items() if k != "steps"}).encode(),
+            "lacks the setting(s) steps",
+        ),
+        (out / "run.json", b"{", "run.json is not valid JSON"),
+        (out / "tokenizer" / "tokenizer.json", b'{"version": "1.0", "model": 3', "cannot read"),
     ]:
         original = path.read_bytes() if path != state_file else None
         torch.save(state, state_file)
@@ -246,5 +341,7 @@ def test_pretrain_on_a_corpus_with_one_huge_line(tmp_path, corpus, capsys):
     # one line, one sentence of ~280,000 tokens, with an 80,000-character word (61 s to split, once)
     (folder / "one_line.txt").write_text("the cat sat on the mat and " * 40_000 + "x" * 80_000 + " end.\n")
     with within(120):
-        assert cli.main(["pretrain", *SMALL, "--corpus", str(folder), "--steps", "1", "--out", str(tmp_path / "r")]) == 0
+        assert (
+            cli.main(["pretrain", *SMALL, "--corpus", str(folder), "--steps", "1", "--out", str(tmp_path / "r")]) == 0
+        )
     assert "NSP pairs" in capsys.readouterr().out

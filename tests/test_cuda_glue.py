@@ -49,8 +49,10 @@ def _skip_reason(backend):
     return None
 
 
-BACKEND_PARAMS = [pytest.param(b, marks=pytest.mark.skipif(_skip_reason(b) is not None, reason=str(_skip_reason(b))))
-                  for b in ("cuda", "triton")]
+BACKEND_PARAMS = [
+    pytest.param(b, marks=pytest.mark.skipif(_skip_reason(b) is not None, reason=str(_skip_reason(b))))
+    for b in ("cuda", "triton")
+]
 
 
 class Record(TorchDispatchMode):
@@ -108,17 +110,22 @@ def run_backward(rec, op, backend, *grads):
 def like(t, ref, what=""):
     """``t`` has ``ref``'s shape, dtype and (CUDA) device."""
     assert isinstance(t, torch.Tensor), what
-    assert t.shape == ref.shape and t.dtype == ref.dtype and t.device == ref.device, \
+    assert t.shape == ref.shape and t.dtype == ref.dtype and t.device == ref.device, (
         f"{what}: got {t.dtype} {list(t.shape)} on {t.device}, want {ref.dtype} {list(ref.shape)} on {ref.device}"
+    )
 
 
 def fake_cuda(*shape, dtype=torch.float32, grad=False):
-    t = torch.randn(*shape, device="cuda", dtype=dtype) if dtype.is_floating_point else \
-        torch.randint(0, 5, shape, device="cuda", dtype=dtype)
+    t = (
+        torch.randn(*shape, device="cuda", dtype=dtype)
+        if dtype.is_floating_point
+        else torch.randint(0, 5, shape, device="cuda", dtype=dtype)
+    )
     return t.requires_grad_(grad)
 
 
 # ---------------------------------------------------------------------------------- backend choice
+
 
 @pytest.mark.skipif(_skip_reason("cuda") is not None, reason=str(_skip_reason("cuda")))
 def test_auto_picks_the_cuda_backend_for_fake_cuda_tensors():
@@ -131,8 +138,9 @@ def test_auto_picks_the_cuda_backend_for_fake_cuda_tensors():
         assert backends.select("layernorm_residual", x, x, w, w, converted=(w.double(),)) == "cuda"
         for mask in (fake_cuda(2, 1, 1, 5, dtype=torch.float64), fake_cuda(2, 1, 3, 5)):
             assert backends.select("masked_softmax", scores, converted=(mask,)) == "cuda"
-        assert backends.select("varlen_attention", fake_cuda(4, 2, 8)) == ("reference" if _skip_reason("triton")
-                                                                           else "triton")
+        assert backends.select("varlen_attention", fake_cuda(4, 2, 8)) == (
+            "reference" if _skip_reason("triton") else "triton"
+        )
         # the public ops choose so too: the cuda kernels' fakes run
         with Record() as rec:
             ops.masked_softmax(scores, fake_cuda(2, 1, 1, 5, dtype=torch.float64))
@@ -142,14 +150,18 @@ def test_auto_picks_the_cuda_backend_for_fake_cuda_tensors():
 
 # ------------------------------------------------------------------------- forward and backward
 
+
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_bias_gelu(backend):
     cases = itertools.product(DTYPES, ("none", "same", "fp32"), ("none", "tanh"), (True, False))
     with FakeTensorMode(), fastbert.backend(backend):
         for dtype, bias_kind, approximate, bias_grad in cases:
             x = fake_cuda(3, 4, 8, dtype=dtype, grad=True).transpose(0, 1)  # non-contiguous
-            bias = None if bias_kind == "none" else fake_cuda(8, dtype=dtype if bias_kind == "same" else torch.float32,
-                                                              grad=bias_grad)
+            bias = (
+                None
+                if bias_kind == "none"
+                else fake_cuda(8, dtype=dtype if bias_kind == "same" else torch.float32, grad=bias_grad)
+            )
             with Record() as rec:
                 y = ops.bias_gelu(x, bias, approximate=approximate)
             like(y, x, "y")
@@ -196,12 +208,12 @@ def test_layernorm_residual(backend):
 
 def _masks(dtype, backend):
     yield None
-    yield torch.ones(2, 5, device="cuda", dtype=torch.bool)               # [B, Sk] key padding
-    yield torch.ones(2, 1, 3, 5, device="cuda", dtype=torch.bool)         # 4-D bool
-    yield fake_cuda(2, 1, 1, 5, dtype=dtype)                              # HF additive
-    yield fake_cuda(1, 3, 5)                                              # 3-D fp32, broadcast
+    yield torch.ones(2, 5, device="cuda", dtype=torch.bool)  # [B, Sk] key padding
+    yield torch.ones(2, 1, 3, 5, device="cuda", dtype=torch.bool)  # 4-D bool
+    yield fake_cuda(2, 1, 1, 5, dtype=dtype)  # HF additive
+    yield fake_cuda(1, 3, 5)  # 3-D fp32, broadcast
     if backend == "cuda":
-        yield fake_cuda(2, 1, 3, 5, dtype=torch.float64)                  # converted by the CUDA glue
+        yield fake_cuda(2, 1, 3, 5, dtype=torch.float64)  # converted by the CUDA glue
 
 
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
@@ -224,8 +236,13 @@ def test_varlen_attention(backend):
     with FakeTensorMode():
         if backend == "cuda":  # no CUDA kernel by design: forcing it says so, auto runs triton
             with fastbert.backend("cuda"), pytest.raises(backends.BackendUnavailable, match="no CUDA kernel"):
-                ops.varlen_attention(fake_cuda(6, 2, 8), fake_cuda(6, 2, 8), fake_cuda(6, 2, 8),
-                                     torch.zeros(3, dtype=torch.int32, device="cuda"), 4)
+                ops.varlen_attention(
+                    fake_cuda(6, 2, 8),
+                    fake_cuda(6, 2, 8),
+                    fake_cuda(6, 2, 8),
+                    torch.zeros(3, dtype=torch.int32, device="cuda"),
+                    4,
+                )
             return
         with fastbert.backend(backend):
             for dtype, p in itertools.product(DTYPES, (0.0, 0.1)):
@@ -275,8 +292,9 @@ def test_linear_cross_entropy(backend, monkeypatch):
             bias = fake_cuda(11, dtype=torch.float32, grad=grad) if with_bias else None
             targets = torch.randint(0, 11, (10,), device="cuda")
             with Record() as rec:
-                loss = ops.linear_cross_entropy(rows, weight, targets, bias, ignore_index=3, reduction=reduction,
-                                                chunk_size=chunk)
+                loss = ops.linear_cross_entropy(
+                    rows, weight, targets, bias, ignore_index=3, reduction=reduction, chunk_size=chunk
+                )
             assert loss.dtype == dtype and loss.device == rows.device
             assert loss.shape == ((10,) if reduction == "none" else ())
             _, args, out = rec.last("linear_cross_entropy_chunked")
@@ -308,14 +326,18 @@ def test_linear_cross_entropy(backend, monkeypatch):
                 assert LCE._backward(ctx, None) == (None,) * 9
             if reduction == "none" and (FAKE_ADDMM_OUT_DTYPE or dtype == torch.float32):
                 with torch.no_grad():
-                    bwd = LCE.linear_cross_entropy_chunked_bwd._init_fn(args[0], args[1], args[2], args[3],
-                                                                        torch.ones_like(loss), 3, 4, backend)
+                    bwd = LCE.linear_cross_entropy_chunked_bwd._init_fn(
+                        args[0], args[1], args[2], args[3], torch.ones_like(loss), 3, 4, backend
+                    )
                 like(bwd[0], args[0], "chunked bwd rows")
                 like(bwd[1], args[1], "chunked bwd weight")
 
 
-@pytest.mark.skipif(not FAKE_ADDMM_OUT_DTYPE, reason=f"torch {torch.__version__}: fake tensors cannot run "
-                    "addmm(out_dtype=) (its addmm decomposition takes out_dtype for beta)")
+@pytest.mark.skipif(
+    not FAKE_ADDMM_OUT_DTYPE,
+    reason=f"torch {torch.__version__}: fake tensors cannot run "
+    "addmm(out_dtype=) (its addmm decomposition takes out_dtype for beta)",
+)
 def test_accumulate_mm_takes_half_operands_into_fp32_on_cuda():
     """The ``acc.is_cuda`` branch (``torch.addmm(..., out_dtype=)``) for every half dtype."""
     with FakeTensorMode():
@@ -338,6 +360,7 @@ def test_target_check_is_asynchronous_on_cuda():
 
 
 # ------------------------------------------------ the gather: the documented data-dependent size
+
 
 def dynamic_mode():
     return FakeTensorMode(shape_env=ShapeEnv())
@@ -417,8 +440,12 @@ def test_unpad_rows_runs_the_backends_row_copy():
             if _skip_reason(backend):
                 continue
             with Record() as rec, torch.no_grad():
-                got = mod.unpad_rows._init_fn(fake_cuda(12, 5), torch.zeros(7, dtype=torch.int64, device="cuda"),
-                                              torch.zeros(12, dtype=torch.int64, device="cuda"), backend)
+                got = mod.unpad_rows._init_fn(
+                    fake_cuda(12, 5),
+                    torch.zeros(7, dtype=torch.int64, device="cuda"),
+                    torch.zeros(12, dtype=torch.int64, device="cuda"),
+                    backend,
+                )
             assert got.shape == (7, 5) and [c[0].name() for c in rec.calls] == [f"fastbert::{kernel}"]
 
 
@@ -445,20 +472,32 @@ def test_padded_bert_training_forward_reads_nothing_back():
         pytest.skip(_skip_reason("cuda"))
     from fastbert.models import BertConfig, BertForSequenceClassification
 
-    cfg = BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-                     max_position_embeddings=32, unpad=False)
+    cfg = BertConfig(
+        vocab_size=97,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        max_position_embeddings=32,
+        unpad=False,
+    )
     with FakeTensorMode(), torch.device("cuda"):
         model = BertForSequenceClassification(cfg).train()
         ids = torch.randint(0, 97, (2, 9))
         with Record() as rec:
-            out = model(ids, attention_mask=torch.ones(2, 9, dtype=torch.long), token_type_ids=torch.zeros_like(ids),
-                        labels=torch.randint(0, 2, (2,)))
+            out = model(
+                ids,
+                attention_mask=torch.ones(2, 9, dtype=torch.long),
+                token_type_ids=torch.zeros_like(ids),
+                labels=torch.randint(0, 2, (2,)),
+            )
     assert out.loss.shape == () and out.loss.device.type == "cuda"
     ran = {c[0].name() for c in rec.calls}
     assert {"fastbert::layernorm_residual_fwd", "fastbert::masked_softmax_fwd", "fastbert::bias_gelu_fwd"} <= ran, ran
 
 
 # ------------------------------------------------------------------------------- cudagraph tags
+
 
 def _fastbert_ops():
     names = []
@@ -483,8 +522,10 @@ def test_exactly_the_syncing_ops_are_cudagraph_unsafe():
         assert (torch.Tag.cudagraph_unsafe in tags) == (name in SYNCING), f"fastbert::{name}: {tags}"
 
 
-HOST_READ = re.compile(r"\.item<|\.item\(\)|\.cpu\(\)|_local_scalar_dense|cudaMemcpy\(|cudaMemcpy2D\(|"
-                       r"cudaDeviceSynchronize|cudaStreamSynchronize|cudaEventSynchronize")
+HOST_READ = re.compile(
+    r"\.item<|\.item\(\)|\.cpu\(\)|_local_scalar_dense|cudaMemcpy\(|cudaMemcpy2D\(|"
+    r"cudaDeviceSynchronize|cudaStreamSynchronize|cudaEventSynchronize"
+)
 
 
 def test_only_the_gather_reads_back_in_the_cuda_sources():
@@ -493,6 +534,11 @@ def test_only_the_gather_reads_back_in_the_cuda_sources():
     csrc = pathlib.Path(__file__).resolve().parents[1] / "csrc" / "cuda"
     if not csrc.is_dir():
         pytest.skip("csrc/cuda is not in this checkout")
-    found = sorted(f"{f.name}: {line.strip()}" for f in csrc.iterdir() if f.suffix in (".cpp", ".cu", ".h", ".cuh")
-                   for line in f.read_text().splitlines() if HOST_READ.search(line))
+    found = sorted(
+        f"{f.name}: {line.strip()}"
+        for f in csrc.iterdir()
+        if f.suffix in (".cpp", ".cu", ".h", ".cuh")
+        for line in f.read_text().splitlines()
+        if HOST_READ.search(line)
+    )
     assert found and {f.split(":")[0] for f in found} == {"gather_masked.cpp"}, found

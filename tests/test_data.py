@@ -9,15 +9,27 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastbert.data import (DEFAULT_CORPUS_TITLES, SPECIAL_TOKENS, Document, MaskingCollator, WordPieceTokenizer,
-                           default_corpus_documents, document_from_text, nsp_examples, read_documents, split_sentences,
-                           tokenize_documents)
+from fastbert.data import (
+    DEFAULT_CORPUS_TITLES,
+    SPECIAL_TOKENS,
+    Document,
+    MaskingCollator,
+    WordPieceTokenizer,
+    default_corpus_documents,
+    document_from_text,
+    nsp_examples,
+    read_documents,
+    split_sentences,
+    tokenize_documents,
+)
 from tests.utils import within
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_AUSTEN = ROOT.parent / "shared" / "data" / "austen"  # beside the checkout, when present
-FIRST_SENTENCE = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
-                  "must be in want of a wife.")
+FIRST_SENTENCE = (
+    "It is a truth universally acknowledged, that a single man in possession of a good fortune, "
+    "must be in want of a wife."
+)
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +47,7 @@ def tok(corpus, tmp_path_factory):
 
 
 # ------------------------------------------------------------------------------------------ tokenizer
+
 
 def test_trained_vocabulary(tok):
     assert tok.vocab[:5] == list(SPECIAL_TOKENS) == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -114,8 +127,10 @@ def test_save_load_and_from_vocab(tok, tmp_path):
     text = "Elizabeth, feeling really anxious, walked on; Mr. Collins was astonishingly unabashed."
     tok.save(tmp_path / "tok")
     assert (tmp_path / "tok" / "vocab.txt").read_text(encoding="utf-8").split("\n") == tok.vocab + [""]
-    for loaded in (WordPieceTokenizer.load(tmp_path / "tok"),
-                   WordPieceTokenizer.from_vocab(tmp_path / "tok" / "vocab.txt")):
+    for loaded in (
+        WordPieceTokenizer.load(tmp_path / "tok"),
+        WordPieceTokenizer.from_vocab(tmp_path / "tok" / "vocab.txt"),
+    ):
         assert loaded.vocab == tok.vocab and loaded.lowercase
         assert loaded.encode(text) == tok.encode(text)
         assert loaded.encode_pair(text, "Ha!") == tok.encode_pair(text, "Ha!")
@@ -143,8 +158,22 @@ def test_from_vocab_matches_transformers_bert_tokenizer(tok, corpus, tmp_path):
 
 def test_from_vocab_bert_layout(tmp_path):
     """Google's layout: [PAD] first, [UNK] [CLS] [SEP] [MASK] after [unused] slots."""
-    tokens = ["[PAD]", "[unused0]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "##s", "sat", ".", "c", "##a",
-              "##t"]
+    tokens = [
+        "[PAD]",
+        "[unused0]",
+        "[UNK]",
+        "[CLS]",
+        "[SEP]",
+        "[MASK]",
+        "the",
+        "cat",
+        "##s",
+        "sat",
+        ".",
+        "c",
+        "##a",
+        "##t",
+    ]
     (tmp_path / "vocab.txt").write_text("\n".join(tokens) + "\n", encoding="utf-8")
     t = WordPieceTokenizer.from_vocab(tmp_path / "vocab.txt")
     assert (t.pad_id, t.unk_id, t.cls_id, t.sep_id, t.mask_id) == (0, 2, 3, 4, 5)
@@ -183,14 +212,28 @@ def test_train_from_texts_cased():
 
 # ---------------------------------------------------------------------------------------- documents
 
+
 def test_split_sentences():
-    text = ("Mr. Bennet and Mrs. Long met Dr. Grant at St. James's. She left!  He stayed? "
-            "\"Yes,\" said he. 'Oh.' It was 3 p.m. when she came. _Then_ the end. No. 97 is here...")
+    text = (
+        "Mr. Bennet and Mrs. Long met Dr. Grant at St. James's. She left!  He stayed? "
+        "\"Yes,\" said he. 'Oh.' It was 3 p.m. when she came. _Then_ the end. No. 97 is here..."
+    )
     assert split_sentences(text) == [
-        "Mr. Bennet and Mrs. Long met Dr. Grant at St. James's.", "She left!", "He stayed?", "\"Yes,\" said he.",
-        "'Oh.'", "It was 3 p.m. when she came.", "_Then_ the end.", "No. 97 is here..."]
-    assert split_sentences("\"Is it?\" said she. \"It is.\" (Quite so.) And so on") == [
-        "\"Is it?\" said she.", "\"It is.\"", "(Quite so.)", "And so on"]
+        "Mr. Bennet and Mrs. Long met Dr. Grant at St. James's.",
+        "She left!",
+        "He stayed?",
+        '"Yes," said he.',
+        "'Oh.'",
+        "It was 3 p.m. when she came.",
+        "_Then_ the end.",
+        "No. 97 is here...",
+    ]
+    assert split_sentences('"Is it?" said she. "It is." (Quite so.) And so on') == [
+        '"Is it?" said she.',
+        '"It is."',
+        "(Quite so.)",
+        "And so on",
+    ]
     assert split_sentences("one.two. three! four") == ["one.two. three! four"]  # no uppercase after: one sentence
     assert split_sentences("  ") == []
 
@@ -199,17 +242,29 @@ def test_read_documents(tmp_path):
     (tmp_path / "b_second.txt").write_text("Only one line\n", encoding="utf-8")
     (tmp_path / "a_first.txt").write_bytes(
         "\ufeffTITLE LINE\r\n\r\nIt is a truth\r\nuniversally acknowledged.  Mr. Bennet\r\nsaid so! Did he?\r\n"
-        "\r\nA paragraph without end punctuation\nends its sentence\n \t \n\n\"Quoted.\" Yes. Mrs. Long\n"
-        "agreed.\n".encode("utf-8"))
+        '\r\nA paragraph without end punctuation\nends its sentence\n \t \n\n"Quoted." Yes. Mrs. Long\n'
+        "agreed.\n".encode("utf-8")
+    )
     (tmp_path / "c_empty.txt").write_text("\n \n\t\n", encoding="utf-8")  # no text: skipped
     (tmp_path / "notes.md").write_text("Not a document.", encoding="utf-8")
     (tmp_path / "sub.txt").mkdir()  # not a file
     docs = read_documents(tmp_path)
     assert docs == [
-        Document("a_first", ["TITLE LINE", "It is a truth universally acknowledged.", "Mr. Bennet said so!", "Did he?",
-                             "A paragraph without end punctuation ends its sentence", "\"Quoted.\"", "Yes.",
-                             "Mrs. Long agreed."]),
-        Document("b_second", ["Only one line"])]
+        Document(
+            "a_first",
+            [
+                "TITLE LINE",
+                "It is a truth universally acknowledged.",
+                "Mr. Bennet said so!",
+                "Did he?",
+                "A paragraph without end punctuation ends its sentence",
+                '"Quoted."',
+                "Yes.",
+                "Mrs. Long agreed.",
+            ],
+        ),
+        Document("b_second", ["Only one line"]),
+    ]
     assert read_documents(str(tmp_path)) == docs
     assert document_from_text("x", "One. Two.\n\nThree") == Document("x", ["One.", "Two.", "Three"])
 
@@ -265,7 +320,7 @@ def check_example(example, tok, max_seq_length):
     assert len(ids) == len(types) <= max_seq_length and label in (0, 1)
     seps = [i for i, t in enumerate(ids) if t == tok.sep_id]
     assert ids[0] == tok.cls_id and len(seps) == 2 and seps[1] == len(ids) - 1 and tok.cls_id not in ids[1:]
-    a, b = ids[1:seps[0]], ids[seps[0] + 1:-1]
+    a, b = ids[1 : seps[0]], ids[seps[0] + 1 : -1]
     assert a and b
     assert types == [0] * (len(a) + 2) + [1] * (len(b) + 1)
     return a, b, label
@@ -319,8 +374,9 @@ def test_nsp_deterministic_and_checked(tok):
     assert first == nsp_examples(docs, tok, max_seq_length=32, seed=7)
     assert first != nsp_examples(docs, tok, max_seq_length=32, seed=8)
     text_docs = [Document("a", ["Mr. Darcy bowed.", "She smiled."]), Document("b", ["It rained.", "", "Then not."])]
-    assert nsp_examples(text_docs, tok, max_seq_length=16, seed=0) == \
-        nsp_examples(tokenize_documents(text_docs, tok), tok, max_seq_length=16, seed=0)
+    assert nsp_examples(text_docs, tok, max_seq_length=16, seed=0) == nsp_examples(
+        tokenize_documents(text_docs, tok), tok, max_seq_length=16, seed=0
+    )
     with pytest.raises(ValueError, match="at least 2 non-empty documents"):
         nsp_examples(docs[:1] + [Document("empty", [[]])], tok)
     with pytest.raises(ValueError, match="max_seq_length must be an int >= 5"):
@@ -331,15 +387,27 @@ def test_nsp_deterministic_and_checked(tok):
 
 # ----------------------------------------------------------------------------------- bundled corpus
 
+
 def test_default_corpus(corpus, tok):
-    assert [d.title for d in corpus] == list(DEFAULT_CORPUS_TITLES) == [
-        "0_emma", "1_mansfield_park", "2_northanger_abbey", "3_persuasion", "4_pride_and_prejudice",
-        "5_sense_and_sensibility"]
+    assert (
+        [d.title for d in corpus]
+        == list(DEFAULT_CORPUS_TITLES)
+        == [
+            "0_emma",
+            "1_mansfield_park",
+            "2_northanger_abbey",
+            "3_persuasion",
+            "4_pride_and_prejudice",
+            "5_sense_and_sensibility",
+        ]
+    )
     assert all(len(d.sentences) > 3000 and all(isinstance(s, str) and s for s in d.sentences) for d in corpus)
     pp = corpus[4].sentences
     assert pp[:4] == ["PRIDE AND PREJUDICE", "By Jane Austen", "Chapter 1", FIRST_SENTENCE]
-    assert "\"My dear Mr. Bennet,\" said his lady to him one day, \"have you heard that Netherfield Park is let " \
-           "at last?\"" in pp
+    assert (
+        '"My dear Mr. Bennet," said his lady to him one day, "have you heard that Netherfield Park is let '
+        'at last?"' in pp
+    )
     if SHARED_AUSTEN.is_dir():  # the bundled copy reads exactly as the original folder
         assert read_documents(SHARED_AUSTEN) == corpus
     # pretraining pairs from two of the novels
@@ -366,8 +434,15 @@ def test_examples_to_masked_batch_to_a_training_step(corpus, tok):
 
     docs = [d for d in corpus if d.title in ("2_northanger_abbey", "3_persuasion")]
     examples = nsp_examples(docs, tok, max_seq_length=64, seed=1)[:16]
-    collate = MaskingCollator(tok.vocab_size, tok.mask_id, tok.pad_id, tok.special_ids,
-                              continuation=tok.continuation_mask, whole_word=True, seed=2)
+    collate = MaskingCollator(
+        tok.vocab_size,
+        tok.mask_id,
+        tok.pad_id,
+        tok.special_ids,
+        continuation=tok.continuation_mask,
+        whole_word=True,
+        seed=2,
+    )
     batch = collate(examples)
     assert batch["input_ids"].shape[0] == 16 and batch["input_ids"].shape[1] <= 64
     assert ((batch["labels"] != -100).sum(1) >= 1).all()
@@ -379,6 +454,7 @@ def test_examples_to_masked_batch_to_a_training_step(corpus, tok):
 
 
 # ------------------------------------------------------------------------- linear time on huge input
+
 
 def test_split_sentences_is_linear_on_long_runs():
     long_word = "x" * 200_000  # 61 s for 80,000 characters when the regex backtracked
@@ -403,6 +479,7 @@ def _truncate_one_at_a_time(a, b, max_num_tokens, rng):  # what nsp_examples did
 
 def test_nsp_truncation_is_linear_and_unchanged(tok):
     from fastbert.data.corpus import LONG_SENTENCE_TOKENS, _truncate_pair
+
     rng = random.Random(0)
     for trial in range(2000):
         a, b = list(range(rng.randint(0, 50))), list(range(100, 100 + rng.randint(0, 50)))
@@ -439,6 +516,7 @@ def test_training_skips_overlong_words_and_encoding_is_unchanged(tok):
 
 def test_long_texts_are_cut_at_spaces_with_the_same_ids_and_words(tok, corpus, monkeypatch):
     import fastbert.data.tokenizer as tokenizer_module
+
     rng = random.Random(5)
     words = [w for d in corpus[:2] for s in d.sentences[:400] for w in s.split()]
     # one "line" of prose with long words, specials, tabs and non-ASCII spaces between the cut points

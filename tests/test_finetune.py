@@ -72,7 +72,7 @@ def test_passages_are_greedy_packs_split_by_whole_blocks(random_docs, seed):
             queues[split].pop(0)
             sources.append(split)
         assert not queues["train"] and not queues["test"] and len(sources) == n  # all covered, exactly once
-        blocks = [set(sources[k:k + block]) for k in range(0, n, block)]
+        blocks = [set(sources[k : k + block]) for k in range(0, n, block)]
         assert all(len(b) == 1 for b in blocks)  # whole blocks go to one split
         n_test = sum(b == {"test"} for b in blocks)
         assert n_test == min(len(blocks) - 1, max(1, round(frac * len(blocks)))) >= 1
@@ -86,18 +86,21 @@ def test_passages_are_deterministic_per_seed(random_docs, seed):
     assert a[1] != b[1] and sorted(a[0] + a[1]) == sorted(b[0] + b[1])
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(documents=1), "at least 2 documents"),
-    (dict(max_seq_length=2), "max_seq_length must be an int >= 3"),
-    (dict(test_fraction=0.0), r"test_fraction must be in \(0, 1\)"),
-    (dict(test_fraction=1.0), r"test_fraction must be in \(0, 1\)"),
-    (dict(block=0), "block must be a positive int"),
-    (dict(empty=True), "document 1 .* has no passages"),
-    (dict(block=10_000), "fewer than 2 blocks of 10000"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(documents=1), "at least 2 documents"),
+        (dict(max_seq_length=2), "max_seq_length must be an int >= 3"),
+        (dict(test_fraction=0.0), r"test_fraction must be in \(0, 1\)"),
+        (dict(test_fraction=1.0), r"test_fraction must be in \(0, 1\)"),
+        (dict(block=0), "block must be a positive int"),
+        (dict(empty=True), "document 1 .* has no passages"),
+        (dict(block=10_000), "fewer than 2 blocks of 10000"),
+    ],
+)
 def test_passages_bad_inputs(random_docs, change, message):
     docs, tok = random_docs
-    docs = docs[:change.pop("documents", len(docs))]
+    docs = docs[: change.pop("documents", len(docs))]
     if change.pop("empty", False):
         docs = [docs[0], Document("blank", ["", "  "]), docs[2]]
     with pytest.raises(ValueError, match=message):
@@ -120,13 +123,19 @@ def test_collate_pads_and_masks(seed):
 
 
 def tiny_model(vocab_size=100, num_labels=4, max_len=64):
-    return BertForSequenceClassification(BertConfig.from_preset("tiny", vocab_size=vocab_size, num_labels=num_labels,
-                                                                max_position_embeddings=max_len))
+    return BertForSequenceClassification(
+        BertConfig.from_preset("tiny", vocab_size=vocab_size, num_labels=num_labels, max_position_embeddings=max_len)
+    )
 
 
 def random_passages(n, num_labels, vocab_size=100):
-    return [Passage([2, *torch.randint(5, vocab_size, (int(torch.randint(1, 20, ())),)).tolist(), 3],
-                    int(torch.randint(0, num_labels, ()))) for _ in range(n)]
+    return [
+        Passage(
+            [2, *torch.randint(5, vocab_size, (int(torch.randint(1, 20, ())),)).tolist(), 3],
+            int(torch.randint(0, num_labels, ())),
+        )
+        for _ in range(n)
+    ]
 
 
 def test_evaluate_matches_the_accuracy_by_hand(seed):
@@ -141,8 +150,9 @@ def test_evaluate_matches_the_accuracy_by_hand(seed):
         logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]).logits
     hit = logits.argmax(-1) == batch["labels"]
     assert res["accuracy"] == hit.sum().item() / len(passages)
-    assert res["per_class"][:3] == [hit[batch["labels"] == c].sum().item() / (batch["labels"] == c).sum().item()
-                                    for c in range(3)]
+    assert res["per_class"][:3] == [
+        hit[batch["labels"] == c].sum().item() / (batch["labels"] == c).sum().item() for c in range(3)
+    ]
     assert res["per_class"][3] is None
     assert res["loss"] == pytest.approx(F.cross_entropy(logits, batch["labels"]).item(), rel=1e-5)
     assert evaluate(model, passages, 0)["accuracy"] == res["accuracy"] and not model.training
@@ -210,30 +220,46 @@ def test_finetune_max_steps_appends_metrics_and_errors(tmp_path, seed):
         finetune(model, train, [], 0, cfg, progress=False)
     with pytest.raises(ValueError, match="training set has label 3 outside"):
         finetune(model, train + [Passage([2, 9, 3], 3)], test, 0, cfg, progress=False)
-    for bad, message in [(dict(batch_size=0), "batch_size must be a positive int"),
-                         (dict(epochs=0), "epochs must be a positive int"),
-                         (dict(max_steps=0), "max_steps must be None or a positive int"),
-                         (dict(lr=0.0), "lr must be > 0"), (dict(warmup_ratio=1.5), "warmup_ratio"),
-                         (dict(clip=-1.0), "clip must be >= 0")]:
+    for bad, message in [
+        (dict(batch_size=0), "batch_size must be a positive int"),
+        (dict(epochs=0), "epochs must be a positive int"),
+        (dict(max_steps=0), "max_steps must be None or a positive int"),
+        (dict(lr=0.0), "lr must be > 0"),
+        (dict(warmup_ratio=1.5), "warmup_ratio"),
+        (dict(clip=-1.0), "clip must be >= 0"),
+    ]:
         with pytest.raises(ValueError, match=message):
             FinetuneConfig(**bad)
 
 
 def test_finetune_rejects_non_finite_settings_and_stops_when_it_diverges(tmp_path, seed):
-    for bad, message in [(dict(lr=math.inf), "lr must be > 0 and finite"), (dict(lr=math.nan), "lr must be > 0"),
-                         (dict(clip=math.inf), "clip must be >= 0"), (dict(weight_decay=math.nan), "weight_decay"),
-                         (dict(seed=2 ** 70), "seed must be an int")]:
+    for bad, message in [
+        (dict(lr=math.inf), "lr must be > 0 and finite"),
+        (dict(lr=math.nan), "lr must be > 0"),
+        (dict(clip=math.inf), "clip must be >= 0"),
+        (dict(weight_decay=math.nan), "weight_decay"),
+        (dict(seed=2**70), "seed must be an int"),
+    ]:
         with pytest.raises(ValueError, match=message):
             FinetuneConfig(**bad)
     model = tiny_model(num_labels=3)
     train, test = random_passages(40, 3), random_passages(10, 3)
     with pytest.raises(ValueError, match="loss is (nan|inf).*diverged"):
-        finetune(model, train, test, 0, FinetuneConfig(epochs=3, batch_size=8, lr=1e30, clip=0.0, seed=seed),
-                 out_dir=tmp_path, progress=False)
+        finetune(
+            model,
+            train,
+            test,
+            0,
+            FinetuneConfig(epochs=3, batch_size=8, lr=1e30, clip=0.0, seed=seed),
+            out_dir=tmp_path,
+            progress=False,
+        )
 
     def refuse(constant):
         raise ValueError(f"non-standard JSON constant {constant}")
 
-    rows = [json.loads(line, parse_constant=refuse)
-            for line in (tmp_path / "finetune_metrics.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line, parse_constant=refuse)
+        for line in (tmp_path / "finetune_metrics.jsonl").read_text().splitlines()
+    ]
     assert rows and all(math.isfinite(r["loss"]) for r in rows if r["kind"] == "train")

@@ -9,8 +9,17 @@ from fastbert import reference
 from tests.utils import DTYPES, backend_params, device_backend_params, requires_c, use_backend
 
 # (hidden shape, fraction of labelled tokens): BERT-like, odd sizes, one token, none / all labelled
-CASES = [((2, 7, 5), 0.15), ((3, 128, 768), 0.15), ((1, 1, 1), 1.0), ((4, 9, 1023), 0.5),
-         ((2, 16, 64), 0.0), ((2, 16, 64), 1.0), ((33, 7), 0.3), ((0, 5), 0.5), ((3, 0, 8), 0.5)]
+CASES = [
+    ((2, 7, 5), 0.15),
+    ((3, 128, 768), 0.15),
+    ((1, 1, 1), 1.0),
+    ((4, 9, 1023), 0.5),
+    ((2, 16, 64), 0.0),
+    ((2, 16, 64), 1.0),
+    ((33, 7), 0.3),
+    ((0, 5), 0.5),
+    ((3, 0, 8), 0.5),
+]
 
 
 def make_labels(shape, frac, device, dtype=torch.int64, vocab=1000, ignore_index=-100):
@@ -38,7 +47,9 @@ def check(backend, hidden, labels, ignore_index=-100):
     rows, targets, index, grad, dy = run(backend, hidden, labels, ignore_index)
     want = expected(hidden.detach(), labels, ignore_index, dy)
     for name, got, ref in zip(("rows", "targets", "index", "grad"), (rows, targets, index, grad), want):
-        assert got.shape == ref.shape and got.dtype == ref.dtype, f"{name}: {got.shape} {got.dtype} vs {ref.shape} {ref.dtype}"
+        assert got.shape == ref.shape and got.dtype == ref.dtype, (
+            f"{name}: {got.shape} {got.dtype} vs {ref.shape} {ref.dtype}"
+        )
         assert torch.equal(got, ref), f"{backend} {name} differs"
     n_sel = int((labels != ignore_index).sum())
     assert rows.shape[0] == n_sel and targets.dtype == torch.int64 and index.dtype == torch.int64
@@ -98,8 +109,11 @@ def test_opcheck():
     hidden = torch.randn(4, 6, 5)
     labels = make_labels((4 * 6,), 0.4, "cpu")
     rows, _, _, slot = torch.ops.fastbert.gather_masked_fwd(hidden.reshape(-1, 5), labels, -100)
-    torch.library.opcheck(torch.ops.fastbert.gather_masked_fwd.default, (hidden.reshape(-1, 5), labels, -100),
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    torch.library.opcheck(
+        torch.ops.fastbert.gather_masked_fwd.default,
+        (hidden.reshape(-1, 5), labels, -100),
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+    )
     torch.library.opcheck(torch.ops.fastbert.gather_masked_bwd.default, (torch.randn_like(rows), slot))
 
 
@@ -107,6 +121,7 @@ def test_opcheck():
 @pytest.mark.parametrize("backend", [p for p in backend_params("cpu") if "reference" not in str(p)])
 def test_torch_compile_fullgraph_dynamic_m(seed, backend):
     """M is data dependent: one compiled graph serves batches with different numbers of labels."""
+
     def f(h, labels):
         rows, targets, _ = fastbert.gather_masked(h, labels)
         return (rows.float() ** 2).sum(), targets
@@ -119,7 +134,7 @@ def test_torch_compile_fullgraph_dynamic_m(seed, backend):
             loss, targets = compiled(h, labels)
             loss.backward()
             want = h.detach().reshape(-1, 4)[labels.reshape(-1) != -100]
-            torch.testing.assert_close(loss, (want ** 2).sum())
+            torch.testing.assert_close(loss, (want**2).sum())
             torch.testing.assert_close(h.grad, 2 * h.detach() * (labels != -100)[..., None])
             assert torch.equal(targets, labels[labels != -100])
 

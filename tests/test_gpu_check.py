@@ -17,14 +17,13 @@ STAGES = os.path.join(ROOT, "scripts", "gpu_check.py")
 
 def run(*args, env=None):
     e = dict(os.environ, PYTHONPATH=ROOT, **(env or {}))
-    return subprocess.run([sys.executable, STAGES, *args], cwd=ROOT, env=e, capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run([sys.executable, STAGES, *args], cwd=ROOT, env=e, capture_output=True, text=True, timeout=600)
 
 
 def test_script_parses_and_writes_at_most_8_files():
     subprocess.run(["bash", "-n", SCRIPT], check=True)
     text = open(SCRIPT).read()
-    files = set(re.findall(r'\$OUT/([\w.]+)', text)) | {"results.json"}
+    files = set(re.findall(r"\$OUT/([\w.]+)", text)) | {"results.json"}
     assert len(files) <= 8, sorted(files)
     header = text.split("set -uo pipefail")[0]
     for name in files:
@@ -48,8 +47,24 @@ def test_sanitize_stage_runs_every_op(backend):
 
 def test_bert_step_stage_on_cpu(tmp_path):
     out = tmp_path / "bert.json"
-    r = run("bert-step", "--device", "cpu", "--preset", "tiny", "--batch", "2", "--seq", "16", "--steps", "2",
-            "--modes", "eager", "--no-unpad", "--out", str(out))
+    r = run(
+        "bert-step",
+        "--device",
+        "cpu",
+        "--preset",
+        "tiny",
+        "--batch",
+        "2",
+        "--seq",
+        "16",
+        "--steps",
+        "2",
+        "--modes",
+        "eager",
+        "--no-unpad",
+        "--out",
+        str(out),
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     res = json.loads(out.read_text())["modes"]["eager"]
     assert res["error"] is None and len(res["losses"]) == 3 and res["median_ms"] > 0
@@ -57,12 +72,15 @@ def test_bert_step_stage_on_cpu(tmp_path):
 
 
 def test_summarize(tmp_path):
-    (tmp_path / "summary.txt").write_text("== versions\n3.12 torch 2.11.0 cuda 13.0\nstage build 71 s exit 0\n"
-                                          "stage tests 150 s exit 1\n")
+    (tmp_path / "summary.txt").write_text(
+        "== versions\n3.12 torch 2.11.0 cuda 13.0\nstage build 71 s exit 0\nstage tests 150 s exit 1\n"
+    )
     (tmp_path / "tests.log").write_text("3 failed, 1200 passed, 4 skipped in 90s\n10 passed in 3s\n")
-    (tmp_path / "sanitizer.log").write_text("## compute-sanitizer --tool memcheck\nok x\n========= ERROR SUMMARY: 0 errors\n"
-                                            "## compute-sanitizer --tool racecheck\nMISMATCH y\n"
-                                            "========= ERROR SUMMARY: 2 errors\n")
+    (tmp_path / "sanitizer.log").write_text(
+        "## compute-sanitizer --tool memcheck\nok x\n========= ERROR SUMMARY: 0 errors\n"
+        "## compute-sanitizer --tool racecheck\nMISMATCH y\n"
+        "========= ERROR SUMMARY: 2 errors\n"
+    )
     bert = tmp_path / "bert.json"
     bert.write_text(json.dumps({"modes": {}}))
     r = run("summarize", str(tmp_path), "--bert", str(bert))

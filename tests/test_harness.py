@@ -19,6 +19,7 @@ from fastbert.bench.harness import Budget, Case, LoadProbe
 
 # ---------------------------------------------------------------- statistics
 
+
 @pytest.mark.parametrize("q", [0, 20, 50, 80, 100])
 def test_percentile_matches_numpy(q):
     xs = list(np.random.default_rng(0).exponential(size=37))
@@ -48,7 +49,7 @@ def test_summarize_ratios_and_bandwidth():
     assert s["fused"]["speedup_vs_eager"] == pytest.approx(6.0)
     assert s["fused"]["speedup_vs_compile"] == pytest.approx(2.0)
     assert s["eager"]["speedup_vs_eager"] == pytest.approx(1.0)
-    assert s["fused"]["gbps"] == pytest.approx(4.0)          # 2 MB in 0.5 ms
+    assert s["fused"]["gbps"] == pytest.approx(4.0)  # 2 MB in 0.5 ms
     assert s["fused"]["frac_copy_bw"] == pytest.approx(0.5)  # of 8 GB/s
     assert s["fused"]["n"] == 3
 
@@ -61,9 +62,14 @@ def test_summarize_without_baselines_or_copy():
 
 # ---------------------------------------------------------------- interleaving
 
+
 def test_round_order_rotates():
     assert [harness.round_order(["a", "b", "c"], r) for r in range(4)] == [
-        ["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
+        ["a", "b", "c"],
+        ["b", "c", "a"],
+        ["c", "a", "b"],
+        ["a", "b", "c"],
+    ]
 
 
 def test_candidates_are_interleaved_after_warmup():
@@ -71,8 +77,8 @@ def test_candidates_are_interleaved_after_warmup():
     cands = {n: (lambda n=n: log.append(n)) for n in "abc"}
     budget = Budget(min_rounds=3, max_rounds=3, warmup_calls=2, warmup_s=0.0)
     samples = harness.time_candidates(cands, budget, harness.CpuTimer())
-    assert log[:6] == list("aabbcc")                      # warm-up, each candidate in turn
-    assert log[6:] == list("abc" "bca" "cab")              # round-robin, rotated each round
+    assert log[:6] == list("aabbcc")  # warm-up, each candidate in turn
+    assert log[6:] == list("abcbcacab")  # round-robin, rotated each round
     assert {n: len(xs) for n, xs in samples.items()} == {"a": 3, "b": 3, "c": 3}
 
 
@@ -94,17 +100,24 @@ def test_stops_at_min_rounds_once_medians_are_stable():
 def test_stops_at_the_time_cap_when_noisy():
     clock = itertools.count(0.0, 0.5)  # every clock read advances 0.5 s
     budget = Budget(min_rounds=2, max_rounds=100, time_s=5.0, rel_ci=1e-9, warmup_calls=0, warmup_s=0)
-    samples = harness.time_candidates({"a": lambda: None}, budget, FakeTimer([1e-3, 2e-3, 5e-3]),
-                                      clock=lambda: next(clock))
+    samples = harness.time_candidates(
+        {"a": lambda: None}, budget, FakeTimer([1e-3, 2e-3, 5e-3]), clock=lambda: next(clock)
+    )
     assert 2 <= len(samples["a"]) <= 11
 
 
 # ---------------------------------------------------------------- load and busy flag
 
+
 def fake_probe(stat, own, hz=100):
     stat, own, clock = iter(stat), iter(own), iter([10.0, 12.0, 12.0])  # a 2 s window
-    return LoadProbe(stat=lambda: next(stat), own_cpu=lambda: next(own), clock=lambda: next(clock),
-                     loadavg=lambda: (1.5, 1.0, 0.5), hz=hz)
+    return LoadProbe(
+        stat=lambda: next(stat),
+        own_cpu=lambda: next(own),
+        clock=lambda: next(clock),
+        loadavg=lambda: (1.5, 1.0, 0.5),
+        hz=hz,
+    )
 
 
 def test_load_probe_subtracts_own_cpu_time():
@@ -141,6 +154,7 @@ def test_load_probe_real_short_window_is_sane():
 def test_load_probe_without_proc_stat():
     def missing():
         raise OSError("no /proc/stat")
+
     probe = LoadProbe(stat=missing)
     probe.start()
     load = probe.stop()
@@ -161,8 +175,7 @@ def test_wait_quiet_returns_once_the_machine_is_quiet():
     waited = harness.wait_quiet(60, 2, probe=Probe, sleep=lambda s: None, clock=lambda: next(clock))
     assert waited is not None and next(loads) == 0.0  # stopped at the third window (0.1 cores)
     loads = iter([1.0] * 100)
-    assert harness.wait_quiet(3, 2, probe=Probe, sleep=lambda s: None,
-                              clock=lambda: next(clock)) is None
+    assert harness.wait_quiet(3, 2, probe=Probe, sleep=lambda s: None, clock=lambda: next(clock)) is None
 
 
 def test_read_proc_stat(tmp_path):
@@ -173,9 +186,18 @@ def test_read_proc_stat(tmp_path):
 
 # ---------------------------------------------------------------- results files
 
-META = {"device": "cpu", "device_name": "Fake CPU", "host_kind": "cpu-fake-2c", "ncores": 2,
-        "torch": "2.x", "triton": None, "fastbert": "0.1.0", "git_commit": "abc",
-        "torch_threads": 2, "timestamp": "2026-01-01T00:00:00+00:00"}
+META = {
+    "device": "cpu",
+    "device_name": "Fake CPU",
+    "host_kind": "cpu-fake-2c",
+    "ncores": 2,
+    "torch": "2.x",
+    "triton": None,
+    "fastbert": "0.1.0",
+    "git_commit": "abc",
+    "torch_threads": 2,
+    "timestamp": "2026-01-01T00:00:00+00:00",
+}
 
 
 def fake_case(shape=(4, 8)):
@@ -185,8 +207,14 @@ def fake_case(shape=(4, 8)):
 
 def fake_rows(shape=(4, 8)):
     budget = Budget(min_rounds=6, max_rounds=6, warmup_calls=1, warmup_s=0)
-    return harness.run_case(fake_case(shape), META, budget, FakeTimer([1e-3, 2e-3, 3e-3]),
-                            copy_gbps=10.0, probe=fake_probe(stat=[(0, 0), (100, 0)], own=[0, 2]))
+    return harness.run_case(
+        fake_case(shape),
+        META,
+        budget,
+        FakeTimer([1e-3, 2e-3, 3e-3]),
+        copy_gbps=10.0,
+        probe=fake_probe(stat=[(0, 0), (100, 0)], own=[0, 2]),
+    )
 
 
 def test_rows_have_the_schema():
@@ -194,8 +222,7 @@ def test_rows_have_the_schema():
     assert [r["candidate"] for r in rows] == ["eager", "torch.compile", "fused"]
     for r in rows:
         assert set(harness.FIELDS) <= set(r)
-        assert (r["op"], r["shape"], r["dtype"], r["pass"], r["params"]) == (
-            "op", "4x8", "float32", "fwd", "k=v")
+        assert (r["op"], r["shape"], r["dtype"], r["pass"], r["params"]) == ("op", "4x8", "float32", "fwd", "k=v")
         assert r["n"] == 6 and r["host_kind"] == "cpu-fake-2c" and r["copy_gbps"] == 10.0
         assert isinstance(r["busy"], bool)
 
@@ -243,8 +270,13 @@ def test_dated_results_hold_that_days_rows(tmp_path):
     assert shapes("cpu-fake-2c-2026-01-02.json") == ["2x2"]
     assert shapes("cpu-fake-2c.json") == ["2x2", "4x8"]  # the latest: every case ever run
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "cpu-fake-2c-2026-01-01.csv", "cpu-fake-2c-2026-01-01.json", "cpu-fake-2c-2026-01-02.csv",
-        "cpu-fake-2c-2026-01-02.json", "cpu-fake-2c.csv", "cpu-fake-2c.json"]
+        "cpu-fake-2c-2026-01-01.csv",
+        "cpu-fake-2c-2026-01-01.json",
+        "cpu-fake-2c-2026-01-02.csv",
+        "cpu-fake-2c-2026-01-02.json",
+        "cpu-fake-2c.csv",
+        "cpu-fake-2c.json",
+    ]
 
 
 def test_merge_by_candidate_keeps_the_other_candidates(tmp_path):
@@ -253,7 +285,10 @@ def test_merge_by_candidate_keeps_the_other_candidates(tmp_path):
     jpath, _ = report.write_results(fused, META, tmp_path, by_candidate=True)
     rows = json.loads(jpath.read_text())["rows"]
     assert sorted((r["candidate"], r["timestamp"]) for r in rows) == [
-        ("eager", META["timestamp"]), ("fused", "later"), ("torch.compile", META["timestamp"])]
+        ("eager", META["timestamp"]),
+        ("fused", "later"),
+        ("torch.compile", META["timestamp"]),
+    ]
     jpath, _ = report.write_results(fused, META, tmp_path)  # by case: the case's other rows go
     assert [r["candidate"] for r in json.loads(jpath.read_text())["rows"]] == ["fused"]
 
@@ -261,8 +296,14 @@ def test_merge_by_candidate_keeps_the_other_candidates(tmp_path):
 def test_run_case_keeps_the_backends_named():
     budget = Budget(min_rounds=6, max_rounds=6, warmup_calls=1, warmup_s=0)
     run_case = lambda backends: harness.run_case(  # noqa: E731
-        fake_case(), META, budget, FakeTimer([1e-3, 2e-3]), copy_gbps=10.0, backends=backends,
-        probe=fake_probe(stat=[(0, 0), (100, 0)], own=[0, 2]))
+        fake_case(),
+        META,
+        budget,
+        FakeTimer([1e-3, 2e-3]),
+        copy_gbps=10.0,
+        backends=backends,
+        probe=fake_probe(stat=[(0, 0), (100, 0)], own=[0, 2]),
+    )
     rows = run_case(["fused", "eager"])
     assert [r["candidate"] for r in rows] == ["eager", "fused"]  # the case's order
     assert rows[1]["speedup_vs_eager"] is not None and rows[1]["speedup_vs_compile"] is None
@@ -287,6 +328,7 @@ def test_host_kind_slugs():
 
 # ---------------------------------------------------------------- the gelu bench, end to end
 
+
 def test_gelu_cases_bytes_and_candidates_agree():
     cases = bench_gelu.cases(dtypes=["float32"], shapes=[(3, 8)], use_compile=False)
     assert [(c.pass_, c.bytes) for c in cases] == [("fwd", 2 * 24 * 4), ("fwd+bwd", 5 * 24 * 4)]
@@ -303,7 +345,11 @@ def test_gelu_cases_bytes_and_candidates_agree():
 def test_layernorm_residual_cases_agree_without_dropout():
     cases = bench_layernorm_residual.cases(dtypes=["float32"], shapes=[(3, 8)], use_compile=False)
     assert [(c.pass_, c.params["p"], c.bytes) for c in cases] == [
-        ("fwd", 0.0, 3 * 24 * 4), ("fwd+bwd", 0.0, 7 * 24 * 4), ("fwd", 0.1, 3 * 24 * 4), ("fwd+bwd", 0.1, 8 * 24 * 4)]
+        ("fwd", 0.0, 3 * 24 * 4),
+        ("fwd+bwd", 0.0, 7 * 24 * 4),
+        ("fwd", 0.1, 3 * 24 * 4),
+        ("fwd+bwd", 0.1, 8 * 24 * 4),
+    ]
     ys = [fn() for fn in cases[0].setup().values()]
     assert len(ys) >= 2
     for y in ys[1:]:
@@ -314,8 +360,11 @@ def test_gather_and_mlm_head_candidates_agree():
     """Small shapes: every gather candidate returns the same rows, every MLM head candidate (Hugging
     Face style, gathered eager, fastbert) the same loss and gradients; the head has no byte count."""
     cases = bench_gather_mlm.cases(shapes=[(2, 16, 8), (2, 16, 8, 50)], use_compile=False)
-    assert [(c.op, c.pass_) for c in cases] == [("gather_masked", "fwd"), ("gather_masked", "fwd+bwd"),
-                                                ("mlm_head", "fwd+bwd")]
+    assert [(c.op, c.pass_) for c in cases] == [
+        ("gather_masked", "fwd"),
+        ("gather_masked", "fwd+bwd"),
+        ("mlm_head", "fwd+bwd"),
+    ]
     assert cases[2].bytes is None and cases[2].params["mlm_grad_bytes"] == (8 * 8 + 3 * 8 + 50 * 8 + 50) * 4
     ys = [fn() for fn in cases[0].setup().values()]
     assert "fastbert-cpu" in cases[0].setup() and len(ys) >= 2
@@ -327,8 +376,11 @@ def test_gather_and_mlm_head_candidates_agree():
     labels[0, 0] = 3  # at least one labelled token
     w = bench_gather_mlm.make_head(8, 50, torch.float32, "cpu")
     results = []
-    for fn in (bench_gather_mlm.eager_head, bench_gather_mlm.eager_gathered_head,
-               bench_gather_mlm.fastbert_head("cpu")):
+    for fn in (
+        bench_gather_mlm.eager_head,
+        bench_gather_mlm.eager_gathered_head,
+        bench_gather_mlm.fastbert_head("cpu"),
+    ):
         h = hidden.clone().requires_grad_()
         for t in w.values():
             t.grad = None
@@ -350,9 +402,25 @@ def test_markdown_table_small_times_and_no_bandwidth():
 
 
 def test_run_gelu_end_to_end(tmp_path, capsys):
-    rc = run.main(["--quick", "--ops", "gelu", "--dtype", "fp32", "--shapes", "8x16",
-                   "--case-seconds", "0.1", "--copy-mib", "4", "--device", "cpu",
-                   "--out", str(tmp_path)])
+    rc = run.main(
+        [
+            "--quick",
+            "--ops",
+            "gelu",
+            "--dtype",
+            "fp32",
+            "--shapes",
+            "8x16",
+            "--case-seconds",
+            "0.1",
+            "--copy-mib",
+            "4",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0
     kind = report.host_info("cpu")["host_kind"]
     pngs = sorted(p.name for p in tmp_path.glob("*.png"))
@@ -378,8 +446,22 @@ def test_run_gelu_end_to_end(tmp_path, capsys):
 def test_run_backends_without_eager(tmp_path, capsys):
     """--backends fastbert-cpu: only its rows (no torch.compile compiled), ratios over eager blank,
     the table and plots drawn all the same; the latest file keeps the other candidates' rows."""
-    argv = ["--ops", "gelu", "--dtype", "fp32", "--shapes", "8x16", "--case-seconds", "0.05",
-            "--copy-mib", "4", "--device", "cpu", "--out", str(tmp_path)]
+    argv = [
+        "--ops",
+        "gelu",
+        "--dtype",
+        "fp32",
+        "--shapes",
+        "8x16",
+        "--case-seconds",
+        "0.05",
+        "--copy-mib",
+        "4",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path),
+    ]
     assert run.main(argv + ["--backends", "eager"]) == 0
     assert run.main(argv + ["--backends", "fastbert-cpu"]) == 0
     out = capsys.readouterr()
@@ -387,15 +469,24 @@ def test_run_backends_without_eager(tmp_path, capsys):
     kind = report.host_info("cpu")["host_kind"]
     rows = json.loads((tmp_path / f"{kind}.json").read_text())["rows"]
     assert sorted((r["candidate"], r["pass"]) for r in rows) == [
-        ("eager", "fwd"), ("eager", "fwd+bwd"), ("fastbert-cpu", "fwd"), ("fastbert-cpu", "fwd+bwd")]
+        ("eager", "fwd"),
+        ("eager", "fwd+bwd"),
+        ("fastbert-cpu", "fwd"),
+        ("fastbert-cpu", "fwd+bwd"),
+    ]
     assert {(r["candidate"], r["speedup_vs_eager"], r["speedup_vs_compile"]) for r in rows} == {
-        ("eager", 1.0, None), ("fastbert-cpu", None, None)}  # each run: no ratio over what it left out
+        ("eager", 1.0, None),
+        ("fastbert-cpu", None, None),
+    }  # each run: no ratio over what it left out
     assert (tmp_path / f"{kind}-bandwidth.png").exists()
 
 
 def test_run_unknown_backend_lists_the_known_ones():
-    with pytest.raises(SystemExit, match=r"unknown backend\(s\) fastbert-nope; known candidates: eager, "
-                                         r"torch\.compile, fastbert-cuda, fastbert-triton, fastbert-cpu"):
+    with pytest.raises(
+        SystemExit,
+        match=r"unknown backend\(s\) fastbert-nope; known candidates: eager, "
+        r"torch\.compile, fastbert-cuda, fastbert-triton, fastbert-cpu",
+    ):
         run.main(["--ops", "gelu", "--device", "cpu", "--backends", "eager", "fastbert-nope"])
     known = harness.known_candidates(run.discover().values())
     assert {"eager+gather", "fastbert", "fastbert-unfused", "patched"} <= set(known)
@@ -410,7 +501,10 @@ def test_expected_candidates_match_the_cases():
             expected = harness.expected_candidates(modules[op], case, "cpu")
             assert [n for n in expected if n != harness.COMPILE] == list(case.setup()), case.key()
     assert harness.expected_candidates(bench_gelu, bench_gelu.cases()[0], "cpu") == [
-        "eager", "torch.compile", "fastbert-cpu"]
+        "eager",
+        "torch.compile",
+        "fastbert-cpu",
+    ]
 
 
 def test_pytest_benchmark_collects_and_runs_one_case(tmp_path):
@@ -419,17 +513,34 @@ def test_pytest_benchmark_collects_and_runs_one_case(tmp_path):
     root = Path(__file__).resolve().parent.parent
     env = dict(os.environ, OMP_NUM_THREADS="1")
     pytest_ = lambda *a: subprocess.run(  # noqa: E731
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", *a], cwd=root, env=env,
-        capture_output=True, text=True, timeout=300)
-    narrow = ["benchmarks/", "--benchmark-only", "--bench-ops", "gelu", "--bench-shapes", "8x16",
-              "--bench-dtype", "fp32"]
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", *a],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    narrow = [
+        "benchmarks/",
+        "--benchmark-only",
+        "--bench-ops",
+        "gelu",
+        "--bench-shapes",
+        "8x16",
+        "--bench-dtype",
+        "fp32",
+    ]
     got = pytest_(*narrow, "--collect-only")
     assert got.returncode == 0, got.stdout + got.stderr
     ids = [line.split("::")[1] for line in got.stdout.splitlines() if "::" in line]
-    assert ids == [f"test_gelu[8x16-float32-{p}-approximate=none-{c}]" for p in ("fwd", "fwd+bwd")
-                   for c in ("eager", "torch.compile", "fastbert-cpu")]
-    got = pytest_(*narrow, "-k", "fwd+bwd and fastbert-cpu", "--bench-rounds", "2",
-                  "--benchmark-json", str(tmp_path / "b.json"))
+    assert ids == [
+        f"test_gelu[8x16-float32-{p}-approximate=none-{c}]"
+        for p in ("fwd", "fwd+bwd")
+        for c in ("eager", "torch.compile", "fastbert-cpu")
+    ]
+    got = pytest_(
+        *narrow, "-k", "fwd+bwd and fastbert-cpu", "--bench-rounds", "2", "--benchmark-json", str(tmp_path / "b.json")
+    )
     assert got.returncode == 0 and "1 passed" in got.stdout, got.stdout + got.stderr
     (bench,) = json.loads((tmp_path / "b.json").read_text())["benchmarks"]
     assert bench["group"] == "bias_gelu 8x16 float32 fwd+bwd approximate=none"
@@ -444,6 +555,7 @@ def test_bert_step_cases_run_and_agree():
     training step; fastbert fused and unfused (same seed, same weights) start from the same loss;
     with dropout off and the same weights, Hugging Face's model gives that loss too."""
     from fastbert.bench import bench_bert
+
     (case,) = bench_bert.cases(shapes=[(2, 16, 32, 1), (2, 16, 32)], use_compile=False)
     assert (case.op, case.shape, case.pass_, case.bytes) == ("bert_pretrain", (2, 16, 32, 1), "step", None)
     _, cfg = bench_bert.config_for(32, 1)
@@ -464,6 +576,7 @@ def test_bert_step_cases_run_and_agree():
     steps = bench_bert.make_candidates(cfg, 2, 16, use_compile=False)
     if hf:  # the fastbert weights in Hugging Face's names (one qkv Linear split into query/key/value)
         from fastbert.models.checkpoint import to_hf
+
         missing, unused = steps["eager"].model.load_state_dict(to_hf(steps["fastbert"].model), strict=False)
         assert not unused and all("decoder" in k for k in missing)
     losses = {}
@@ -478,6 +591,7 @@ def test_patch_step_cases_run_and_agree():
     """bench_patch: transformers' BertForPreTraining eager vs fastbert.patch'ed, tiny shape: both
     candidates take a step; with dropout off (same weights) they start from the same loss."""
     from fastbert.bench import bench_bert, bench_patch
+
     if bench_bert.transformers is None:
         pytest.skip("transformers not installed")
     (case,) = bench_patch.cases(shapes=[(2, 16, 32, 1)])

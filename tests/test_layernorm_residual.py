@@ -23,8 +23,7 @@ def make_inputs(shape, dtype, device, x_bias=True, param_dtype=None):
 
 
 def _leaves(tensors, dtype=None):
-    return [None if t is None else (t.detach().to(dtype) if dtype else t.detach()).requires_grad_()
-            for t in tensors]
+    return [None if t is None else (t.detach().to(dtype) if dtype else t.detach()).requires_grad_() for t in tensors]
 
 
 def _grads(y, dy, x, r, w, b, xb):
@@ -111,8 +110,8 @@ def test_non_contiguous_and_large_mean(device, backend):
     """Strided inputs, and a common offset of 1000 that the kernels' statistics must not lose (the
     reference backend, plain fp32 PyTorch, has eager's own error here and is not the subject)."""
     base = torch.randn(40, 64, device=device)
-    x = base.t()[:, ::2]                                     # [64, 20], strided
-    r = (1000 + torch.randn(20, 64, device=device)).t()     # large common offset
+    x = base.t()[:, ::2]  # [64, 20], strided
+    r = (1000 + torch.randn(20, 64, device=device)).t()  # large common offset
     w, b, xb = torch.randn(20, device=device), torch.randn(20, device=device), torch.randn(40, device=device)[::2]
     assert not x.is_contiguous() and not r.is_contiguous() and not xb.is_contiguous()
     check(backend, (x, r, w, b, xb))
@@ -177,8 +176,10 @@ def test_opcheck(seed, dtype, p):
         torch.library.opcheck(torch.ops.fastbert.layernorm_residual_fwd.default, args)
     _, mean, rstd = torch.ops.fastbert.layernorm_residual_fwd(x, r, w, b, 1e-12, xb, p, s)
     dy = torch.randn_like(x)
-    torch.library.opcheck(torch.ops.fastbert.layernorm_residual_bwd.default,
-                          (dy, x.detach(), r.detach(), w.detach(), xb.detach(), mean, rstd, p, s))
+    torch.library.opcheck(
+        torch.ops.fastbert.layernorm_residual_bwd.default,
+        (dy, x.detach(), r.detach(), w.detach(), xb.detach(), mean, rstd, p, s),
+    )
 
 
 @requires_c
@@ -217,26 +218,30 @@ def test_column_sums_deterministic_across_threads(seed):
 
 # ---- bad input -------------------------------------------------------------------------------
 
+
 def _ok():
     return [torch.randn(4, 8), torch.randn(4, 8), torch.ones(8), torch.zeros(8)]
 
 
 @pytest.mark.parametrize("backend", ["auto", "reference"])
-@pytest.mark.parametrize("change,kwargs,match", [
-    ({1: torch.randn(4, 7)}, {}, "residual has shape"),
-    ({1: torch.randn(4, 8).double()}, {}, "residual dtype"),
-    ({2: torch.ones(7)}, {}, "weight must have shape \\[8\\]"),
-    ({3: torch.zeros(2, 8)}, {}, "bias must have shape"),
-    ({3: torch.zeros(8).double()}, {}, "bias dtype"),
-    ({0: torch.randint(0, 3, (4, 8))}, {}, "x must be float32"),
-    ({2: torch.ones(8, device="meta")}, {}, "weight is on meta"),
-    ({1: torch.randn(4, 8, device="meta")}, {}, "residual is on meta"),
-    ({}, {"x_bias": torch.zeros(9)}, "x_bias must have shape"),
-    ({}, {"dropout_p": 1.0}, "dropout_p must be in \\[0, 1\\)"),
-    ({}, {"dropout_p": -0.1}, "dropout_p must be in"),
-    ({}, {"eps": 0.0}, "eps must be a positive number"),
-    ({}, {"eps": -1e-5}, "eps must be a positive number"),
-])
+@pytest.mark.parametrize(
+    "change,kwargs,match",
+    [
+        ({1: torch.randn(4, 7)}, {}, "residual has shape"),
+        ({1: torch.randn(4, 8).double()}, {}, "residual dtype"),
+        ({2: torch.ones(7)}, {}, "weight must have shape \\[8\\]"),
+        ({3: torch.zeros(2, 8)}, {}, "bias must have shape"),
+        ({3: torch.zeros(8).double()}, {}, "bias dtype"),
+        ({0: torch.randint(0, 3, (4, 8))}, {}, "x must be float32"),
+        ({2: torch.ones(8, device="meta")}, {}, "weight is on meta"),
+        ({1: torch.randn(4, 8, device="meta")}, {}, "residual is on meta"),
+        ({}, {"x_bias": torch.zeros(9)}, "x_bias must have shape"),
+        ({}, {"dropout_p": 1.0}, "dropout_p must be in \\[0, 1\\)"),
+        ({}, {"dropout_p": -0.1}, "dropout_p must be in"),
+        ({}, {"eps": 0.0}, "eps must be a positive number"),
+        ({}, {"eps": -1e-5}, "eps must be a positive number"),
+    ],
+)
 def test_bad_input(backend, change, kwargs, match):
     args = _ok()
     for i, t in change.items():
@@ -253,11 +258,13 @@ def test_bad_input_direct_op():
     with pytest.raises(ValueError, match="eps must be a positive number"):
         torch.ops.fastbert.layernorm_residual_fwd(x, x, torch.ones(8), torch.zeros(8), 0.0, None, 0.0, None)
     with pytest.raises(ValueError, match="seed must be an int64 tensor with one element"):
-        torch.ops.fastbert.layernorm_residual_fwd(x, x, torch.ones(8), torch.zeros(8), 1e-5, None, 0.1,
-                                                  torch.tensor([1.0]))
+        torch.ops.fastbert.layernorm_residual_fwd(
+            x, x, torch.ones(8), torch.zeros(8), 1e-5, None, 0.1, torch.tensor([1.0])
+        )
 
 
 # ---- module ----------------------------------------------------------------------------------
+
 
 def test_module_matches_layernorm_and_loads_its_state_dict(seed):
     ln = torch.nn.LayerNorm(48, eps=1e-12)
@@ -300,14 +307,18 @@ def test_triton_backward_grid_is_one_wave(sms):
 
 # ---- eps validation, double backward (issue 18 fuzz findings) -----------------------------------
 
+
 @pytest.mark.parametrize("backend", ["auto", "reference"])
-@pytest.mark.parametrize("eps,error,match", [
-    (True, TypeError, "eps must be a number \\(int or float, not bool\\)"),
-    (float("inf"), ValueError, "eps must be a positive number"),
-    (float("nan"), ValueError, "eps must be a positive number"),
-    (1e39, ValueError, "eps must be a positive number"),
-    ("1e-5", TypeError, "eps must be a number"),
-])
+@pytest.mark.parametrize(
+    "eps,error,match",
+    [
+        (True, TypeError, "eps must be a number \\(int or float, not bool\\)"),
+        (float("inf"), ValueError, "eps must be a positive number"),
+        (float("nan"), ValueError, "eps must be a positive number"),
+        (1e39, ValueError, "eps must be a positive number"),
+        ("1e-5", TypeError, "eps must be a number"),
+    ],
+)
 def test_bad_eps(backend, eps, error, match):
     """eps=True used to run as 1 and eps=inf returned bias: both are rejected, naming eps."""
     with fastbert.backend(backend), pytest.raises(error, match=match):

@@ -25,6 +25,7 @@ def make_targets(m, vocab, device, ignored=0.2):
 
 # ------------------------------------------------------------------------ the fused kernel pair
 
+
 def _kernels(backend):
     name = backend.partition(":")[0]
     return importlib.import_module("fastbert.ops.linear_cross_entropy")._KERNELS[name]()
@@ -85,11 +86,13 @@ def test_kernels_extreme_logits(device, backend):
 
 # --------------------------------------------------------------------------- the chunked op
 
+
 def run(backend, rows, weight, bias, targets, reduction, chunk_size, dy=None):
     leaves = [t.detach().requires_grad_() if t is not None else None for t in (rows, weight, bias)]
     with use_backend(backend):
-        loss = fastbert.linear_cross_entropy(leaves[0], leaves[1], targets, leaves[2], ignore_index=IGNORE,
-                                             reduction=reduction, chunk_size=chunk_size)
+        loss = fastbert.linear_cross_entropy(
+            leaves[0], leaves[1], targets, leaves[2], ignore_index=IGNORE, reduction=reduction, chunk_size=chunk_size
+        )
     loss.backward(dy if dy is not None else torch.ones_like(loss))
     return [loss.detach()] + [t.grad if t is not None else None for t in leaves]
 
@@ -106,7 +109,7 @@ def exact_and_eager(rows, weight, bias, targets, reduction, dy):
 
 def check(backend, m, hdim, vocab, dtype, device, reduction="mean", chunk_size=None, with_bias=True, ignored=0.2):
     rows = torch.randn(m, hdim, device=device).to(dtype)
-    weight = (torch.randn(vocab, hdim, device=device) * hdim ** -0.5).to(dtype)
+    weight = (torch.randn(vocab, hdim, device=device) * hdim**-0.5).to(dtype)
     bias = (torch.randn(vocab, device=device) * 0.1).to(dtype) if with_bias else None
     targets = make_targets(m, vocab, device, ignored)
     dy = torch.randn(m, device=device).to(dtype) if reduction == "none" else None
@@ -125,8 +128,11 @@ def check(backend, m, hdim, vocab, dtype, device, reduction="mean", chunk_size=N
 @pytest.mark.parametrize("device,backend", device_backend_params())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("m,hdim,vocab,chunk", [(37, 16, 7, 8), (20, 32, 8000, None), (6, 24, 30522, 4),
-                                                (13, 5, 1, 64), (40, 8, 129, 1)], ids=str)
+@pytest.mark.parametrize(
+    "m,hdim,vocab,chunk",
+    [(37, 16, 7, 8), (20, 32, 8000, None), (6, 24, 30522, 4), (13, 5, 1, 64), (40, 8, 129, 1)],
+    ids=str,
+)
 def test_matches_reference(device, backend, dtype, reduction, m, hdim, vocab, chunk):
     check(backend, m, hdim, vocab, dtype, device, reduction, chunk)
 
@@ -175,7 +181,8 @@ def test_gradcheck_cpu(reduction):
     with fastbert.backend("cpu"):
         assert torch.autograd.gradcheck(
             lambda r, w, b: fastbert.linear_cross_entropy(r, w, targets, b, reduction=reduction, chunk_size=3),
-            (rows, weight, bias))
+            (rows, weight, bias),
+        )
 
 
 @requires_c
@@ -183,12 +190,15 @@ def test_opcheck():
     logits = torch.randn(6, 33)
     targets = make_targets(6, 33, "cpu")
     torch.library.opcheck(torch.ops.fastbert.linear_cross_entropy_fwd.default, (logits, targets, IGNORE))
-    torch.library.opcheck(torch.ops.fastbert.linear_cross_entropy_bwd.default,
-                          (logits.clone(), targets, torch.rand(6), IGNORE))
+    torch.library.opcheck(
+        torch.ops.fastbert.linear_cross_entropy_bwd.default, (logits.clone(), targets, torch.rand(6), IGNORE)
+    )
     rows, weight = torch.randn(6, 5, requires_grad=True), torch.randn(33, 5, requires_grad=True)
     for reduction, grad in (("mean", True), ("none", False)):
-        torch.library.opcheck(torch.ops.fastbert.linear_cross_entropy_chunked.default,
-                              (rows, weight, None, targets, IGNORE, reduction, 4, grad, "cpu"))
+        torch.library.opcheck(
+            torch.ops.fastbert.linear_cross_entropy_chunked.default,
+            (rows, weight, None, targets, IGNORE, reduction, 4, grad, "cpu"),
+        )
 
 
 @requires_c
@@ -213,7 +223,9 @@ def test_torch_compile_fullgraph_dynamic_m(seed, backend):
             got = (loss.detach(), h.grad, weight.grad)
             h2, w2 = h.detach().requires_grad_(), weight.detach().requires_grad_()
             rows = h2.reshape(-1, 8)[labels.reshape(-1) != IGNORE]
-            ref = reference.linear_cross_entropy(torch.tanh(rows), w2, bias.detach(), labels.reshape(-1)[labels.reshape(-1) != IGNORE])
+            ref = reference.linear_cross_entropy(
+                torch.tanh(rows), w2, bias.detach(), labels.reshape(-1)[labels.reshape(-1) != IGNORE]
+            )
             ref.backward()
             for g, w in zip(got, (ref.detach(), h2.grad, w2.grad)):
                 torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
@@ -261,8 +273,13 @@ def test_peak_memory_stays_far_below_the_logits():
     logits_bytes = m * v * 4
 
     def peak(kind):
-        out = subprocess.run([sys.executable, "-c", _PEAK, str(m), str(h), str(v), kind], capture_output=True,
-                             text=True, timeout=600, env={**os.environ, "FASTBERT_BACKEND": "cpu"})
+        out = subprocess.run(
+            [sys.executable, "-c", _PEAK, str(m), str(h), str(v), kind],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={**os.environ, "FASTBERT_BACKEND": "cpu"},
+        )
         assert out.returncode == 0, out.stderr
         return int(out.stdout.split()[-1])
 
@@ -317,8 +334,9 @@ def test_backward_twice_with_retain_graph(device, backend, reduction):
     targets = make_targets(11, 23, device)
     leaves = [t.clone().requires_grad_() for t in (rows, weight, bias)]
     with use_backend(backend):
-        loss = fastbert.linear_cross_entropy(leaves[0], leaves[1], targets, leaves[2], reduction=reduction,
-                                             chunk_size=4)
+        loss = fastbert.linear_cross_entropy(
+            leaves[0], leaves[1], targets, leaves[2], reduction=reduction, chunk_size=4
+        )
     loss.backward(torch.tensor(2.0, dtype=loss.dtype, device=device), retain_graph=True)
     first = [t.grad.clone() for t in leaves]
     loss.backward(torch.tensor(0.5, dtype=loss.dtype, device=device))
@@ -330,6 +348,7 @@ def test_backward_twice_with_retain_graph(device, backend, reduction):
 
 
 # ---- NaN propagation, argument range, double backward (issue 18 fuzz findings) -----------------
+
 
 @pytest.mark.parametrize("device,backend", device_backend_params())
 def test_nan_weight_row_propagates_as_eager(device, backend):
@@ -343,18 +362,22 @@ def test_nan_weight_row_propagates_as_eager(device, backend):
     want, base = exact_and_eager(rows, weight, None, targets, "none", torch.ones(37, device=device))
     for name, g, w, e in zip(("loss", "drows", "dweight"), got, want, base):
         assert torch.equal(g.isnan(), e.isnan()), (
-            f"{backend} {name}: NaN at {g.isnan().nonzero().tolist()}, eager at {e.isnan().nonzero().tolist()}")
+            f"{backend} {name}: NaN at {g.isnan().nonzero().tolist()}, eager at {e.isnan().nonzero().tolist()}"
+        )
     with use_backend(backend):
         loss = fastbert.linear_cross_entropy(rows, weight, targets, ignore_index=IGNORE, reduction="mean", chunk_size=8)
     assert loss.isnan()
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"ignore_index": 2**63}, "ignore_index must fit in int64"),
-    ({"ignore_index": -2**63 - 1}, "ignore_index must fit in int64"),
-    ({"chunk_size": 2**63}, "chunk_size must be a positive int below 2\\*\\*63"),
-    ({"chunk_size": True}, "chunk_size"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"ignore_index": 2**63}, "ignore_index must fit in int64"),
+        ({"ignore_index": -(2**63) - 1}, "ignore_index must fit in int64"),
+        ({"chunk_size": 2**63}, "chunk_size must be a positive int below 2\\*\\*63"),
+        ({"chunk_size": True}, "chunk_size"),
+    ],
+)
 def test_out_of_range_int_arguments(kwargs, match):
     """ints beyond int64 raise a ValueError naming the argument (not the dispatcher's traceback)."""
     rows, weight, targets = torch.randn(3, 4), torch.randn(5, 4), torch.tensor([1, 2, 3])
@@ -418,12 +441,16 @@ def test_infinite_row_gradient_gives_eager_nan_at_target(backend):
     torch.manual_seed(0)
     rows, weight, targets = torch.randn(2, 3), torch.randn(4, 3), torch.tensor([1, 2])
     dy = torch.tensor([float("inf"), 1.0])
-    got, want = (rows.clone().requires_grad_(), weight.clone().requires_grad_()), \
-        (rows.double().requires_grad_(), weight.double().requires_grad_())
+    got, want = (
+        (rows.clone().requires_grad_(), weight.clone().requires_grad_()),
+        (rows.double().requires_grad_(), weight.double().requires_grad_()),
+    )
     with use_backend(backend):
         fastbert.linear_cross_entropy(*got, targets, ignore_index=IGNORE, reduction="none").backward(dy)
     reference.linear_cross_entropy(*want, None, targets, IGNORE, "none").backward(dy.double())
     for g, w in zip(got, want):
         assert w.grad.isnan().any() and torch.equal(g.grad.isnan(), w.grad.isnan()), (g.grad, w.grad)
         finite = dict(nan=0.0, posinf=float("inf"), neginf=float("-inf"))
-        torch.testing.assert_close(g.grad.double().nan_to_num(**finite), w.grad.nan_to_num(**finite), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            g.grad.double().nan_to_num(**finite), w.grad.nan_to_num(**finite), rtol=1e-5, atol=1e-6
+        )

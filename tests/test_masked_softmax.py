@@ -10,8 +10,16 @@ from fastbert.ops.masked_softmax import canonical_mask
 from tests.utils import DTYPES, assert_close, backend_params, device_backend_params, requires_c, use_backend
 
 # [batch, heads, queries, keys]: odd key lengths, BERT's 128 and 512, one-key rows, empty tensors
-SHAPES = [(2, 3, 4, 1), (2, 2, 3, 7), (2, 3, 5, 77), (2, 2, 4, 128), (1, 2, 3, 513), (3, 1, 1, 64),
-          (0, 2, 3, 8), (2, 2, 3, 0)]
+SHAPES = [
+    (2, 3, 4, 1),
+    (2, 2, 3, 7),
+    (2, 3, 5, 77),
+    (2, 2, 4, 128),
+    (1, 2, 3, 513),
+    (3, 1, 1, 64),
+    (0, 2, 3, 8),
+    (2, 2, 3, 0),
+]
 LONG = [(1, 1, 2, 4096), (1, 1, 1, 16384)]  # rows longer than one block (streaming on GPU)
 MASKS = ["none", "bool_keys", "bool_4d", "add_b11k", "add_b1qk", "add_11qk", "min_b11k", "neginf_b1qk"]
 
@@ -123,8 +131,12 @@ def test_mask_forms(device, backend, dtype, form):
 @pytest.mark.parametrize("scale", [1.0, 0.125, 3.0, -0.5])
 def test_scales(device, backend, scale):
     shape = (2, 2, 3, 33)
-    check(backend, scores_like(shape, torch.float32, device), make_mask("add_b1qk", shape, torch.float32, device),
-          scale=scale)
+    check(
+        backend,
+        scores_like(shape, torch.float32, device),
+        make_mask("add_b1qk", shape, torch.float32, device),
+        scale=scale,
+    )
 
 
 @pytest.mark.usefixtures("seed", "poison")
@@ -137,9 +149,15 @@ def test_long_rows(device, backend, shape, dtype):
 
 @pytest.mark.usefixtures("seed", "poison")
 @pytest.mark.parametrize("backend", [p for p in backend_params("cpu") if "cpu:" in str(p)])
-@pytest.mark.parametrize("shape,dtype,p", [((1, 1, 1100, 4099), torch.float32, 0.1),
-                                           ((1, 2, 520, 4096), torch.float32, 0.0),
-                                           ((1, 1, 2100, 4096), torch.bfloat16, 0.0)], ids=str)
+@pytest.mark.parametrize(
+    "shape,dtype,p",
+    [
+        ((1, 1, 1100, 4099), torch.float32, 0.1),
+        ((1, 2, 520, 4096), torch.float32, 0.0),
+        ((1, 1, 2100, 4096), torch.bfloat16, 0.0),
+    ],
+    ids=str,
+)
 def test_large_outputs_cpu(backend, shape, dtype, p):
     """Outputs over 16 MiB take the CPU kernels' streaming stores (whole aligned vectors only; odd
     rows mix aligned and unaligned starts); with dropout both outputs do."""
@@ -181,8 +199,9 @@ def test_hf_min_mask_low_precision(device, backend, dtype):
     probs, _ = check(backend, scores, mask, scale=1.0)
     assert torch.isfinite(probs).all()
     assert (probs[0, ..., 25:] == 0).all()
-    torch.testing.assert_close(probs.double().sum(-1), torch.ones(2, 3, 4, dtype=torch.float64, device=device),
-                               rtol=0, atol=2e-2)
+    torch.testing.assert_close(
+        probs.double().sum(-1), torch.ones(2, 3, 4, dtype=torch.float64, device=device), rtol=0, atol=2e-2
+    )
 
 
 @pytest.mark.usefixtures("seed", "poison")
@@ -199,7 +218,7 @@ def test_dropout_matches_reference(device, backend, dtype, shape):
 @pytest.mark.parametrize("device,backend", device_backend_params())
 def test_non_contiguous(device, backend):
     base = torch.randn(2, 5, 3, 41, device=device)
-    scores = base.transpose(1, 2)                                   # [2, 3, 5, 41], strided
+    scores = base.transpose(1, 2)  # [2, 3, 5, 41], strided
     mask = torch.randn(2, 41, 5, device=device).transpose(1, 2)[:, None]  # [2, 1, 5, 41], key stride 5
     assert not scores.is_contiguous() and mask.stride(-1) != 1
     check(backend, scores, mask, p=0.1)
@@ -270,8 +289,9 @@ def test_opcheck(seed, dtype, p):
         torch.library.opcheck(torch.ops.fastbert.masked_softmax_fwd.default, (scores, mask, 0.3, p, s))
     probs, soft = torch.ops.fastbert.masked_softmax_fwd(scores, None, 0.3, p, s)
     saved = soft if p > 0 else probs
-    torch.library.opcheck(torch.ops.fastbert.masked_softmax_bwd.default,
-                          (torch.randn_like(probs), saved.detach(), 0.3, p, s))
+    torch.library.opcheck(
+        torch.ops.fastbert.masked_softmax_bwd.default, (torch.randn_like(probs), saved.detach(), 0.3, p, s)
+    )
 
 
 @requires_c
@@ -311,20 +331,24 @@ def test_deterministic_across_threads(seed):
 
 # ---- bad input -------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("backend", ["auto", "reference"])
-@pytest.mark.parametrize("scores,mask,kwargs,match", [
-    (torch.randn(3, 4, 5), None, {}, "scores must be 4-D"),
-    (torch.randint(0, 3, (2, 2, 3, 4)), None, {}, "scores must be float32"),
-    (torch.randn(2, 2, 3, 4), torch.zeros(2, 1, 1, 5), {}, "does not broadcast"),
-    (torch.randn(2, 2, 3, 4), torch.zeros(4, 4), {}, "does not broadcast"),
-    (torch.randn(2, 2, 3, 4), torch.ones(2, 5, dtype=torch.bool), {}, "key-padding mask must have shape"),
-    (torch.randn(2, 2, 3, 4), torch.ones(2, 1, 1, 1, 4), {}, "does not broadcast"),
-    (torch.randn(2, 2, 3, 4), torch.zeros(2, 1, 1, 4, dtype=torch.int64), {}, "mask must be bool"),
-    (torch.randn(2, 2, 3, 4), torch.zeros(2, 1, 1, 4, device="meta"), {}, "mask is on meta"),
-    (torch.randn(2, 2, 3, 4), None, {"dropout_p": 1.0}, "dropout_p must be in \\[0, 1\\)"),
-    (torch.randn(2, 2, 3, 4), None, {"dropout_p": -0.1}, "dropout_p must be in"),
-    (torch.randn(2, 2, 3, 4), None, {"scale": "big"}, "scale must be a number"),
-])
+@pytest.mark.parametrize(
+    "scores,mask,kwargs,match",
+    [
+        (torch.randn(3, 4, 5), None, {}, "scores must be 4-D"),
+        (torch.randint(0, 3, (2, 2, 3, 4)), None, {}, "scores must be float32"),
+        (torch.randn(2, 2, 3, 4), torch.zeros(2, 1, 1, 5), {}, "does not broadcast"),
+        (torch.randn(2, 2, 3, 4), torch.zeros(4, 4), {}, "does not broadcast"),
+        (torch.randn(2, 2, 3, 4), torch.ones(2, 5, dtype=torch.bool), {}, "key-padding mask must have shape"),
+        (torch.randn(2, 2, 3, 4), torch.ones(2, 1, 1, 1, 4), {}, "does not broadcast"),
+        (torch.randn(2, 2, 3, 4), torch.zeros(2, 1, 1, 4, dtype=torch.int64), {}, "mask must be bool"),
+        (torch.randn(2, 2, 3, 4), torch.zeros(2, 1, 1, 4, device="meta"), {}, "mask is on meta"),
+        (torch.randn(2, 2, 3, 4), None, {"dropout_p": 1.0}, "dropout_p must be in \\[0, 1\\)"),
+        (torch.randn(2, 2, 3, 4), None, {"dropout_p": -0.1}, "dropout_p must be in"),
+        (torch.randn(2, 2, 3, 4), None, {"scale": "big"}, "scale must be a number"),
+    ],
+)
 def test_bad_input(backend, scores, mask, kwargs, match):
     with fastbert.backend(backend), pytest.raises(ValueError, match=match):
         fastbert.masked_softmax(scores, mask, **kwargs)
@@ -344,6 +368,7 @@ def test_bad_input_direct_op():
 
 
 # ---- module ----------------------------------------------------------------------------------
+
 
 def test_module(seed):
     m = fastbert.nn.FusedMaskedSoftmax(scale=0.125, p=0.1)
@@ -393,8 +418,10 @@ def test_nan_score_or_scale_propagates_as_eager(backend):
     assert (got == 0).all()
 
 
-@pytest.mark.parametrize("backend", ["cpu:" + isa for isa in fastbert._ext.C.cpu_isas_supported()]
-                         if fastbert._ext.C is not None else [], )
+@pytest.mark.parametrize(
+    "backend",
+    ["cpu:" + isa for isa in fastbert._ext.C.cpu_isas_supported()] if fastbert._ext.C is not None else [],
+)
 def test_nan_score_propagates_float64(backend):
     scores = torch.randn(2, 2, 3, 7, dtype=torch.float64)
     scores[0, 0, 1, 2] = float("nan")

@@ -28,7 +28,10 @@ def word_tokens(g, n_words):
 def examples(g, count=64):
     ex = []
     for _ in range(count):
-        a, b = word_tokens(g, int(torch.randint(1, 30, (), generator=g))), word_tokens(g, int(torch.randint(1, 30, (), generator=g)))
+        a, b = (
+            word_tokens(g, int(torch.randint(1, 30, (), generator=g))),
+            word_tokens(g, int(torch.randint(1, 30, (), generator=g))),
+        )
         ids = [CLS] + a + [SEP] + b + [SEP]
         ex.append((ids, [0] * (len(a) + 2) + [1] * (len(b) + 1), int(torch.randint(0, 2, (), generator=g))))
     return ex
@@ -55,7 +58,7 @@ def run_batches(col, batches=30, seed=1):
 def originals(ex, length):
     ids = torch.full((len(ex), length), PAD, dtype=torch.long)
     for i, (e, _, _) in enumerate(ex):
-        ids[i, :len(e)] = torch.tensor(e)
+        ids[i, : len(e)] = torch.tensor(e)
     return ids
 
 
@@ -67,9 +70,9 @@ def test_rates_80_10_10_and_what_is_never_touched(seed, whole_word):
         orig = originals(ex, batch["input_ids"].shape[1])
         special = torch.isin(orig, torch.tensor(sorted(SPECIAL)))
         sel = batch["labels"] != IGNORE
-        assert torch.equal(batch["labels"][sel], orig[sel])          # labels: the original ids, only where selected
-        assert not (sel & special).any()                               # specials and padding never selected
-        assert torch.equal(batch["input_ids"][~sel], orig[~sel])       # nothing else changed
+        assert torch.equal(batch["labels"][sel], orig[sel])  # labels: the original ids, only where selected
+        assert not (sel & special).any()  # specials and padding never selected
+        assert torch.equal(batch["input_ids"][~sel], orig[~sel])  # nothing else changed
         new = batch["input_ids"][sel]
         assert not torch.isin(new[new != MASK], torch.tensor(sorted(SPECIAL))).any()  # replacements non-special
         assert torch.equal(batch["attention_mask"].bool(), orig != PAD)
@@ -119,7 +122,14 @@ def test_padding_types_nsp_and_pad_to():
     col = collator(pad_to=64)
     batch = col([([CLS, 7, SEP], [0, 0, 0], 1), ([CLS, 8, 9, SEP, 10, SEP], [0, 0, 0, 0, 1, 1], 0)])
     assert batch["input_ids"].shape == (2, 64) and batch["next_sentence_label"].tolist() == [1, 0]
-    assert batch["attention_mask"].sum(1).tolist() == [3, 6] and batch["token_type_ids"][1, :6].tolist() == [0, 0, 0, 0, 1, 1]
+    assert batch["attention_mask"].sum(1).tolist() == [3, 6] and batch["token_type_ids"][1, :6].tolist() == [
+        0,
+        0,
+        0,
+        0,
+        1,
+        1,
+    ]
     assert (batch["labels"] != IGNORE).sum(1).tolist() == [1, 1]  # at least one label a sequence
     assert "next_sentence_label" not in col([{"input_ids": [CLS, 5, SEP]}])
 

@@ -22,8 +22,14 @@ def run_py(code, blocked=(), timeout=600, **env):
     full_env = {k: v for k, v in os.environ.items() if k not in env}
     full_env.update({k: v for k, v in env.items() if v is not None})
     prelude = "import sys\n" + "".join(f"sys.modules[{name!r}] = None\n" for name in blocked)
-    return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], capture_output=True,
-                          text=True, env=full_env, timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-c", prelude + textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+        cwd=ROOT,
+    )
 
 
 def installed(name):
@@ -34,13 +40,16 @@ def installed(name):
 
 def test_import_fastbert_imports_no_optional_package():
     """(torch itself imports tqdm where it is installed: only what fastbert adds counts.)"""
-    out = run_py("""
+    out = run_py(
+        """
         import json, torch
         before = set(sys.modules)
         import fastbert
         added = sorted(set(sys.modules) - before)
         print(json.dumps({"added": added, "triton": "triton" in sys.modules}))
-        """, TRITON_INTERPRET=None)
+        """,
+        TRITON_INTERPRET=None,
+    )
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout.splitlines()[-1])
     assert not got["triton"], "import fastbert imported triton"
@@ -51,7 +60,8 @@ def test_import_fastbert_imports_no_optional_package():
 def test_core_runs_without_any_extra():
     """Every optional package missing: import fastbert, run an op (forward and backward) on the
     automatic backend; triton is then only a reason naming its extra."""
-    out = run_py("""
+    out = run_py(
+        """
         import torch, fastbert
         x = torch.randn(4, 8, requires_grad=True)
         fastbert.bias_gelu(x, torch.randn(8)).sum().backward()
@@ -62,28 +72,44 @@ def test_core_runs_without_any_extra():
                 fastbert.bias_gelu(torch.randn(2, 2))
             except fastbert.BackendUnavailable as e:
                 print(e)
-        """, blocked=OPTIONAL, TRITON_INTERPRET="1")
+        """,
+        blocked=OPTIONAL,
+        TRITON_INTERPRET="1",
+    )
     assert out.returncode == 0, out.stderr
     reasons, forced = out.stdout.splitlines()[-2:]
     assert "pip install 'fastbert[triton]'" in reasons
     assert "backend 'triton' cannot run bias_gelu" in forced and "pip install 'fastbert[triton]'" in forced
 
 
-@pytest.mark.parametrize("blocked,code", [
-    ("tokenizers", "from fastbert.data import WordPieceTokenizer\n"
-                   "WordPieceTokenizer.train_from_texts(['a b c'], vocab_size=10)"),
-    ("tqdm", "from fastbert.train import pretrain\n"
-             "pretrain(None, [], None, None, 'unused')"),
-    ("matplotlib", "import pathlib, tempfile\n"
-                   "from fastbert.train.plot import loss_curve_png\n"
-                   "loss_curve_png([{'step': 1, 'loss': 1.0}], pathlib.Path(tempfile.mkdtemp()) / 'loss.png')"),
-    ("safetensors", "import pathlib, tempfile\n"
-                    "from fastbert.models.checkpoint import read_state_dict\n"
-                    "d = pathlib.Path(tempfile.mkdtemp()); (d / 'model.safetensors').write_bytes(b'')\n"
-                    "read_state_dict(d)"),
-], ids=["tokenizers", "tqdm", "matplotlib", "safetensors"])
+@pytest.mark.parametrize(
+    "blocked,code",
+    [
+        (
+            "tokenizers",
+            "from fastbert.data import WordPieceTokenizer\n"
+            "WordPieceTokenizer.train_from_texts(['a b c'], vocab_size=10)",
+        ),
+        ("tqdm", "from fastbert.train import pretrain\npretrain(None, [], None, None, 'unused')"),
+        (
+            "matplotlib",
+            "import pathlib, tempfile\n"
+            "from fastbert.train.plot import loss_curve_png\n"
+            "loss_curve_png([{'step': 1, 'loss': 1.0}], pathlib.Path(tempfile.mkdtemp()) / 'loss.png')",
+        ),
+        (
+            "safetensors",
+            "import pathlib, tempfile\n"
+            "from fastbert.models.checkpoint import read_state_dict\n"
+            "d = pathlib.Path(tempfile.mkdtemp()); (d / 'model.safetensors').write_bytes(b'')\n"
+            "read_state_dict(d)",
+        ),
+    ],
+    ids=["tokenizers", "tqdm", "matplotlib", "safetensors"],
+)
 def test_missing_extra_names_the_pip_command(blocked, code):
-    out = run_py(f"""
+    out = run_py(
+        f"""
 import fastbert
 from fastbert._optional import MissingExtra
 try:
@@ -93,23 +119,38 @@ except MissingExtra as e:
     print("MissingExtra:", e)
 else:
     print("no error")
-""", blocked=(blocked,))
+""",
+        blocked=(blocked,),
+    )
     assert out.returncode == 0, out.stderr
     last = out.stdout.splitlines()[-1]
     assert last.startswith("MissingExtra:"), out.stdout
     assert "pip install 'fastbert[train]'" in last and f"`{blocked}`" in last, last
 
 
-@pytest.mark.parametrize("command,blocked", [
-    ("pretrain", "tokenizers"), ("pretrain", "tqdm"), ("pretrain", "matplotlib"), ("pretrain", "safetensors"),
-    ("finetune", "tokenizers"), ("finetune", "tqdm"), ("finetune", "safetensors")])
+@pytest.mark.parametrize(
+    "command,blocked",
+    [
+        ("pretrain", "tokenizers"),
+        ("pretrain", "tqdm"),
+        ("pretrain", "matplotlib"),
+        ("pretrain", "safetensors"),
+        ("finetune", "tokenizers"),
+        ("finetune", "tqdm"),
+        ("finetune", "safetensors"),
+    ],
+)
 def test_cli_missing_extra_is_one_line_and_exit_2(command, blocked, tmp_path):
     """``fastbert pretrain|finetune`` check the whole of what they need from [train] before doing
     anything: a missing package is one line on stderr, exit status 2, nothing written."""
-    out = run_py(f"""
+    out = run_py(
+        f"""
         from fastbert.cli import main
         sys.exit(main([{command!r}, "--out", {str(tmp_path / "run")!r}]))
-        """, blocked=(blocked,), FASTBERT_TRACEBACK=None)
+        """,
+        blocked=(blocked,),
+        FASTBERT_TRACEBACK=None,
+    )
     assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
@@ -124,7 +165,8 @@ def test_triton_loads_at_the_first_triton_kernel(how):
     """Under TRITON_INTERPRET=1: import fastbert and an op on the automatic (cpu) backend leave
     triton unimported; the triton backend (``with fastbert.backend``, ``FASTBERT_BACKEND`` or traced
     by torch.compile, whose dynamo imports triton itself) loads fastbert.triton at its first op."""
-    out = run_py(f"""
+    out = run_py(
+        f"""
         import torch, fastbert
         how = {how!r}
         x, b = torch.randn(4, 8), torch.randn(8)
@@ -149,7 +191,10 @@ def test_triton_loads_at_the_first_triton_kernel(how):
         assert "triton" in sys.modules and fastbert.triton.available, fastbert.triton.error
         assert fastbert.backends.reasons_for("triton", "bias_gelu", {{"cpu"}}, {{torch.float32}}) == []
         print("ok")
-        """, TRITON_INTERPRET="1", FASTBERT_BACKEND="triton" if how == "env" else None)
+        """,
+        TRITON_INTERPRET="1",
+        FASTBERT_BACKEND="triton" if how == "env" else None,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.splitlines()[-1] == "ok"
 

@@ -28,9 +28,19 @@ KINDS = ("Model", "ForMaskedLM", "ForSequenceClassification", "ForPreTraining")
 def config(kind, hidden_act="gelu", dropout=0.0, **extra):
     name, _, own = CONFIGS[kind]
     return getattr(transformers, name)(
-        vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-        hidden_act=hidden_act, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
-        max_position_embeddings=S + 4, num_labels=3, **own, **extra)
+        vocab_size=V,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        hidden_act=hidden_act,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+        max_position_embeddings=S + 4,
+        num_labels=3,
+        **own,
+        **extra,
+    )
 
 
 def build(kind, what, seed, **cfg):
@@ -69,13 +79,22 @@ def step(model, inputs, proj):
 def calls(monkeypatch):
     """How many times each fused op ran."""
     counts = {}
-    for name in ("bias_gelu", "layernorm_residual", "masked_softmax", "gather_masked", "linear_cross_entropy",
-                 "varlen_attention", "unpad", "pad"):
+    for name in (
+        "bias_gelu",
+        "layernorm_residual",
+        "masked_softmax",
+        "gather_masked",
+        "linear_cross_entropy",
+        "varlen_attention",
+        "unpad",
+        "pad",
+    ):
         real = getattr(ops, name)
 
         def counted(*a, _real=real, _name=name, **k):
             counts[_name] = counts.get(_name, 0) + 1
             return _real(*a, **k)
+
         monkeypatch.setattr(ops, name, counted)
     return counts
 
@@ -188,9 +207,18 @@ def test_trainer_lowers_the_loss(tmp_path, seed):
     patch(model)
     gen = torch.Generator().manual_seed(seed)
     rows = [{k: v[0] for k, v in batch("ForMaskedLM", gen).items()} for _ in range(16)]
-    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=30, per_device_train_batch_size=8,
-                                          learning_rate=3e-3, report_to=[], use_cpu=True, logging_steps=1,
-                                          save_strategy="no", disable_tqdm=True, seed=seed)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=30,
+        per_device_train_batch_size=8,
+        learning_rate=3e-3,
+        report_to=[],
+        use_cpu=True,
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=seed,
+    )
     trainer = transformers.Trainer(model=model, args=args, train_dataset=rows)
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]

@@ -17,7 +17,6 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from fastbert.patch import patch, patch_transformers, supported, unpatch_transformers  # noqa: E402
-
 from tests.test_patch import CONFIGS  # noqa: E402  (the families' configs)
 from tests.utils import VocabMatmuls  # noqa: E402
 
@@ -28,8 +27,17 @@ MLM = [("bert", "ForMaskedLM"), ("bert", "ForPreTraining"), ("roberta", "ForMask
 def config(kind, **extra):
     name, _, own = CONFIGS[kind]
     return getattr(transformers, name)(
-        vocab_size=V, hidden_size=H, num_hidden_layers=LAYERS, num_attention_heads=HEADS, intermediate_size=37,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_position_embeddings=S + 4, **own, **extra)
+        vocab_size=V,
+        hidden_size=H,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        intermediate_size=37,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        max_position_embeddings=S + 4,
+        **own,
+        **extra,
+    )
 
 
 def model_class(kind, what):
@@ -143,8 +151,10 @@ def test_patch_transformers_keeps_the_attention_the_caller_chose(kind, tmp_path,
     real = batch["attention_mask"] != 0
     for how, (model, attention) in built.items():
         assert attention_configs(model) == {attention}, how
-        assert type(model.get_submodule(f"{model.base_model_prefix}.encoder.layer.0.output")).__name__ == \
-            f"Fused{prefix}Output", how  # the other layers are fused either way
+        assert (
+            type(model.get_submodule(f"{model.base_model_prefix}.encoder.layer.0.output")).__name__
+            == f"Fused{prefix}Output"
+        ), how  # the other layers are fused either way
         unpadded = type(model.base_model).__name__ == f"Fused{prefix}Model"
         assert unpadded == (attention == "fastbert"), how  # unpadded execution needs the fastbert attention
         if how.startswith("from_pretrained"):

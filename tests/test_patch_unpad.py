@@ -12,9 +12,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from fastbert import ops  # noqa: E402
 from fastbert.patch import patch, patch_transformers, supported, unpatch, unpatch_transformers  # noqa: E402
-
 from tests.test_patch import CONFIGS, calls  # noqa: E402,F401  (the families' configs; the op-call counter fixture)
 from tests.utils import assert_grads_match  # noqa: E402
 
@@ -26,9 +24,17 @@ LENGTHS = (S, 1, 5, 8)  # a full row, a row of one token, two padded rows
 
 def config(kind, dropout=0.0, **extra):
     name, _, own = CONFIGS[kind]
-    args = dict(vocab_size=V, hidden_size=H, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-                hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout, max_position_embeddings=S + 4,
-                num_labels=3)
+    args = dict(
+        vocab_size=V,
+        hidden_size=H,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+        max_position_embeddings=S + 4,
+        num_labels=3,
+    )
     return getattr(transformers, name)(**{**args, **own, **extra})
 
 
@@ -45,7 +51,7 @@ def make_mask(lengths, left=False, dtype=torch.long):
     mask = torch.zeros(len(lengths), S, dtype=dtype)
     for b, n in enumerate(lengths):
         if n:
-            (mask[b, S - n:] if left else mask[b, :n]).fill_(1)
+            (mask[b, S - n :] if left else mask[b, :n]).fill_(1)
     return mask
 
 
@@ -126,7 +132,11 @@ def test_unpadded_matches_transformers_and_padded_patch(kind, what, seed, calls)
     calls.clear()
     out, loss, grads = step(model, inputs, proj)
     assert {k: calls.get(k, 0) for k in ("unpad", "pad", "varlen_attention", "masked_softmax")} == {
-        "unpad": 1, "pad": 1, "varlen_attention": 2, "masked_softmax": 0}, calls
+        "unpad": 1,
+        "pad": 1,
+        "varlen_attention": 2,
+        "masked_softmax": 0,
+    }, calls
     assert calls["bias_gelu"] >= 2 and calls["layernorm_residual"] == 4  # token-wise ops (+ the MLM head's GELU)
     # the bare model's objective is a projection: a sum of many terms that cancel, so its rounding
     # scales with the terms' magnitudes (1e-6 of them), not with the small result
@@ -142,8 +152,9 @@ def test_unpadded_matches_transformers_and_padded_patch(kind, what, seed, calls)
 
 
 @pytest.mark.parametrize("kind", ["bert", "roberta"])
-@pytest.mark.parametrize("shape", ["batch1-padded", "batch1-full", "no-padding", "bool-mask", "int32-mask",
-                                   "left-padding", "eval"])
+@pytest.mark.parametrize(
+    "shape", ["batch1-padded", "batch1-full", "no-padding", "bool-mask", "int32-mask", "left-padding", "eval"]
+)
 def test_odd_batches(kind, shape, seed):
     lengths = {"batch1-padded": (4,), "batch1-full": (S,), "no-padding": (S, S, S)}.get(shape, (S, 2, 7, 1))
     dtype = {"bool-mask": torch.bool, "int32-mask": torch.int32}.get(shape, torch.long)
@@ -208,8 +219,9 @@ def test_dropout_in_training(seed):
         model.zero_grad()
         loss = model(**inputs).loss
         loss.backward()
-        assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters()
-                                            if p.grad is not None)
+        assert torch.isfinite(loss) and all(
+            torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None
+        )
         losses.append(loss.item())
     assert losses[0] == losses[1] != losses[2]  # reproducible with torch.manual_seed; dropout is on
     model.eval()
@@ -217,16 +229,20 @@ def test_dropout_in_training(seed):
         assert model(**inputs).loss.item() == model(**inputs).loss.item()
 
 
-@pytest.mark.parametrize("request_", ["output_attentions", "output_hidden_states", "config_hidden_states",
-                                      "no_mask", "no_padding", "return_tuple"])
+@pytest.mark.parametrize(
+    "request_",
+    ["output_attentions", "output_hidden_states", "config_hidden_states", "no_mask", "no_padding", "return_tuple"],
+)
 def test_padded_fallbacks(request_, seed, calls):
     """Calls the unpadded path cannot serve run the padded patched path: same result as patch(unpad=False)."""
     model = build("bert", "Model", seed).eval()
     gen = torch.Generator().manual_seed(seed)
     inputs = batch("bert", "Model", make_mask(LENGTHS), gen)
-    kwargs = {"output_attentions": dict(output_attentions=True),
-              "output_hidden_states": dict(output_hidden_states=True),
-              "return_tuple": dict(return_dict=False)}.get(request_, {})
+    kwargs = {
+        "output_attentions": dict(output_attentions=True),
+        "output_hidden_states": dict(output_hidden_states=True),
+        "return_tuple": dict(return_dict=False),
+    }.get(request_, {})
     if request_ == "no_mask":
         inputs.pop("attention_mask")
     if request_ == "no_padding":  # nothing to unpad: the padded path is cheaper
@@ -297,6 +313,7 @@ def test_patch_transformers_unpad_option():
 
 # ---------------------------------------------------------------------------- transformers.Trainer
 
+
 def tokenizer():
     """A WordPiece tokenizer over the words w0 .. w95 (built in memory: no download)."""
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(V - 5)]
@@ -314,10 +331,18 @@ def sentences(n, gen):
 
 
 def train(model, rows, collator, tmp_path, seed, steps=20):
-    args = transformers.TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=steps,
-                                          per_device_train_batch_size=8,
-                                          learning_rate=3e-3, report_to=[], use_cpu=True, logging_steps=1,
-                                          save_strategy="no", disable_tqdm=True, seed=seed)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        max_steps=steps,
+        per_device_train_batch_size=8,
+        learning_rate=3e-3,
+        report_to=[],
+        use_cpu=True,
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=seed,
+    )
     trainer = transformers.Trainer(model=model, args=args, train_dataset=rows, data_collator=collator)
     trainer.train()
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]

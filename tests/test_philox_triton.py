@@ -9,8 +9,10 @@ from fastbert import philox
 from fastbert import triton as fb_triton
 from tests.utils import TRITON_INTERPRET
 
-pytestmark = pytest.mark.skipif(not (fb_triton.available and TRITON_INTERPRET),
-                                reason=f"needs the Triton interpreter ({fb_triton.error or 'TRITON_INTERPRET unset'})")
+pytestmark = pytest.mark.skipif(
+    not (fb_triton.available and TRITON_INTERPRET),
+    reason=f"needs the Triton interpreter ({fb_triton.error or 'TRITON_INTERPRET unset'})",
+)
 
 if fb_triton.available:
     import triton
@@ -19,8 +21,9 @@ if fb_triton.available:
     from fastbert.triton._common import philox_keep
 
     @triton.jit
-    def _keep_kernel(seed_ptr, out_ptr, row0, col0, n, threshold, GROUPED: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr):
+    def _keep_kernel(
+        seed_ptr, out_ptr, row0, col0, n, threshold, GROUPED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
+    ):
         r64 = row0 + tl.arange(0, BLOCK_M).to(tl.int64)
         keep = philox_keep(seed_ptr, r64, col0, n, threshold, GROUPED, BLOCK_M, BLOCK_N)
         offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
@@ -49,8 +52,9 @@ def _expected(seed, row0, rows, n, p, col0=0, block_n=None):
 def _keep(seed, row0, rows, n, p, grouped, col0=0, block_n=None):
     out = torch.empty(rows, block_n or n, dtype=torch.int8)
     seed_t = torch.tensor([seed], dtype=torch.int64)
-    _keep_kernel[(1,)](seed_t, out, row0, col0, n, philox.threshold(p), GROUPED=grouped, BLOCK_M=rows,
-                       BLOCK_N=block_n or n)
+    _keep_kernel[(1,)](
+        seed_t, out, row0, col0, n, philox.threshold(p), GROUPED=grouped, BLOCK_M=rows, BLOCK_N=block_n or n
+    )
     return out.bool()
 
 
@@ -74,8 +78,9 @@ def test_philox_keep_independent_of_randint4x(monkeypatch, grouped):
 
 # Rows whose length is not a multiple of 64 start at every phase of the 64-element groups: BLOCK_N a
 # multiple of 64 takes the paired mode (two counters per 4 elements), under 64 one per element.
-@pytest.mark.parametrize("n, col0, block_n", [(100, 0, 128), (100, 64, 64), (771, 640, 128), (77, 0, 128),
-                                              (20, 0, 32), (3, 0, 16)])
+@pytest.mark.parametrize(
+    "n, col0, block_n", [(100, 0, 128), (100, 64, 64), (771, 640, 128), (77, 0, 128), (20, 0, 32), (3, 0, 16)]
+)
 @pytest.mark.parametrize("row0", [0, 2**29 + 3])
 def test_philox_keep_any_row_length(n, col0, block_n, row0):
     seed = 0x1234_5678_9ABC & (philox.SEED_HIGH - 1)

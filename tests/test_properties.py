@@ -50,8 +50,17 @@ from fastbert import philox, reference
 from fastbert.ops.masked_softmax import canonical_mask
 from tests import strategies as S
 from tests import triton_launches
-from tests.property_checks import (_backward, _farther, _flip, _gelu64, _lead, _mask64, assert_matches,
-                                   assert_same, check)
+from tests.property_checks import (
+    _backward,
+    _farther,
+    _flip,
+    _gelu64,
+    _lead,
+    _mask64,
+    assert_matches,
+    assert_same,
+    check,
+)
 from tests.test_varlen_attention import eager as varlen_eager  # eager attention per sequence
 from tests.utils import backend_params, use_backend
 
@@ -64,10 +73,14 @@ _SHRINK = os.environ.get("FASTBERT_HYPOTHESIS_SHRINK", "0") not in ("", "0")
 
 def prop(f):
     """The suite's hypothesis settings: EXAMPLES examples, reproducible in CI, nothing written."""
-    f = settings(max_examples=EXAMPLES, database=None, deadline=None,
-                 print_blob=True, phases=[ph for ph in Phase if _SHRINK or ph != Phase.shrink],
-                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                                         HealthCheck.filter_too_much])(f)
+    f = settings(
+        max_examples=EXAMPLES,
+        database=None,
+        deadline=None,
+        print_blob=True,
+        phases=[ph for ph in Phase if _SHRINK or ph != Phase.shrink],
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+    )(f)
     return seed(SEED)(f)
 
 
@@ -96,8 +109,11 @@ def _module_setup():
     prev = (torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory)
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.utils.deterministic.fill_uninitialized_memory = True
-    printopts = torch._tensor_str.PRINT_OPTS.threshold, torch._tensor_str.PRINT_OPTS.edgeitems, \
-        torch._tensor_str.PRINT_OPTS.precision
+    printopts = (
+        torch._tensor_str.PRINT_OPTS.threshold,
+        torch._tensor_str.PRINT_OPTS.edgeitems,
+        torch._tensor_str.PRINT_OPTS.precision,
+    )
     torch.set_printoptions(threshold=64, edgeitems=3, precision=10)  # failing examples: short tensors
     with triton_launches.paused():
         yield
@@ -122,13 +138,23 @@ def test_bias_gelu(backend, data):
 
     def eager(inputs, dy, flip=False):
         x, b = inputs
-        y, dx, db = _backward(lambda x, b: F.gelu(x + b if b is not None else x, approximate=approximate),
-                              (_flip(x, flip and _lead(x)), b), _flip(dy, flip and _lead(dy)))
+        y, dx, db = _backward(
+            lambda x, b: F.gelu(x + b if b is not None else x, approximate=approximate),
+            (_flip(x, flip and _lead(x)), b),
+            _flip(dy, flip and _lead(dy)),
+        )
         return [_flip(y, flip and _lead(y)), _flip(dx, flip and _lead(dx)), db]
 
-    check(backend, f"bias_gelu {backend} {tuple(shape)} {dtype} {approximate}", ("y", "dx", "dbias"),
-          (x, bias), dy, lambda x, b: fastbert.bias_gelu(x, b, approximate=approximate),
-          lambda x, b: _gelu64(x, b, approximate), eager)
+    check(
+        backend,
+        f"bias_gelu {backend} {tuple(shape)} {dtype} {approximate}",
+        ("y", "dx", "dbias"),
+        (x, bias),
+        dy,
+        lambda x, b: fastbert.bias_gelu(x, b, approximate=approximate),
+        lambda x, b: _gelu64(x, b, approximate),
+        eager,
+    )
 
 
 def _drawn_seed(seed_value):
@@ -173,18 +199,33 @@ def test_layernorm_residual(backend, data):
                 h = torch.where(keep, h * philox.scale(p), torch.zeros((), dtype=h.dtype))
             s = h + r
             return F.layer_norm(s, s.shape[-1:], w.to(s.dtype), b.to(s.dtype), eps)
+
         dims = (-1,) if flip else ()  # the normalised dimension reversed
         return [_flip(t, dims) for t in _backward(f, [_flip(t, dims) for t in inputs], _flip(dy, dims))]
 
-    check(backend, f"layernorm_residual {backend} {tuple(shape)} {dtype} params {pdtype} eps={eps} p={p}",
-          ("y", "dx", "dresidual", "dweight", "dbias", "dx_bias"), (x, r, w, b, xb), dy, fused, exact, eager,
-          reorder=p == 0)
+    check(
+        backend,
+        f"layernorm_residual {backend} {tuple(shape)} {dtype} params {pdtype} eps={eps} p={p}",
+        ("y", "dx", "dresidual", "dweight", "dbias", "dx_bias"),
+        (x, r, w, b, xb),
+        dy,
+        fused,
+        exact,
+        eager,
+        reorder=p == 0,
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @prop
-@given(eps=st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.booleans(), st.integers(-3, 3),
-                     st.sampled_from([1e-12, 1e-5, 0.5, 1, 0.0, -0.0, float("inf"), float("nan"), True])))
+@given(
+    eps=st.one_of(
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.booleans(),
+        st.integers(-3, 3),
+        st.sampled_from([1e-12, 1e-5, 0.5, 1, 0.0, -0.0, float("inf"), float("nan"), True]),
+    )
+)
 def test_layernorm_residual_eps_is_a_positive_finite_number(backend, eps):
     """eps is a real number (not a bool), finite and > 0; anything else raises a ValueError (or a
     TypeError) naming it."""
@@ -213,8 +254,12 @@ SPECIAL_SCALES = [float("nan"), float("inf"), float("-inf")]
 @given(data=st.data())
 def test_masked_softmax(backend, data):
     dtype = data.draw(S.dtypes(backend), "dtype")
-    shape = (data.draw(st.integers(0, 3), "batch"), data.draw(st.integers(0, 3), "heads"),
-             data.draw(st.integers(0, 4), "queries"), data.draw(S.sizes(), "keys"))
+    shape = (
+        data.draw(st.integers(0, 3), "batch"),
+        data.draw(st.integers(0, 3), "heads"),
+        data.draw(st.integers(0, 4), "queries"),
+        data.draw(S.sizes(), "keys"),
+    )
     scores = S.with_layout(data.draw(S.tensors(shape, dtype), "scores"), data.draw(S.layouts(), "scores layout"))
     mask = data.draw(S.masks(shape, dtype, backend))
     scale = data.draw(st.sampled_from(SCALES + (SPECIAL_SCALES if S.SPECIALS else [])), "scale")
@@ -245,6 +290,7 @@ def test_masked_softmax(backend, data):
                 keep = philox.keep_mask(int(seed_t), y.shape, p)
                 y = torch.where(keep, y * philox.scale(p), torch.zeros((), dtype=y.dtype))
             return y.to(x.dtype)
+
         outs = _backward(f, [_flip(t, dims) for t in inputs], _flip(dy, dims))
         return [_flip(t, dims).nan_to_num(0.0, posinf=math.inf, neginf=-math.inf) for t in outs]
 
@@ -259,8 +305,18 @@ def test_masked_softmax(backend, data):
             g = torch.where(philox.keep_mask(int(seed_t), g.shape, p), g, torch.zeros((), dtype=g.dtype))
         nan_ok = {"dscores": ~m.expand(shape) & ~g.isfinite().all(-1, keepdim=True)}
     mdesc = None if mask is None else (mask.dtype, tuple(mask.shape))
-    check(backend, f"masked_softmax {backend} {shape} {dtype} mask={mdesc} scale={scale} p={p}",
-          ("probs", "dscores"), (scores,), dy, fused, exact, eager, reorder=p == 0, nan_ok=nan_ok)
+    check(
+        backend,
+        f"masked_softmax {backend} {shape} {dtype} mask={mdesc} scale={scale} p={p}",
+        ("probs", "dscores"),
+        (scores,),
+        dy,
+        fused,
+        exact,
+        eager,
+        reorder=p == 0,
+        nan_ok=nan_ok,
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -289,6 +345,7 @@ def test_masked_softmax_float_mask_gradient(backend, data):
 
 
 # ------------------------------------------------------------------------------- gather_masked
+
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @prop
@@ -354,6 +411,7 @@ def test_unpad_pad(backend, data):
 
 # ------------------------------------------------------------------------ linear_cross_entropy
 
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @prop
 @given(data=st.data())
@@ -363,8 +421,10 @@ def test_linear_cross_entropy(backend, data):
     v = data.draw(st.one_of(st.integers(1, 40), st.sampled_from([129, 300])), "vocab")
     wdtype = data.draw(st.sampled_from([dtype, torch.float32]), "weight dtype") if dtype in HALF else dtype
     rows = S.with_layout(data.draw(S.tensors((m, h), dtype), "rows"), data.draw(S.layouts(), "rows layout"))
-    weight = S.with_layout(data.draw(S.tensors((v, h), wdtype, spreads=(0.3, 1.0, 3.0, 30.0)), "weight"),
-                           data.draw(S.layouts(), "weight layout"))
+    weight = S.with_layout(
+        data.draw(S.tensors((v, h), wdtype, spreads=(0.3, 1.0, 3.0, 30.0)), "weight"),
+        data.draw(S.layouts(), "weight layout"),
+    )
     bias = data.draw(S.tensors((v,), wdtype), "bias") if data.draw(st.booleans(), "has bias") else None
     g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1), "target seed"))
     frac = data.draw(st.sampled_from([0.0, 0.2, 1.0]), "ignored fraction")
@@ -388,20 +448,37 @@ def test_linear_cross_entropy(backend, data):
 
     def eager(inputs, dy, flip=False):
         def f(r, w, b):
-            return reference.linear_cross_entropy(r, w.to(r.dtype), b.to(r.dtype) if b is not None else None,
-                                                  targets, -100, reduction)
+            return reference.linear_cross_entropy(
+                r, w.to(r.dtype), b.to(r.dtype) if b is not None else None, targets, -100, reduction
+            )
+
         def g(r, w, b):  # the hidden dimension and the vocabulary reversed (every sum's order)
             t = torch.where(targets == -100, -100, v - 1 - targets)
-            return reference.linear_cross_entropy(r.flip(-1), w.to(r.dtype).flip(0, 1),
-                                                  b.to(r.dtype).flip(0) if b is not None else None, t, -100,
-                                                  reduction)
+            return reference.linear_cross_entropy(
+                r.flip(-1),
+                w.to(r.dtype).flip(0, 1),
+                b.to(r.dtype).flip(0) if b is not None else None,
+                t,
+                -100,
+                reduction,
+            )
+
         return _backward(g if flip else f, inputs, dy)
 
-    check(backend, f"linear_cross_entropy {backend} M={m} H={h} V={v} {dtype} weight {wdtype} {reduction} "
-          f"chunk={chunk}", ("loss", "drows", "dweight", "dbias"), (rows, weight, bias), dy, fused, exact, eager)
+    check(
+        backend,
+        f"linear_cross_entropy {backend} M={m} H={h} V={v} {dtype} weight {wdtype} {reduction} chunk={chunk}",
+        ("loss", "drows", "dweight", "dbias"),
+        (rows, weight, bias),
+        dy,
+        fused,
+        exact,
+        eager,
+    )
 
 
 # ---------------------------------------------------------------------------- varlen_attention
+
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @prop
@@ -417,8 +494,10 @@ def test_varlen_attention(backend, data):
     if data.draw(st.booleans(), "packed qkv"):
         q, k, v = data.draw(S.tensors((t, 3, heads, d), dtype), "qkv").unbind(1)
     else:
-        q, k, v = (S.with_layout(data.draw(S.tensors((t, heads, d), dtype), n), data.draw(S.layouts(), f"{n} layout"))
-                   for n in "qkv")
+        q, k, v = (
+            S.with_layout(data.draw(S.tensors((t, heads, d), dtype), n), data.draw(S.layouts(), f"{n} layout"))
+            for n in "qkv"
+        )
     scale = data.draw(st.sampled_from([None, 0.25, 1.0, -0.5, 0.0] + (SPECIAL_SCALES if S.SPECIALS else [])), "scale")
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     p = data.draw(st.sampled_from([0.0, 0.0, 0.2]), "dropout_p")
@@ -441,6 +520,14 @@ def test_varlen_attention(backend, data):
         b = varlen_eager(*inputs, cu, max_seqlen, scale, p, seed_t, dy, flip=True)
         return _farther(a, b, want)
 
-    check(backend, f"varlen_attention {backend} lengths={lengths} heads={heads} d={d} {dtype} "
-          f"max_seqlen={max_seqlen} scale={scale} p={p}", ("out", "dq", "dk", "dv"), (q, k, v), dy, fused, exact,
-          eager)
+    check(
+        backend,
+        f"varlen_attention {backend} lengths={lengths} heads={heads} d={d} {dtype} "
+        f"max_seqlen={max_seqlen} scale={scale} p={p}",
+        ("out", "dq", "dk", "dv"),
+        (q, k, v),
+        dy,
+        fused,
+        exact,
+        eager,
+    )

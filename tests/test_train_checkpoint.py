@@ -5,12 +5,24 @@ import torch
 
 from fastbert.data.masking import MaskingCollator
 from fastbert.models import BertConfig, BertForPreTraining, count_parameters
-from fastbert.train import (decay_groups, latest_checkpoint, load_checkpoint, make_optimizer, make_scheduler,
-                            save_checkpoint)
 from fastbert.train import checkpoint as ckpt
+from fastbert.train import (
+    decay_groups,
+    latest_checkpoint,
+    load_checkpoint,
+    make_optimizer,
+    make_scheduler,
+    save_checkpoint,
+)
 
-CONFIG = BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
-                    max_position_embeddings=32)
+CONFIG = BertConfig(
+    vocab_size=120,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=48,
+    max_position_embeddings=32,
+)
 PAD, MASK, CLS, SEP = 0, 4, 2, 3
 
 
@@ -110,9 +122,14 @@ def test_latest_must_name_a_checkpoint_of_this_run(tmp_path):
     save_checkpoint(run, model, opt, sched, 1)
     elsewhere = save_checkpoint(other, model, opt, sched, 5)
     pointer = run / "latest"
-    for text, message in [("", "is empty"), ("\n", "is empty"), ("../other/step-5", "not a checkpoint folder"),
-                          (str(elsewhere), "not a checkpoint folder"), ("step-1/..", "not a checkpoint folder"),
-                          ("model.safetensors", "not a checkpoint folder")]:
+    for text, message in [
+        ("", "is empty"),
+        ("\n", "is empty"),
+        ("../other/step-5", "not a checkpoint folder"),
+        (str(elsewhere), "not a checkpoint folder"),
+        ("step-1/..", "not a checkpoint folder"),
+        ("model.safetensors", "not a checkpoint folder"),
+    ]:
         pointer.write_text(text)
         with pytest.raises(ValueError, match=message):
             latest_checkpoint(run)

@@ -22,16 +22,29 @@ def data():
 def parts(tok, seed=0):
     torch.manual_seed(seed)
     model = BertForPreTraining(BertConfig.from_preset("tiny", vocab_size=tok.vocab_size, max_position_embeddings=64))
-    collate = MaskingCollator(tok.vocab_size, tok.mask_id, tok.pad_id, tok.special_ids,
-                              continuation=tok.continuation_mask, whole_word=True, seed=seed)
+    collate = MaskingCollator(
+        tok.vocab_size,
+        tok.mask_id,
+        tok.pad_id,
+        tok.special_ids,
+        continuation=tok.continuation_mask,
+        whole_word=True,
+        seed=seed,
+    )
     return model, collate
 
 
 def test_pretraining_lowers_the_mlm_loss(tmp_path, data):
     tok, examples = data
     model, collate = parts(tok)
-    hist = pretrain(model, examples, collate, TrainConfig(steps=60, batch_size=16, lr=2e-3, warmup_steps=6),
-                    tmp_path, progress=False)
+    hist = pretrain(
+        model,
+        examples,
+        collate,
+        TrainConfig(steps=60, batch_size=16, lr=2e-3, warmup_steps=6),
+        tmp_path,
+        progress=False,
+    )
     first = sum(h["mlm_loss"] for h in hist[:5]) / 5
     last = sum(h["mlm_loss"] for h in hist[-5:]) / 5
     assert last < first - 0.5, (first, last)  # nats: from ~ln(vocab) towards the unigram entropy and below
@@ -84,8 +97,10 @@ def test_bad_arguments(tmp_path, data):
 
 def strict_json(line):
     """json.loads that rejects NaN and Infinity (not JSON; jq and JavaScript reject them)."""
+
     def refuse(constant):
         raise ValueError(f"non-standard JSON constant {constant}")
+
     return json.loads(line, parse_constant=refuse)
 
 
@@ -93,8 +108,14 @@ def test_a_diverging_run_stops_and_metrics_stay_json(tmp_path, data):
     tok, examples = data
     model, collate = parts(tok)
     with pytest.raises(ValueError, match="loss is (nan|inf).*diverged"):
-        pretrain(model, examples, collate, TrainConfig(steps=3, batch_size=4, lr=1e30, save_every=1), tmp_path,
-                 progress=False)
+        pretrain(
+            model,
+            examples,
+            collate,
+            TrainConfig(steps=3, batch_size=4, lr=1e30, save_every=1),
+            tmp_path,
+            progress=False,
+        )
     rows = [strict_json(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows and all(math.isfinite(r["loss"]) for r in rows)
     assert latest_checkpoint(tmp_path).name == f"step-{rows[-1]['step']}"  # nothing saved past the last good step
@@ -106,12 +127,23 @@ def test_a_diverging_run_stops_and_metrics_stay_json(tmp_path, data):
     assert row["nsp_accuracy"] is None and math.isfinite(row["loss"])
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("lr", float("inf"), "lr must be a finite number > 0"), ("lr", float("nan"), "lr must be"),
-    ("lr", 0.0, "lr must be"), ("lr", -1e-3, "lr must be"), ("clip", float("inf"), "clip must be"),
-    ("weight_decay", float("nan"), "weight_decay must be"), ("seed", 2 ** 70, "seed must be"),
-    ("seed", -1, "seed must be"), ("save_every", -1, "save_every must be"), ("batch_size", True, "batch_size must be"),
-    ("warmup_ratio", float("inf"), "warmup_ratio"), ("warmup_steps", 5, "warmup_steps must be")])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("lr", float("inf"), "lr must be a finite number > 0"),
+        ("lr", float("nan"), "lr must be"),
+        ("lr", 0.0, "lr must be"),
+        ("lr", -1e-3, "lr must be"),
+        ("clip", float("inf"), "clip must be"),
+        ("weight_decay", float("nan"), "weight_decay must be"),
+        ("seed", 2**70, "seed must be"),
+        ("seed", -1, "seed must be"),
+        ("save_every", -1, "save_every must be"),
+        ("batch_size", True, "batch_size must be"),
+        ("warmup_ratio", float("inf"), "warmup_ratio"),
+        ("warmup_steps", 5, "warmup_steps must be"),
+    ],
+)
 def test_config_rejects_non_finite_and_out_of_range(field, value, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(steps=4, **{field: value})

@@ -49,9 +49,23 @@ def test_triton_kernels_compile_for_sm80_and_sm90_without_spills(tmp_path):
     env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in [env.get("PYTHONPATH")] if p])
     out = tmp_path / "aot.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "fastbert.triton.aot", "--arch", *map(str, ARCHS), "--json", str(out),
-         "--launches", str(launches)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+        [
+            sys.executable,
+            "-m",
+            "fastbert.triton.aot",
+            "--arch",
+            *map(str, ARCHS),
+            "--json",
+            str(out),
+            "--launches",
+            str(launches),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     log = f"stdout:\n{proc.stdout[-20000:]}\nstderr:\n{proc.stderr[-5000:]}"
     assert out.exists(), log
     report = json.loads(out.read_text())
@@ -72,7 +86,8 @@ def test_triton_kernels_compile_for_sm80_and_sm90_without_spills(tmp_path):
             assert r["registers"] is not None and 0 < r["registers"] <= 255, f"{name} sm_{arch}: {r}"
             assert r["spill_bytes"] == 0, (
                 f"{name} sm_{arch}: {r['spill_stores']} bytes spill stores, "
-                f"{r['spill_loads']} bytes spill loads ({r['registers']} registers)")
+                f"{r['spill_loads']} bytes spill loads ({r['registers']} registers)"
+            )
     assert proc.returncode == 0, log
 
 
@@ -89,10 +104,29 @@ def test_launch_spec_specialises_as_a_cuda_launch():
     from fastbert.triton._layernorm_residual_kernels import _ln_fwd_kernel
 
     def spec(x, res, w, n, rows_per_prog, threshold):
-        args = dict(x_ptr=x, res_ptr=res, w_ptr=w, b_ptr=w, xb_ptr=x, seed_ptr=x, y_ptr=x, mean_ptr=w,
-                    rstd_ptr=w, rows=3, n=n, rows_per_prog=rows_per_prog, eps=1e-12,
-                    threshold=threshold, scale=1.0, HAS_XBIAS=False, DROPOUT=False, GROUPED=False,
-                    LOOPED=False, BLOCK_M=4, BLOCK_N=16)
+        args = dict(
+            x_ptr=x,
+            res_ptr=res,
+            w_ptr=w,
+            b_ptr=w,
+            xb_ptr=x,
+            seed_ptr=x,
+            y_ptr=x,
+            mean_ptr=w,
+            rstd_ptr=w,
+            rows=3,
+            n=n,
+            rows_per_prog=rows_per_prog,
+            eps=1e-12,
+            threshold=threshold,
+            scale=1.0,
+            HAS_XBIAS=False,
+            DROPOUT=False,
+            GROUPED=False,
+            LOOPED=False,
+            BLOCK_M=4,
+            BLOCK_N=16,
+        )
         return aot.launch_spec(_ln_fwd_kernel, args, {"num_warps": 4})
 
     with FakeTensorMode():

@@ -23,8 +23,9 @@ def _run(args, tmp_path, timeout):
         pytest.skip(f"triton is not importable ({type(e).__name__}: {e})")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in [env.get("PYTHONPATH")] if p])
-    proc = subprocess.run([sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout
+    )
     return proc, f"stdout:\n{proc.stdout[-20000:]}\nstderr:\n{proc.stderr[-5000:]}"
 
 
@@ -62,7 +63,7 @@ def test_triton_ops_trace_and_their_regenerated_kernels_compile_for_sm90(tmp_pat
     assert proc.returncode == 0, log
 
 
-_KERNEL = '''
+_KERNEL = """
 import triton
 import triton.language as tl
 
@@ -76,9 +77,9 @@ def _dropout_kernel(x_ptr, seed_ptr, y_ptr, n, threshold, BLOCK: tl.constexpr):
     keep = {call}(seed_ptr, r, 0, n, threshold, False, 1, BLOCK)
     x = tl.load(x_ptr + c[None, :], mask=(c < n)[None, :], other=0.0)
     tl.store(y_ptr + c[None, :], tl.where(keep, x, 0.0), mask=(c < n)[None, :])
-'''
+"""
 
-_CHECK = '''
+_CHECK = """
 import importlib.util, json, sys
 import torch
 from fastbert.triton import aot, trace_check
@@ -98,7 +99,7 @@ for name in ("aliased", "plain"):
     res = aot.compile_one(aot.launch_spec(regen, args, dict(num_warps=4)), 90)
     out[name] = res["error"] or ("ok" if res["cubin"] else "no cubin")
 json.dump(out, open("result.json", "w"))
-'''
+"""
 
 
 def test_trace_check_catches_a_helper_imported_under_an_alias(tmp_path):

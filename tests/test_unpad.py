@@ -108,8 +108,16 @@ def test_bad_input_names_the_argument():
 
 # ------------------------------------------------------------------------------------------ models
 
-SMALL = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-             max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+SMALL = dict(
+    vocab_size=97,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=37,
+    max_position_embeddings=32,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+)
 HEADS = [BertModel, BertForSequenceClassification, BertForMaskedLM, BertForPreTraining]
 
 
@@ -179,10 +187,15 @@ def test_unpadded_matches_padded(seed, cls, kind, attention):
 
 
 # every model path: padded (fused, eager, SDPA) and unpadded (varlen, pad-attend-unpad, on each attention)
-PATHS = {"padded-fused": dict(unpad=False), "padded-eager": dict(unpad=False, fused=False),
-         "padded-sdpa": dict(unpad=False, attention="sdpa"), "varlen": dict(unpad_attention="varlen"),
-         "pad": dict(unpad_attention="pad"), "pad-eager": dict(unpad_attention="pad", fused=False),
-         "pad-sdpa": dict(unpad_attention="pad", attention="sdpa")}
+PATHS = {
+    "padded-fused": dict(unpad=False),
+    "padded-eager": dict(unpad=False, fused=False),
+    "padded-sdpa": dict(unpad=False, attention="sdpa"),
+    "varlen": dict(unpad_attention="varlen"),
+    "pad": dict(unpad_attention="pad"),
+    "pad-eager": dict(unpad_attention="pad", fused=False),
+    "pad-sdpa": dict(unpad_attention="pad", attention="sdpa"),
+}
 
 
 @pytest.mark.parametrize("cls", HEADS, ids=lambda c: c.__name__)
@@ -212,11 +225,13 @@ def test_fully_masked_row_is_the_same_on_every_path(seed, cls):
         if cls is BertModel:
             hidden = out.last_hidden_state
             assert (hidden[1] == 0).all(), name
-            torch.testing.assert_close(hidden[real], want_out.last_hidden_state[real], rtol=1e-5, atol=1e-5,
-                                       msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(
+                hidden[real], want_out.last_hidden_state[real], rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}"
+            )
             torch.testing.assert_close(out.pooler_output[1], torch.tanh(state[pooler]), msg=lambda m: f"{name}: {m}")
-            torch.testing.assert_close(out.pooler_output, want_out.pooler_output, rtol=1e-5, atol=1e-5,
-                                       msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(
+                out.pooler_output, want_out.pooler_output, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}"
+            )
         else:
             assert torch.isfinite(out.loss), name
             torch.testing.assert_close(out.loss, want_out.loss, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")

@@ -75,7 +75,7 @@ def eager(q, k, v, cu, max_seqlen, scale, p, seed, dy, flip=False):
             qb, kb = qb.flip(-1), kb.flip(-1)
         probs = torch.softmax((qb @ kb.transpose(-1, -2)) * scale, -1)
         if keep is not None:
-            probs = torch.where(keep[:, s:e, :e - s], probs * philox.scale(p), torch.zeros((), dtype=probs.dtype))
+            probs = torch.where(keep[:, s:e, : e - s], probs * philox.scale(p), torch.zeros((), dtype=probs.dtype))
         outs.append((probs @ vb).transpose(0, 1))
     out = torch.cat(outs) if outs else leaves[0] * 0
     out.backward(dy)
@@ -189,12 +189,13 @@ def test_dropout_statistics(backend, p):
     c = cu.tolist()
     for b in range(len(lengths)):
         s, e = c[b], c[b + 1]
-        got = out[s:e, :, :e - s].transpose(0, 1)                 # [heads, n, n]
+        got = out[s:e, :, : e - s].transpose(0, 1)  # [heads, n, n]
         kept_all.append((got != 0).flatten())
-        want_all.append(keep[:, s:e, :e - s].flatten())
+        want_all.append(keep[:, s:e, : e - s].flatten())
         kept = got != 0
-        torch.testing.assert_close(got[kept], probs[s:e, :, :e - s].transpose(0, 1)[kept] * philox.scale(p),
-                                   rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(
+            got[kept], probs[s:e, :, : e - s].transpose(0, 1)[kept] * philox.scale(p), rtol=1e-5, atol=1e-7
+        )
     kept, want = torch.cat(kept_all), torch.cat(want_all)
     assert torch.equal(kept, want)
     frac, sigma = kept.float().mean().item(), (p * (1 - p) / kept.numel()) ** 0.5
@@ -300,6 +301,7 @@ def test_torch_compile_fullgraph(seed, p):
 
 # ---- bad input -------------------------------------------------------------------------------
 
+
 def _qkv(t=10, heads=2, d=4, dtype=torch.float32):
     return [torch.randn(t, heads, d, dtype=dtype) for _ in range(3)]
 
@@ -318,8 +320,11 @@ BAD = [
     (lambda: (*_qkv(), _cu(0, 4, 10), -1), {}, "max_seqlen must be a non-negative int"),
     (lambda: (*[x[:, 0] for x in _qkv()], _cu(0, 4, 10), 6), {}, "q must be 3-D"),
     (lambda: (*_qkv()[:2], torch.randn(10, 2, 5), _cu(0, 4, 10), 6), {}, "v must have q's shape"),
-    (lambda: (*_qkv()[:1], torch.randn(10, 2, 4, dtype=torch.float64), _qkv()[2], _cu(0, 4, 10), 6), {},
-     "k must have q's dtype"),
+    (
+        lambda: (*_qkv()[:1], torch.randn(10, 2, 4, dtype=torch.float64), _qkv()[2], _cu(0, 4, 10), 6),
+        {},
+        "k must have q's dtype",
+    ),
     (lambda: (*[torch.ones(10, 2, 4, dtype=torch.int32)] * 3, _cu(0, 4, 10), 6), {}, "q must be float32"),
     (lambda: (*_qkv(), _cu(0, 4, 10), 6), {"dropout_p": 1.0}, "dropout_p must be in \\[0, 1\\)"),
     (lambda: (*_qkv(), _cu(0, 4, 10), 6), {"scale": "big"}, "scale must be a number"),
@@ -338,8 +343,12 @@ def test_bad_input_direct_op():
     """The C++ kernels check the values of cu_seqlens too: no out-of-bounds reads on direct calls."""
     q, k, v = _qkv()
     fwd = torch.ops.fastbert.varlen_attention_fwd
-    for cu, ms, match in [(_cu(0, 6, 4, 10), 6, "non-decreasing"), (_cu(1, 4, 10), 6, "start at 0"),
-                          (_cu(0, 4, 12), 8, "end at the number of rows"), (_cu(0, 4, 10), 5, "max_seqlen 5")]:
+    for cu, ms, match in [
+        (_cu(0, 6, 4, 10), 6, "non-decreasing"),
+        (_cu(1, 4, 10), 6, "start at 0"),
+        (_cu(0, 4, 12), 8, "end at the number of rows"),
+        (_cu(0, 4, 10), 5, "max_seqlen 5"),
+    ]:
         with pytest.raises(ValueError, match=match):
             fwd(q, k, v, cu, ms, 1.0, 0.0, None)
     with pytest.raises(ValueError, match="seed must be an int64 tensor with one element"):
@@ -374,15 +383,16 @@ def test_nan_propagates_as_eager(backend):
     cu, max_seqlen = cu_of(lengths), max(lengths)
     _, (q, k, v) = packed(lengths, heads, d, torch.float32)
     q, k = q.clone(), k.clone()
-    q[3, 1, 2] = float("nan")      # sequence 1, one query row of head 1
-    k[10, 0, 4] = float("nan")     # sequence 3, every query row of head 0
+    q[3, 1, 2] = float("nan")  # sequence 1, one query row of head 1
+    k[10, 0, 4] = float("nan")  # sequence 3, every query row of head 0
     dy = torch.randn(q.shape)
     got = run(backend, q, k, v, cu, max_seqlen, 0.5, 0.0, 0, dy)
     want = exact(q, k, v, cu, max_seqlen, 0.5, 0.0, None, dy)
     for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
         assert torch.equal(g.isnan(), w.isnan()), (
             f"{backend} {name}: NaN at {g.isnan().nonzero().tolist()[:8]}, reference at "
-            f"{w.isnan().nonzero().tolist()[:8]}")
+            f"{w.isnan().nonzero().tolist()[:8]}"
+        )
         ok = ~w.isnan()
         torch.testing.assert_close(g[ok].double(), w[ok], rtol=1e-4, atol=1e-5)
 
@@ -395,8 +405,7 @@ def test_one_token_gradient_is_exactly_zero(backend, dtype):
     |dO| |O| (dq = 24992 for q = 1, k = 100, v = 1001, dO = 1000 in fp16)."""
     # head dim 16 (the value in its first element): head dim 1 specialises every stride to a constant,
     # a launch whose compile spills on sm_80 (not a shape BERT runs)
-    q, k, v = (torch.zeros(1, 1, 16, dtype=dtype).index_fill_(2, torch.tensor([0]), x)
-               for x in (1.0, 100.0, 1001.0))
+    q, k, v = (torch.zeros(1, 1, 16, dtype=dtype).index_fill_(2, torch.tensor([0]), x) for x in (1.0, 100.0, 1001.0))
     cu = cu_of([1])
     dy = torch.full(q.shape, 1000.0, dtype=dtype)
     for seed_value in (0, 1, 2):  # seed 0 keeps the element at p = 0.2 (the case that failed)
@@ -418,8 +427,10 @@ def test_delta_rounding_seed(backend):
 def test_zero_scale_keeps_nan_of_inf_scores(backend):
     """scale = 0 with an infinite key: eager's (q k^T) * 0 is NaN, and so is everything after it; BLAS
     skips the product when its alpha is 0, and the cpu kernel gave finite results."""
-    q, k, v = (torch.zeros(2, 1, 16).index_copy_(2, torch.tensor([0]), torch.tensor(x).reshape(2, 1, 1))
-               for x in ([1.0, 1.0], [float("inf"), 1.0], [1.0, 2.0]))  # head dim 16: see above
+    q, k, v = (
+        torch.zeros(2, 1, 16).index_copy_(2, torch.tensor([0]), torch.tensor(x).reshape(2, 1, 1))
+        for x in ([1.0, 1.0], [float("inf"), 1.0], [1.0, 2.0])
+    )  # head dim 16: see above
     got = run(backend, q, k, v, cu_of([2]), 2, 0.0, 0.0, 0, torch.ones(2, 1, 16))
     for name, g in zip(("out", "dq", "dk", "dv"), got):
         assert g.isnan().any(), f"{backend} {name}: {g.flatten().tolist()} (eager: NaN)"
@@ -442,7 +453,9 @@ def test_nan_rows_with_dropout_match_the_reference(backend, dtype):
         got = run(backend, q, k, v, cu, max_seqlen, float("nan"), 0.5, seed_value, dy)
         want = exact(q, k, v, cu, max_seqlen, float("nan"), 0.5, drawn_seed(seed_value), dy)
         for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
-            assert torch.equal(g.isnan(), w.isnan()), (f"{backend} seed {seed_value} {name}: NaN at "
-                                                       f"{g.isnan().nonzero().tolist()}, reference at "
-                                                       f"{w.isnan().nonzero().tolist()}")
+            assert torch.equal(g.isnan(), w.isnan()), (
+                f"{backend} seed {seed_value} {name}: NaN at "
+                f"{g.isnan().nonzero().tolist()}, reference at "
+                f"{w.isnan().nonzero().tolist()}"
+            )
             assert torch.equal(g[~g.isnan()].double(), w[~w.isnan()])

@@ -101,7 +101,6 @@ def drive():
     import torch
 
     import fastbert
-
     from fastbert.triton._common import INTERPRET
 
     dev = "cpu" if INTERPRET else "cuda"
@@ -115,19 +114,21 @@ def drive():
         loss.backward()
 
     with fastbert.backend("triton"):
-        for shape, dtype, approximate in (((3, 1), torch.float32, "none"),
-                                          ((4, 48), torch.bfloat16, "tanh")):
+        for shape, dtype, approximate in (((3, 1), torch.float32, "none"), ((4, 48), torch.bfloat16, "tanh")):
             x, b = t(*shape, dtype=dtype), t(shape[-1], dtype=dtype)
             backward(fastbert.ops.bias_gelu(x, b, approximate=approximate))
-        for shape, dtype, p in (((3, 1), torch.float32, 0.0), ((2, 64), torch.bfloat16, 0.1),
-                                ((5, 20), torch.float16, 0.2)):
+        for shape, dtype, p in (
+            ((3, 1), torch.float32, 0.0),
+            ((2, 64), torch.bfloat16, 0.1),
+            ((5, 20), torch.float16, 0.2),
+        ):
             x, r, xb = t(*shape, dtype=dtype), t(*shape, dtype=dtype), t(shape[-1], dtype=dtype)
             w, b = t(shape[-1]), t(shape[-1])
             backward(fastbert.ops.layernorm_residual(x, r, w, b, x_bias=xb, dropout_p=p, training=p > 0))
         for sk, dtype, p in ((5, torch.float32, 0.0), (64, torch.bfloat16, 0.1)):
             scores = t(2, 2, 3, sk, dtype=dtype)
             keep = torch.ones(2, sk, dtype=torch.bool, device=dev)
-            keep[1, sk // 2:] = False
+            keep[1, sk // 2 :] = False
             backward(fastbert.ops.masked_softmax(scores, keep, scale=0.5, dropout_p=p, training=p > 0))
         hidden = t(2, 5, 8)
         labels = torch.tensor([[1, -100, 3, -100, 0], [-100, -100, 2, 4, -100]], device=dev)
@@ -135,8 +136,10 @@ def drive():
         backward(rows)
         weight, bias = t(11, 8), t(11)
         backward(fastbert.ops.linear_cross_entropy(rows.detach().requires_grad_(), weight, targets, bias))
-        for lengths, heads, d, dtype, p in (([0, 0, 9, 0], 2, 16, torch.float32, 0.0),
-                                            ([1, 5, 0, 17], 3, 7, torch.bfloat16, 0.1)):
+        for lengths, heads, d, dtype, p in (
+            ([0, 0, 9, 0], 2, 16, torch.float32, 0.0),
+            ([1, 5, 0, 17], 3, 7, torch.bfloat16, 0.1),
+        ):
             cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
             cu[1:] = torch.tensor(lengths).cumsum(0)
             q, k, v = t(sum(lengths), 3, heads, d, dtype=dtype).unbind(1)
@@ -148,5 +151,4 @@ def dump(path):
     import json
 
     with open(path, "w") as f:
-        json.dump({"launches": LAUNCHES[0], "errors": ERRORS, "specs": list(SPECS.values())}, f,
-                  indent=1)
+        json.dump({"launches": LAUNCHES[0], "errors": ERRORS, "specs": list(SPECS.values())}, f, indent=1)

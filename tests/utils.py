@@ -38,8 +38,7 @@ HAS_CUDA = torch.cuda.is_available()
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # the tests that need a GPU: `pytest -m gpu` selects them (scripts/gpu_check.sh)
 requires_cuda = (pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (none visible)"))
-requires_c = pytest.mark.skipif(fastbert._ext.C is None,
-                                reason=f"fastbert._C not built: {fastbert._ext.error}")
+requires_c = pytest.mark.skipif(fastbert._ext.C is None, reason=f"fastbert._C not built: {fastbert._ext.error}")
 
 
 def cpu_isas():
@@ -54,10 +53,15 @@ def backend_params(device):
         isas = cpu_isas() or ["unbuilt"]
         for isa in isas:
             params.append(pytest.param(f"cpu:{isa}", marks=requires_c))
-        params.append(pytest.param("triton", marks=pytest.mark.skipif(
-            not (fastbert.triton.available and TRITON_INTERPRET),
-            reason="triton on CPU tensors needs TRITON_INTERPRET=1 and triton: "
-                   f"{fastbert.triton.error}")))
+        params.append(
+            pytest.param(
+                "triton",
+                marks=pytest.mark.skipif(
+                    not (fastbert.triton.available and TRITON_INTERPRET),
+                    reason=f"triton on CPU tensors needs TRITON_INTERPRET=1 and triton: {fastbert.triton.error}",
+                ),
+            )
+        )
     else:
         params.append(pytest.param("cuda", marks=requires_cuda))
         params.append(pytest.param("triton", marks=requires_cuda))
@@ -112,8 +116,10 @@ def assert_close(actual, ref64, eager, what=""):
     if not math.isfinite(eager_err):  # eager overflowed (e.g. fp16 with rstd = 1/sqrt(1e-12)): no credit
         eager_err = 0.0
     bound = 2 * eager_err + TOLERANCES[actual.dtype].atol * scale
-    assert err <= bound, (f"{what}: max error {err:.3g} > 2 x eager error {eager_err:.3g} + "
-                          f"atol {TOLERANCES[actual.dtype].atol:g} x scale {scale:.3g}")
+    assert err <= bound, (
+        f"{what}: max error {err:.3g} > 2 x eager error {eager_err:.3g} + "
+        f"atol {TOLERANCES[actual.dtype].atol:g} x scale {scale:.3g}"
+    )
 
 
 def assert_grads_match(got, want, same_keys=True):

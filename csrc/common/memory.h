@@ -29,7 +29,8 @@ inline void advise_huge_pages(void* p, size_t bytes) {
   const uintptr_t end = (reinterpret_cast<uintptr_t>(p) + bytes) & ~(kHuge - 1);
   if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
 #else
-  (void)p; (void)bytes;
+  (void)p;
+  (void)bytes;
 #endif
 }
 

@@ -52,9 +52,7 @@ FASTBERT_HD int output_of(uint64_t e) { return static_cast<int>((e & 63) >> 4); 
 
 // The 32-bit draw of element e (one Philox call per element: for scalar/tail code; vector code
 // computes a whole group of 64 elements from 16 counters).
-FASTBERT_HD uint32_t element(uint64_t seed, uint64_t e) {
-  return philox4x32(seed, counter_of(e)).v[output_of(e)];
-}
+FASTBERT_HD uint32_t element(uint64_t seed, uint64_t e) { return philox4x32(seed, counter_of(e)).v[output_of(e)]; }
 
 FASTBERT_HD uint32_t threshold(double p) { return static_cast<uint32_t>(p * 16777216.0 + 0.5); }
 FASTBERT_HD float scale(double p) { return static_cast<float>(1.0 / (1.0 - p)); }

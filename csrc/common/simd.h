@@ -29,8 +29,12 @@ typedef int32_t vi __attribute__((vector_size(W * 4)));
 typedef uint32_t vu __attribute__((vector_size(W * 4)));
 typedef uint16_t vh __attribute__((vector_size(W * 2)));
 
-struct f16 { uint16_t bits; };
-struct bf16 { uint16_t bits; };
+struct f16 {
+  uint16_t bits;
+};
+struct bf16 {
+  uint16_t bits;
+};
 
 template <typename To, typename From>
 inline To bitcast(From v) {
@@ -69,8 +73,8 @@ inline vf vmax(vf a, vf b) {
 // Lane-wise: a where the sign bit of s is set (negative s, -0 included), else b.
 inline vf vselect_neg(vf s, vf a, vf b) {
 #if defined(__AVX512F__) && defined(__AVX512DQ__)
-  return bitcast<vf>(_mm512_mask_blend_ps(_mm512_movepi32_mask(bitcast<__m512i>(s)),
-                                          bitcast<__m512>(b), bitcast<__m512>(a)));
+  return bitcast<vf>(
+      _mm512_mask_blend_ps(_mm512_movepi32_mask(bitcast<__m512i>(s)), bitcast<__m512>(b), bitcast<__m512>(a)));
 #elif defined(__AVX2__)
   return bitcast<vf>(_mm256_blendv_ps(bitcast<__m256>(b), bitcast<__m256>(a), bitcast<__m256>(s)));
 #else
@@ -84,10 +88,12 @@ inline vf vabs(vf a) { return bitcast<vf>(bitcast<vu>(a) & 0x7fffffffu); }
 // ---- fp16 <-> fp32 (bit manipulation unless the F16C instructions are available) ----
 inline vf half_to_float(vh h) {
 #if defined(__AVX512F__)
-  __m256i raw; std::memcpy(&raw, &h, sizeof raw);
+  __m256i raw;
+  std::memcpy(&raw, &h, sizeof raw);
   return bitcast<vf>(_mm512_cvtph_ps(raw));
 #elif defined(__F16C__) && defined(__AVX2__)
-  __m128i raw; std::memcpy(&raw, &h, sizeof raw);
+  __m128i raw;
+  std::memcpy(&raw, &h, sizeof raw);
   return bitcast<vf>(_mm256_cvtph_ps(raw));
 #else
   const vu u = __builtin_convertvector(h, vu);
@@ -135,12 +141,30 @@ inline vh float_to_bf16(vf f) {
 }
 
 // ---- loads and stores of W lanes, full or partial (n < W, the rest zero) ----
-inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
-inline vf load(const f16* p) { vh h; std::memcpy(&h, p, sizeof h); return half_to_float(h); }
-inline vf load(const bf16* p) { vh h; std::memcpy(&h, p, sizeof h); return bf16_to_float(h); }
+inline vf load(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline vf load(const f16* p) {
+  vh h;
+  std::memcpy(&h, p, sizeof h);
+  return half_to_float(h);
+}
+inline vf load(const bf16* p) {
+  vh h;
+  std::memcpy(&h, p, sizeof h);
+  return bf16_to_float(h);
+}
 inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
-inline void store(f16* p, vf v) { vh h = float_to_half(v); std::memcpy(p, &h, sizeof h); }
-inline void store(bf16* p, vf v) { vh h = float_to_bf16(v); std::memcpy(p, &h, sizeof h); }
+inline void store(f16* p, vf v) {
+  vh h = float_to_half(v);
+  std::memcpy(p, &h, sizeof h);
+}
+inline void store(bf16* p, vf v) {
+  vh h = float_to_bf16(v);
+  std::memcpy(p, &h, sizeof h);
+}
 
 // Non-temporal (streaming) stores of W lanes to memory aligned to the vector's size: they bypass
 // the caches and skip the read-for-ownership of each written line, for outputs far larger than the

@@ -91,8 +91,8 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd_cpu(const at::Tensor& dy_, cons
       const int64_t r0 = rb * t.row_block, r1 = std::min(rows, r0 + t.row_block);
       const int64_t c0 = ct * t.col_tile, c1 = std::min(n, c0 + t.col_tile);
       double* pp = want_db ? partial.data_ptr<double>() + rb * n : nullptr;
-      FASTBERT_CPU_CALL(bias_gelu_bwd, dt, dy.const_data_ptr(), x.const_data_ptr(), bp,
-                        dx.data_ptr(), pp, n, r0, r1, c0, c1, tanh);
+      FASTBERT_CPU_CALL(bias_gelu_bwd, dt, dy.const_data_ptr(), x.const_data_ptr(), bp, dx.data_ptr(), pp, n, r0, r1,
+                        c0, c1, tanh);
     }
   });
   if (want_db) {

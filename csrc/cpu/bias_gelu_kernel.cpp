@@ -208,13 +208,12 @@ void bwd_segment(const T* dy, const T* x, const float* bias, T* dx, float* dbias
 }
 
 template <typename T>
-void bwd_segment(const T* dy, const T* x, const float* bias, T* dx, float* dbias, int64_t len,
-                 bool tanh) {
+void bwd_segment(const T* dy, const T* x, const float* bias, T* dx, float* dbias, int64_t len, bool tanh) {
   tanh ? bwd_segment<true>(dy, x, bias, dx, dbias, len) : bwd_segment<false>(dy, x, bias, dx, dbias, len);
 }
 
-void bwd_segment(const double* dy, const double* x, const double* bias, double* dx, double* dbias,
-                 int64_t len, bool tanh) {
+void bwd_segment(const double* dy, const double* x, const double* bias, double* dx, double* dbias, int64_t len,
+                 bool tanh) {
   for (int64_t i = 0; i < len; ++i) {
     const double dz = dy[i] * gelu_grad(x[i] + (bias ? bias[i] : 0.0), tanh);
     dx[i] = dz;
@@ -228,8 +227,8 @@ void bwd_segment(const double* dy, const double* x, const double* bias, double* 
 constexpr int64_t kGroup = 8;
 
 template <typename T, typename B>
-void bwd(const void* dyv, const void* xv, const void* bv, void* dxv, void* dbv, int64_t n,
-         int64_t r0, int64_t r1, int64_t c0, int64_t c1, bool tanh) {
+void bwd(const void* dyv, const void* xv, const void* bv, void* dxv, void* dbv, int64_t n, int64_t r0, int64_t r1,
+         int64_t c0, int64_t c1, bool tanh) {
   const B* bias = static_cast<const B*>(bv);
   double* dbias = static_cast<double*>(dbv);
   const int64_t width = c1 - c0;
@@ -239,9 +238,8 @@ void bwd(const void* dyv, const void* xv, const void* bv, void* dxv, void* dbv, 
     if (dbias) std::memset(group, 0, width * sizeof(B));
     for (; r < end; ++r) {
       const int64_t off = r * n + c0;
-      bwd_segment(static_cast<const T*>(dyv) + off, static_cast<const T*>(xv) + off,
-                  bias ? bias + c0 : nullptr, static_cast<T*>(dxv) + off, dbias ? group : nullptr,
-                  width, tanh);
+      bwd_segment(static_cast<const T*>(dyv) + off, static_cast<const T*>(xv) + off, bias ? bias + c0 : nullptr,
+                  static_cast<T*>(dxv) + off, dbias ? group : nullptr, width, tanh);
     }
     if (dbias)
       for (int64_t c = 0; c < width; ++c) dbias[c0 + c] += group[c];
@@ -250,8 +248,7 @@ void bwd(const void* dyv, const void* xv, const void* bv, void* dxv, void* dbv, 
 
 }  // namespace
 
-void bias_gelu_fwd(DType dt, const void* x, const void* bias, void* y, int64_t n, int64_t e0,
-                   int64_t e1, bool tanh) {
+void bias_gelu_fwd(DType dt, const void* x, const void* bias, void* y, int64_t n, int64_t e0, int64_t e1, bool tanh) {
   switch (dt) {
     case DType::f32: return fwd<float, float>(x, bias, y, n, e0, e1, tanh);
     case DType::f16: return fwd<f16, float>(x, bias, y, n, e0, e1, tanh);
@@ -260,9 +257,8 @@ void bias_gelu_fwd(DType dt, const void* x, const void* bias, void* y, int64_t n
   }
 }
 
-void bias_gelu_bwd(DType dt, const void* dy, const void* x, const void* bias, void* dx,
-                   void* dbias, int64_t n, int64_t r0, int64_t r1, int64_t c0, int64_t c1,
-                   bool tanh) {
+void bias_gelu_bwd(DType dt, const void* dy, const void* x, const void* bias, void* dx, void* dbias, int64_t n,
+                   int64_t r0, int64_t r1, int64_t c0, int64_t c1, bool tanh) {
   if (c1 - c0 > kMaxColTile) std::abort();  // the glue tiles columns to at most kMaxColTile
   switch (dt) {
     case DType::f32: return bwd<float, float>(dy, x, bias, dx, dbias, n, r0, r1, c0, c1, tanh);

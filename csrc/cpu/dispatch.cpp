@@ -1,12 +1,13 @@
 // Which CPU kernel variant runs: detected once from CPUID, overridable by FASTBERT_CPU_ISA.
 #include "cpu/dispatch.h"
-#include "common/philox.h"
 
 #include <c10/util/Exception.h>
 
 #include <atomic>
 #include <cstdlib>
 #include <mutex>
+
+#include "common/philox.h"
 
 namespace fastbert::cpu {
 namespace {
@@ -19,8 +20,7 @@ bool cpu_runs(Isa isa) {
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
              __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
     case Isa::avx2:
-      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-             __builtin_cpu_supports("f16c");
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
     case Isa::generic: return true;
   }
   return false;
@@ -40,11 +40,20 @@ Isa best() {
 
 // Resolves a name to a runnable variant; returns false with a reason otherwise.
 bool resolve(const std::string& name, Isa* out, std::string* why) {
-  if (name.empty() || name == "auto") { *out = best(); return true; }
+  if (name.empty() || name == "auto") {
+    *out = best();
+    return true;
+  }
   for (Isa isa : {Isa::generic, Isa::avx2, Isa::avx512}) {
     if (name != isa_name(isa)) continue;
-    if (!compiled(isa)) { *why = name + " kernels were not compiled for this architecture"; return false; }
-    if (!cpu_runs(isa)) { *why = "this CPU cannot run the " + name + " kernels"; return false; }
+    if (!compiled(isa)) {
+      *why = name + " kernels were not compiled for this architecture";
+      return false;
+    }
+    if (!cpu_runs(isa)) {
+      *why = "this CPU cannot run the " + name + " kernels";
+      return false;
+    }
     *out = isa;
     return true;
   }
@@ -82,7 +91,8 @@ const char* isa_name(Isa isa) {
 
 std::vector<std::string> isas_compiled() {
   std::vector<std::string> out;
-  for (Isa isa : {Isa::avx512, Isa::avx2, Isa::generic}) if (compiled(isa)) out.push_back(isa_name(isa));
+  for (Isa isa : {Isa::avx512, Isa::avx2, Isa::generic})
+    if (compiled(isa)) out.push_back(isa_name(isa));
   return out;
 }
 
@@ -96,14 +106,20 @@ std::vector<std::string> isas_supported() {
 
 Isa active_isa() {
   int v = active.load(std::memory_order_relaxed);
-  if (v == -1) { resolve_from_env(); v = active.load(); }
+  if (v == -1) {
+    resolve_from_env();
+    v = active.load();
+  }
   TORCH_CHECK(v >= 0, "fastbert: ", active_error);
   return static_cast<Isa>(v);
 }
 
 std::string active_isa_name() {
   int v = active.load();
-  if (v == -1) { resolve_from_env(); v = active.load(); }
+  if (v == -1) {
+    resolve_from_env();
+    v = active.load();
+  }
   return v >= 0 ? isa_name(static_cast<Isa>(v)) : "error: " + active_error;
 }
 

@@ -29,13 +29,13 @@ Dropout dropout_of(const at::Tensor& seed, double p);
 }  // namespace fastbert::cpu
 
 #if FASTBERT_HAVE_X86_ISAS
-#define FASTBERT_CPU_CALL(fn, ...)                                                    \
-  do {                                                                                \
-    switch (::fastbert::cpu::active_isa()) {                                          \
+#define FASTBERT_CPU_CALL(fn, ...)                                                        \
+  do {                                                                                    \
+    switch (::fastbert::cpu::active_isa()) {                                              \
       case ::fastbert::cpu::Isa::avx512: ::fastbert::cpu::avx512::fn(__VA_ARGS__); break; \
       case ::fastbert::cpu::Isa::avx2: ::fastbert::cpu::avx2::fn(__VA_ARGS__); break;     \
-      default: ::fastbert::cpu::generic::fn(__VA_ARGS__); break;                         \
-    }                                                                                 \
+      default: ::fastbert::cpu::generic::fn(__VA_ARGS__); break;                          \
+    }                                                                                     \
   } while (0)
 #else
 #define FASTBERT_CPU_CALL(fn, ...) ::fastbert::cpu::generic::fn(__VA_ARGS__)

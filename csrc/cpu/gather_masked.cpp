@@ -19,7 +19,9 @@ namespace fastbert {
 namespace {
 
 // Rows per task: about 256 KiB of copying, so that narrow rows are not one task each.
-int64_t grain_of(int64_t row_bytes) { return std::max<int64_t>(1, (int64_t{256} << 10) / std::max<int64_t>(row_bytes, 1)); }
+int64_t grain_of(int64_t row_bytes) {
+  return std::max<int64_t>(1, (int64_t{256} << 10) / std::max<int64_t>(row_bytes, 1));
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gather_masked_fwd_cpu(const at::Tensor& hidden_,
                                                                                  const at::Tensor& labels_,

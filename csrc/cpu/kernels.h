@@ -30,7 +30,7 @@ struct LayerNormArgs {
   void *y = nullptr, *mean = nullptr, *rstd = nullptr;  // forward writes all three; backward reads mean, rstd
   void *dresidual = nullptr, *dx = nullptr;             // backward; dx null without dropout (dx = dresidual)
   double *dweight = nullptr, *dbias = nullptr, *dx_bias = nullptr;  // backward: the task's fp64 column
-                                                                      // sums, written (dx_bias may be null)
+                                                                    // sums, written (dx_bias may be null)
   const Dropout* dropout = nullptr;
 };
 
@@ -47,13 +47,13 @@ struct SoftmaxArgs {
   bool mask_is_bool = false;
   DType mask_dtype = DType::f32;
   int64_t mask_stride[4] = {0, 0, 0, 0};
-  void* probs = nullptr;                            // forward output (after dropout)
-  void* softmax = nullptr;                          // forward: pre-dropout p, written only with dropout
-  const void* grad = nullptr;                       // backward: dL/dprobs
-  const void* saved = nullptr;                      // backward: the softmax the forward saved
-  void* dscores = nullptr;                          // backward output
+  void* probs = nullptr;  // forward output (after dropout)
+  void* softmax = nullptr;  // forward: pre-dropout p, written only with dropout
+  const void* grad = nullptr;  // backward: dL/dprobs
+  const void* saved = nullptr;  // backward: the softmax the forward saved
+  void* dscores = nullptr;  // backward output
   const Dropout* dropout = nullptr;
-  bool stream = false;                              // outputs far larger than the caches: streaming stores
+  bool stream = false;  // outputs far larger than the caches: streaming stores
 };
 
 // Cross-entropy over rows of v logits (linear_cross_entropy's fused step): contiguous [rows, v]
@@ -65,33 +65,38 @@ struct CrossEntropyArgs {
   const void* logits = nullptr;
   const int64_t* targets = nullptr;
   const void* row_scale = nullptr;  // backward only
-  void* grad = nullptr;             // backward only: may equal logits
+  void* grad = nullptr;  // backward only: may equal logits
   void *loss = nullptr, *lse = nullptr;
 };
 
 // One line per kernel; each takes the storage dtype of its tensor arguments.
-#define FASTBERT_CPU_KERNELS                                                                      \
-  /* y[e] = gelu(x[e] + bias[e % n]) for flat elements [e0, e1) of a contiguous [rows, n] x.  */  \
-  /* bias is fp32 (or fp64 for f64 data) and may be null. */                                     \
-  void bias_gelu_fwd(DType dt, const void* x, const void* bias, void* y, int64_t n, int64_t e0,   \
-                     int64_t e1, bool tanh);                                                      \
-  /* dx = dy * gelu'(x + bias) on the tile rows [r0, r1) x cols [c0, c1), c1 - c0 <= */           \
-  /* kMaxColTile; when dbias (fp64 [n]) is not null, dbias[c] += sum over the tile's rows of dx. */ \
-  void bias_gelu_bwd(DType dt, const void* dy, const void* x, const void* bias, void* dx,         \
-                     void* dbias, int64_t n, int64_t r0, int64_t r1, int64_t c0, int64_t c1,      \
-                     bool tanh);                                                                  \
-  /* LayerNorm(dropout(x + x_bias) + residual) forward / backward over rows [r0, r1). */         \
-  void layernorm_residual_fwd(DType dt, const LayerNormArgs& a, int64_t r0, int64_t r1);          \
-  void layernorm_residual_bwd(DType dt, const LayerNormArgs& a, int64_t r0, int64_t r1);          \
-  /* dropout(softmax(scores * scale + mask)) forward / backward over rows [r0, r1). */            \
-  void masked_softmax_fwd(DType dt, const SoftmaxArgs& a, int64_t r0, int64_t r1);                \
-  void masked_softmax_bwd(DType dt, const SoftmaxArgs& a, int64_t r0, int64_t r1);               \
-  /* loss, lse (and with a.grad the logits' gradient) of rows [r0, r1). */                       \
+#define FASTBERT_CPU_KERNELS                                                                                      \
+  /* y[e] = gelu(x[e] + bias[e % n]) for flat elements [e0, e1) of a contiguous [rows, n] x.  */                  \
+  /* bias is fp32 (or fp64 for f64 data) and may be null. */                                                      \
+  void bias_gelu_fwd(DType dt, const void* x, const void* bias, void* y, int64_t n, int64_t e0, int64_t e1,       \
+                     bool tanh);                                                                                  \
+  /* dx = dy * gelu'(x + bias) on the tile rows [r0, r1) x cols [c0, c1), c1 - c0 <= */                           \
+  /* kMaxColTile; when dbias (fp64 [n]) is not null, dbias[c] += sum over the tile's rows of dx. */               \
+  void bias_gelu_bwd(DType dt, const void* dy, const void* x, const void* bias, void* dx, void* dbias, int64_t n, \
+                     int64_t r0, int64_t r1, int64_t c0, int64_t c1, bool tanh);                                  \
+  /* LayerNorm(dropout(x + x_bias) + residual) forward / backward over rows [r0, r1). */                          \
+  void layernorm_residual_fwd(DType dt, const LayerNormArgs& a, int64_t r0, int64_t r1);                          \
+  void layernorm_residual_bwd(DType dt, const LayerNormArgs& a, int64_t r0, int64_t r1);                          \
+  /* dropout(softmax(scores * scale + mask)) forward / backward over rows [r0, r1). */                            \
+  void masked_softmax_fwd(DType dt, const SoftmaxArgs& a, int64_t r0, int64_t r1);                                \
+  void masked_softmax_bwd(DType dt, const SoftmaxArgs& a, int64_t r0, int64_t r1);                                \
+  /* loss, lse (and with a.grad the logits' gradient) of rows [r0, r1). */                                        \
   void cross_entropy_rows(DType dt, const CrossEntropyArgs& a, int64_t r0, int64_t r1);
 
-namespace generic { FASTBERT_CPU_KERNELS }
-namespace avx2 { FASTBERT_CPU_KERNELS }
-namespace avx512 { FASTBERT_CPU_KERNELS }
+namespace generic {
+FASTBERT_CPU_KERNELS
+}
+namespace avx2 {
+FASTBERT_CPU_KERNELS
+}
+namespace avx512 {
+FASTBERT_CPU_KERNELS
+}
 
 }  // namespace fastbert::cpu
 
@@ -102,25 +107,29 @@ namespace fastbert::cpu {
 // fp64 for f64 data). Dropout element of query row i, key j is e0 + i * e_step + j.
 struct VarlenSoftmaxArgs {
   int64_t n = 0;
-  void* s = nullptr;          // in: the scaled scores; out: the probabilities after dropout
-  void* dp = nullptr;         // backward: in dO v^T, out dS = p (dp * keep / (1 - p_drop) - D)
-  void* lse = nullptr;        // [n]: the forward writes it (the backward recomputes max and sum instead)
+  void* s = nullptr;  // in: the scaled scores; out: the probabilities after dropout
+  void* dp = nullptr;  // backward: in dO v^T, out dS = p (dp * keep / (1 - p_drop) - D)
+  void* lse = nullptr;  // [n]: the forward writes it (the backward recomputes max and sum instead)
   const Dropout* dropout = nullptr;
   uint64_t e0 = 0, e_step = 0;
 };
 
-#define FASTBERT_CPU_VARLEN_KERNELS                                                                \
-  /* softmax (lse, dropout) of a pair's scores / its backward; acc is f32 or f64. */              \
-  void varlen_softmax_fwd(DType acc, const VarlenSoftmaxArgs& a);                                  \
-  void varlen_softmax_bwd(DType acc, const VarlenSoftmaxArgs& a);                                  \
-  /* dst[r * d + c] = src[r * ld_src + c] (storage dtype dt -> fp32; nothing for f64) and back. */ \
-  void varlen_rows_to_f32(DType dt, const void* src, int64_t ld_src, int64_t rows, int64_t d,      \
-                          float* dst);                                                             \
-  void varlen_rows_from_f32(DType dt, const float* src, int64_t rows, int64_t d, void* dst,        \
-                            int64_t ld_dst);
+#define FASTBERT_CPU_VARLEN_KERNELS                                                                        \
+  /* softmax (lse, dropout) of a pair's scores / its backward; acc is f32 or f64. */                       \
+  void varlen_softmax_fwd(DType acc, const VarlenSoftmaxArgs& a);                                          \
+  void varlen_softmax_bwd(DType acc, const VarlenSoftmaxArgs& a);                                          \
+  /* dst[r * d + c] = src[r * ld_src + c] (storage dtype dt -> fp32; nothing for f64) and back. */         \
+  void varlen_rows_to_f32(DType dt, const void* src, int64_t ld_src, int64_t rows, int64_t d, float* dst); \
+  void varlen_rows_from_f32(DType dt, const float* src, int64_t rows, int64_t d, void* dst, int64_t ld_dst);
 
-namespace generic { FASTBERT_CPU_VARLEN_KERNELS }
-namespace avx2 { FASTBERT_CPU_VARLEN_KERNELS }
-namespace avx512 { FASTBERT_CPU_VARLEN_KERNELS }
+namespace generic {
+FASTBERT_CPU_VARLEN_KERNELS
+}
+namespace avx2 {
+FASTBERT_CPU_VARLEN_KERNELS
+}
+namespace avx512 {
+FASTBERT_CPU_VARLEN_KERNELS
+}
 
 }  // namespace fastbert::cpu

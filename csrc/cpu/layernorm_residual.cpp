@@ -22,8 +22,8 @@ at::Tensor param(const std::optional<at::Tensor>& t, const at::Tensor& x) {
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_residual_fwd_cpu(
-    const at::Tensor& x_, const at::Tensor& residual_, const at::Tensor& weight, const at::Tensor& bias,
-    double eps, const std::optional<at::Tensor>& x_bias, double dropout_p, const std::optional<at::Tensor>& seed) {
+    const at::Tensor& x_, const at::Tensor& residual_, const at::Tensor& weight, const at::Tensor& bias, double eps,
+    const std::optional<at::Tensor>& x_bias, double dropout_p, const std::optional<at::Tensor>& seed) {
   check_layernorm_residual(x_, residual_, weight, bias, x_bias, dropout_p, seed);
   check_layernorm_residual_eps(eps);
   const at::Tensor x = x_.contiguous(), residual = residual_.contiguous();
@@ -31,7 +31,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_residual_fwd_cpu(
   const auto stats = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto rows_shape = x.sizes().slice(0, x.dim() - 1);
   at::Tensor y = empty_output(x.sizes(), x.options());
-  at::Tensor mean = at::empty(rows_shape, x.options().dtype(stats)), rstd = at::empty(rows_shape, x.options().dtype(stats));
+  at::Tensor mean = at::empty(rows_shape, x.options().dtype(stats)),
+             rstd = at::empty(rows_shape, x.options().dtype(stats));
   const int64_t n = x.size(-1), rows = n ? x.numel() / n : 0;
   if (rows == 0 || n == 0) {
     if (rows) mean.fill_(0), rstd.fill_(std::numeric_limits<double>::quiet_NaN());  // as torch for n == 0
@@ -46,7 +47,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_residual_fwd_cpu(
   a.y = y.data_ptr(), a.mean = mean.data_ptr(), a.rstd = rstd.data_ptr(), a.dropout = dropping ? &drop : nullptr;
   const auto dt = cpu::dtype_of(x);
   const int64_t grain = std::max<int64_t>(1, 16384 / n);
-  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) { FASTBERT_CPU_CALL(layernorm_residual_fwd, dt, a, r0, r1); });
+  at::parallel_for(0, rows, grain,
+                   [&](int64_t r0, int64_t r1) { FASTBERT_CPU_CALL(layernorm_residual_fwd, dt, a, r0, r1); });
   return {y, mean, rstd};
 }
 

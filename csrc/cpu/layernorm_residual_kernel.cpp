@@ -71,8 +71,7 @@ constexpr float kBig = 0x1p50f, kDown = 0x1p-76f, kUp = 0x1p76f;
 // mean, summed as s - s[0] so that a large common offset does not cost precision; `spread` gets the
 // largest |s - s[0]| (NaN/inf lanes aside).
 template <typename T>
-float pre_norm_row(const T* x, const T* res, const float* xb, const float* mult, int64_t n, float* s,
-                   float& spread) {
+float pre_norm_row(const T* x, const T* res, const float* xb, const float* mult, int64_t n, float* s, float& spread) {
   const int64_t m0 = n < W ? n : W;
   vf h0 = ld(x, m0);
   if (xb) h0 += ld(xb, m0);
@@ -80,16 +79,19 @@ float pre_norm_row(const T* x, const T* res, const float* xb, const float* mult,
   const float shift = (h0 + ld(res, m0))[0];  // s[0]
   Sum sum;
   vf vspread{};
-  for_row(n, [&](int64_t i, int64_t m) {
-    vf h = ld(x + i, m);
-    if (xb) h += ld(xb + i, m);
-    if (mult) h = drop(h, load(mult + i));
-    const vf v = h + ld(res + i, m);
-    store(s + i, v);
-    const vf dv = head(v - shift, m);
-    sum.acc += dv;
-    vspread = vmax(vspread, vabs(dv));
-  }, [&] { sum.flush(); });
+  for_row(
+      n,
+      [&](int64_t i, int64_t m) {
+        vf h = ld(x + i, m);
+        if (xb) h += ld(xb + i, m);
+        if (mult) h = drop(h, load(mult + i));
+        const vf v = h + ld(res + i, m);
+        store(s + i, v);
+        const vf dv = head(v - shift, m);
+        sum.acc += dv;
+        vspread = vmax(vspread, vabs(dv));
+      },
+      [&] { sum.flush(); });
   spread = 0.0f;
   for (int j = 0; j < W; ++j) spread = vspread[j] > spread ? vspread[j] : spread;
   return static_cast<float>(shift + sum.total / static_cast<double>(n));
@@ -98,10 +100,13 @@ float pre_norm_row(const T* x, const T* res, const float* xb, const float* mult,
 // rstd of the row in s with the given mean (two-pass variance).
 inline float row_rstd(const float* s, int64_t n, float mean, double eps) {
   Sum sq;
-  for_row(n, [&](int64_t i, int64_t m) {
-    const vf d = head(load(s + i) - mean, m);
-    sq.acc += d * d;
-  }, [&] { sq.flush(); });
+  for_row(
+      n,
+      [&](int64_t i, int64_t m) {
+        const vf d = head(load(s + i) - mean, m);
+        sq.acc += d * d;
+      },
+      [&] { sq.flush(); });
   return static_cast<float>(1.0 / std::sqrt(sq.total / static_cast<double>(n) + eps));
 }
 
@@ -139,9 +144,9 @@ void fwd_rows(const LayerNormArgs& a, int64_t r0, int64_t r1) {
     const float rstd = row_rstd(s, n, mean, a.eps);
     static_cast<float*>(a.mean)[r] = mean;
     static_cast<float*>(a.rstd)[r] = rstd;
-    for_row(n, [&](int64_t i, int64_t m) {
-      st(y + off + i, (load(s + i) - mean) * rstd * ld(w + i, m) + ld(b + i, m), m);
-    }, [] {});
+    for_row(
+        n, [&](int64_t i, int64_t m) { st(y + off + i, (load(s + i) - mean) * rstd * ld(w + i, m) + ld(b + i, m), m); },
+        [] {});
   }
 }
 
@@ -179,32 +184,38 @@ void bwd_rows(const LayerNormArgs& a, int64_t r0, int64_t r1) {
       // pass 1: s_hat from x, x_bias, mask, residual and the saved mean/rstd; g = dy * w; row sums
       // of g and g * s_hat; column sums dw, db. s_hat and g go to the row buffers for pass 2.
       Sum sg, sgs;
-      for_row(n, [&](int64_t i, int64_t m) {
-        vf h = ld(x + off + i, m);
-        if (xb) h += ld(xb + i, m);
-        if (mult) h = drop(h, load(mult + i));
-        const vf d = ld(dy + off + i, m);
-        const vf shv = head(((h + ld(res + off + i, m)) * sc - msc) * rsc, m);
-        const vf gv = d * ld(w + i, m);
-        store(sh + i, shv);
-        store(g + i, gv);
-        sg.acc += gv;
-        sgs.acc += gv * shv;
-        store(gdw + i, load(gdw + i) + d * shv);
-        store(gdb + i, load(gdb + i) + d);
-      }, [&] { sg.flush(), sgs.flush(); });
+      for_row(
+          n,
+          [&](int64_t i, int64_t m) {
+            vf h = ld(x + off + i, m);
+            if (xb) h += ld(xb + i, m);
+            if (mult) h = drop(h, load(mult + i));
+            const vf d = ld(dy + off + i, m);
+            const vf shv = head(((h + ld(res + off + i, m)) * sc - msc) * rsc, m);
+            const vf gv = d * ld(w + i, m);
+            store(sh + i, shv);
+            store(g + i, gv);
+            sg.acc += gv;
+            sgs.acc += gv * shv;
+            store(gdw + i, load(gdw + i) + d * shv);
+            store(gdb + i, load(gdb + i) + d);
+          },
+          [&] { sg.flush(), sgs.flush(); });
       const float mg = static_cast<float>(sg.total / n);
       // an infinite g (dy * w): eager's row of ds is all NaN (inf - inf in LayerNorm's backward),
       // where rstd (g - mean(g) - s_hat mean(g s_hat)) alone could give +-inf
       const float mgs = std::isfinite(mg) ? static_cast<float>(sgs.total / n) : NAN;
       // pass 2: ds = rstd (g - mean(g) - s_hat mean(g s_hat)); dresidual, dx, dx_bias sums
-      for_row(n, [&](int64_t i, int64_t m) {
-        const vf ds = rstd * (load(g + i) - mg - load(sh + i) * mgs);
-        const vf dxv = mult ? drop(ds, load(mult + i)) : ds;  // a NaN ds at a dropped element: 0
-        st(dres + off + i, ds, m);
-        if (dx) st(dx + off + i, dxv, m);
-        if (xb) store(gdxb + i, load(gdxb + i) + head(dxv, m));
-      }, [] {});
+      for_row(
+          n,
+          [&](int64_t i, int64_t m) {
+            const vf ds = rstd * (load(g + i) - mg - load(sh + i) * mgs);
+            const vf dxv = mult ? drop(ds, load(mult + i)) : ds;  // a NaN ds at a dropped element: 0
+            st(dres + off + i, ds, m);
+            if (dx) st(dx + off + i, dxv, m);
+            if (xb) store(gdxb + i, load(gdxb + i) + head(dxv, m));
+          },
+          [] {});
     }
     for (int64_t c = 0; c < n; ++c) {  // flush the group's fp32 column sums into the fp64 partials
       a.dweight[c] += gdw[c];
@@ -254,7 +265,8 @@ void bwd_rows_f64(const LayerNormArgs& a, int64_t r0, int64_t r1) {
     double sg = 0.0, sgs = 0.0;
     for (int64_t i = 0; i < n; ++i) {
       if (a.dropout)
-        mult[i] = philox::keep(philox::element(a.dropout->seed, off + i), a.dropout->threshold) ? a.dropout->scale : 0.0;
+        mult[i] =
+            philox::keep(philox::element(a.dropout->seed, off + i), a.dropout->threshold) ? a.dropout->scale : 0.0;
       const double h = drop(x[off + i] + (xb ? xb[i] : 0.0), mult[i]);
       sh[i] = (h + res[off + i] - mean) * rstd;
       g[i] = dy[off + i] * w[i];

@@ -16,8 +16,8 @@ namespace {
 // Rows per task: about 16k logits, so that a small vocabulary is not one task a row.
 int64_t grain_of(int64_t v) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(v, 1)); }
 
-std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& logits, const at::Tensor& targets_, const at::Tensor* row_scale,
-                                       at::Tensor* grad, int64_t ignore_index) {
+std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& logits, const at::Tensor& targets_,
+                                       const at::Tensor* row_scale, at::Tensor* grad, int64_t ignore_index) {
   const auto stats = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t rows = logits.size(0), v = logits.size(1);
   at::Tensor loss = at::empty({rows}, logits.options().dtype(stats)), lse = at::empty({rows}, loss.options());
@@ -33,7 +33,8 @@ std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& logits, const at::Tenso
     a.row_scale = scale.const_data_ptr(), a.grad = grad->data_ptr();
   }
   const auto dt = cpu::dtype_of(logits);
-  at::parallel_for(0, rows, grain_of(v), [&](int64_t r0, int64_t r1) { FASTBERT_CPU_CALL(cross_entropy_rows, dt, a, r0, r1); });
+  at::parallel_for(0, rows, grain_of(v),
+                   [&](int64_t r0, int64_t r1) { FASTBERT_CPU_CALL(cross_entropy_rows, dt, a, r0, r1); });
   return {loss, lse};
 }
 

@@ -6,9 +6,9 @@
 //   across blocks);  loss = lse - x_t, 0 when t == ignore_index (NaN for a target outside [0, v)).
 // Backward (in place: grad may be the logits): grad_i = (e_i / sum(e) - [i == t]) * row_scale, a row
 //   of zeros when t == ignore_index. A NaN logit makes the row's lse, loss and gradient NaN, as in
-//   eager (found in pass 1: the vector max ignores NaN and the exp maps it to 0). x_t is read before the row is overwritten; e lives in a
-//   thread-local fp32 buffer between the passes, so the row is read from memory twice (max, exp) and
-//   written once.
+//   eager (found in pass 1: the vector max ignores NaN and the exp maps it to 0). x_t is read before the row is
+//   overwritten; e lives in a thread-local fp32 buffer between the passes, so the row is read from memory twice (max,
+//   exp) and written once.
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -74,18 +74,23 @@ void rows_vec(const CrossEntropyArgs& a, int64_t r0, int64_t r1) {
       loss[r] = ignored ? 0.0f : kNaN;
       if (bwd) {
         T* g = grad + r * v;
-        if (ignored) std::memset(static_cast<void*>(g), 0, v * sizeof(T));
-        else for_row(v, [&](int64_t i, int64_t m) { st(g + i, splat(kNaN), m); });
+        if (ignored)
+          std::memset(static_cast<void*>(g), 0, v * sizeof(T));
+        else
+          for_row(v, [&](int64_t i, int64_t m) { st(g + i, splat(kNaN), m); });
       }
       continue;
     }
     const float mx = hmax(vmx);
     Sum sum;
-    for_row(v, [&](int64_t i, int64_t m) {  // pass 2: e = exp(x - max) and its sum
-      const vf ev = head(exp_nonpositive(ld(x + i, m) - mx), m);
-      if (bwd) store(e + i, ev);
-      sum.acc += ev;
-    }, [&] { sum.flush(); });
+    for_row(
+        v,
+        [&](int64_t i, int64_t m) {  // pass 2: e = exp(x - max) and its sum
+          const vf ev = head(exp_nonpositive(ld(x + i, m) - mx), m);
+          if (bwd) store(e + i, ev);
+          sum.acc += ev;
+        },
+        [&] { sum.flush(); });
     const double lse = mx + std::log(sum.total);
     lse_out[r] = static_cast<float>(lse);
     loss[r] = ignored ? 0.0f : static_cast<float>(lse - xt);

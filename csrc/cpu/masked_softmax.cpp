@@ -21,9 +21,9 @@ int64_t grain_of(int64_t k) { return std::max<int64_t>(1, 16384 / std::max<int64
 // reads them back before they have left the cache anyway, and those stores skip each line's read.
 constexpr int64_t kStreamMinBytes = int64_t{16} << 20;
 
-std::tuple<at::Tensor, at::Tensor> masked_softmax_fwd_cpu(const at::Tensor& scores_, const std::optional<at::Tensor>& mask_,
-                                                        double scale, double dropout_p,
-                                                        const std::optional<at::Tensor>& seed) {
+std::tuple<at::Tensor, at::Tensor> masked_softmax_fwd_cpu(const at::Tensor& scores_,
+                                                          const std::optional<at::Tensor>& mask_, double scale,
+                                                          double dropout_p, const std::optional<at::Tensor>& seed) {
   check_masked_softmax(scores_, mask_, dropout_p, seed);
   const at::Tensor scores = scores_.contiguous();
   const bool dropping = dropout_active(seed, dropout_p);
@@ -47,7 +47,8 @@ std::tuple<at::Tensor, at::Tensor> masked_softmax_fwd_cpu(const at::Tensor& scor
   cpu::Dropout drop{};
   if (dropping) drop = cpu::dropout_of(*seed, dropout_p), a.dropout = &drop;
   const auto dt = cpu::dtype_of(scores);
-  at::parallel_for(0, rows, grain_of(k), [&](int64_t r0, int64_t r1) { FASTBERT_CPU_CALL(masked_softmax_fwd, dt, a, r0, r1); });
+  at::parallel_for(0, rows, grain_of(k),
+                   [&](int64_t r0, int64_t r1) { FASTBERT_CPU_CALL(masked_softmax_fwd, dt, a, r0, r1); });
   return {probs, soft};
 }
 
@@ -67,7 +68,8 @@ at::Tensor masked_softmax_bwd_cpu(const at::Tensor& grad_, const at::Tensor& sof
   cpu::Dropout drop{};
   if (dropout_active(seed, dropout_p)) drop = cpu::dropout_of(*seed, dropout_p), a.dropout = &drop;
   const auto dt = cpu::dtype_of(softmax);
-  at::parallel_for(0, rows, grain_of(k), [&](int64_t r0, int64_t r1) { FASTBERT_CPU_CALL(masked_softmax_bwd, dt, a, r0, r1); });
+  at::parallel_for(0, rows, grain_of(k),
+                   [&](int64_t r0, int64_t r1) { FASTBERT_CPU_CALL(masked_softmax_bwd, dt, a, r0, r1); });
   return ds;
 }
 

@@ -38,7 +38,8 @@ constexpr float kFloatMax = std::numeric_limits<float>::max();
 // +-inf and NaN unchanged.
 inline float mask_to_float(double m) {
   return static_cast<float>(m < -kFloatMax && m > -INFINITY ? -kFloatMax
-                            : m > kFloatMax && m < INFINITY ? kFloatMax : m);
+                            : m > kFloatMax && m < INFINITY ? kFloatMax
+                                                            : m);
 }
 
 struct RowBuffers {  // per thread, grown to the row length (+ one vector of padding)
@@ -55,9 +56,13 @@ thread_local RowBuffers buffers;
 
 // An output store: streaming (non-temporal) for whole vectors when `nt` (the row is vector-aligned).
 template <typename T>
-inline void st_out(T* p, vf v, int64_t m, bool nt) { nt && m == W ? store_stream(p, v) : st(p, v, m); }
+inline void st_out(T* p, vf v, int64_t m, bool nt) {
+  nt&& m == W ? store_stream(p, v) : st(p, v, m);
+}
 template <typename T>
-inline bool aligned(const T* p) { return reinterpret_cast<uintptr_t>(p) % (W * sizeof(T)) == 0; }
+inline bool aligned(const T* p) {
+  return reinterpret_cast<uintptr_t>(p) % (W * sizeof(T)) == 0;
+}
 
 inline float hmax(vf v) {
   float r = v[0];
@@ -186,11 +191,14 @@ void fwd_rows(const SoftmaxArgs& a, int64_t r0, int64_t r1) {
       mlog2e = 0.0f;
     }
     Sum sum;
-    for_row(k, [&](int64_t i, int64_t) {  // pass 2: e = exp(x - max), the row sum
-      const vf e = exp_or_zero(load(x + i), mlog2e);
-      store(x + i, e);
-      sum.acc += e;
-    }, [&] { sum.flush(); });
+    for_row(
+        k,
+        [&](int64_t i, int64_t) {  // pass 2: e = exp(x - max), the row sum
+          const vf e = exp_or_zero(load(x + i), mlog2e);
+          store(x + i, e);
+          sum.acc += e;
+        },
+        [&] { sum.flush(); });
     const float inv = static_cast<float>(1.0 / sum.total);
     const bool nt = a.stream && aligned(probs + off);  // (soft has the same layout)
     if (drop) {  // pass 3: normalise (and drop)
@@ -225,12 +233,15 @@ void bwd_rows(const SoftmaxArgs& a, int64_t r0, int64_t r1) {
     const int64_t off = r * k;
     if (dropping) philox_elements(d.seed, off, k, rnd);
     Sum sum;
-    for_row(k, [&](int64_t i, int64_t m) {  // pass 1: g (after dropout's backward), sum(g * p)
-      vf gv = ld(grad + off + i, m);
-      if (dropping) gv = dropout_apply(d, rnd + i, gv);  // a NaN grad at a dropped key gives 0
-      store(g + i, gv);
-      sum.acc += gv * ld(p + off + i, m);  // tail lanes load as 0
-    }, [&] { sum.flush(); });
+    for_row(
+        k,
+        [&](int64_t i, int64_t m) {  // pass 1: g (after dropout's backward), sum(g * p)
+          vf gv = ld(grad + off + i, m);
+          if (dropping) gv = dropout_apply(d, rnd + i, gv);  // a NaN grad at a dropped key gives 0
+          store(g + i, gv);
+          sum.acc += gv * ld(p + off + i, m);  // tail lanes load as 0
+        },
+        [&] { sum.flush(); });
     const float dot = static_cast<float>(sum.total);
     const bool nt = a.stream && aligned(ds + off);
     for_row(k, [&](int64_t i, int64_t m) {  // pass 2: dscores

@@ -30,12 +30,18 @@ inline void for_row(int64_t n, Body&& body, Flush&& flush) {
   }
 }
 template <typename Body>
-inline void for_row(int64_t n, Body&& body) { for_row(n, body, [] {}); }
+inline void for_row(int64_t n, Body&& body) {
+  for_row(n, body, [] {});
+}
 
 template <typename T>
-inline vf ld(const T* p, int64_t m) { return m == W ? load(p) : load_partial(p, m); }
+inline vf ld(const T* p, int64_t m) {
+  return m == W ? load(p) : load_partial(p, m);
+}
 template <typename T>
-inline void st(T* p, vf v, int64_t m) { m == W ? store(p, v) : store_partial(p, v, m); }
+inline void st(T* p, vf v, int64_t m) {
+  m == W ? store(p, v) : store_partial(p, v, m);
+}
 inline vf head(vf v, int64_t m) { return m == W ? v : load_partial(&v[0], m); }  // lanes >= m zeroed
 
 struct Sum {  // a row sum: fp32 lanes within a block, fp64 across blocks
@@ -52,10 +58,10 @@ struct Sum {  // a row sum: fp32 lanes within a block, fp64 across blocks
 
 // The body of a kernel entry point: `vec_fn<T>(args...)` for the vectorised storage types,
 // `scalar_fn(args...)` (the float64 path) for DType::f64.
-#define FASTBERT_CPU_BY_DTYPE(dt, vec_fn, scalar_fn, ...)          \
-  switch (dt) {                                                    \
-    case DType::f32: return vec_fn<float>(__VA_ARGS__);            \
-    case DType::f16: return vec_fn<f16>(__VA_ARGS__);              \
-    case DType::bf16: return vec_fn<bf16>(__VA_ARGS__);            \
-    case DType::f64: return scalar_fn(__VA_ARGS__);                \
+#define FASTBERT_CPU_BY_DTYPE(dt, vec_fn, scalar_fn, ...) \
+  switch (dt) {                                           \
+    case DType::f32: return vec_fn<float>(__VA_ARGS__);   \
+    case DType::f16: return vec_fn<f16>(__VA_ARGS__);     \
+    case DType::bf16: return vec_fn<bf16>(__VA_ARGS__);   \
+    case DType::f64: return scalar_fn(__VA_ARGS__);       \
   }

@@ -30,8 +30,8 @@
 // Fortran BLAS from torch's libraries (weak: the extension still loads where torch has none).
 extern "C" {
 void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
-            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
-            const int* ldc) __attribute__((weak));
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c, const int* ldc)
+    __attribute__((weak));
 void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const double* alpha,
             const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
             const int* ldc) __attribute__((weak));
@@ -46,12 +46,15 @@ constexpr const char* kOp = "varlen_attention";
 // stored [N, K] when tb), leading dimensions lda, ldb, ldc. BLAS is column-major, where row-major C
 // is C^T = op(B)^T op(A)^T: the operands swap.
 template <typename A>
-void mm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, A alpha, const A* a, int64_t lda, const A* b,
-        int64_t ldb, A* c, int64_t ldc) {
+void mm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, A alpha, const A* a, int64_t lda, const A* b, int64_t ldb,
+        A* c, int64_t ldc) {
   using Fn = void (*)(const char*, const char*, const int*, const int*, const int*, const A*, const A*, const int*,
                       const A*, const int*, const A*, A*, const int*);
   Fn blas = nullptr;
-  if constexpr (std::is_same_v<A, float>) blas = sgemm_; else blas = dgemm_;
+  if constexpr (std::is_same_v<A, float>)
+    blas = sgemm_;
+  else
+    blas = dgemm_;
   if (blas && alpha == A(0)) {
     // BLAS does not read op(A) op(B) when alpha is 0 (C = 0); eager's (q k^T) * 0 is NaN where the
     // product is inf or NaN: multiply afterwards
@@ -90,7 +93,8 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
   check_float(q, kOp, "q", q.device().is_cpu());
   TORCH_CHECK_VALUE(q.dim() == 3, kOp, ": q must be 3-D [total_tokens, heads, head_dim], got shape ", q.sizes());
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"k", &k}, {"v", &v}}) {
-    TORCH_CHECK_VALUE(t->sizes() == q.sizes(), kOp, ": ", name, " must have q's shape ", q.sizes(), ", got ", t->sizes());
+    TORCH_CHECK_VALUE(t->sizes() == q.sizes(), kOp, ": ", name, " must have q's shape ", q.sizes(), ", got ",
+                      t->sizes());
     TORCH_CHECK_VALUE(t->scalar_type() == q.scalar_type(), kOp, ": ", name, " must have q's dtype ", q.scalar_type(),
                       ", got ", t->scalar_type());
     TORCH_CHECK_VALUE(t->device() == q.device(), kOp, ": ", name, " is on ", t->device(), " but q is on ", q.device());
@@ -116,14 +120,15 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
     TORCH_CHECK_VALUE(p[b + 1] - p[b] <= max_seqlen, kOp, ": max_seqlen ", max_seqlen,
                       " is smaller than the longest sequence (", p[b + 1] - p[b], ")");
   }
-  TORCH_CHECK_VALUE(p[c.numel() - 1] == q.size(0), kOp, ": cu_seqlens must end at the number of rows of q (",
-                    q.size(0), "), got ", p[c.numel() - 1]);
+  TORCH_CHECK_VALUE(p[c.numel() - 1] == q.size(0), kOp, ": cu_seqlens must end at the number of rows of q (", q.size(0),
+                    "), got ", p[c.numel() - 1]);
 }
 
 void check_like_q(const at::Tensor& t, const at::Tensor& q, const char* name) {
   TORCH_CHECK_VALUE(t.sizes() == q.sizes() && t.scalar_type() == q.scalar_type(), kOp, " backward: ", name, " (",
                     t.sizes(), ", ", t.scalar_type(), ") must match q (", q.sizes(), ", ", q.scalar_type(), ")");
-  TORCH_CHECK_VALUE(t.device() == q.device(), kOp, " backward: ", name, " is on ", t.device(), " but q is on ", q.device());
+  TORCH_CHECK_VALUE(t.device() == q.device(), kOp, " backward: ", name, " is on ", t.device(), " but q is on ",
+                    q.device());
 }
 
 // Rows may be strided (a packed qkv), columns must be contiguous; BLAS wants row stride >= head_dim.
@@ -137,7 +142,9 @@ struct View {
   const char* base;
   int64_t row, head, itemsize;
   explicit View(const at::Tensor& t)
-      : base(static_cast<const char*>(t.const_data_ptr())), row(t.stride(0)), head(t.stride(1)),
+      : base(static_cast<const char*>(t.const_data_ptr())),
+        row(t.stride(0)),
+        head(t.stride(1)),
         itemsize(t.element_size()) {}
   const void* at(int64_t t, int64_t h) const { return base + (t * row + h * head) * itemsize; }
 };
@@ -197,7 +204,8 @@ template <typename A>
 Operand<A> operand(const View& v, int64_t start, int64_t n, int64_t h, int64_t d, cpu::DType dt, bool direct,
                    A* scratch_rows) {
   if (direct) return {static_cast<const A*>(v.at(start, h)), v.row};
-  if constexpr (std::is_same_v<A, float>) FASTBERT_CPU_CALL(varlen_rows_to_f32, dt, v.at(start, h), v.row, n, d, scratch_rows);
+  if constexpr (std::is_same_v<A, float>)
+    FASTBERT_CPU_CALL(varlen_rows_to_f32, dt, v.at(start, h), v.row, n, d, scratch_rows);
   return {scratch_rows, d};
 }
 
@@ -238,8 +246,8 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
 
 template <typename A>
 void bwd_impl(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-              const at::Tensor& cu, int64_t max_seqlen, double scale,
-              const cpu::Dropout* drop, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+              const at::Tensor& cu, int64_t max_seqlen, double scale, const cpu::Dropout* drop, at::Tensor& dq,
+              at::Tensor& dk, at::Tensor& dv) {
   const int64_t T = q.size(0), H = q.size(1), d = q.size(2), ldo = H * d;
   const cpu::DType dt = cpu::dtype_of(q);
   const bool direct = std::is_same_v<A, double> || dt == cpu::DType::f32;
@@ -315,18 +323,21 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd_cpu(const at::Tensor& q_
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cpu(
-    const at::Tensor& grad_, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& out_,
-    const at::Tensor& lse_, const at::Tensor& cu, int64_t max_seqlen, double scale, double dropout_p,
-    const std::optional<at::Tensor>& seed) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cpu(const at::Tensor& grad_, const at::Tensor& q_,
+                                                                        const at::Tensor& k_, const at::Tensor& v_,
+                                                                        const at::Tensor& out_, const at::Tensor& lse_,
+                                                                        const at::Tensor& cu, int64_t max_seqlen,
+                                                                        double scale, double dropout_p,
+                                                                        const std::optional<at::Tensor>& seed) {
   check_qkv(q_, k_, v_, cu, max_seqlen, dropout_p, seed);
   check_like_q(grad_, q_, "grad");
   check_like_q(out_, q_, "out");
   const bool f64 = q_.scalar_type() == at::kDouble;
   const auto lse_type = f64 ? at::kDouble : at::kFloat;
-  TORCH_CHECK_VALUE(lse_.scalar_type() == lse_type && lse_.dim() == 2 && lse_.size(0) == q_.size(1) &&
-                    lse_.size(1) == q_.size(0), kOp, " backward: lse must be ", lse_type, " of shape [",
-                    q_.size(1), ", ", q_.size(0), "], got ", lse_.scalar_type(), " of shape ", lse_.sizes());
+  TORCH_CHECK_VALUE(
+      lse_.scalar_type() == lse_type && lse_.dim() == 2 && lse_.size(0) == q_.size(1) && lse_.size(1) == q_.size(0),
+      kOp, " backward: lse must be ", lse_type, " of shape [", q_.size(1), ", ", q_.size(0), "], got ",
+      lse_.scalar_type(), " of shape ", lse_.sizes());
   const at::Tensor q = rows_usable(q_), k = rows_usable(k_), v = rows_usable(v_);
   const at::Tensor grad = grad_.contiguous();  // out and lse: checked, not needed (see the top)
   const auto opts = q.options().memory_format(at::MemoryFormat::Contiguous);

@@ -50,9 +50,7 @@ inline float hmax(vf v) {
 }
 
 // 2^t for t <= ~0, exactly 0 below 2^-125 (as masked_softmax's exp_or_zero).
-inline vf exp2_or_zero(vf t) {
-  return bitcast<vf>(bitcast<vi>(vexp2_unchecked(vmax(t, -125.0f))) & (t >= -125.0f));
-}
+inline vf exp2_or_zero(vf t) { return bitcast<vf>(bitcast<vi>(vexp2_unchecked(vmax(t, -125.0f))) & (t >= -125.0f)); }
 
 // Whether the row max says the row is NaN in eager PyTorch: a NaN score (the vector max and the exp
 // above ignore NaN, so pass 1 looks for it) or a +inf one (inf - inf).
@@ -97,11 +95,14 @@ void softmax_fwd_f32(const VarlenSoftmaxArgs& a) {
       continue;
     }
     Sum sum;
-    for_row(n, [&](int64_t j, int64_t m) {  // e = 2^((s - max) log2e), as the backward: s log2e would
-      const vf e = head(exp2_or_zero((ld(row + j, m) - mx) * kLog2e), m);  // overflow at |s| > 2.4e38
-      st(row + j, e, m);
-      sum.acc += e;
-    }, [&] { sum.flush(); });
+    for_row(
+        n,
+        [&](int64_t j, int64_t m) {  // e = 2^((s - max) log2e), as the backward: s log2e would
+          const vf e = head(exp2_or_zero((ld(row + j, m) - mx) * kLog2e), m);  // overflow at |s| > 2.4e38
+          st(row + j, e, m);
+          sum.acc += e;
+        },
+        [&] { sum.flush(); });
     lse[i] = mx + static_cast<float>(std::log(sum.total));
     const float inv = static_cast<float>(1.0 / sum.total);
     if (drop) {
@@ -140,22 +141,28 @@ void softmax_bwd_f32(const VarlenSoftmaxArgs& a) {
       continue;
     }
     Sum sum;
-    for_row(n, [&](int64_t j, int64_t m) {  // (s - max) first: the max key gets exactly 2^0
-      const vf e = head(exp2_or_zero((ld(srow + j, m) - mx) * kLog2e), m);
-      st(srow + j, e, m);
-      sum.acc += e;
-    }, [&] { sum.flush(); });
+    for_row(
+        n,
+        [&](int64_t j, int64_t m) {  // (s - max) first: the max key gets exactly 2^0
+          const vf e = head(exp2_or_zero((ld(srow + j, m) - mx) * kLog2e), m);
+          st(srow + j, e, m);
+          sum.acc += e;
+        },
+        [&] { sum.flush(); });
     const float total = static_cast<float>(sum.total);
     if (drop) philox_elements(d.seed, a.e0 + static_cast<uint64_t>(i) * a.e_step, n, rnd);
     Sum dot;  // D_i = sum_j p_ij g_ij
-    for_row(n, [&](int64_t j, int64_t m) {
-      const vf p = ld(srow + j, m) / total;  // a division: a one-key row gets p = 1 exactly
-      st(srow + j, p, m);
-      vf g = ld(drow + j, m);
-      if (drop) g = keep_apply(d, rnd + j, g);
-      st(drow + j, g, m);
-      dot.acc += p * g;  // tail lanes: p = 0
-    }, [&] { dot.flush(); });
+    for_row(
+        n,
+        [&](int64_t j, int64_t m) {
+          const vf p = ld(srow + j, m) / total;  // a division: a one-key row gets p = 1 exactly
+          st(srow + j, p, m);
+          vf g = ld(drow + j, m);
+          if (drop) g = keep_apply(d, rnd + j, g);
+          st(drow + j, g, m);
+          dot.acc += p * g;  // tail lanes: p = 0
+        },
+        [&] { dot.flush(); });
     const float di = static_cast<float>(dot.total);
     for_row(n, [&](int64_t j, int64_t m) {  // dp <- dS = p (g - D_i), s <- p z (the forward's probabilities)
       const vf p = ld(srow + j, m);
@@ -181,7 +188,8 @@ void softmax_fwd_f64(const VarlenSoftmaxArgs& a) {
     for (int64_t j = 0; j < n; ++j) total += row[j] = std::exp(row[j] - mx);
     lse[i] = mx + std::log(total);
     const uint64_t e = a.e0 + static_cast<uint64_t>(i) * a.e_step;
-    for (int64_t j = 0; j < n; ++j) row[j] = a.dropout ? keep_apply64(a.dropout, e + j, row[j] / total) : row[j] / total;
+    for (int64_t j = 0; j < n; ++j)
+      row[j] = a.dropout ? keep_apply64(a.dropout, e + j, row[j] / total) : row[j] / total;
   }
 }
 

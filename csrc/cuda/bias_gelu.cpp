@@ -25,15 +25,13 @@ at::Tensor bias_gelu_fwd_cuda(const at::Tensor& x_, const std::optional<at::Tens
   const int64_t n = x.size(-1), total = x.numel();
   if (total == 0) return y;
   C10_CUDA_CHECK(cuda::bias_gelu_fwd(cuda::dtype_of(x, "bias_gelu"), x.const_data_ptr(), cuda::ptr_or_null(b),
-                                     y.data_ptr(), total / n, n, tanh,
-                                     c10::cuda::getCurrentCUDAStream()));
+                                     y.data_ptr(), total / n, n, tanh, c10::cuda::getCurrentCUDAStream()));
   return y;
 }
 
 std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd_cuda(const at::Tensor& dy_, const at::Tensor& x_,
                                                       const std::optional<at::Tensor>& bias,
-                                                      c10::string_view approximate,
-                                                      bool need_dbias) {
+                                                      c10::string_view approximate, bool need_dbias) {
   check_bias_gelu(x_, bias);
   const bool tanh = parse_gelu_approximate(approximate);
   check_bias_gelu_grad(dy_, x_);
@@ -55,10 +53,10 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd_cuda(const at::Tensor& dy_, con
     partial = at::empty({plan.chunks, n}, b.options());
     dbias32 = at::empty({n}, b.options());
   }
-  C10_CUDA_CHECK(cuda::bias_gelu_bwd(
-      dt, dy.const_data_ptr(), x.const_data_ptr(), cuda::ptr_or_null(b), dx.data_ptr(),
-      want_db ? partial.data_ptr<float>() : nullptr, want_db ? dbias32.data_ptr<float>() : nullptr,
-      rows, n, plan, tanh, c10::cuda::getCurrentCUDAStream()));
+  C10_CUDA_CHECK(cuda::bias_gelu_bwd(dt, dy.const_data_ptr(), x.const_data_ptr(), cuda::ptr_or_null(b), dx.data_ptr(),
+                                     want_db ? partial.data_ptr<float>() : nullptr,
+                                     want_db ? dbias32.data_ptr<float>() : nullptr, rows, n, plan, tanh,
+                                     c10::cuda::getCurrentCUDAStream()));
   if (!want_db) return {dx, at::empty({0}, x.options())};
   return {dx, dbias32.to(bias->scalar_type())};
 }

@@ -58,8 +58,8 @@ __device__ __forceinline__ float normal_cdf(float z) {
   const float e = exp2_ftz(a * a * -1.44269504088896341f);  // >= 2^-117: never flushed
   const float p = ((0.5f * 7.583220580e-02f * a + 0.5f * 4.137109122e-01f) * a + 0.5f * 9.406895939e-01f) * a +
                   0.5f * 9.999999283e-01f;
-  const float q = (((1.344987700e-01f * a + 7.316200554e-01f) * a + 1.748460695e+00f) * a + 2.069064260e+00f) * a +
-                  1.0f;
+  const float q =
+      (((1.344987700e-01f * a + 7.316200554e-01f) * a + 1.748460695e+00f) * a + 2.069064260e+00f) * a + 1.0f;
   const float half_erfc = a_raw > 9.0f ? 0.0f : div_full(e * p, q);  // q in [1, 1.6e3]
   return z < 0.0f ? half_erfc : 1.0f - half_erfc;
 }
@@ -90,8 +90,7 @@ __device__ __forceinline__ float gelu_grad(float z) {
   const float x = fminf(fmaxf(z * kSqrt1_2, -4.3f), 4.3f) + (z - z), x2 = x * x;
   const float P[8] = {-2.202739187e-09f, 1.984200941e-07f, -1.614478798e-06f, 7.645411882e-04f,
                       -1.271909522e-03f, 8.187313760e-02f, -1.109946955e-01f, 1.128379771e+00f};
-  const float Q[6] = {2.031874595e-04f, 2.551617771e-03f, 2.463029804e-02f, 1.513924648e-01f,
-                      5.683082142e-01f, 1.0f};
+  const float Q[6] = {2.031874595e-04f, 2.551617771e-03f, 2.463029804e-02f, 1.513924648e-01f, 5.683082142e-01f, 1.0f};
   float p = P[0], q = Q[0];
   for (int i = 1; i < 8; ++i) p = p * x2 + P[i];  // constant trip counts: fully unrolled, the
   for (int i = 1; i < 6; ++i) q = q * x2 + Q[i];  // coefficients folded into the FFMAs
@@ -107,8 +106,8 @@ constexpr int kBlock = 256;
 // registers, so 8 blocks fill an SM (ptxas needs no spills for it).
 template <typename T, int V, bool TANH, bool BWD>
 __global__ void __launch_bounds__(kBlock, 8)
-    ew_kernel(const T* __restrict__ dy, const T* __restrict__ x, const float* __restrict__ bias,
-              T* __restrict__ out, int64_t nvec, int64_t n) {
+ew_kernel(const T* __restrict__ dy, const T* __restrict__ x, const float* __restrict__ bias, T* __restrict__ out,
+          int64_t nvec, int64_t n) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kBlock;  // in packs
   const int64_t step = stride * V % n;                               // column advance per stride
   int64_t i = static_cast<int64_t>(blockIdx.x) * kBlock + threadIdx.x;
@@ -141,9 +140,8 @@ __global__ void __launch_bounds__(kBlock, 8)
 constexpr int kTileX = 32, kTileY = 8;
 template <typename T, bool VEC, bool TANH>
 __global__ void __launch_bounds__(kTileX * kTileY)
-    bwd_tile_kernel(const T* __restrict__ dy, const T* __restrict__ x, const float* __restrict__ bias,
-                    T* __restrict__ dx, float* __restrict__ partial, int64_t rows, int64_t n,
-                    int64_t rows_per_chunk) {
+bwd_tile_kernel(const T* __restrict__ dy, const T* __restrict__ x, const float* __restrict__ bias, T* __restrict__ dx,
+                float* __restrict__ partial, int64_t rows, int64_t n, int64_t rows_per_chunk) {
   constexpr int V = kVec<T>, W = kTileX * V;
   __shared__ float red[kTileY][W];
   const int tx = threadIdx.x, ty = threadIdx.y;
@@ -194,8 +192,7 @@ __global__ void __launch_bounds__(kTileX * kTileY)
 // thread (x, y) adds chunks y, y + kSumY, ... in order, then y = 0 adds the kSumY sums in order.
 constexpr int kSumY = 32;
 __global__ void __launch_bounds__(kTileX * kSumY)
-    sum_partials_kernel(const float* __restrict__ partial, float* __restrict__ dbias, int64_t chunks,
-                        int64_t n) {
+sum_partials_kernel(const float* __restrict__ partial, float* __restrict__ dbias, int64_t chunks, int64_t n) {
   __shared__ float red[kSumY][kTileX];
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kTileX + tx;
@@ -227,7 +224,6 @@ cudaError_t dispatch(DType dt, F&& f) {
   return cudaErrorInvalidValue;
 }
 
-
 // Grid: one resident wave (SMs x blocks per SM at the kernel's occupancy, cached per device: wave.cuh),
 // fewer for less work.
 template <typename T, int V, bool TANH, bool BWD>
@@ -243,11 +239,11 @@ cudaError_t launch_ew(const void* dy, const void* x, const float* bias, void* ou
 
 // 16-byte packs when every row holds whole packs and all pointers are 16-byte aligned, else V = 1.
 template <typename T, bool BWD>
-cudaError_t elementwise(const void* dy, const void* x, const float* bias, void* out, int64_t total,
-                        int64_t n, bool tanh, cudaStream_t stream) {
+cudaError_t elementwise(const void* dy, const void* x, const float* bias, void* out, int64_t total, int64_t n,
+                        bool tanh, cudaStream_t stream) {
   constexpr int V = kVec<T>;
-  const bool vec = n % V == 0 && aligned16(x) && aligned16(out) && (!BWD || aligned16(dy)) &&
-                   (bias == nullptr || aligned16(bias));
+  const bool vec =
+      n % V == 0 && aligned16(x) && aligned16(out) && (!BWD || aligned16(dy)) && (bias == nullptr || aligned16(bias));
   const int64_t nvec = total / (vec ? V : 1);
   return vec ? (tanh ? launch_ew<T, V, true, BWD>(dy, x, bias, out, nvec, n, stream)
                      : launch_ew<T, V, false, BWD>(dy, x, bias, out, nvec, n, stream))
@@ -257,8 +253,8 @@ cudaError_t elementwise(const void* dy, const void* x, const float* bias, void* 
 
 }  // namespace
 
-cudaError_t bias_gelu_fwd(DType dt, const void* x, const float* bias, void* y, int64_t rows,
-                          int64_t n, bool tanh, cudaStream_t stream) {
+cudaError_t bias_gelu_fwd(DType dt, const void* x, const float* bias, void* y, int64_t rows, int64_t n, bool tanh,
+                          cudaStream_t stream) {
   if (rows <= 0 || n <= 0) return cudaSuccess;
   return dispatch(dt, [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -277,9 +273,9 @@ BiasGeluBwdPlan bias_gelu_bwd_plan(DType dt, int64_t rows, int64_t n) {
   return {rows_per_chunk, ceil_div(rows, rows_per_chunk)};
 }
 
-cudaError_t bias_gelu_bwd(DType dt, const void* dy, const void* x, const float* bias, void* dx,
-                          float* partial, float* dbias, int64_t rows, int64_t n,
-                          const BiasGeluBwdPlan& plan, bool tanh, cudaStream_t stream) {
+cudaError_t bias_gelu_bwd(DType dt, const void* dy, const void* x, const float* bias, void* dx, float* partial,
+                          float* dbias, int64_t rows, int64_t n, const BiasGeluBwdPlan& plan, bool tanh,
+                          cudaStream_t stream) {
   if (rows <= 0 || n <= 0) return cudaSuccess;
   const int64_t chunks = plan.chunks, rpc = plan.rows_per_chunk;
   if (dbias != nullptr && (chunks < 1 || chunks > kMaxChunks || chunks * rpc < rows))

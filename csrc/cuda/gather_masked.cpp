@@ -28,9 +28,7 @@ cuda::IntType int_type_of(const at::Tensor& t) {
 
 // A [rows, width] tensor as the row kernel reads it: row r at data + r * stride(0) elements. Taken as
 // is when its elements within a row are adjacent (or there is at most one), else copied.
-at::Tensor row_strided(const at::Tensor& t) {
-  return t.size(1) <= 1 || t.stride(1) == 1 ? t : t.contiguous();
-}
+at::Tensor row_strided(const at::Tensor& t) { return t.size(1) <= 1 || t.stride(1) == 1 ? t : t.contiguous(); }
 
 // (rows [M, H], targets [M], index [M], slot [N]). The select kernel writes slot, index and targets
 // (the latter two allocated for N rows and narrowed to M) and M to the device; reading M back (one
@@ -56,8 +54,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gather_masked_fwd_cud
   if (M > 0 && H > 0) {
     const at::Tensor hidden = row_strided(hidden_);
     C10_CUDA_CHECK(cuda::gather_masked_rows(cuda::dtype_of(hidden, "gather_masked"), hidden.const_data_ptr(),
-                                            hidden.stride(0), N, index.const_data_ptr<int64_t>(), rows.data_ptr(),
-                                            M, H, stream));
+                                            hidden.stride(0), N, index.const_data_ptr<int64_t>(), rows.data_ptr(), M, H,
+                                            stream));
   }
   return {rows, targets.narrow(0, 0, M), index.narrow(0, 0, M), slot};
 }
@@ -72,8 +70,8 @@ at::Tensor gather_masked_bwd_cuda(const at::Tensor& grad_, const at::Tensor& slo
   if (N == 0 || H == 0) return out;
   const at::Tensor grad = row_strided(grad_);
   C10_CUDA_CHECK(cuda::gather_masked_rows(cuda::dtype_of(grad, "gather_masked backward"), grad.const_data_ptr(),
-                                          grad.stride(0), grad.size(0), slot.const_data_ptr<int64_t>(),
-                                          out.data_ptr(), N, H, c10::cuda::getCurrentCUDAStream()));
+                                          grad.stride(0), grad.size(0), slot.const_data_ptr<int64_t>(), out.data_ptr(),
+                                          N, H, c10::cuda::getCurrentCUDAStream()));
   return out;
 }
 

@@ -37,8 +37,8 @@ constexpr int kWarps = kScanThreads / 32, kCounts = kScanItems * kWarps;  // (k,
 // ballots and barriers are never divergent; elements i >= n count as not selected and store nothing.
 template <typename L>
 __global__ void __launch_bounds__(kScanThreads)
-    select_kernel(const L* __restrict__ labels, int64_t n, L ign, int64_t* __restrict__ slot,
-                  int64_t* __restrict__ index, int64_t* __restrict__ targets, int64_t* __restrict__ count) {
+select_kernel(const L* __restrict__ labels, int64_t n, L ign, int64_t* __restrict__ slot, int64_t* __restrict__ index,
+              int64_t* __restrict__ targets, int64_t* __restrict__ count) {
   __shared__ int64_t base[2][kCounts];
   __shared__ int cnt[kCounts];  // the (k, warp) counts of the tile, before warp 0's scan
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
@@ -101,11 +101,24 @@ __global__ void __launch_bounds__(kScanThreads)
 // ---- row gather (forward stage 2 and backward) ----------------------------------------------------
 constexpr int kCopyThreads = 256;
 
-template <typename U> __device__ __forceinline__ U splat(unsigned b);
-template <> __device__ __forceinline__ uint4 splat(unsigned b) { return make_uint4(b, b, b, b); }
-template <> __device__ __forceinline__ uint2 splat(unsigned b) { return make_uint2(b, b); }
-template <> __device__ __forceinline__ unsigned splat(unsigned b) { return b; }
-template <> __device__ __forceinline__ unsigned short splat(unsigned b) { return static_cast<unsigned short>(b); }
+template <typename U>
+__device__ __forceinline__ U splat(unsigned b);
+template <>
+__device__ __forceinline__ uint4 splat(unsigned b) {
+  return make_uint4(b, b, b, b);
+}
+template <>
+__device__ __forceinline__ uint2 splat(unsigned b) {
+  return make_uint2(b, b);
+}
+template <>
+__device__ __forceinline__ unsigned splat(unsigned b) {
+  return b;
+}
+template <>
+__device__ __forceinline__ unsigned short splat(unsigned b) {
+  return static_cast<unsigned short>(b);
+}
 
 // Raw copy in units U (uint4 / uint2 / unsigned / unsigned short: bit patterns, no conversion).
 // src: row s at src + s * ld (ld in units); idx: int64 [rows]; out: contiguous [rows, width] units.
@@ -114,8 +127,8 @@ template <> __device__ __forceinline__ unsigned short splat(unsigned b) { return
 // all-ones bits (NaN) for an out-of-range idx (never read).
 template <typename U>
 __global__ void __launch_bounds__(kCopyThreads)
-    rows_kernel(const U* __restrict__ src, int64_t ld, int64_t src_rows, const int64_t* __restrict__ idx,
-                U* __restrict__ out, int64_t rows, int64_t width) {
+rows_kernel(const U* __restrict__ src, int64_t ld, int64_t src_rows, const int64_t* __restrict__ idx,
+            U* __restrict__ out, int64_t rows, int64_t width) {
   const int64_t total = rows * width, stride = static_cast<int64_t>(gridDim.x) * kCopyThreads;
   int64_t i = static_cast<int64_t>(blockIdx.x) * kCopyThreads + threadIdx.x;
   if (i >= total) return;
@@ -140,17 +153,17 @@ __global__ void __launch_bounds__(kCopyThreads)
 
 // ---- host side ------------------------------------------------------------------------------------
 template <typename L>
-cudaError_t select(const void* labels, int64_t n, int64_t ignore_index, int64_t* slot, int64_t* index,
-                   int64_t* targets, int64_t* count, cudaStream_t stream) {
+cudaError_t select(const void* labels, int64_t n, int64_t ignore_index, int64_t* slot, int64_t* index, int64_t* targets,
+                   int64_t* count, cudaStream_t stream) {
   // torch's `labels != ignore_index` converts the int scalar to the labels' type (wrapping)
-  select_kernel<L><<<1, kScanThreads, 0, stream>>>(static_cast<const L*>(labels), n, static_cast<L>(ignore_index),
-                                                   slot, index, targets, count);
+  select_kernel<L><<<1, kScanThreads, 0, stream>>>(static_cast<const L*>(labels), n, static_cast<L>(ignore_index), slot,
+                                                   index, targets, count);
   return cudaGetLastError();
 }
 
 template <typename U>
-cudaError_t copy_rows(const void* src, int64_t ld_bytes, int64_t src_rows, const int64_t* idx, void* out,
-                      int64_t rows, int64_t row_bytes, cudaStream_t stream) {
+cudaError_t copy_rows(const void* src, int64_t ld_bytes, int64_t src_rows, const int64_t* idx, void* out, int64_t rows,
+                      int64_t row_bytes, cudaStream_t stream) {
   constexpr int64_t u = sizeof(U);
   int64_t wave = 0;  // SMs x blocks per SM, cached per device (wave.cuh)
   if (const cudaError_t err = resident_wave<rows_kernel<U>, kCopyThreads>(&wave)) return err;
@@ -162,9 +175,8 @@ cudaError_t copy_rows(const void* src, int64_t ld_bytes, int64_t src_rows, const
 
 }  // namespace
 
-cudaError_t gather_masked_select(IntType lt, const void* labels, int64_t n, int64_t ignore_index,
-                                 int64_t* slot, int64_t* index, int64_t* targets, int64_t* count,
-                                 cudaStream_t stream) {
+cudaError_t gather_masked_select(IntType lt, const void* labels, int64_t n, int64_t ignore_index, int64_t* slot,
+                                 int64_t* index, int64_t* targets, int64_t* count, cudaStream_t stream) {
   if (n <= 0) return cudaSuccess;
   switch (lt) {
     case IntType::i64: return select<int64_t>(labels, n, ignore_index, slot, index, targets, count, stream);
@@ -176,8 +188,8 @@ cudaError_t gather_masked_select(IntType lt, const void* labels, int64_t n, int6
   return cudaErrorInvalidValue;
 }
 
-cudaError_t gather_masked_rows(DType dt, const void* src, int64_t ld, int64_t src_rows, const int64_t* idx,
-                               void* out, int64_t rows, int64_t width, cudaStream_t stream) {
+cudaError_t gather_masked_rows(DType dt, const void* src, int64_t ld, int64_t src_rows, const int64_t* idx, void* out,
+                               int64_t rows, int64_t width, cudaStream_t stream) {
   if (rows <= 0 || width <= 0) return cudaSuccess;
   const int64_t esize = dt == DType::f32 ? 4 : 2, row_bytes = width * esize, ld_bytes = ld * esize;
   const auto fits = [&](int64_t u) {  // whole units per row and per source stride, aligned bases

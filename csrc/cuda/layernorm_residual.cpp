@@ -30,9 +30,8 @@ std::vector<int64_t> stats_shape(const at::Tensor& x) {  // x.shape[:-1]
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_residual_fwd_cuda(
-    const at::Tensor& x_, const at::Tensor& residual_, const at::Tensor& weight, const at::Tensor& bias,
-    double eps, const std::optional<at::Tensor>& x_bias, double dropout_p,
-    const std::optional<at::Tensor>& seed) {
+    const at::Tensor& x_, const at::Tensor& residual_, const at::Tensor& weight, const at::Tensor& bias, double eps,
+    const std::optional<at::Tensor>& x_bias, double dropout_p, const std::optional<at::Tensor>& seed) {
   check_layernorm_residual(x_, residual_, weight, bias, x_bias, dropout_p, seed);
   check_layernorm_residual_eps(eps);
   const c10::cuda::CUDAGuard guard(x_.device());
@@ -60,8 +59,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_residual_fwd_cuda(
 // active (the autograd formula then uses dresidual for both); dx_bias one unless x_bias is given.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layernorm_residual_bwd_cuda(
     const at::Tensor& grad_, const at::Tensor& x_, const at::Tensor& residual_, const at::Tensor& weight,
-    const std::optional<at::Tensor>& x_bias, const at::Tensor& mean_, const at::Tensor& rstd_,
-    double dropout_p, const std::optional<at::Tensor>& seed) {
+    const std::optional<at::Tensor>& x_bias, const at::Tensor& mean_, const at::Tensor& rstd_, double dropout_p,
+    const std::optional<at::Tensor>& seed) {
   check_layernorm_residual(x_, residual_, weight, std::nullopt, x_bias, dropout_p, seed);
   check_layernorm_residual_grad(grad_, x_, mean_, rstd_);
   const c10::cuda::CUDAGuard guard(x_.device());
@@ -89,8 +88,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layernorm
       w.const_data_ptr<float>(), cuda::ptr_or_null(xb), seed_ptr, dropout_p, mean.const_data_ptr<float>(),
       rstd.const_data_ptr<float>(), dres.data_ptr(), seed_ptr != nullptr ? dx.data_ptr() : nullptr,
       dw.data_ptr<float>(), db.data_ptr<float>(), dxb.defined() ? dxb.data_ptr<float>() : nullptr,
-      partial.data_ptr<float>(), row_stats.defined() ? row_stats.data_ptr<float>() : nullptr, rows, n,
-      plan, c10::cuda::getCurrentCUDAStream()));
+      partial.data_ptr<float>(), row_stats.defined() ? row_stats.data_ptr<float>() : nullptr, rows, n, plan,
+      c10::cuda::getCurrentCUDAStream()));
   // parameter gradients in their parameters' dtypes (no copy when that is fp32)
   return {dres, dx, dw.to(weight.scalar_type()), db.to(weight.scalar_type()),
           x_bias ? dxb.to(x_bias->scalar_type()) : empty0()};

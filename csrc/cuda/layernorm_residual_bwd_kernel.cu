@@ -35,9 +35,7 @@ constexpr int kMaxCombineTpr = 128;    // row groups share a block only up to th
 constexpr int64_t kTargetBlocks = 512, kMinRowsPerGroup = 4;
 
 // Asks for the 128-byte line holding p to be brought into L2 (no registers, no wait).
-__device__ __forceinline__ void prefetch_l2(const void* p) {
-  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
-}
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
 
 // grad, dres, dx: contiguous [rows, n] in T (dx null without dropout); weight: fp32 [n]; mean, rstd:
 // fp32 [rows]; row_stats: fp32 [rows, 2] (sums of g and g * s_hat) when the row spans several
@@ -46,10 +44,9 @@ __device__ __forceinline__ void prefetch_l2(const void* p) {
 // number of trips (the row sums contain barriers when blockDim.x > 32).
 template <typename T, int EPL, bool VEC>
 __global__ void __launch_bounds__(kMaxTpr)
-    bwd_kernel(Src<T> in, const T* __restrict__ grad, const float* __restrict__ weight,
-               const float* __restrict__ mean, const float* __restrict__ rstd,
-               const float* __restrict__ row_stats, T* __restrict__ dres, T* __restrict__ dx,
-               float* __restrict__ partial, int64_t rows_per_block) {
+bwd_kernel(Src<T> in, const T* __restrict__ grad, const float* __restrict__ weight, const float* __restrict__ mean,
+           const float* __restrict__ rstd, const float* __restrict__ row_stats, T* __restrict__ dres,
+           T* __restrict__ dx, float* __restrict__ partial, int64_t rows_per_block) {
   constexpr int V = VEC ? kVec<T> : 1, NV = EPL / V;
   __shared__ float red[2][32][2];
   __shared__ float comb[3 * EPL * kMaxCombineTpr];
@@ -168,9 +165,8 @@ __global__ void __launch_bounds__(kMaxTpr)
 // looping over segments of blockDim.x * EPL columns with bwd_kernel's layout. blockDim.y == 1.
 template <typename T, int EPL, bool VEC>
 __global__ void __launch_bounds__(kMaxTpr)
-    bwd_stats_kernel(Src<T> in, const T* __restrict__ grad, const float* __restrict__ weight,
-                     const float* __restrict__ mean, const float* __restrict__ rstd,
-                     float* __restrict__ row_stats) {
+bwd_stats_kernel(Src<T> in, const T* __restrict__ grad, const float* __restrict__ weight,
+                 const float* __restrict__ mean, const float* __restrict__ rstd, float* __restrict__ row_stats) {
   constexpr int V = VEC ? kVec<T> : 1, NV = EPL / V;
   __shared__ float red[2][32][2];
   const int tpr = blockDim.x, tx = threadIdx.x;
@@ -208,8 +204,8 @@ __global__ void __launch_bounds__(kMaxTpr)
 // adds the kSumY sums in order. Writes dweight (t = 0), dbias (1), dx_bias (2).
 constexpr int kSumX = 32, kSumY = 32;
 __global__ void __launch_bounds__(kSumX * kSumY)
-    sum_partials_kernel(const float* __restrict__ partial, int64_t blocks, int64_t n, int nacc,
-                        float* __restrict__ dweight, float* __restrict__ dbias, float* __restrict__ dx_bias) {
+sum_partials_kernel(const float* __restrict__ partial, int64_t blocks, int64_t n, int nacc, float* __restrict__ dweight,
+                    float* __restrict__ dbias, float* __restrict__ dx_bias) {
   __shared__ float red[kSumY][kSumX];
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int64_t cols = nacc * n, m = static_cast<int64_t>(blockIdx.x) * kSumX + tx;
@@ -239,18 +235,17 @@ BwdConfig bwd_config(int64_t n) {
 }
 
 template <typename T, bool VEC>
-cudaError_t launch_bwd(const Src<T>& in, const BwdConfig& cfg, const LayerNormResidualBwdPlan& plan,
-                       const T* grad, const float* weight, const float* mean, const float* rstd,
-                       T* dres, T* dx, float* partial, float* row_stats, cudaStream_t stream) {
+cudaError_t launch_bwd(const Src<T>& in, const BwdConfig& cfg, const LayerNormResidualBwdPlan& plan, const T* grad,
+                       const float* weight, const float* mean, const float* rstd, T* dres, T* dx, float* partial,
+                       float* row_stats, cudaStream_t stream) {
   if (cfg.segments > 1) {
-    bwd_stats_kernel<T, kEpl, VEC><<<static_cast<unsigned>(in.rows), cfg.tpr, 0, stream>>>(
-        in, grad, weight, mean, rstd, row_stats);
+    bwd_stats_kernel<T, kEpl, VEC>
+        <<<static_cast<unsigned>(in.rows), cfg.tpr, 0, stream>>>(in, grad, weight, mean, rstd, row_stats);
     if (const cudaError_t err = cudaGetLastError()) return err;
   }
   const dim3 grid(static_cast<unsigned>(plan.blocks), static_cast<unsigned>(cfg.segments));
   bwd_kernel<T, kEpl, VEC><<<grid, dim3(cfg.tpr, cfg.groups), 0, stream>>>(
-      in, grad, weight, mean, rstd, cfg.segments > 1 ? row_stats : nullptr, dres, dx, partial,
-      plan.rows_per_block);
+      in, grad, weight, mean, rstd, cfg.segments > 1 ? row_stats : nullptr, dres, dx, partial, plan.rows_per_block);
   return cudaGetLastError();
 }
 
@@ -264,17 +259,16 @@ LayerNormResidualBwdPlan layernorm_residual_bwd_plan(int64_t rows, int64_t n) {
   return {rows_per_block, ceil_div(rows, rows_per_block), cfg.segments > 1};
 }
 
-cudaError_t layernorm_residual_bwd(DType dt, const void* grad, const void* x, const void* residual,
-                                   const float* weight, const float* x_bias, const int64_t* seed,
-                                   double dropout_p, const float* mean, const float* rstd,
-                                   void* dresidual, void* dx, float* dweight, float* dbias,
-                                   float* dx_bias, float* partial, float* row_stats, int64_t rows,
-                                   int64_t n, const LayerNormResidualBwdPlan& plan, cudaStream_t stream) {
+cudaError_t layernorm_residual_bwd(DType dt, const void* grad, const void* x, const void* residual, const float* weight,
+                                   const float* x_bias, const int64_t* seed, double dropout_p, const float* mean,
+                                   const float* rstd, void* dresidual, void* dx, float* dweight, float* dbias,
+                                   float* dx_bias, float* partial, float* row_stats, int64_t rows, int64_t n,
+                                   const LayerNormResidualBwdPlan& plan, cudaStream_t stream) {
   if (rows <= 0 || n <= 0) return cudaSuccess;
   const BwdConfig cfg = bwd_config(n);
   const LayerNormResidualBwdPlan want = layernorm_residual_bwd_plan(rows, n);
-  const bool bad_plan = plan.rows_per_block != want.rows_per_block || plan.blocks != want.blocks ||
-                        plan.row_stats != want.row_stats;
+  const bool bad_plan =
+      plan.rows_per_block != want.rows_per_block || plan.blocks != want.blocks || plan.row_stats != want.row_stats;
   const bool missing = partial == nullptr || (plan.row_stats && row_stats == nullptr) ||
                        (seed != nullptr && dx == nullptr) || (x_bias != nullptr && dx_bias == nullptr);
   const bool too_large = n > 0x7fffffff - 32 * kEpl * kMaxTpr || cfg.segments > 65535 ||
@@ -303,8 +297,8 @@ cudaError_t layernorm_residual_bwd(DType dt, const void* grad, const void* x, co
   }
   if (err) return err;
   const unsigned sum_grid = static_cast<unsigned>(ceil_div(nacc * n, kSumX));
-  sum_partials_kernel<<<sum_grid, dim3(kSumX, kSumY), 0, stream>>>(partial, plan.blocks, n, nacc, dweight,
-                                                                     dbias, dx_bias);
+  sum_partials_kernel<<<sum_grid, dim3(kSumX, kSumY), 0, stream>>>(partial, plan.blocks, n, nacc, dweight, dbias,
+                                                                   dx_bias);
   return cudaGetLastError();
 }
 

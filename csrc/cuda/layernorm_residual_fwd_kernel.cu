@@ -42,9 +42,9 @@ __device__ __forceinline__ void finish_stats(float m1, const float (&q)[2], int6
 // Several: reads them (written by fwd_stats_kernel). y: contiguous [rows, n] in T; weight, bias:
 // fp32 [n]; mean, rstd: fp32 [rows]. Only the blockDim.x == 32 shape has several rows a block.
 template <typename T, int EPL, bool VEC>
-__global__ void __launch_bounds__(EPL > 16 ? 128 : 1024)
-    fwd_kernel(Src<T> in, const float* __restrict__ weight, const float* __restrict__ bias,
-               T* __restrict__ y, float* __restrict__ mean, float* __restrict__ rstd, float eps) {
+__global__ void __launch_bounds__(EPL > 16 ? 128 : 1024) fwd_kernel(Src<T> in, const float* __restrict__ weight,
+                                                    const float* __restrict__ bias, T* __restrict__ y,
+                                                    float* __restrict__ mean, float* __restrict__ rstd, float eps) {
   constexpr int V = VEC ? kVec<T> : 1, NV = EPL / V;
   __shared__ float red[2][32][2];
   const int tpr = blockDim.x, tx = threadIdx.x;
@@ -120,8 +120,8 @@ __global__ void __launch_bounds__(EPL > 16 ? 128 : 1024)
 // blockDim.x * EPL columns with fwd_kernel's layout; pass 1 sums s, pass 2 recomputes s and sums d
 // and d^2. blockDim.y == 1.
 template <typename T, int EPL, bool VEC>
-__global__ void __launch_bounds__(1024)
-    fwd_stats_kernel(Src<T> in, float* __restrict__ mean, float* __restrict__ rstd, float eps) {
+__global__ void __launch_bounds__(
+    1024) fwd_stats_kernel(Src<T> in, float* __restrict__ mean, float* __restrict__ rstd, float eps) {
   constexpr int V = VEC ? kVec<T> : 1, NV = EPL / V;
   __shared__ float red[2][32][2];
   const int tpr = blockDim.x, tx = threadIdx.x;
@@ -196,8 +196,8 @@ FwdConfig fwd_config(int64_t n) {
 }
 
 template <typename T, int EPL, bool VEC>
-cudaError_t launch_fwd(const Src<T>& in, const FwdConfig& cfg, const float* w, const float* b, T* y,
-                       float* mean, float* rstd, float eps, cudaStream_t stream) {
+cudaError_t launch_fwd(const Src<T>& in, const FwdConfig& cfg, const float* w, const float* b, T* y, float* mean,
+                       float* rstd, float eps, cudaStream_t stream) {
   const int64_t blocks = ceil_div(in.rows, cfg.rows_per_block);
   if (blocks > 0x7fffffff || cfg.segments > 65535) return cudaErrorInvalidValue;  // grid too large
   if constexpr (EPL == kBlockEpl) {
@@ -212,8 +212,8 @@ cudaError_t launch_fwd(const Src<T>& in, const FwdConfig& cfg, const float* w, c
 }
 
 template <typename T, bool VEC>
-cudaError_t launch_fwd_epl(const Src<T>& in, const FwdConfig& cfg, const float* w, const float* b, T* y,
-                           float* mean, float* rstd, float eps, cudaStream_t stream) {
+cudaError_t launch_fwd_epl(const Src<T>& in, const FwdConfig& cfg, const float* w, const float* b, T* y, float* mean,
+                           float* rstd, float eps, cudaStream_t stream) {
   switch (cfg.epl) {
     case 8: return launch_fwd<T, 8, VEC>(in, cfg, w, b, y, mean, rstd, eps, stream);
     case 16: return launch_fwd<T, 16, VEC>(in, cfg, w, b, y, mean, rstd, eps, stream);
@@ -226,9 +226,9 @@ cudaError_t launch_fwd_epl(const Src<T>& in, const FwdConfig& cfg, const float* 
 }  // namespace
 
 cudaError_t layernorm_residual_fwd(DType dt, const void* x, const void* residual, const float* weight,
-                                   const float* bias, const float* x_bias, const int64_t* seed,
-                                   double dropout_p, float eps, void* y, float* mean, float* rstd,
-                                   int64_t rows, int64_t n, cudaStream_t stream) {
+                                   const float* bias, const float* x_bias, const int64_t* seed, double dropout_p,
+                                   float eps, void* y, float* mean, float* rstd, int64_t rows, int64_t n,
+                                   cudaStream_t stream) {
   if (rows <= 0 || n <= 0) return cudaSuccess;
   const FwdConfig cfg = fwd_config(n);
   const Dropout drop{seed, seed != nullptr ? philox::threshold(dropout_p) : 0u,
@@ -236,8 +236,8 @@ cudaError_t layernorm_residual_fwd(DType dt, const void* x, const void* residual
   const auto run = [&](auto tag) {
     using T = typename decltype(tag)::type;
     const Src<T> in{static_cast<const T*>(x), static_cast<const T*>(residual), x_bias, drop, rows, n};
-    const bool vec = n % kVec<T> == 0 && aligned16(x) && aligned16(residual) && aligned16(y) &&
-                     aligned16(weight) && aligned16(bias) && (x_bias == nullptr || aligned16(x_bias));
+    const bool vec = n % kVec<T> == 0 && aligned16(x) && aligned16(residual) && aligned16(y) && aligned16(weight) &&
+                     aligned16(bias) && (x_bias == nullptr || aligned16(x_bias));
     T* out = static_cast<T*>(y);
     return vec ? launch_fwd_epl<T, true>(in, cfg, weight, bias, out, mean, rstd, eps, stream)
                : launch_fwd_epl<T, false>(in, cfg, weight, bias, out, mean, rstd, eps, stream);

@@ -89,8 +89,8 @@ __device__ __forceinline__ uint32_t keep_bits(uint64_t seed, uint64_t e0, uint32
 // s = h + res, each step rounded like eager fp32 (no FMA contraction), so forward and backward
 // recompute the same s.
 template <typename T, int V>
-__device__ __forceinline__ void make_s(float (&s)[V], const Pack<T, V>& xv, const Pack<T, V>& rv,
-                                       const float (&xb)[V], bool drop, uint32_t keep, float scale) {
+__device__ __forceinline__ void make_s(float (&s)[V], const Pack<T, V>& xv, const Pack<T, V>& rv, const float (&xb)[V],
+                                       bool drop, uint32_t keep, float scale) {
 #pragma unroll
   for (int j = 0; j < V; ++j) {
     float h = __fadd_rn(to_f(xv.v[j]), xb[j]);
@@ -115,8 +115,8 @@ struct Src {
 // over packs is not unrolled, so the Philox rounds of different packs are not interleaved (that
 // raised register pressure into spills).
 template <int V, int NV>
-__device__ __forceinline__ uint32_t row_keep_bits(const Dropout& drop, uint64_t seed, int64_t row,
-                                                  int64_t n, int64_t seg0, int tx) {
+__device__ __forceinline__ uint32_t row_keep_bits(const Dropout& drop, uint64_t seed, int64_t row, int64_t n,
+                                                  int64_t seg0, int tx) {
   if (drop.seed == nullptr) return 0xffffffffu;
   const int lane = tx & 31;
   uint32_t keep = 0;
@@ -131,8 +131,7 @@ __device__ __forceinline__ uint32_t row_keep_bits(const Dropout& drop, uint64_t 
 // s of the pack of V elements at column c of row `row` (c a multiple of V; c >= n: zeros), keep:
 // the pack's keep bits (bit j for element j).
 template <typename T, int V>
-__device__ __forceinline__ void load_s(float (&s)[V], const Src<T>& in, int64_t row, int64_t c,
-                                       uint32_t keep) {
+__device__ __forceinline__ void load_s(float (&s)[V], const Src<T>& in, int64_t row, int64_t c, uint32_t keep) {
   if (c < in.n) {
     float xb[V] = {};
     if (in.xb != nullptr) {
@@ -141,8 +140,7 @@ __device__ __forceinline__ void load_s(float (&s)[V], const Src<T>& in, int64_t 
       for (int j = 0; j < V; ++j) xb[j] = b.v[j];
     }
     const int64_t off = row * in.n + c;
-    make_s<T, V>(s, load<V>(in.x + off), load<V>(in.res + off), xb, in.drop.seed != nullptr, keep,
-                 in.drop.scale);
+    make_s<T, V>(s, load<V>(in.x + off), load<V>(in.res + off), xb, in.drop.seed != nullptr, keep, in.drop.scale);
   } else {
 #pragma unroll
     for (int j = 0; j < V; ++j) s[j] = 0.0f;

@@ -36,10 +36,9 @@ std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& logits, const at::Tenso
                                                   lse.data_ptr<float>(), rows, logits.size(1), stream));
   } else {
     const at::Tensor row_scale = row_scale_->contiguous();
-    C10_CUDA_CHECK(cuda::linear_cross_entropy_bwd(dt, logits.data_ptr(), target_type(targets), targets.const_data_ptr(),
-                                                  row_scale.const_data_ptr<float>(), ignore_index,
-                                                  loss.data_ptr<float>(), lse.data_ptr<float>(), rows, logits.size(1),
-                                                  stream));
+    C10_CUDA_CHECK(cuda::linear_cross_entropy_bwd(
+        dt, logits.data_ptr(), target_type(targets), targets.const_data_ptr(), row_scale.const_data_ptr<float>(),
+        ignore_index, loss.data_ptr<float>(), lse.data_ptr<float>(), rows, logits.size(1), stream));
   }
   return {loss, lse};
 }

@@ -12,9 +12,9 @@
 // 512-thread blocks fill an SM: one wave is 432 rows on an A100 (108 SMs) and 528 on an H100 (132),
 // and the default chunk of BERT's vocabulary (fastbert/ops/linear_cross_entropy.py: 400 fp16/bf16
 // rows, 192 fp32) is one wave on both. Uncapped, the sm_90 backward took 40 registers (3 blocks an
-// SM, 396 rows a wave): a 400-row chunk ran a second wave of 4 rows. A row is walked as a scalar head up to its first 16-byte boundary, 16-byte packs,
-// and a scalar tail, so rows of any length and alignment (V = 30522 fp16 rows start 4 bytes apart
-// mod 16) read and write whole 16-byte packs.
+// SM, 396 rows a wave): a 400-row chunk ran a second wave of 4 rows. A row is walked as a scalar head up to its first
+// 16-byte boundary, 16-byte packs, and a scalar tail, so rows of any length and alignment (V = 30522 fp16 rows start 4
+// bytes apart mod 16) read and write whole 16-byte packs.
 #include <cuda_runtime.h>
 
 #include "cuda/common.cuh"
@@ -98,8 +98,8 @@ __device__ __forceinline__ void for_row(const T* row, int64_t vocab, FS&& scalar
 // BWD: also overwrites the row in place (pass 2) with the gradient scaled by row_scale[row] (fp32).
 template <typename T, typename I, bool BWD>
 __global__ void __launch_bounds__(kMaxThreads, 4)
-    ce_kernel(T* logits, const I* __restrict__ targets, const float* __restrict__ row_scale, int64_t ignore,
-              float* __restrict__ loss, float* __restrict__ lse_out, int64_t vocab) {
+ce_kernel(T* logits, const I* __restrict__ targets, const float* __restrict__ row_scale, int64_t ignore,
+          float* __restrict__ loss, float* __restrict__ lse_out, int64_t vocab) {
   constexpr int V = kVec<T>;
   const int64_t row = blockIdx.x;
   T* x = logits + row * vocab;
@@ -131,7 +131,8 @@ __global__ void __launch_bounds__(kMaxThreads, 4)
       // an inf or NaN scale: the target's gradient is NaN, as eager's -scale + p_t scale (not -inf)
       const float one = isfinite(scale) ? 1.0f : __int_as_float(0x7fffffff);
       for_row(
-          x, vocab, [&](int64_t c) { x[c] = from_f<T>((expf(to_f(x[c]) - off) * inv - (c == t ? one : 0.0f)) * scale); },
+          x, vocab,
+          [&](int64_t c) { x[c] = from_f<T>((expf(to_f(x[c]) - off) * inv - (c == t ? one : 0.0f)) * scale); },
           [&](int64_t c) {
             const Pack<T, V> v = load<V>(x + c);
             float g[V];
@@ -156,8 +157,8 @@ int threads_for(int64_t vocab, int vec) {
 }
 
 template <bool BWD>
-cudaError_t run(DType dt, void* logits, IntType tt, const void* targets, const float* row_scale,
-                int64_t ignore, float* loss, float* lse, int64_t rows, int64_t vocab, cudaStream_t stream) {
+cudaError_t run(DType dt, void* logits, IntType tt, const void* targets, const float* row_scale, int64_t ignore,
+                float* loss, float* lse, int64_t rows, int64_t vocab, cudaStream_t stream) {
   if (rows <= 0) return cudaSuccess;
   if (vocab <= 0 || rows > 0x7fffffff || (tt != IntType::i64 && tt != IntType::i32)) return cudaErrorInvalidValue;
   const auto go = [&](auto tag, auto itag) {
@@ -181,16 +182,15 @@ cudaError_t run(DType dt, void* logits, IntType tt, const void* targets, const f
 }  // namespace
 
 cudaError_t linear_cross_entropy_fwd(DType dt, const void* logits, IntType tt, const void* targets,
-                                     int64_t ignore_index, float* loss, float* lse, int64_t rows,
-                                     int64_t vocab, cudaStream_t stream) {
+                                     int64_t ignore_index, float* loss, float* lse, int64_t rows, int64_t vocab,
+                                     cudaStream_t stream) {
   // the forward kernel only reads logits (BWD = false never stores through the pointer)
-  return run<false>(dt, const_cast<void*>(logits), tt, targets, nullptr, ignore_index, loss, lse, rows, vocab,
-                    stream);
+  return run<false>(dt, const_cast<void*>(logits), tt, targets, nullptr, ignore_index, loss, lse, rows, vocab, stream);
 }
 
-cudaError_t linear_cross_entropy_bwd(DType dt, void* logits, IntType tt, const void* targets,
-                                     const float* row_scale, int64_t ignore_index, float* loss, float* lse,
-                                     int64_t rows, int64_t vocab, cudaStream_t stream) {
+cudaError_t linear_cross_entropy_bwd(DType dt, void* logits, IntType tt, const void* targets, const float* row_scale,
+                                     int64_t ignore_index, float* loss, float* lse, int64_t rows, int64_t vocab,
+                                     cudaStream_t stream) {
   return run<true>(dt, logits, tt, targets, row_scale, ignore_index, loss, lse, rows, vocab, stream);
 }
 

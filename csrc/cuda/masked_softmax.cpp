@@ -56,28 +56,27 @@ cuda::SoftmaxMask kernel_mask(const std::optional<at::Tensor>& mask, at::ScalarT
 }
 
 std::tuple<at::Tensor, at::Tensor> masked_softmax_fwd_cuda(const at::Tensor& scores_,
-                                                           const std::optional<at::Tensor>& mask,
-                                                           double scale, double dropout_p,
-                                                           const std::optional<at::Tensor>& seed) {
+                                                           const std::optional<at::Tensor>& mask, double scale,
+                                                           double dropout_p, const std::optional<at::Tensor>& seed) {
   check_masked_softmax(scores_, mask, dropout_p, seed);
   const c10::cuda::CUDAGuard guard(scores_.device());
   const at::Tensor scores = scores_.contiguous();
   const int64_t* seed_ptr = seed_or_null(seed, dropout_p);
   at::Tensor probs = at::empty(scores.sizes(), scores.options());
-  at::Tensor soft = seed_ptr != nullptr ? at::empty(scores.sizes(), scores.options())
-                                        : at::empty({0}, scores.options());
+  at::Tensor soft =
+      seed_ptr != nullptr ? at::empty(scores.sizes(), scores.options()) : at::empty({0}, scores.options());
   if (scores.numel() == 0) return {probs, soft};
   at::Tensor mask_keep;
   const cuda::SoftmaxMask m = kernel_mask(mask, scores.scalar_type(), mask_keep);
   C10_CUDA_CHECK(cuda::masked_softmax_fwd(
-      cuda::dtype_of(scores, "masked_softmax"), scores.const_data_ptr(), m, static_cast<float>(scale),
-      seed_ptr, dropout_p, probs.data_ptr(), seed_ptr != nullptr ? soft.data_ptr() : nullptr,
-      scores.size(0), scores.size(1), scores.size(2), scores.size(3), c10::cuda::getCurrentCUDAStream()));
+      cuda::dtype_of(scores, "masked_softmax"), scores.const_data_ptr(), m, static_cast<float>(scale), seed_ptr,
+      dropout_p, probs.data_ptr(), seed_ptr != nullptr ? soft.data_ptr() : nullptr, scores.size(0), scores.size(1),
+      scores.size(2), scores.size(3), c10::cuda::getCurrentCUDAStream()));
   return {probs, soft};
 }
 
-at::Tensor masked_softmax_bwd_cuda(const at::Tensor& grad_, const at::Tensor& softmax_, double scale,
-                                   double dropout_p, const std::optional<at::Tensor>& seed) {
+at::Tensor masked_softmax_bwd_cuda(const at::Tensor& grad_, const at::Tensor& softmax_, double scale, double dropout_p,
+                                   const std::optional<at::Tensor>& seed) {
   check_masked_softmax_bwd(grad_, softmax_);
   check_masked_softmax(softmax_, std::nullopt, dropout_p, seed);
   const c10::cuda::CUDAGuard guard(softmax_.device());
@@ -85,10 +84,10 @@ at::Tensor masked_softmax_bwd_cuda(const at::Tensor& grad_, const at::Tensor& so
   at::Tensor dscores = at::empty(soft.sizes(), grad.options());
   if (soft.numel() == 0) return dscores;
   const int64_t keys = soft.size(-1);
-  C10_CUDA_CHECK(cuda::masked_softmax_bwd(
-      cuda::dtype_of(grad, "masked_softmax backward"), grad.const_data_ptr(), soft.const_data_ptr(),
-      static_cast<float>(scale), seed_or_null(seed, dropout_p), dropout_p, dscores.data_ptr(),
-      soft.numel() / keys, keys, c10::cuda::getCurrentCUDAStream()));
+  C10_CUDA_CHECK(cuda::masked_softmax_bwd(cuda::dtype_of(grad, "masked_softmax backward"), grad.const_data_ptr(),
+                                          soft.const_data_ptr(), static_cast<float>(scale),
+                                          seed_or_null(seed, dropout_p), dropout_p, dscores.data_ptr(),
+                                          soft.numel() / keys, keys, c10::cuda::getCurrentCUDAStream()));
   return dscores;
 }
 

@@ -23,9 +23,8 @@ using namespace sm;
 // g (after dropout's backward) and p of the thread's NV packs of row `row` in the segment at seg0;
 // zeros for padding and inactive rows. Returns the thread's sum of g * p.
 template <typename T, int V, int NV>
-__device__ __forceinline__ float load_gp(float (&g)[NV][V], float (&p)[NV][V], const BwdArgs<T>& a,
-                                         int64_t row, bool active, int seg0, int G, int t,
-                                         uint32_t keep) {
+__device__ __forceinline__ float load_gp(float (&g)[NV][V], float (&p)[NV][V], const BwdArgs<T>& a, int64_t row,
+                                         bool active, int seg0, int G, int t, uint32_t keep) {
   float dot = 0.0f;
 #pragma unroll
   for (int k = 0; k < NV; ++k) {
@@ -47,9 +46,8 @@ __device__ __forceinline__ float load_gp(float (&g)[NV][V], float (&p)[NV][V], c
 
 // dscores of the thread's packs, given the row's sum(g * p).
 template <typename T, int V, int NV>
-__device__ __forceinline__ void store_ds(const float (&g)[NV][V], const float (&p)[NV][V],
-                                         const BwdArgs<T>& a, int64_t row, int seg0, int G, int t,
-                                         float dot) {
+__device__ __forceinline__ void store_ds(const float (&g)[NV][V], const float (&p)[NV][V], const BwdArgs<T>& a,
+                                         int64_t row, int seg0, int G, int t, float dot) {
 #pragma unroll
   for (int k = 0; k < NV; ++k) {
     const int c = pack_col<V>(seg0, G, t, k);
@@ -145,10 +143,11 @@ cudaError_t launch_nv(const BwdArgs<T>& a, const Config& cfg, cudaStream_t strea
 }
 
 template <typename T>
-cudaError_t run(const void* grad, const void* softmax, float scale, const Dropout& drop, void* dscores,
-                int64_t rows, int64_t Sk, cudaStream_t stream) {
-  const BwdArgs<T> a{static_cast<const T*>(grad), static_cast<const T*>(softmax), static_cast<T*>(dscores),
-                     scale, drop, rows, static_cast<int>(Sk)};
+cudaError_t run(const void* grad, const void* softmax, float scale, const Dropout& drop, void* dscores, int64_t rows,
+                int64_t Sk, cudaStream_t stream) {
+  const BwdArgs<T> a{
+      static_cast<const T*>(grad), static_cast<const T*>(softmax), static_cast<T*>(dscores), scale, drop, rows,
+      static_cast<int>(Sk)};
   const bool vec = Sk % kVec<T> == 0 && aligned16(grad) && aligned16(softmax) && aligned16(dscores);
   return vec ? launch_nv<T, kVec<T>>(a, bwd_config(Sk, kVec<T>), stream)
              : launch_nv<T, 1>(a, bwd_config(Sk, 1), stream);
@@ -156,9 +155,8 @@ cudaError_t run(const void* grad, const void* softmax, float scale, const Dropou
 
 }  // namespace
 
-cudaError_t masked_softmax_bwd(DType dt, const void* grad, const void* softmax, float scale,
-                               const int64_t* seed, double dropout_p, void* dscores, int64_t rows,
-                               int64_t keys, cudaStream_t stream) {
+cudaError_t masked_softmax_bwd(DType dt, const void* grad, const void* softmax, float scale, const int64_t* seed,
+                               double dropout_p, void* dscores, int64_t rows, int64_t keys, cudaStream_t stream) {
   if (rows <= 0 || keys <= 0) return cudaSuccess;
   if (keys > sm::kMaxSk) return cudaErrorInvalidValue;
   const Dropout drop{seed, seed != nullptr ? philox::threshold(dropout_p) : 0u,

@@ -33,8 +33,7 @@ constexpr int64_t kWarpMaxSk = 1024, kBlockEpl = 16;
 // with seg0 = 0 and G NV V >= Sk. No early return before the reductions and row_keep (warp
 // collectives): inactive row groups (row >= rows) compute on padding and store nothing.
 template <typename T, typename M, int V, int NV>
-__global__ void __launch_bounds__(NV * V > 16 ? kRowsThreads : kMaxTpr)
-    fwd_rows_kernel(FwdArgs<T, M> a) {
+__global__ void __launch_bounds__(NV * V > 16 ? kRowsThreads : kMaxTpr) fwd_rows_kernel(FwdArgs<T, M> a) {
   __shared__ float red[2][32];
   int slot = 0;
   const int G = blockDim.x, t = threadIdx.x;
@@ -184,11 +183,22 @@ bool mask_vec_ok(const SoftmaxMask& mask) {
 }
 
 template <typename T, typename M>
-cudaError_t run(const void* scores, const SoftmaxMask& mask, float scale, const Dropout& drop, void* probs,
-                void* soft, int64_t B, int64_t H, int64_t Sq, int64_t Sk, cudaStream_t stream) {
-  FwdArgs<T, M> a{static_cast<const T*>(scores), static_cast<T*>(probs), static_cast<T*>(soft),
-                  static_cast<const M*>(mask.data), {mask.stride[0], mask.stride[1], mask.stride[2], mask.stride[3]},
-                  H, Sq, 1.0 / static_cast<double>(H), 1.0 / static_cast<double>(Sq), false, scale, drop, B * H * Sq, static_cast<int>(Sk)};
+cudaError_t run(const void* scores, const SoftmaxMask& mask, float scale, const Dropout& drop, void* probs, void* soft,
+                int64_t B, int64_t H, int64_t Sq, int64_t Sk, cudaStream_t stream) {
+  FwdArgs<T, M> a{static_cast<const T*>(scores),
+                  static_cast<T*>(probs),
+                  static_cast<T*>(soft),
+                  static_cast<const M*>(mask.data),
+                  {mask.stride[0], mask.stride[1], mask.stride[2], mask.stride[3]},
+                  H,
+                  Sq,
+                  1.0 / static_cast<double>(H),
+                  1.0 / static_cast<double>(Sq),
+                  false,
+                  scale,
+                  drop,
+                  B * H * Sq,
+                  static_cast<int>(Sk)};
   const bool vec = Sk % kVec<T> == 0 && aligned16(scores) && aligned16(probs) && (soft == nullptr || aligned16(soft));
   if (vec) {
     a.mvec = mask_vec_ok<M, kVec<T>>(mask);
@@ -198,15 +208,16 @@ cudaError_t run(const void* scores, const SoftmaxMask& mask, float scale, const 
 }
 
 template <typename T>
-cudaError_t run_mask(const void* scores, const SoftmaxMask& mask, float scale, const Dropout& drop,
-                     void* probs, void* soft, int64_t B, int64_t H, int64_t Sq, int64_t Sk, cudaStream_t stream) {
+cudaError_t run_mask(const void* scores, const SoftmaxMask& mask, float scale, const Dropout& drop, void* probs,
+                     void* soft, int64_t B, int64_t H, int64_t Sq, int64_t Sk, cudaStream_t stream) {
   switch (mask.type) {
     case MaskType::none: return run<T, NoMask>(scores, mask, scale, drop, probs, soft, B, H, Sq, Sk, stream);
     case MaskType::b8: return run<T, uint8_t>(scores, mask, scale, drop, probs, soft, B, H, Sq, Sk, stream);
     case MaskType::f32: return run<T, float>(scores, mask, scale, drop, probs, soft, B, H, Sq, Sk, stream);
     // 16-bit masks only of the scores' own type (the glue converts others to fp32): fewer instances
     case MaskType::f16:
-      if constexpr (std::is_same_v<T, __half>) return run<T, __half>(scores, mask, scale, drop, probs, soft, B, H, Sq, Sk, stream);
+      if constexpr (std::is_same_v<T, __half>)
+        return run<T, __half>(scores, mask, scale, drop, probs, soft, B, H, Sq, Sk, stream);
       break;
     case MaskType::bf16:
       if constexpr (std::is_same_v<T, __nv_bfloat16>)
@@ -218,18 +229,19 @@ cudaError_t run_mask(const void* scores, const SoftmaxMask& mask, float scale, c
 
 }  // namespace
 
-cudaError_t masked_softmax_fwd(DType dt, const void* scores, const SoftmaxMask& mask, float scale,
-                               const int64_t* seed, double dropout_p, void* probs, void* softmax,
-                               int64_t batch, int64_t heads, int64_t queries, int64_t keys,
-                               cudaStream_t stream) {
+cudaError_t masked_softmax_fwd(DType dt, const void* scores, const SoftmaxMask& mask, float scale, const int64_t* seed,
+                               double dropout_p, void* probs, void* softmax, int64_t batch, int64_t heads,
+                               int64_t queries, int64_t keys, cudaStream_t stream) {
   if (batch <= 0 || heads <= 0 || queries <= 0 || keys <= 0) return cudaSuccess;
   if (keys > sm::kMaxSk || (seed != nullptr && softmax == nullptr)) return cudaErrorInvalidValue;
   const Dropout drop{seed, seed != nullptr ? philox::threshold(dropout_p) : 0u,
                      seed != nullptr ? philox::scale(dropout_p) : 1.0f};
   void* soft = seed != nullptr ? softmax : nullptr;
   switch (dt) {
-    case DType::f32: return run_mask<float>(scores, mask, scale, drop, probs, soft, batch, heads, queries, keys, stream);
-    case DType::f16: return run_mask<__half>(scores, mask, scale, drop, probs, soft, batch, heads, queries, keys, stream);
+    case DType::f32:
+      return run_mask<float>(scores, mask, scale, drop, probs, soft, batch, heads, queries, keys, stream);
+    case DType::f16:
+      return run_mask<__half>(scores, mask, scale, drop, probs, soft, batch, heads, queries, keys, stream);
     case DType::bf16:
       return run_mask<__nv_bfloat16>(scores, mask, scale, drop, probs, soft, batch, heads, queries, keys, stream);
   }

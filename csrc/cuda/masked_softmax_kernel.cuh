@@ -41,8 +41,10 @@ __device__ __forceinline__ int pack_col(int seg0, int G, int t, int k) {
 // most one, which the two tests correct (no 64-bit integer division, a slow subroutine call).
 __device__ __forceinline__ int64_t div_floor(int64_t n, int64_t d, double inv_d) {
   int64_t q = static_cast<int64_t>(static_cast<double>(n) * inv_d);
-  if (q * d > n) --q;
-  else if ((q + 1) * d <= n) ++q;
+  if (q * d > n)
+    --q;
+  else if ((q + 1) * d <= n)
+    ++q;
   return q;
 }
 
@@ -81,8 +83,8 @@ __device__ __forceinline__ const M* mask_row(const FwdArgs<T, M>& a, int64_t row
 // x = s * scale + mask for the pack at column c (bool masks: s * scale where true, -inf where
 // false, as masked_fill). mrow: the row's mask (mask_row).
 template <typename T, typename M, int V>
-__device__ __forceinline__ void scaled_masked(float (&x)[V], const Pack<T, V>& sv, float scale,
-                                              const M* mrow, int c, int64_t mk, bool mvec) {
+__device__ __forceinline__ void scaled_masked(float (&x)[V], const Pack<T, V>& sv, float scale, const M* mrow, int c,
+                                              int64_t mk, bool mvec) {
   if constexpr (std::is_same_v<M, NoMask>) {
 #pragma unroll
     for (int j = 0; j < V; ++j) x[j] = to_f(sv.v[j]) * scale;
@@ -110,8 +112,8 @@ __device__ __forceinline__ void scaled_masked(float (&x)[V], const Pack<T, V>& s
 // x of the thread's NV packs of row `row` in the segment at seg0; -inf for padding (columns >= Sk)
 // and for inactive rows (row >= rows).
 template <typename T, typename M, int V, int NV>
-__device__ __forceinline__ void load_x(float (&x)[NV][V], const FwdArgs<T, M>& a, int64_t row,
-                                       bool active, const M* mrow, int seg0, int G, int t) {
+__device__ __forceinline__ void load_x(float (&x)[NV][V], const FwdArgs<T, M>& a, int64_t row, bool active,
+                                       const M* mrow, int seg0, int G, int t) {
   const T* srow = a.scores + row * a.Sk;
 #pragma unroll
   for (int k = 0; k < NV; ++k) {
@@ -128,8 +130,8 @@ __device__ __forceinline__ void load_x(float (&x)[NV][V], const FwdArgs<T, M>& a
 // probs (and, with dropout, soft) of one pack at flat offset off: soft = p; probs = keep ? p * scale
 // : 0 (bit j of keep for element j); without dropout probs = p.
 template <typename T, int V>
-__device__ __forceinline__ void store_probs(T* probs, T* soft, int64_t off, const float (&p)[V],
-                                            const Dropout& drop, uint32_t keep) {
+__device__ __forceinline__ void store_probs(T* probs, T* soft, int64_t off, const float (&p)[V], const Dropout& drop,
+                                            uint32_t keep) {
   if (drop.seed == nullptr) {
     store<V>(probs + off, p);
     return;
@@ -189,8 +191,8 @@ __device__ __forceinline__ float group_reduce(float v, float (&red)[2][32], int&
 // them a whole 64-element Philox group at a time (one Philox call per 4 elements when aligned);
 // otherwise (short rows with padding) each element draws its own (philox::element). seed: *drop.seed.
 template <int V, int NV>
-__device__ __forceinline__ uint32_t row_keep(const Dropout& drop, uint64_t seed, int64_t row, int Sk,
-                                             int seg0, int G, int t) {
+__device__ __forceinline__ uint32_t row_keep(const Dropout& drop, uint64_t seed, int64_t row, int Sk, int seg0, int G,
+                                             int t) {
   if (drop.seed == nullptr) return 0xffffffffu;
   const int lane = (threadIdx.y * G + t) & 31;
   const bool chunked = G >= 32 || (NV == 1 && G * V == Sk);
@@ -206,7 +208,8 @@ __device__ __forceinline__ uint32_t row_keep(const Dropout& drop, uint64_t seed,
     } else {
 #pragma unroll
       for (int j = 0; j < V; ++j)
-        if (c + j < Sk) keep |= static_cast<uint32_t>(philox::keep(philox::element(seed, e + j), drop.thr)) << (k * V + j);
+        if (c + j < Sk)
+          keep |= static_cast<uint32_t>(philox::keep(philox::element(seed, e + j), drop.thr)) << (k * V + j);
     }
   }
   return keep;
@@ -240,8 +243,7 @@ inline Config row_config(int64_t Sk, int V, int64_t warp_max_sk, int64_t block_e
     return {static_cast<int>(ceil_div(packs, G)), static_cast<int>(G), static_cast<int>(rows_threads / G), false};
   }
   const int nv = static_cast<int>(block_epl / V);
-  if (Sk <= max_tpr * block_epl)
-    return {nv, static_cast<int>(ceil_div(ceil_div(Sk, block_epl), 32) * 32), 1, false};
+  if (Sk <= max_tpr * block_epl) return {nv, static_cast<int>(ceil_div(ceil_div(Sk, block_epl), 32) * 32), 1, false};
   return {nv, static_cast<int>(max_tpr), 1, true};
 }
 

@@ -64,7 +64,7 @@ QUICK_PRESETS = ["mini"]
 FULL_PRESETS = ["mini", "base"]
 LABELLED = 0.15
 IGNORE = -100
-PAD = 16          # padded tokens at the end of every other sequence
+PAD = 16  # padded tokens at the end of every other sequence
 LR = 1e-4
 FASTBERT, UNFUSED = "fastbert", "fastbert-unfused"
 CANDIDATES = (FASTBERT, UNFUSED, EAGER, COMPILE)
@@ -74,6 +74,7 @@ MATMUL_OPS = frozenset({"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm",
 
 # ------------------------------------------------------------------------------------ configs
 
+
 def config_for(hidden, layers, seq=SEQ):
     """``(preset name, BertConfig)`` for a case shape's hidden size and depth: the preset with those
     sizes, else ``"custom"``: BERT's proportions (head dim 64, intermediate 4H, vocab 30522) from
@@ -82,10 +83,14 @@ def config_for(hidden, layers, seq=SEQ):
         if (sizes["hidden_size"], sizes["num_hidden_layers"]) == (hidden, layers):
             return name, BertConfig.from_preset(name, max_position_embeddings=max(512, seq))
     big = hidden >= 128 and hidden % 64 == 0
-    return "custom", BertConfig(hidden_size=hidden, num_hidden_layers=layers,
-                                num_attention_heads=hidden // 64 if big else max(1, hidden // 16),
-                                intermediate_size=(4 if big else 2) * hidden, vocab_size=30522 if big else 101,
-                                max_position_embeddings=max(512, seq))
+    return "custom", BertConfig(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64 if big else max(1, hidden // 16),
+        intermediate_size=(4 if big else 2) * hidden,
+        vocab_size=30522 if big else 101,
+        max_position_embeddings=max(512, seq),
+    )
 
 
 def hf_config(cfg):
@@ -107,25 +112,33 @@ def state_bytes(cfg, itemsize=4):
 
 # ------------------------------------------------------------------------------------ inputs
 
+
 def make_inputs(cfg, batch, seq, device="cpu", seed=0):
     """The keyword arguments of one pretraining step (the same for every candidate)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     input_ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)
     token_type_ids = torch.zeros(batch, seq, dtype=torch.long)
-    token_type_ids[:, seq // 2:] = 1
+    token_type_ids[:, seq // 2 :] = 1
     attention_mask = torch.ones(batch, seq, dtype=torch.long)
-    attention_mask[1::2, seq - min(PAD, seq // 4):] = 0   # every other sequence ends in padding
+    attention_mask[1::2, seq - min(PAD, seq // 4) :] = 0  # every other sequence ends in padding
     labelled = (torch.rand(batch, seq, generator=g) < LABELLED) & attention_mask.bool()
-    labelled[0, 1] = True                                 # at least one MLM target at any size
-    labels = torch.where(labelled, torch.randint(0, cfg.vocab_size, (batch, seq), generator=g),
-                         torch.full_like(input_ids, IGNORE))
+    labelled[0, 1] = True  # at least one MLM target at any size
+    labels = torch.where(
+        labelled, torch.randint(0, cfg.vocab_size, (batch, seq), generator=g), torch.full_like(input_ids, IGNORE)
+    )
     nsp = torch.randint(0, 2, (batch,), generator=g)
-    out = dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-               labels=labels, next_sentence_label=nsp)
+    out = dict(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        token_type_ids=token_type_ids,
+        labels=labels,
+        next_sentence_label=nsp,
+    )
     return {k: v.to(device) for k, v in out.items()}
 
 
 # ------------------------------------------------------------------------------------ candidates
+
 
 class Step:
     """One training step of ``model`` (called as ``fn(**inputs)``, e.g. a compiled model) with its
@@ -138,7 +151,7 @@ class Step:
 
     def __call__(self):
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.fn(**self.inputs).loss   # drop the output object (HF's holds the logits)
+        loss = self.fn(**self.inputs).loss  # drop the output object (HF's holds the logits)
         loss.backward()
         self.optimizer.step()
         self.last_loss = loss.detach()
@@ -190,6 +203,7 @@ def step_peak_memory(step, device):
 def make_setup(cfg, batch, seq, device, use_compile):
     def setup():
         return make_candidates(cfg, batch, seq, device, use_compile)
+
     return setup
 
 
@@ -199,8 +213,10 @@ def step_cases(op, make_setup, mode="quick", dtypes=None, shapes=None):
     if dtypes is not None and "float32" not in dtypes:
         return []
     if shapes is None:
-        shapes = [(BATCH, SEQ, PRESETS[p]["hidden_size"], PRESETS[p]["num_hidden_layers"])
-                  for p in (FULL_PRESETS if mode == "full" else QUICK_PRESETS)]
+        shapes = [
+            (BATCH, SEQ, PRESETS[p]["hidden_size"], PRESETS[p]["num_hidden_layers"])
+            for p in (FULL_PRESETS if mode == "full" else QUICK_PRESETS)
+        ]
     out = []
     for shape in shapes:
         if len(shape) != 4 or shape[3] > 64:  # e.g. gather_mlm's (B, S, H, vocab) shapes
@@ -210,8 +226,18 @@ def step_cases(op, make_setup, mode="quick", dtypes=None, shapes=None):
         params = {"preset": name, "state_bytes": state_bytes(cfg)}
         if name == "custom":
             params.update(heads=cfg.num_attention_heads, intermediate=cfg.intermediate_size, vocab=cfg.vocab_size)
-        out.append(Case(op, tuple(shape), "float32", "step", None, make_setup(cfg, b, s),
-                        params=params, peak_memory=step_peak_memory))
+        out.append(
+            Case(
+                op,
+                tuple(shape),
+                "float32",
+                "step",
+                None,
+                make_setup(cfg, b, s),
+                params=params,
+                peak_memory=step_peak_memory,
+            )
+        )
     return out
 
 
@@ -221,6 +247,7 @@ def cases(device="cpu", mode="quick", dtypes=None, shapes=None, use_compile=True
 
 
 # ------------------------------------------------------------------------------------ matmul share
+
 
 def matmul_share(step_fn, steps=2):
     """Fraction of a step's self CPU time spent in matrix multiplications (self time of
@@ -251,32 +278,66 @@ def share_report(preset="mini", batch=BATCH, seq=SEQ, seconds=10.0, steps=2, dev
     rows = []
     for name, fn in cands.items():
         p50 = percentile(samples[name], 50)
-        rows.append(dict(candidate=name, p50_ms=p50 * 1e3, p20_ms=percentile(samples[name], 20) * 1e3,
-                         p80_ms=percentile(samples[name], 80) * 1e3, n=len(samples[name]),
-                         tokens_per_s=batch * seq / p50, matmul_share=matmul_share(fn, steps)))
+        rows.append(
+            dict(
+                candidate=name,
+                p50_ms=p50 * 1e3,
+                p20_ms=percentile(samples[name], 20) * 1e3,
+                p80_ms=percentile(samples[name], 80) * 1e3,
+                n=len(samples[name]),
+                tokens_per_s=batch * seq / p50,
+                matmul_share=matmul_share(fn, steps),
+            )
+        )
     return rows
 
 
 def format_share(rows, preset, batch, seq):
-    head = ["candidate", "step p50 ms", "p20-p80 ms", "tokens/s", "matmul %", "outside matmul %",
-            "outside matmul ms", "n"]
-    lines = [[r["candidate"], f"{r['p50_ms']:.1f}", f"{r['p20_ms']:.1f}-{r['p80_ms']:.1f}",
-              f"{r['tokens_per_s']:.0f}", f"{100 * r['matmul_share']:.1f}", f"{100 * (1 - r['matmul_share']):.1f}",
-              f"{r['p50_ms'] * (1 - r['matmul_share']):.1f}", str(r["n"])] for r in rows]
+    head = [
+        "candidate",
+        "step p50 ms",
+        "p20-p80 ms",
+        "tokens/s",
+        "matmul %",
+        "outside matmul %",
+        "outside matmul ms",
+        "n",
+    ]
+    lines = [
+        [
+            r["candidate"],
+            f"{r['p50_ms']:.1f}",
+            f"{r['p20_ms']:.1f}-{r['p80_ms']:.1f}",
+            f"{r['tokens_per_s']:.0f}",
+            f"{100 * r['matmul_share']:.1f}",
+            f"{100 * (1 - r['matmul_share']):.1f}",
+            f"{r['p50_ms'] * (1 - r['matmul_share']):.1f}",
+            str(r["n"]),
+        ]
+        for r in rows
+    ]
     widths = [max(len(x) for x in col) for col in zip(head, *lines)]
-    out = [f"BERT pretraining step (MLM + NSP, AdamW), preset {preset}, batch {batch}, seq {seq}, fp32, "
-           f"{torch.get_num_threads()} threads"]
+    out = [
+        f"BERT pretraining step (MLM + NSP, AdamW), preset {preset}, batch {batch}, seq {seq}, fp32, "
+        f"{torch.get_num_threads()} threads"
+    ]
     out += ["  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip() for line in [head] + lines]
     out.insert(2, "  ".join("-" * w for w in widths))
     return "\n".join(out)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m fastbert.bench.bench_bert",
-                                description="Step time and the share of it outside matmuls "
-                                            "(the timed cases run through `python -m fastbert.bench.run --ops bert`).")
-    p.add_argument("--share", action="store_true", required=True,
-                   help="time fastbert, fastbert-unfused and eager and profile their matmul share")
+    p = argparse.ArgumentParser(
+        prog="python -m fastbert.bench.bench_bert",
+        description="Step time and the share of it outside matmuls "
+        "(the timed cases run through `python -m fastbert.bench.run --ops bert`).",
+    )
+    p.add_argument(
+        "--share",
+        action="store_true",
+        required=True,
+        help="time fastbert, fastbert-unfused and eager and profile their matmul share",
+    )
     p.add_argument("--preset", default="mini", choices=list(PRESETS))
     p.add_argument("--batch", type=int, default=BATCH)
     p.add_argument("--seq", type=int, default=SEQ)

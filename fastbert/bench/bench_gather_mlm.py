@@ -40,6 +40,7 @@ def make_labels(b, s, v, device):
 
 # ------------------------------------------------------------------------------------ gather
 
+
 def eager_gather(hidden, labels):
     return hidden[labels != IGNORE]
 
@@ -48,6 +49,7 @@ def fastbert_gather(backend):
     def fn(hidden, labels):
         with fastbert.backend(backend):
             return fastbert.gather_masked(hidden, labels)[0]
+
     return fn
 
 
@@ -58,20 +60,26 @@ def gather_setup(shape, dtype, device, backward, use_compile):
         labels = make_labels(shape[0], shape[1], 30522, device)
         m = int((labels != IGNORE).sum())
         dy = torch.randn(m, shape[2], dtype=hidden.dtype, device=device) if backward else None
-        return timed_candidates("gather_masked", device, eager_gather, fastbert_gather, (hidden, labels), dy,
-                                (hidden,), use_compile)
+        return timed_candidates(
+            "gather_masked", device, eager_gather, fastbert_gather, (hidden, labels), dy, (hidden,), use_compile
+        )
+
     return setup
 
 
 # ---------------------------------------------------------------------------------- MLM head
 
+
 def make_head(h, v, dtype, device):
     """The MLM head's parameters (leaves requiring grad): transform dense, LayerNorm, decoder."""
     g = torch.Generator(device="cpu").manual_seed(0)
+
     def p(*shape, std=0.02):
         return (torch.randn(shape, generator=g) * std).to(device=device, dtype=dtype).requires_grad_()
-    return dict(dense_w=p(h, h), dense_b=p(h), ln_w=(1 + p(h)).detach().requires_grad_(), ln_b=p(h),
-                dec_w=p(v, h), dec_b=p(v))
+
+    return dict(
+        dense_w=p(h, h), dense_b=p(h), ln_w=(1 + p(h)).detach().requires_grad_(), ln_b=p(h), dec_w=p(v, h), dec_b=p(v)
+    )
 
 
 def mlm_grad_bytes(h, v, itemsize=4):
@@ -102,6 +110,7 @@ def fastbert_head(backend):
             x = fastbert.bias_gelu(F.linear(rows, w["dense_w"]), w["dense_b"])
             x = F.layer_norm(x, x.shape[-1:], w["ln_w"], w["ln_b"], 1e-12)
             return fastbert.linear_cross_entropy(x, w["dec_w"], targets, w["dec_b"])
+
     return fn
 
 
@@ -125,12 +134,14 @@ def mlm_setup(shape, dtype, device, use_compile):
                 fn(*args).backward()
                 for t in leaves:
                     t.grad = None
+
             return call
 
         candidates = {name: fwd_bwd(fn) for name, fn in fns.items()}
         if use_compile:
             candidates[COMPILE]()  # compile outside the timed region
         return candidates
+
     return setup
 
 
@@ -143,15 +154,35 @@ def cases(device="cpu", mode="quick", dtypes=None, shapes=None, use_compile=True
         for dtype in dtypes:
             rows_bytes = round(LABELLED * numel(shape)) * DTYPES[dtype].itemsize
             full_bytes = numel(shape) * DTYPES[dtype].itemsize
-            for pass_, nbytes, backward in (("fwd", 2 * rows_bytes, False),
-                                            ("fwd+bwd", 3 * rows_bytes + full_bytes, True)):
-                out.append(Case("gather_masked", tuple(shape), dtype, pass_, nbytes,
-                                gather_setup(tuple(shape), dtype, device, backward, use_compile),
-                                params={"labelled": LABELLED}))
+            for pass_, nbytes, backward in (
+                ("fwd", 2 * rows_bytes, False),
+                ("fwd+bwd", 3 * rows_bytes + full_bytes, True),
+            ):
+                out.append(
+                    Case(
+                        "gather_masked",
+                        tuple(shape),
+                        dtype,
+                        pass_,
+                        nbytes,
+                        gather_setup(tuple(shape), dtype, device, backward, use_compile),
+                        params={"labelled": LABELLED},
+                    )
+                )
     for shape in mlm_shapes:
         for dtype in dtypes:
-            out.append(Case("mlm_head", tuple(shape), dtype, "fwd+bwd", None,
-                            mlm_setup(tuple(shape), dtype, device, use_compile),
-                            params={"labelled": LABELLED, "mlm_grad_bytes": mlm_grad_bytes(
-                                shape[2], shape[3], DTYPES[dtype].itemsize)}))
+            out.append(
+                Case(
+                    "mlm_head",
+                    tuple(shape),
+                    dtype,
+                    "fwd+bwd",
+                    None,
+                    mlm_setup(tuple(shape), dtype, device, use_compile),
+                    params={
+                        "labelled": LABELLED,
+                        "mlm_grad_bytes": mlm_grad_bytes(shape[2], shape[3], DTYPES[dtype].itemsize),
+                    },
+                )
+            )
     return out

@@ -26,6 +26,7 @@ def fastbert_fn(backend):
     def fn(x, b, approximate="none"):
         with fastbert.backend(backend):
             return fastbert.bias_gelu(x, b, approximate=approximate)
+
     return fn
 
 
@@ -36,8 +37,8 @@ def make_setup(shape, dtype, device, approximate, backward, use_compile=True):
         x = torch.randn(shape, dtype=dt, device=device, requires_grad=backward)
         b = torch.randn(shape[-1], dtype=dt, device=device, requires_grad=backward)
         dy = torch.randn(shape, dtype=dt, device=device) if backward else None
-        return timed_candidates(OP, device, eager_bias_gelu, fastbert_fn, (x, b, approximate), dy, (x, b),
-                                use_compile)
+        return timed_candidates(OP, device, eager_bias_gelu, fastbert_fn, (x, b, approximate), dy, (x, b), use_compile)
+
     return setup
 
 
@@ -50,8 +51,15 @@ def cases(device="cpu", mode="quick", dtypes=None, shapes=None, use_compile=True
             size = numel(shape) * DTYPES[dtype].itemsize
             for approximate in approx:
                 for pass_, elems, backward in (("fwd", 2, False), ("fwd+bwd", 5, True)):
-                    out.append(Case(OP, tuple(shape), dtype, pass_, elems * size,
-                                    make_setup(tuple(shape), dtype, device, approximate, backward,
-                                               use_compile),
-                                    params={"approximate": approximate}))
+                    out.append(
+                        Case(
+                            OP,
+                            tuple(shape),
+                            dtype,
+                            pass_,
+                            elems * size,
+                            make_setup(tuple(shape), dtype, device, approximate, backward, use_compile),
+                            params={"approximate": approximate},
+                        )
+                    )
     return out

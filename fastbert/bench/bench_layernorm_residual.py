@@ -29,6 +29,7 @@ def fastbert_fn(backend):
     def fn(x, r, w, b, xb, p):
         with fastbert.backend(backend):
             return fastbert.layernorm_residual(x, r, w, b, eps=EPS, x_bias=xb, dropout_p=p, training=True)
+
     return fn
 
 
@@ -41,8 +42,8 @@ def make_setup(shape, dtype, device, p, backward, use_compile=True):
         r = torch.randn(shape, dtype=dt, device=device, requires_grad=backward)
         params = [torch.randn(n, dtype=dt, device=device, requires_grad=backward) for _ in range(3)]
         dy = torch.randn(shape, dtype=dt, device=device) if backward else None
-        return timed_candidates(OP, device, eager_fn, fastbert_fn, (x, r, *params, p), dy, (x, r, *params),
-                                use_compile)
+        return timed_candidates(OP, device, eager_fn, fastbert_fn, (x, r, *params, p), dy, (x, r, *params), use_compile)
+
     return setup
 
 
@@ -53,7 +54,15 @@ def cases(device="cpu", mode="quick", dtypes=None, shapes=None, use_compile=True
             size = numel(shape) * DTYPES[dtype].itemsize
             for p in (0.0, 0.1):
                 for pass_, elems, backward in (("fwd", 3, False), ("fwd+bwd", 7 if p == 0 else 8, True)):
-                    out.append(Case(OP, tuple(shape), dtype, pass_, elems * size,
-                                    make_setup(tuple(shape), dtype, device, p, backward, use_compile),
-                                    params={"p": p}))
+                    out.append(
+                        Case(
+                            OP,
+                            tuple(shape),
+                            dtype,
+                            pass_,
+                            elems * size,
+                            make_setup(tuple(shape), dtype, device, p, backward, use_compile),
+                            params={"p": p},
+                        )
+                    )
     return out

@@ -30,12 +30,13 @@ def fastbert_fn(backend):
     def fn(x, mask, p):
         with fastbert.backend(backend):
             return fastbert.masked_softmax(x, mask, scale=SCALE, dropout_p=p, training=True)
+
     return fn
 
 
 def padding_mask(batch, keys, dtype, device):
     mask = torch.zeros(batch, 1, 1, keys, dtype=dtype, device=device)
-    mask[::2, ..., keys - keys // 8:] = torch.finfo(dtype).min
+    mask[::2, ..., keys - keys // 8 :] = torch.finfo(dtype).min
     return mask
 
 
@@ -47,6 +48,7 @@ def make_setup(shape, dtype, device, p, backward, use_compile=True):
         mask = padding_mask(shape[0], shape[-1], dt, device)
         dy = torch.randn(shape, dtype=dt, device=device) if backward else None
         return timed_candidates(OP, device, eager_fn, fastbert_fn, (x, mask, p), dy, (x,), use_compile)
+
     return setup
 
 
@@ -56,9 +58,19 @@ def cases(device="cpu", mode="quick", dtypes=None, shapes=None, use_compile=True
         for dtype in dtypes or DTYPE_NAMES:
             size = numel(shape) * DTYPES[dtype].itemsize
             for p in (0.0, 0.1):
-                for pass_, elems, backward in (("fwd", 2 if p == 0 else 3, False),
-                                               ("fwd+bwd", 5 if p == 0 else 6, True)):
-                    out.append(Case(OP, tuple(shape), dtype, pass_, elems * size,
-                                    make_setup(tuple(shape), dtype, device, p, backward, use_compile),
-                                    params={"p": p}))
+                for pass_, elems, backward in (
+                    ("fwd", 2 if p == 0 else 3, False),
+                    ("fwd+bwd", 5 if p == 0 else 6, True),
+                ):
+                    out.append(
+                        Case(
+                            OP,
+                            tuple(shape),
+                            dtype,
+                            pass_,
+                            elems * size,
+                            make_setup(tuple(shape), dtype, device, p, backward, use_compile),
+                            params={"p": p},
+                        )
+                    )
     return out

@@ -59,7 +59,7 @@ from fastbert.bench.bench_bert import (
 OP = "hf_patch_step"
 PATCHED = "patched"
 CANDIDATES = (EAGER, PATCHED)
-SPEEDUP_TARGET, MEMORY_TARGET = 1.3, 0.6   # on BERT-base: patched vs eager step time, activation memory
+SPEEDUP_TARGET, MEMORY_TARGET = 1.3, 0.6  # on BERT-base: patched vs eager step time, activation memory
 
 
 def build_patched(cfg, device="cpu"):
@@ -99,6 +99,7 @@ def cases(device="cpu", mode="quick", dtypes=None, shapes=None):
 
 # ------------------------------------------------------------------------------------ standalone
 
+
 def verdict(rows):
     """One line per case: patched vs eager, speed-up (ratio of medians) and activation-memory ratio,
     against the targets (which the issue sets for BERT-base)."""
@@ -112,23 +113,32 @@ def verdict(rows):
         e, p = c[EAGER], c[PATCHED]
         speedup = harness.ratio(e["p50_ms"], p["p50_ms"])
         mem = harness.ratio(p["peak_mem_bytes"], e["peak_mem_bytes"])
-        ok = lambda good: "ok" if good else "MISSED"  # noqa: E731
+
+        def ok(good):
+            return "ok" if good else "MISSED"
+
         lines.append(
             f"{key[1]} ({key[4].split(',')[0]}): patched {p['p50_ms']:.1f} ms (p20-p80 {p['p20_ms']:.1f}-"
             f"{p['p80_ms']:.1f}) vs eager {e['p50_ms']:.1f} ms ({e['p20_ms']:.1f}-{e['p80_ms']:.1f}): "
             f"{speedup:.2f}x faster [base target >= {SPEEDUP_TARGET}x: {ok(speedup >= SPEEDUP_TARGET)}]; "
-            + ("activation memory unknown" if mem is None else
-               f"activation memory {p['peak_mem_bytes'] / 2**20:.1f} MB vs {e['peak_mem_bytes'] / 2**20:.1f} MB: "
-               f"{mem:.2f}x [base target <= {MEMORY_TARGET}x: {ok(mem <= MEMORY_TARGET)}]"))
+            + (
+                "activation memory unknown"
+                if mem is None
+                else f"activation memory {p['peak_mem_bytes'] / 2**20:.1f} MB vs {e['peak_mem_bytes'] / 2**20:.1f} MB: "
+                f"{mem:.2f}x [base target <= {MEMORY_TARGET}x: {ok(mem <= MEMORY_TARGET)}]"
+            )
+        )
     return "\n".join(lines)
 
 
 def main(argv=None):
     from fastbert.bench import report
 
-    p = argparse.ArgumentParser(prog="python -m fastbert.bench.bench_patch",
-                                description="transformers BertForPreTraining training step, eager vs "
-                                            "fastbert.patch: time, activation memory, the targets.")
+    p = argparse.ArgumentParser(
+        prog="python -m fastbert.bench.bench_patch",
+        description="transformers BertForPreTraining training step, eager vs "
+        "fastbert.patch: time, activation memory, the targets.",
+    )
     p.add_argument("--preset", nargs="+", default=["mini"], choices=list(PRESETS))
     p.add_argument("--batch", type=int, default=BATCH)
     p.add_argument("--seq", type=int, default=SEQ)
@@ -153,10 +163,13 @@ def main(argv=None):
         def setup(setup=case.setup, built=built):
             built.update(setup())
             return built
+
         rows += harness.run_case(dataclasses.replace(case, setup=setup), meta, budget, timer)
         print(f"{case.shape} ({case.params['preset']}): {built[PATCHED].patch_report}", flush=True)
-    print(f"{meta['device_name']}; torch {meta['torch']}, transformers {transformers.__version__}, "
-          f"{meta['torch_threads']} threads")
+    print(
+        f"{meta['device_name']}; torch {meta['torch']}, transformers {transformers.__version__}, "
+        f"{meta['torch_threads']} threads"
+    )
     print(report.format_table(rows))
     print(verdict(rows))
     return 0

@@ -67,7 +67,7 @@ BATCH = 32
 PRESET = "base"
 NUM_LABELS = 2
 MEDIAN, SIGMA, MIN_LEN, MAX_LEN = 45, 0.44, 8, 128
-SEED = 178          # the batch's lengths (see the module docstring); 1 + SEED: its token ids and labels
+SEED = 178  # the batch's lengths (see the module docstring); 1 + SEED: its token ids and labels
 
 
 def lengths_name(median=MEDIAN, sigma=SIGMA, lo=MIN_LEN, hi=MAX_LEN, seed=SEED):
@@ -88,6 +88,7 @@ FULL_BUDGET = Budget(min_rounds=7, max_rounds=7, time_s=0.0, rel_ci=0.0, warmup_
 
 
 # ------------------------------------------------------------------------------------ the batch
+
 
 def sentence_lengths(batch=BATCH, median=MEDIAN, sigma=SIGMA, lo=MIN_LEN, hi=MAX_LEN, seed=SEED):
     """``batch`` sentence lengths (int64): ``exp(log(median) + sigma * N(0, 1))`` rounded, clamped
@@ -118,8 +119,11 @@ def make_batch(lengths, vocab_size, seed=SEED + 1, labels=True):
     ids = torch.randint(first, vocab_size, (b, s), generator=g)
     ids[:, 0] = cls
     ids[torch.arange(b), lengths - 1] = sep
-    out = dict(input_ids=torch.where(mask, ids, torch.zeros_like(ids)), attention_mask=mask.long(),
-               token_type_ids=torch.zeros(b, s, dtype=torch.long))
+    out = dict(
+        input_ids=torch.where(mask, ids, torch.zeros_like(ids)),
+        attention_mask=mask.long(),
+        token_type_ids=torch.zeros(b, s, dtype=torch.long),
+    )
     if labels:
         out["labels"] = torch.randint(0, NUM_LABELS, (b,), generator=g)
     return out
@@ -128,10 +132,11 @@ def make_batch(lengths, vocab_size, seed=SEED + 1, labels=True):
 @dataclasses.dataclass
 class Workload:
     """The padded batch and its no-padding counterpart (same batch size, ~the same real tokens)."""
+
     lengths: torch.Tensor
     padded: dict
     nopad: dict
-    name: str = LENGTHS   # the length distribution
+    name: str = LENGTHS  # the length distribution
 
     @property
     def tokens(self):
@@ -150,26 +155,41 @@ class Workload:
         return padding_fraction(self.lengths)
 
     def params(self):
-        return {"lengths": self.name, "pad_frac": round(self.pad_frac, 3), "tokens": self.tokens,
-                "padded_len": self.padded_len, "nopad_len": self.nopad_len}
+        return {
+            "lengths": self.name,
+            "pad_frac": round(self.pad_frac, 3),
+            "tokens": self.tokens,
+            "padded_len": self.padded_len,
+            "nopad_len": self.nopad_len,
+        }
 
     def describe(self):
         b = len(self.lengths)
-        return (f"batch {b}, lengths {self.name} (median {self.lengths.float().median().item():.0f}, "
-                f"min {int(self.lengths.min())}, max {self.padded_len}): {self.tokens} real tokens in "
-                f"{b} x {self.padded_len} = {b * self.padded_len} padded, {100 * self.pad_frac:.1f}% padding; "
-                f"no padding: {b} x {self.nopad_len} = {b * self.nopad_len} tokens")
+        return (
+            f"batch {b}, lengths {self.name} (median {self.lengths.float().median().item():.0f}, "
+            f"min {int(self.lengths.min())}, max {self.padded_len}): {self.tokens} real tokens in "
+            f"{b} x {self.padded_len} = {b * self.padded_len} padded, {100 * self.pad_frac:.1f}% padding; "
+            f"no padding: {b} x {self.nopad_len} = {b * self.nopad_len} tokens"
+        )
 
 
 def make_workload(vocab_size, batch=BATCH, device="cpu", labels=True, **length_kw):
     lengths = sentence_lengths(batch, **length_kw)
     equal = torch.full((batch,), max(2, round(int(lengths.sum()) / batch)), dtype=torch.long)
-    to = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
-    return Workload(lengths, to(make_batch(lengths, vocab_size, labels=labels)),
-                    to(make_batch(equal, vocab_size, labels=labels)), lengths_name(**length_kw))
+
+    def to(d):
+        return {k: v.to(device) for k, v in d.items()}
+
+    return Workload(
+        lengths,
+        to(make_batch(lengths, vocab_size, labels=labels)),
+        to(make_batch(equal, vocab_size, labels=labels)),
+        lengths_name(**length_kw),
+    )
 
 
 # ------------------------------------------------------------------------------------ models
+
 
 def fastbert_config(cfg):
     """``cfg`` for this workload: ``num_labels`` 2, ``unpad`` at its default (True) where it exists."""
@@ -179,11 +199,13 @@ def fastbert_config(cfg):
 
 def has_unpad_config():
     from fastbert.models import BertConfig
+
     return "unpad" in {f.name for f in dataclasses.fields(BertConfig)}
 
 
 def has_unpad_patch():
     import fastbert
+
     return "unpad" in inspect.signature(fastbert.patch).parameters
 
 
@@ -217,15 +239,21 @@ def fastbert_model(cfg, weights_from=None, device="cpu"):
 def patch_unpad(model):
     """``fastbert.patch(model, unpad=True)`` (plain ``fastbert.patch`` where ``unpad`` does not exist yet)."""
     import fastbert
+
     return fastbert.patch(model, unpad=True) if has_unpad_patch() else fastbert.patch(model)
 
 
 def _warn_padded():
-    missing = [what for what, ok in (("fastbert.models BertConfig.unpad", has_unpad_config()),
-                                     ("fastbert.patch(..., unpad=)", has_unpad_patch())) if not ok]
+    missing = [
+        what
+        for what, ok in (
+            ("fastbert.models BertConfig.unpad", has_unpad_config()),
+            ("fastbert.patch(..., unpad=)", has_unpad_patch()),
+        )
+        if not ok
+    ]
     if missing:
-        print(f"bench_realistic: {' and '.join(missing)} not available: those candidates run padded",
-              file=sys.stderr)
+        print(f"bench_realistic: {' and '.join(missing)} not available: those candidates run padded", file=sys.stderr)
 
 
 class Infer:
@@ -259,7 +287,7 @@ def make_step_candidates(cfg, batch=BATCH, device="cpu", names=STEP_CANDIDATES, 
     if {FASTBERT, FASTBERT_NOPAD} & set(names):
         models[FASTBERT] = fastbert_model(cfg, models.get(EAGER), device)
     for name in names:
-        base = name[:-len(NOPAD)] if name.endswith(NOPAD) else name
+        base = name[: -len(NOPAD)] if name.endswith(NOPAD) else name
         model = models[base].train()
         step = Step(model, model, work.nopad if name.endswith(NOPAD) else work.padded)
         if base in out:  # the nopad candidate steps the same model with the same optimizer
@@ -293,6 +321,7 @@ def make_fwd_candidates(cfg, batch=BATCH, device="cpu", names=FWD_CANDIDATES, ma
 
 # ------------------------------------------------------------------------------------ cases
 
+
 def case_candidates(case):
     """The candidate names of ``case`` (what pytest-benchmark names its tests after)."""
     return STEP_CANDIDATES if case.pass_ == "step" else FWD_CANDIDATES
@@ -321,17 +350,37 @@ def cases(device="cpu", mode="quick", dtypes=None, shapes=None, preset=None):
         if name == "custom":
             params.update(heads=cfg.num_attention_heads, intermediate=cfg.intermediate_size, vocab=cfg.vocab_size)
         budget = QUICK_BUDGET if quick else FULL_BUDGET
-        out.append(Case(OP, tuple(shape), "float32", "step", None,
-                        lambda cfg=cfg, b=b, s=max_len: make_step_candidates(cfg, b, device, max_len=s),
-                        params=params, peak_memory=_no_peak_memory if quick else step_peak_memory,
-                        budget=budget))
-        out.append(Case(OP, tuple(shape), "float32", "fwd", None,
-                        lambda cfg=cfg, b=b, s=max_len: make_fwd_candidates(cfg, b, device, max_len=s),
-                        params=params, peak_memory=_no_peak_memory if quick else None, budget=budget))
+        out.append(
+            Case(
+                OP,
+                tuple(shape),
+                "float32",
+                "step",
+                None,
+                lambda cfg=cfg, b=b, s=max_len: make_step_candidates(cfg, b, device, max_len=s),
+                params=params,
+                peak_memory=_no_peak_memory if quick else step_peak_memory,
+                budget=budget,
+            )
+        )
+        out.append(
+            Case(
+                OP,
+                tuple(shape),
+                "float32",
+                "fwd",
+                None,
+                lambda cfg=cfg, b=b, s=max_len: make_fwd_candidates(cfg, b, device, max_len=s),
+                params=params,
+                peak_memory=_no_peak_memory if quick else None,
+                budget=budget,
+            )
+        )
     return out
 
 
 # ------------------------------------------------------------------------------------ summary
+
 
 def summary(rows):
     """Lines after the table: per case the workload, and per step case the padding overhead."""
@@ -343,8 +392,10 @@ def summary(rows):
     for (op, shape, dtype, pass_, params), c in by_case.items():
         p = dict(kv.split("=", 1) for kv in params.split(",") if "=" in kv)
         b = int(shape.split("x")[0])
-        head = (f"{op} {shape} {pass_} ({p.get('preset')}): lengths {p.get('lengths')}, {p.get('tokens')} real "
-                f"tokens in {b} x {p.get('padded_len')}, {100 * float(p.get('pad_frac', 'nan')):.1f}% padding")
+        head = (
+            f"{op} {shape} {pass_} ({p.get('preset')}): lengths {p.get('lengths')}, {p.get('tokens')} real "
+            f"tokens in {b} x {p.get('padded_len')}, {100 * float(p.get('pad_frac', 'nan')):.1f}% padding"
+        )
         parts = []
         e = c.get(EAGER)
         for name, r in c.items():
@@ -353,24 +404,32 @@ def summary(rows):
         if parts:
             head += "; vs eager: " + ", ".join(parts)
         lines.append(head)
-        over = [f"{base} {c[base]['p50_ms'] / c[base + NOPAD]['p50_ms']:.2f}x"
-                for base in (PATCHED, FASTBERT) if base in c and base + NOPAD in c]
+        over = [
+            f"{base} {c[base]['p50_ms'] / c[base + NOPAD]['p50_ms']:.2f}x"
+            for base in (PATCHED, FASTBERT)
+            if base in c and base + NOPAD in c
+        ]
         if over:
-            lines.append(f"  padding overhead (padded {b} x {p.get('padded_len')} step / no-padding "
-                         f"{b} x {p.get('nopad_len')} step, p50): " + ", ".join(over) + " (1.00x: padding is free)")
+            lines.append(
+                f"  padding overhead (padded {b} x {p.get('padded_len')} step / no-padding "
+                f"{b} x {p.get('nopad_len')} step, p50): " + ", ".join(over) + " (1.00x: padding is free)"
+            )
     return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------ standalone
 
+
 def main(argv=None):
     from fastbert.bench import report
 
-    p = argparse.ArgumentParser(prog="python -m fastbert.bench.bench_realistic",
-                                description="BERT sentence classification on variable-length padded batches: "
-                                            "transformers eager / sdpa vs fastbert.patch(unpad=True) vs "
-                                            "fastbert.models; no results files (fastbert bench --ops realistic "
-                                            "writes them).")
+    p = argparse.ArgumentParser(
+        prog="python -m fastbert.bench.bench_realistic",
+        description="BERT sentence classification on variable-length padded batches: "
+        "transformers eager / sdpa vs fastbert.patch(unpad=True) vs "
+        "fastbert.models; no results files (fastbert bench --ops realistic "
+        "writes them).",
+    )
     p.add_argument("--preset", default=PRESET, choices=list(PRESETS))
     p.add_argument("--batch", type=int, default=BATCH)
     p.add_argument("--full", action="store_true", help="7 rounds and peak memory (default: 3 rounds)")
@@ -383,8 +442,10 @@ def main(argv=None):
     meta = report.host_info(device)
     pr = PRESETS[args.preset]
     shape = (args.batch, MAX_LEN, pr["hidden_size"], pr["num_hidden_layers"])
-    print(f"{meta['device_name']}; torch {meta['torch']}, transformers "
-          f"{transformers.__version__ if transformers else 'not installed'}, {meta['torch_threads']} threads")
+    print(
+        f"{meta['device_name']}; torch {meta['torch']}, transformers "
+        f"{transformers.__version__ if transformers else 'not installed'}, {meta['torch_threads']} threads"
+    )
     print(make_workload(config_for(shape[2], shape[3])[1].vocab_size, args.batch).describe(), flush=True)
     rows = []
     for case in cases(device, "full" if args.full else "quick", shapes=[shape]):

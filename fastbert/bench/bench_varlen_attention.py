@@ -50,20 +50,23 @@ def make_inputs(shape, dtype, device, backward):
 
 def padded_attention(softmax):
     """Pad-attend-unpad with ``softmax(scores, key_mask, scale) -> probs`` (dropout included)."""
+
     def fn(qkv, pk):
         t, _, heads, d = qkv.shape
-        x = fastbert.ops.pad(qkv, pk)                               # [B, S, 3, heads, d]
-        q, k, v = x.permute(2, 0, 3, 1, 4).unbind(0)                # [B, heads, S, d] each
-        keys = pk.slot.view(pk.batch, pk.seqlen) >= 0              # [B, S], True = real token
+        x = fastbert.ops.pad(qkv, pk)  # [B, S, 3, heads, d]
+        q, k, v = x.permute(2, 0, 3, 1, 4).unbind(0)  # [B, heads, S, d] each
+        keys = pk.slot.view(pk.batch, pk.seqlen) >= 0  # [B, S], True = real token
         probs = softmax(q @ k.transpose(-1, -2), keys, 1.0 / math.sqrt(d))
-        ctx = (probs @ v).transpose(1, 2)                           # [B, S, heads, d]
+        ctx = (probs @ v).transpose(1, 2)  # [B, S, heads, d]
         return fastbert.ops.unpad(ctx, pk)
+
     return fn
 
 
 def eager_softmax(scores, keys, scale):
     add = torch.zeros(keys.shape, dtype=scores.dtype, device=scores.device).masked_fill(
-        ~keys, torch.finfo(scores.dtype).min)
+        ~keys, torch.finfo(scores.dtype).min
+    )
     return F.dropout(F.softmax(scores * scale + add[:, None, None, :], -1), P, training=True)
 
 
@@ -85,6 +88,7 @@ def varlen_fn(backend):
         q, k, v = qkv.unbind(1)
         with fastbert.backend(backend):
             return fastbert.ops.varlen_attention(q, k, v, pk.cu_seqlens, pk.max_seqlen, dropout_p=P)
+
     return fn
 
 
@@ -97,16 +101,21 @@ def make_setup(shape, dtype, device, backward):
 
         def wrap(fn):
             if not backward:
+
                 def fwd():
                     with torch.no_grad():
                         return fn(qkv, pk)
+
                 return fwd
 
             def fwd_bwd():
                 fn(qkv, pk).backward(dy)
                 qkv.grad = None
+
             return fwd_bwd
+
         return {name: wrap(fn) for name, fn in fns.items()}
+
     return setup
 
 
@@ -120,21 +129,32 @@ def cases(device="cpu", mode="quick", dtypes=None, shapes=None, use_compile=True
         params = {"lengths": LENGTHS, "p": P, "tokens": int(lengths.sum()), "padded_len": int(lengths.max())}
         for dtype in dtypes:
             for pass_, backward in (("fwd", False), ("fwd+bwd", True)):
-                out.append(Case(OP, tuple(shape), dtype, pass_, None,
-                                make_setup(tuple(shape), dtype, device, backward),
-                                params=dict(params)))
+                out.append(
+                    Case(
+                        OP,
+                        tuple(shape),
+                        dtype,
+                        pass_,
+                        None,
+                        make_setup(tuple(shape), dtype, device, backward),
+                        params=dict(params),
+                    )
+                )
     return out
 
 
 def main():
     """A quick interleaved comparison on this machine (no results files)."""
     from fastbert.bench import harness
+
     for case in cases():
         rows = harness.run_case(case, {"device": "cpu"})
         print(case.key())
         for row in rows:
-            print(f"  {row['candidate']:>16}: p50 {row['p50_ms']:8.2f} ms  (p20 {row['p20_ms']:.2f}, p80 "
-                  f"{row['p80_ms']:.2f})  x eager {row['speedup_vs_eager'] or float('nan'):.2f}")
+            print(
+                f"  {row['candidate']:>16}: p50 {row['p50_ms']:8.2f} ms  (p20 {row['p20_ms']:.2f}, p80 "
+                f"{row['p80_ms']:.2f})  x eager {row['speedup_vs_eager'] or float('nan'):.2f}"
+            )
 
 
 if __name__ == "__main__":

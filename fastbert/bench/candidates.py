@@ -34,15 +34,18 @@ def timed_candidates(op, device, eager_fn, make_fn, args, dy=None, leaves=(), us
 
     def wrap(fn):
         if dy is None:
+
             def fwd():
                 with torch.no_grad():
                     return fn(*args)
+
             return fwd
 
         def fwd_bwd():
             fn(*args).backward(dy)
             for t in leaves:
                 t.grad = None
+
         return fwd_bwd
 
     candidates = {name: wrap(fn) for name, fn in fns.items()}

@@ -33,8 +33,7 @@ def load(path):
 
 def identity_params(params):
     """The params that identify a case: ``params`` without derived byte counts (``*_bytes=``)."""
-    return ",".join(p for p in (params or "").split(",")
-                    if p and not p.split("=")[0].endswith("_bytes"))
+    return ",".join(p for p in (params or "").split(",") if p and not p.split("=")[0].endswith("_bytes"))
 
 
 def row_key(row):
@@ -64,8 +63,15 @@ def compare(new_rows, old_rows):
     out = []
     for key, n in new.items():
         o = old.get(key)
-        e = {"key": key, "new": n, "old": o, "ratio": None, "noise": None,
-             "busy": bool(n.get("busy") or (o or {}).get("busy")), "status": ADDED}
+        e = {
+            "key": key,
+            "new": n,
+            "old": o,
+            "ratio": None,
+            "noise": None,
+            "busy": bool(n.get("busy") or (o or {}).get("busy")),
+            "status": ADDED,
+        }
         if o is not None:
             a, b = _num(n.get("p50_ms")), _num(o.get("p50_ms"))
             e["noise"] = math.hypot(row_noise(n), row_noise(o))
@@ -73,11 +79,15 @@ def compare(new_rows, old_rows):
                 e["status"] = UNKNOWN
             else:
                 e["ratio"] = a / b
-                e["status"] = (SLOWER if e["ratio"] > 1 + e["noise"] else
-                               FASTER if e["ratio"] * (1 + e["noise"]) < 1 else SAME)
+                e["status"] = (
+                    SLOWER if e["ratio"] > 1 + e["noise"] else FASTER if e["ratio"] * (1 + e["noise"]) < 1 else SAME
+                )
         out.append(e)
-    out += [{"key": k, "new": None, "old": o, "ratio": None, "noise": None, "busy": bool(o.get("busy")),
-             "status": REMOVED} for k, o in old.items() if k not in new]
+    out += [
+        {"key": k, "new": None, "old": o, "ratio": None, "noise": None, "busy": bool(o.get("busy")), "status": REMOVED}
+        for k, o in old.items()
+        if k not in new
+    ]
     return out
 
 
@@ -101,26 +111,52 @@ def describe(key):
 
 def format_comparison(entries):
     """Terminal table: per row old and new p50 (ms), new/old, change, noise (+-), verdict."""
-    head = ["op", "shape", "dtype", "pass", "params", "candidate", "old p50", "new p50", "new/old",
-            "change", "noise", "verdict"]
-    lines = [[str(k or "") for k in e["key"]] + [
-        _ms(e["old"]), _ms(e["new"]), "-" if e["ratio"] is None else f"{e['ratio']:.3f}",
-        "-" if e["ratio"] is None else _pct(e["ratio"] - 1),
-        "-" if e["noise"] is None else "inf" if math.isinf(e["noise"]) else f"+-{100 * e['noise']:.1f}%",
-        e["status"] + (" (busy)" if e["busy"] else "")] for e in entries]
+    head = [
+        "op",
+        "shape",
+        "dtype",
+        "pass",
+        "params",
+        "candidate",
+        "old p50",
+        "new p50",
+        "new/old",
+        "change",
+        "noise",
+        "verdict",
+    ]
+    lines = [
+        [str(k or "") for k in e["key"]]
+        + [
+            _ms(e["old"]),
+            _ms(e["new"]),
+            "-" if e["ratio"] is None else f"{e['ratio']:.3f}",
+            "-" if e["ratio"] is None else _pct(e["ratio"] - 1),
+            "-" if e["noise"] is None else "inf" if math.isinf(e["noise"]) else f"+-{100 * e['noise']:.1f}%",
+            e["status"] + (" (busy)" if e["busy"] else ""),
+        ]
+        for e in entries
+    ]
     widths = [max(len(x) for x in col) for col in zip(head, *lines)]
     out = ["  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip() for line in [head] + lines]
     out.insert(1, "  ".join("-" * w for w in widths))
-    count = lambda s: sum(e["status"] == s for e in entries)  # noqa: E731
-    out.append(f"\n{len(entries)} rows: {count(FASTER)} faster, {count(SLOWER)} slower, {count(SAME)} "
-               f"within noise, {count(ADDED)} added, {count(REMOVED)} removed, {count(UNKNOWN)} without "
-               f"a p50; {sum(e['busy'] for e in entries)} busy (never counted as regressions)")
+
+    def count(s):
+        return sum(e["status"] == s for e in entries)
+
+    out.append(
+        f"\n{len(entries)} rows: {count(FASTER)} faster, {count(SLOWER)} slower, {count(SAME)} "
+        f"within noise, {count(ADDED)} added, {count(REMOVED)} removed, {count(UNKNOWN)} without "
+        f"a p50; {sum(e['busy'] for e in entries)} busy (never counted as regressions)"
+    )
     return "\n".join(out)
 
 
 def _source(label, path, meta):
-    return (f"{label}: {path} ({meta.get('host_kind')}, {meta.get('device_name')}; commit "
-            f"{meta.get('git_commit')}, {meta.get('timestamp')})")
+    return (
+        f"{label}: {path} ({meta.get('host_kind')}, {meta.get('device_name')}; commit "
+        f"{meta.get('git_commit')}, {meta.get('timestamp')})"
+    )
 
 
 def report(entries, fail_pct=None, out=print):
@@ -135,8 +171,10 @@ def report(entries, fail_pct=None, out=print):
         return 0
     out(f"REGRESSION: {len(bad)} row(s) slower by more than {fail_pct:g}% beyond noise:")
     for e in bad:
-        out(f"  {describe(e['key'])}: {_ms(e['old'])} -> {_ms(e['new'])} ms ({_pct(e['ratio'] - 1)}, "
-            f"noise +-{100 * e['noise']:.1f}%)")
+        out(
+            f"  {describe(e['key'])}: {_ms(e['old'])} -> {_ms(e['new'])} ms ({_pct(e['ratio'] - 1)}, "
+            f"noise +-{100 * e['noise']:.1f}%)"
+        )
     return 1
 
 
@@ -154,8 +192,12 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m fastbert.bench.compare", description=__doc__.split("\n")[0])
     p.add_argument("new", help="results JSON of the new run")
     p.add_argument("old", help="results JSON to compare against")
-    p.add_argument("--fail-if-regression", type=float, metavar="PCT", help="exit 1 when a row "
-                   "(not busy) is slower by more than PCT percent and beyond its noise")
+    p.add_argument(
+        "--fail-if-regression",
+        type=float,
+        metavar="PCT",
+        help="exit 1 when a row (not busy) is slower by more than PCT percent and beyond its noise",
+    )
     args = p.parse_args(argv)
     return compare_files(args.new, args.old, args.fail_if_regression)
 

@@ -30,11 +30,39 @@ PASSES = ("fwd", "fwd+bwd", "step")  # step: forward + backward + optimizer step
 EAGER, COMPILE = "eager", "torch.compile"  # the baselines speed-ups are computed against
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-FIELDS = ["op", "shape", "dtype", "pass", "params", "candidate", "n", "p20_ms", "p50_ms", "p80_ms",
-          "median_ci_rel", "bytes", "gbps", "frac_copy_bw", "speedup_vs_eager",
-          "speedup_vs_compile", "peak_mem_bytes", "copy_gbps", "loadavg_1m", "other_load_cores",
-          "steal_cores", "busy", "device", "device_name", "host_kind", "torch", "triton",
-          "fastbert", "git_commit", "torch_threads", "timestamp"]
+FIELDS = [
+    "op",
+    "shape",
+    "dtype",
+    "pass",
+    "params",
+    "candidate",
+    "n",
+    "p20_ms",
+    "p50_ms",
+    "p80_ms",
+    "median_ci_rel",
+    "bytes",
+    "gbps",
+    "frac_copy_bw",
+    "speedup_vs_eager",
+    "speedup_vs_compile",
+    "peak_mem_bytes",
+    "copy_gbps",
+    "loadavg_1m",
+    "other_load_cores",
+    "steal_cores",
+    "busy",
+    "device",
+    "device_name",
+    "host_kind",
+    "torch",
+    "triton",
+    "fastbert",
+    "git_commit",
+    "torch_threads",
+    "timestamp",
+]
 KEY = ("op", "shape", "dtype", "pass", "params")  # identifies a case across runs
 # candidates some cases add to eager, torch.compile and fastbert-<backend> (a bench module whose
 # candidates are all its own lists them in its CANDIDATES, as bench_bert and bench_patch do)
@@ -45,13 +73,13 @@ OTHER_CANDIDATES = {"mlm_head": ("eager+gather",)}
 class Case:
     op: str
     shape: tuple
-    dtype: str                                   # a key of DTYPES
-    pass_: str                                   # one of PASSES
-    bytes: Optional[int]                         # minimum bytes moved by one call (None: compute-bound)
-    setup: Callable[[], dict]                    # -> {candidate name: zero-arg callable}
-    params: dict = field(default_factory=dict)   # e.g. {"approximate": "tanh"}
-    peak_memory: Optional[Callable] = None       # (fn, device) -> bytes; default harness.peak_memory
-    budget: Optional["Budget"] = None            # replaces the run's budget (calls that take seconds)
+    dtype: str  # a key of DTYPES
+    pass_: str  # one of PASSES
+    bytes: Optional[int]  # minimum bytes moved by one call (None: compute-bound)
+    setup: Callable[[], dict]  # -> {candidate name: zero-arg callable}
+    params: dict = field(default_factory=dict)  # e.g. {"approximate": "tanh"}
+    peak_memory: Optional[Callable] = None  # (fn, device) -> bytes; default harness.peak_memory
+    budget: Optional["Budget"] = None  # replaces the run's budget (calls that take seconds)
 
     def __post_init__(self):
         if self.pass_ not in PASSES:
@@ -65,6 +93,7 @@ class Case:
 class Budget:
     """Adaptive repeat policy: at least ``min_rounds``, then stop once every candidate's median is
     known to ``rel_ci`` (95% order-statistic CI half-width) or ``time_s`` has passed."""
+
     min_rounds: int = 10
     max_rounds: int = 1000
     time_s: float = 20.0
@@ -105,12 +134,12 @@ def fastbert_candidates(device=None, op=None, dtype=None):
     backend, the test oracle; never triton on CPU). With ``device``: only the backends that can
     run there (and run ``op`` in ``dtype`` when given), by fastbert's availability rules."""
     import fastbert
+
     out = []
     for name in fastbert.backends.BACKENDS:
         if name == "reference" or (name == "triton" and device == "cpu"):
             continue
-        if device is None or not fastbert.backends.reasons_for(
-                name, op, {device}, {DTYPES[dtype]} if dtype else set()):
+        if device is None or not fastbert.backends.reasons_for(name, op, {device}, {DTYPES[dtype]} if dtype else set()):
             out.append(f"fastbert-{name}")
     return out
 
@@ -136,8 +165,7 @@ def expected_candidates(module, case, device):
     names = getattr(module, "CANDIDATES", None)
     if names is not None:
         return list(names)
-    return [EAGER, COMPILE, *OTHER_CANDIDATES.get(case.op, ()),
-            *fastbert_candidates(device, case.op, case.dtype)]
+    return [EAGER, COMPILE, *OTHER_CANDIDATES.get(case.op, ()), *fastbert_candidates(device, case.op, case.dtype)]
 
 
 def select_candidates(candidates, names=None):
@@ -146,6 +174,7 @@ def select_candidates(candidates, names=None):
 
 
 # ---------------------------------------------------------------- statistics
+
 
 def percentile(xs, q):
     """``q``-th percentile (0-100) with linear interpolation (numpy's default)."""
@@ -184,9 +213,14 @@ def summarize(samples, nbytes, copy_gbps=None):
     out = {}
     for name, xs in samples.items():
         p50 = percentile(xs, 50)
-        out[name] = {"n": len(xs), "p20_ms": percentile(xs, 20) * 1e3, "p50_ms": p50 * 1e3,
-                     "p80_ms": percentile(xs, 80) * 1e3, "median_ci_rel": median_ci_rel(xs),
-                     "gbps": gbps(nbytes, p50)}
+        out[name] = {
+            "n": len(xs),
+            "p20_ms": percentile(xs, 20) * 1e3,
+            "p50_ms": p50 * 1e3,
+            "p80_ms": percentile(xs, 80) * 1e3,
+            "median_ci_rel": median_ci_rel(xs),
+            "gbps": gbps(nbytes, p50),
+        }
         out[name]["frac_copy_bw"] = ratio(out[name]["gbps"], copy_gbps)
     for name, s in out.items():
         for base, col in ((EAGER, "speedup_vs_eager"), (COMPILE, "speedup_vs_compile")):
@@ -202,6 +236,7 @@ def round_order(names, r):
 
 # ---------------------------------------------------------------- timers
 
+
 class CpuTimer:
     def round(self, calls):
         """``[(name, fn)]`` -> ``{name: [seconds]}``, one call each, in the given order."""
@@ -216,6 +251,7 @@ class CpuTimer:
 
 class CudaEventTimer:
     """One call per candidate per round between CUDA events, each after an L2 flush."""
+
     def __init__(self):
         self.flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
 
@@ -234,14 +270,17 @@ class CudaEventTimer:
 
 class DoBenchTimer:
     """A ``triton.testing.do_bench`` chunk (``chunk_ms`` long, L2 flushed) per candidate per round."""
+
     def __init__(self, chunk_ms=25):
         from triton.testing import do_bench
+
         self.do_bench, self.chunk_ms = do_bench, chunk_ms
 
     def round(self, calls):
-        return {name: [t / 1e3 for t in self.do_bench(fn, warmup=1, rep=self.chunk_ms,
-                                                       return_mode="all")]
-                for name, fn in calls}
+        return {
+            name: [t / 1e3 for t in self.do_bench(fn, warmup=1, rep=self.chunk_ms, return_mode="all")]
+            for name, fn in calls
+        }
 
 
 def make_timer(device, gpu_timer="events"):
@@ -268,8 +307,9 @@ def time_candidates(candidates, budget, timer, clock=time.perf_counter):
                 samples[name].extend(ts)
             r += 1
             elapsed = clock() - t0
-            if r >= budget.min_rounds and (elapsed >= budget.time_s or all(
-                    median_ci_rel(xs) <= budget.rel_ci for xs in samples.values())):
+            if r >= budget.min_rounds and (
+                elapsed >= budget.time_s or all(median_ci_rel(xs) <= budget.rel_ci for xs in samples.values())
+            ):
                 break
             if r >= 3 and elapsed >= 3 * budget.time_s:  # min_rounds must not blow the budget
                 break
@@ -281,8 +321,10 @@ def time_candidates(candidates, budget, timer, clock=time.perf_counter):
 
 # ---------------------------------------------------------------- memory and load
 
+
 class _QuietStderr:
     """Silence fd 2 (the profiler's C++ start/stop lines)."""
+
     def __enter__(self):
         self.saved = os.dup(2)
         with open(os.devnull, "w") as null:
@@ -307,11 +349,13 @@ def peak_memory(fn, device):
         return torch.cuda.max_memory_allocated() - base
     try:
         from torch.profiler import ProfilerActivity, profile
+
         with _QuietStderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             result = fn()
         del result
-        deltas = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                        if e.name() == "[memory]")
+        deltas = sorted(
+            (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+        )
     except Exception:
         return None
     running = peak = 0
@@ -333,8 +377,16 @@ class LoadProbe:
     """CPU load seen between start() and stop(): other processes' busy time (``/proc/stat`` busy
     minus this process's CPU time) and hypervisor steal, in cores, plus the 1-min load average.
     /proc/stat counts whole ticks (10 ms), so stop() first waits until ``min_window_s`` passed."""
-    def __init__(self, stat=read_proc_stat, own_cpu=time.process_time, clock=time.perf_counter,
-                 loadavg=os.getloadavg, hz=None, min_window_s=0.5):
+
+    def __init__(
+        self,
+        stat=read_proc_stat,
+        own_cpu=time.process_time,
+        clock=time.perf_counter,
+        loadavg=os.getloadavg,
+        hz=None,
+        min_window_s=0.5,
+    ):
         self.stat, self.own_cpu, self.clock, self.loadavg = stat, own_cpu, clock, loadavg
         self.min_window_s = min_window_s
         self.hz = hz or (os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100)
@@ -372,8 +424,7 @@ def is_busy(load, ncores, threshold=None):
     return any((load.get(k) or 0.0) > threshold for k in ("other_load_cores", "steal_cores"))
 
 
-def wait_quiet(max_s, ncores, threshold=None, window_s=1.0, probe=LoadProbe, sleep=time.sleep,
-               clock=time.perf_counter):
+def wait_quiet(max_s, ncores, threshold=None, window_s=1.0, probe=LoadProbe, sleep=time.sleep, clock=time.perf_counter):
     """Wait up to ``max_s`` for a ``window_s`` window without other load (shared machines).
     Returns the seconds waited, or None if the machine stayed busy."""
     t0 = clock()
@@ -389,8 +440,8 @@ def wait_quiet(max_s, ncores, threshold=None, window_s=1.0, probe=LoadProbe, sle
 
 # ---------------------------------------------------------------- running
 
-def run_case(case, meta, budget=QUICK, timer=None, copy_gbps=None, busy_thr=None, probe=None,
-             backends=None):
+
+def run_case(case, meta, budget=QUICK, timer=None, copy_gbps=None, busy_thr=None, probe=None, backends=None):
     """Set the case up, time its candidates (only those named in ``backends`` when given), and
     return one row per candidate (``FIELDS``); no row when none of them is left. A case's own
     ``budget`` replaces ``budget``."""
@@ -408,9 +459,16 @@ def run_case(case, meta, budget=QUICK, timer=None, copy_gbps=None, busy_thr=None
     busy = is_busy(load, meta.get("ncores") or os.cpu_count() or 1, busy_thr)
     rows = []
     for name, fn in candidates.items():
-        row = dict(zip(KEY, case.key()), candidate=name, bytes=case.bytes, copy_gbps=copy_gbps,
-                   peak_mem_bytes=(case.peak_memory or peak_memory)(fn, device), busy=busy,
-                   **stats[name], **load)
+        row = dict(
+            zip(KEY, case.key()),
+            candidate=name,
+            bytes=case.bytes,
+            copy_gbps=copy_gbps,
+            peak_mem_bytes=(case.peak_memory or peak_memory)(fn, device),
+            busy=busy,
+            **stats[name],
+            **load,
+        )
         row.update({k: meta.get(k) for k in FIELDS if k not in row})
         rows.append(row)
     return rows
@@ -425,8 +483,10 @@ def measure_copy_bandwidth(device, mib=256, budget=None, timer=None):
     dst = torch.zeros_like(src)
     probe = LoadProbe()
     probe.start()
-    samples = time_candidates({"copy_": lambda: dst.copy_(src)},
-                              budget or Budget(min_rounds=10, time_s=3.0, rel_ci=0.01),
-                              timer or make_timer(device))
+    samples = time_candidates(
+        {"copy_": lambda: dst.copy_(src)},
+        budget or Budget(min_rounds=10, time_s=3.0, rel_ci=0.01),
+        timer or make_timer(device),
+    )
     s = summarize(samples, 2 * n * 4)["copy_"]
     return {"copy_gbps": s["gbps"], "copy_p50_ms": s["p50_ms"], "copy_mib": mib, **probe.stop()}

@@ -44,8 +44,10 @@ def case_label(key, rows):
 def machine_line(meta, rows):
     dates = sorted({r["timestamp"][:10] for r in rows if r.get("timestamp")})
     when = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}" if dates else "?"
-    return (f"{meta.get('device_name') or meta.get('host_kind')}\n{meta.get('host_kind')}: torch "
-            f"{meta.get('torch')}, {meta.get('torch_threads')} threads, measured {when}")
+    return (
+        f"{meta.get('device_name') or meta.get('host_kind')}\n{meta.get('host_kind')}: torch "
+        f"{meta.get('torch')}, {meta.get('torch_threads')} threads, measured {when}"
+    )
 
 
 def _pack(panels):
@@ -69,8 +71,9 @@ def draw(panels, title, ylabel, path, log=False, roof=False):
     rows, cap = _pack(panels)
     labels = list(dict.fromkeys(label for _, _, series in panels for label, _ in series))
     color = {label: COLORS[i % len(COLORS)] for i, label in enumerate(labels)}
-    longest = max(len(line) for _, cases, _ in panels for k, v in cases.items()
-                  for line in case_label(k, v).split("\n"))
+    longest = max(
+        len(line) for _, cases, _ in panels for k, v in cases.items() for line in case_label(k, v).split("\n")
+    )
     slot = max(1.0, 0.065 * longest + 0.15)  # inches a case needs for its 7-pt tick label
     head = 1.0 + 0.22 * (len(labels) // 5)
     fig = Figure(figsize=(min(1.5 + slot * cap, 30), head + 3.6 * len(rows)), layout="constrained")
@@ -80,18 +83,27 @@ def draw(panels, title, ylabel, path, log=False, roof=False):
         ratios = [len(p[1]) + 0.8 for p in row]
         ratios += [cap + 0.8 - sum(ratios)] if cap + 0.8 - sum(ratios) > 0.01 else []
         axes = sub.subplots(1, len(ratios), squeeze=False, width_ratios=ratios)[0]
-        for ax in axes[len(row):]:
+        for ax in axes[len(row) :]:
             ax.axis("off")
         for ax, (op, cases, series) in zip(axes, row):
             width, top = 0.8 / len(series), 0
             for i, (label, get) in enumerate(series):
-                got = [(j + (i - (len(series) - 1) / 2) * width, *v) for j, rows_ in enumerate(cases.values())
-                       if (v := get(rows_)) is not None and v[0] is not None]
+                got = [
+                    (j + (i - (len(series) - 1) / 2) * width, *v)
+                    for j, rows_ in enumerate(cases.values())
+                    if (v := get(rows_)) is not None and v[0] is not None
+                ]
                 if got:
                     xs, ys, texts = zip(*got)
                     bars = ax.bar(xs, ys, width * 0.95, color=color[label], label=label)
-                    ax.bar_label(bars, texts, rotation=90, fontsize=6.5, padding=2,
-                                 bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.7, "pad": 0.5})
+                    ax.bar_label(
+                        bars,
+                        texts,
+                        rotation=90,
+                        fontsize=6.5,
+                        padding=2,
+                        bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.7, "pad": 0.5},
+                    )
                     handles[label], top = bars, max(top, *ys)
             if roof:
                 for j, rows_ in enumerate(cases.values()):
@@ -119,8 +131,9 @@ def draw(panels, title, ylabel, path, log=False, roof=False):
         lo, hi = min(roofs), max(roofs)
         handles[f"copy roof {lo:.1f}" + (f"-{hi:.1f}" if hi > lo * 1.005 else "") + " GB/s"] = handles.pop("copy roof")
     handles = dict(sorted(handles.items(), key=lambda kv: kv[0].startswith(("1.0", "copy roof"))))
-    top_fig.legend(list(handles.values()), list(handles), loc="lower center", ncols=min(len(handles), 5),
-                   fontsize=8, frameon=False)
+    top_fig.legend(
+        list(handles.values()), list(handles), loc="lower center", ncols=min(len(handles), 5), fontsize=8, frameon=False
+    )
     fig.savefig(path, dpi=100)
     return path
 
@@ -129,9 +142,12 @@ def speedup_panels(rows):
     panels = []
     for op, cases in cases_by_op(rows).items():
         cands = [c for c in dict.fromkeys(c for rs in cases.values() for c in rs) if c not in (EAGER, COMPILE)]
-        series = [(f"{c} vs {base}", lambda rs, c=c, col=col: _speedup(rs.get(c), col))
-                  for c in cands for base, col in BASES
-                  if any((rs.get(c) or {}).get(col) for rs in cases.values())]
+        series = [
+            (f"{c} vs {base}", lambda rs, c=c, col=col: _speedup(rs.get(c), col))
+            for c in cands
+            for base, col in BASES
+            if any((rs.get(c) or {}).get(col) for rs in cases.values())
+        ]
         if series:
             panels.append((op, cases, series))
     return panels
@@ -165,11 +181,25 @@ def write_plots(results_path):
     meta, rows = doc.get("meta", {}), doc["rows"]
     out = []
     if panels := speedup_panels(rows):
-        out.append(draw(panels, f"Speed-up (ratio of p50 times) on {machine_line(meta, rows)}", "speed-up",
-                        path.with_name(f"{path.stem}-speedup.png"), log=True))
+        out.append(
+            draw(
+                panels,
+                f"Speed-up (ratio of p50 times) on {machine_line(meta, rows)}",
+                "speed-up",
+                path.with_name(f"{path.stem}-speedup.png"),
+                log=True,
+            )
+        )
     if panels := bandwidth_panels(rows):
-        out.append(draw(panels, f"Achieved bandwidth vs the measured copy bandwidth on {machine_line(meta, rows)}",
-                        "GB/s", path.with_name(f"{path.stem}-bandwidth.png"), roof=True))
+        out.append(
+            draw(
+                panels,
+                f"Achieved bandwidth vs the measured copy bandwidth on {machine_line(meta, rows)}",
+                "GB/s",
+                path.with_name(f"{path.stem}-bandwidth.png"),
+                roof=True,
+            )
+        )
     return out
 
 

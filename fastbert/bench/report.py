@@ -36,15 +36,14 @@ def git_commit():
     root = Path(__file__).resolve().parent.parent.parent  # <checkout>/fastbert/bench/report.py
 
     def git(*args):
-        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
-                              cwd=root).stdout.strip()
+        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, cwd=root).stdout.strip()
+
     try:
         top = git("rev-parse", "--show-toplevel")
         if not top or Path(top).resolve() != root:  # e.g. site-packages inside some other repository
             return None
         commit = git("rev-parse", "--short=12", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".",
-                    ":(exclude)benchmarks/results")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results")
     except (OSError, subprocess.SubprocessError):
         return None
     return (commit + ("+dirty" if dirty else "")) or None
@@ -60,19 +59,29 @@ def host_info(device):
         name = f"{cpu_model()} ({ncores} cores, {torch.backends.cpu.get_cpu_capability()})"
         kind = f"cpu-{_slug(cpu_model())}-{ncores}c"
     from importlib import metadata
+
     try:
         triton = metadata.version("triton")
     except metadata.PackageNotFoundError:
         triton = None
     try:
         import fastbert
+
         fb = fastbert.__version__
     except Exception:
         fb = None
-    return {"device": device, "device_name": name, "host_kind": kind, "ncores": ncores,
-            "torch": torch.__version__, "triton": triton, "fastbert": fb,
-            "git_commit": git_commit(), "torch_threads": torch.get_num_threads(),
-            "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    return {
+        "device": device,
+        "device_name": name,
+        "host_kind": kind,
+        "ncores": ncores,
+        "torch": torch.__version__,
+        "triton": triton,
+        "fastbert": fb,
+        "git_commit": git_commit(),
+        "torch_threads": torch.get_num_threads(),
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def run_date(meta):
@@ -101,14 +110,20 @@ def write_results(rows, meta, out_dir, merge=True, by_candidate=False):
 
 def _write(path, rows, meta, merge, by_candidate):
     fields = KEY + ("candidate",) if by_candidate else KEY
-    key = lambda r: tuple(r.get(k) for k in fields)  # noqa: E731
+
+    def key(r):
+        return tuple(r.get(k) for k in fields)
+
     if merge and path.exists():
         old = json.loads(path.read_text())
         if old.get("schema") == SCHEMA:
             new = {key(r) for r in rows}
             rows = [r for r in old["rows"] if key(r) not in new] + rows
     head = {"schema": SCHEMA, "host_kind": meta["host_kind"], "meta": meta, "fields": FIELDS}
-    dump = lambda v, **kw: json.dumps(v, default=str, allow_nan=False, **kw)  # noqa: E731
+
+    def dump(v, **kw):
+        return json.dumps(v, default=str, allow_nan=False, **kw)
+
     # one row a line: small diffs between runs, and a file a person can read
     text = dump(head, indent=1)[:-2] + ',\n "rows": [\n' + ",\n".join("  " + dump(r) for r in rows) + "\n ]\n}\n"
     path.write_text(text)
@@ -135,19 +150,43 @@ def fmt(v, spec):
 
 def format_table(rows):
     """Terminal table, one line per case x candidate; '*' marks rows measured on a busy machine."""
-    head = ["op", "shape", "dtype", "pass", "params", "candidate", "p50 ms", "p20-p80 ms", "GB/s",
-            "copy%", "x eager", "x compile", "peak MB", "other", "n"]
+    head = [
+        "op",
+        "shape",
+        "dtype",
+        "pass",
+        "params",
+        "candidate",
+        "p50 ms",
+        "p20-p80 ms",
+        "GB/s",
+        "copy%",
+        "x eager",
+        "x compile",
+        "peak MB",
+        "other",
+        "n",
+    ]
     lines, last = [], None
     for r in rows:
         key = tuple(r.get(k) for k in KEY)
         case = ["", "", "", "", ""] if key == last else [str(r.get(k) or "") for k in KEY]
         last = key
-        lines.append(case + [
-            r["candidate"], fmt(r["p50_ms"], ".3f"), f"{fmt(r['p20_ms'], '.3f')}-{fmt(r['p80_ms'], '.3f')}",
-            fmt(r["gbps"], ".1f"), fmt(r["frac_copy_bw"] and 100 * r["frac_copy_bw"], ".0f"),
-            fmt(r["speedup_vs_eager"], ".2f"), fmt(r["speedup_vs_compile"], ".2f"),
-            fmt(r["peak_mem_bytes"] and r["peak_mem_bytes"] / 2**20, ".1f"),
-            fmt(r["other_load_cores"], ".2f") + ("*" if r["busy"] else ""), str(r["n"])])
+        lines.append(
+            case
+            + [
+                r["candidate"],
+                fmt(r["p50_ms"], ".3f"),
+                f"{fmt(r['p20_ms'], '.3f')}-{fmt(r['p80_ms'], '.3f')}",
+                fmt(r["gbps"], ".1f"),
+                fmt(r["frac_copy_bw"] and 100 * r["frac_copy_bw"], ".0f"),
+                fmt(r["speedup_vs_eager"], ".2f"),
+                fmt(r["speedup_vs_compile"], ".2f"),
+                fmt(r["peak_mem_bytes"] and r["peak_mem_bytes"] / 2**20, ".1f"),
+                fmt(r["other_load_cores"], ".2f") + ("*" if r["busy"] else ""),
+                str(r["n"]),
+            ]
+        )
     widths = [max(len(x) for x in col) for col in zip(head, *lines)]
     out = ["  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip() for line in [head] + lines]
     out.insert(1, "  ".join("-" * w for w in widths))
@@ -168,22 +207,30 @@ def markdown_table(rows, fused="fastbert-cpu"):
     cases = {}
     for r in rows:
         cases.setdefault(tuple(r[k] for k in KEY), {})[r["candidate"]] = r
-    out = ["| op | shape | dtype | pass | params | eager | torch.compile | fastbert | x eager | x compile | % copy bw "
-           "| peak MB eager / fastbert |",
-           "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    out = [
+        "| op | shape | dtype | pass | params | eager | torch.compile | fastbert | x eager | x compile | % copy bw "
+        "| peak MB eager / fastbert |",
+        "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for (op, shape, dtype, pass_, params), c in cases.items():
         fused = next((n for n in names if n in c), None)
         if fused is None:
             continue
         f = c[fused]
-        p50 = lambda name: fmt_ms(c[name]["p50_ms"]) if name in c else "-"  # noqa: E731
-        mb = lambda name: fmt(c[name]["peak_mem_bytes"] and c[name]["peak_mem_bytes"] / 2**20, ".1f") \
-            if name in c else "-"  # noqa: E731
-        out.append(f"| {op} | {shape} | {dtype} | {pass_} | {params or '-'} | {p50('eager')} | "
-                   f"{p50('torch.compile')} | {fmt_ms(f['p50_ms'])} ({fmt_ms(f['p20_ms'])}-{fmt_ms(f['p80_ms'])}) | "
-                   f"{fmt(f['speedup_vs_eager'], '.2f')} | {fmt(f['speedup_vs_compile'], '.2f')} | "
-                   f"{fmt(100 * f['frac_copy_bw'] if f['frac_copy_bw'] else None, '.0f')} | "
-                   f"{mb('eager')} / {mb(fused)} |")
+
+        def p50(name):
+            return fmt_ms(c[name]["p50_ms"]) if name in c else "-"
+
+        def mb(name):
+            return fmt(c[name]["peak_mem_bytes"] and c[name]["peak_mem_bytes"] / 2**20, ".1f") if name in c else "-"
+
+        out.append(
+            f"| {op} | {shape} | {dtype} | {pass_} | {params or '-'} | {p50('eager')} | "
+            f"{p50('torch.compile')} | {fmt_ms(f['p50_ms'])} ({fmt_ms(f['p20_ms'])}-{fmt_ms(f['p80_ms'])}) | "
+            f"{fmt(f['speedup_vs_eager'], '.2f')} | {fmt(f['speedup_vs_compile'], '.2f')} | "
+            f"{fmt(100 * f['frac_copy_bw'] if f['frac_copy_bw'] else None, '.0f')} | "
+            f"{mb('eager')} / {mb(fused)} |"
+        )
     return "\n".join(out)
 
 
@@ -193,23 +240,32 @@ def markdown_summary(doc, name="results", fused=None):
     ``fastbert-<device>``, else ``fastbert``)."""
     meta, rows = doc.get("meta", {}), doc["rows"]
     fused = fused or (f"fastbert-{meta.get('device', 'cpu')}", "fastbert", "patched")
-    seen = lambda k: ", ".join(sorted({str(r[k]) for r in rows if r.get(k) is not None})  # noqa: E731
-                               or [str(meta.get(k, "-"))])
+
+    def seen(k):
+        return ", ".join(sorted({str(r[k]) for r in rows if r.get(k) is not None}) or [str(meta.get(k, "-"))])
+
     dates = sorted({r["timestamp"][:10] for r in rows if r.get("timestamp")})
     loads = [r["other_load_cores"] for r in rows if r.get("other_load_cores") is not None]
     copy = sorted({f"{r['copy_gbps']:.1f}" for r in rows if r.get("copy_gbps")}, key=float) or ["-"]
-    return "\n".join([
-        f"# Benchmarks: {meta.get('device_name') or meta.get('host_kind')}", "",
-        f"`{name}` (`{meta.get('host_kind')}`): {len(rows)} rows, measured "
-        f"{' to '.join(dict.fromkeys([dates[0], dates[-1]])) if dates else '-'}, commit {seen('git_commit')}; "
-        f"torch {seen('torch')}, triton {seen('triton')}, fastbert {seen('fastbert')}; "
-        f"{seen('torch_threads')} threads; measured copy bandwidth {'-'.join(dict.fromkeys([copy[0], copy[-1]]))} "
-        f"GB/s; mode {meta.get('mode', '-')} (latest run); other load during the runs <= "
-        f"{fmt(max(loads, default=None), '.2f')} cores, {sum(bool(r.get('busy')) for r in rows)} rows flagged "
-        "busy.", "",
-        f"p50 in ms (p20-p80 for fastbert: `{'`, else `'.join((fused,) if isinstance(fused, str) else fused)}`); "
-        f"regenerate with `python -m fastbert.bench.report {name}`.", "",
-        markdown_table(rows, fused), ""])
+    return "\n".join(
+        [
+            f"# Benchmarks: {meta.get('device_name') or meta.get('host_kind')}",
+            "",
+            f"`{name}` (`{meta.get('host_kind')}`): {len(rows)} rows, measured "
+            f"{' to '.join(dict.fromkeys([dates[0], dates[-1]])) if dates else '-'}, commit {seen('git_commit')}; "
+            f"torch {seen('torch')}, triton {seen('triton')}, fastbert {seen('fastbert')}; "
+            f"{seen('torch_threads')} threads; measured copy bandwidth {'-'.join(dict.fromkeys([copy[0], copy[-1]]))} "
+            f"GB/s; mode {meta.get('mode', '-')} (latest run); other load during the runs <= "
+            f"{fmt(max(loads, default=None), '.2f')} cores, {sum(bool(r.get('busy')) for r in rows)} rows flagged "
+            "busy.",
+            "",
+            f"p50 in ms (p20-p80 for fastbert: `{'`, else `'.join((fused,) if isinstance(fused, str) else fused)}`); "
+            f"regenerate with `python -m fastbert.bench.report {name}`.",
+            "",
+            markdown_table(rows, fused),
+            "",
+        ]
+    )
 
 
 def write_markdown(results_path, fused=None):
@@ -239,8 +295,9 @@ def update_readme(readme, summary):
 if __name__ == "__main__":  # python -m fastbert.bench.report results/<host>.json [--candidate C] [--readme README.md]
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m fastbert.bench.report",
-                                description="Markdown summary of a results file")
+    p = argparse.ArgumentParser(
+        prog="python -m fastbert.bench.report", description="Markdown summary of a results file"
+    )
     p.add_argument("results")
     p.add_argument("--candidate", help="the fastbert candidate of the table (default fastbert-<device>, else fastbert)")
     p.add_argument("--readme", help="also put the summary between the benchmark markers of this README")

@@ -12,13 +12,37 @@ Needs the ``tokenizers`` package (``pip install 'fastbert[train]'``; without it 
 package raises :class:`fastbert._optional.MissingExtra`, an ImportError naming that command).
 """
 
-from fastbert.data.corpus import (ABBREVIATIONS, DEFAULT_CORPUS_TITLES, Document, NSPExample,
-                                  default_corpus_documents, document_from_text, nsp_examples, read_documents,
-                                  split_sentences, tokenize_documents)
+from fastbert.data.corpus import (
+    ABBREVIATIONS,
+    DEFAULT_CORPUS_TITLES,
+    Document,
+    NSPExample,
+    default_corpus_documents,
+    document_from_text,
+    nsp_examples,
+    read_documents,
+    split_sentences,
+    tokenize_documents,
+)
 from fastbert.data.masking import MaskingCollator
 from fastbert.data.novels import Passage, novel_passages, novel_titles
 from fastbert.data.tokenizer import SPECIAL_TOKENS, WordPieceTokenizer
 
-__all__ = ["ABBREVIATIONS", "DEFAULT_CORPUS_TITLES", "Document", "MaskingCollator", "NSPExample", "Passage", "SPECIAL_TOKENS", "WordPieceTokenizer",
-           "default_corpus_documents", "document_from_text", "novel_passages", "novel_titles", "nsp_examples", "read_documents", "split_sentences",
-           "tokenize_documents"]
+__all__ = [
+    "ABBREVIATIONS",
+    "DEFAULT_CORPUS_TITLES",
+    "Document",
+    "MaskingCollator",
+    "NSPExample",
+    "Passage",
+    "SPECIAL_TOKENS",
+    "WordPieceTokenizer",
+    "default_corpus_documents",
+    "document_from_text",
+    "novel_passages",
+    "novel_titles",
+    "nsp_examples",
+    "read_documents",
+    "split_sentences",
+    "tokenize_documents",
+]

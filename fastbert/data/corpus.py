@@ -31,14 +31,50 @@ from importlib import resources
 from pathlib import Path
 from typing import List, NamedTuple, Sequence, Union
 
-__all__ = ["ABBREVIATIONS", "DEFAULT_CORPUS_TITLES", "Document", "NSPExample", "default_corpus_documents",
-           "document_from_text", "nsp_examples", "read_documents", "split_sentences", "tokenize_documents"]
+__all__ = [
+    "ABBREVIATIONS",
+    "DEFAULT_CORPUS_TITLES",
+    "Document",
+    "NSPExample",
+    "default_corpus_documents",
+    "document_from_text",
+    "nsp_examples",
+    "read_documents",
+    "split_sentences",
+    "tokenize_documents",
+]
 
-ABBREVIATIONS = frozenset({"Mr", "Mrs", "Ms", "Messrs", "Mme", "Mlle", "Dr", "St", "Rev", "Col", "Capt", "Lt", "Gen",
-                           "Sr", "Jr", "Prof", "Hon", "Esq"})
+ABBREVIATIONS = frozenset(
+    {
+        "Mr",
+        "Mrs",
+        "Ms",
+        "Messrs",
+        "Mme",
+        "Mlle",
+        "Dr",
+        "St",
+        "Rev",
+        "Col",
+        "Capt",
+        "Lt",
+        "Gen",
+        "Sr",
+        "Jr",
+        "Prof",
+        "Hon",
+        "Esq",
+    }
+)
 DEFAULT_CORPUS = "austen.tar.xz"
-DEFAULT_CORPUS_TITLES = ("0_emma", "1_mansfield_park", "2_northanger_abbey", "3_persuasion", "4_pride_and_prejudice",
-                         "5_sense_and_sensibility")
+DEFAULT_CORPUS_TITLES = (
+    "0_emma",
+    "1_mansfield_park",
+    "2_northanger_abbey",
+    "3_persuasion",
+    "4_pride_and_prejudice",
+    "5_sense_and_sensibility",
+)
 
 LONG_SENTENCE_TOKENS = 4096  # nsp_examples cuts longer sentences (see there)
 
@@ -77,6 +113,7 @@ class NSPExample(NamedTuple):
 
 # ------------------------------------------------------------------------------------------- reading
 
+
 def split_sentences(paragraph: str) -> List[str]:
     """The sentences of one paragraph (whitespace already collapsed or not), by the rule in the
     module docstring."""
@@ -88,10 +125,10 @@ def split_sentences(paragraph: str) -> List[str]:
         if punct == "." and not close and _word_before(text, m.start(), floor).strip("_") in ABBREVIATIONS:
             continue
         j = _OPENERS_RUN.match(text, m.end()).end()  # skip an opening ( [ _ (no copy of the rest)
-        nxt = text[j:j + 1]
+        nxt = text[j : j + 1]
         if not nxt or not (nxt.isupper() or nxt in _QUOTES):
             continue
-        sentences.append(text[start:m.end(2)])
+        sentences.append(text[start : m.end(2)])
         start = m.end()
     if start < len(text):
         sentences.append(text[start:])
@@ -122,8 +159,9 @@ def _decode(data: bytes, name) -> str:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{name}: not valid UTF-8 at byte offset {e.start} "
-                         f"(byte 0x{data[e.start]:02x}: {e.reason})") from None
+        raise ValueError(
+            f"{name}: not valid UTF-8 at byte offset {e.start} (byte 0x{data[e.start]:02x}: {e.reason})"
+        ) from None
     return text[1:] if text.startswith("\ufeff") else text
 
 
@@ -152,8 +190,7 @@ def default_corpus_documents() -> List[Document]:
     data = resources.files(__package__).joinpath(DEFAULT_CORPUS).read_bytes()
     documents = []
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:xz") as tar:
-        members = sorted((m for m in tar.getmembers() if m.isfile() and m.name.endswith(".txt")),
-                         key=lambda m: m.name)
+        members = sorted((m for m in tar.getmembers() if m.isfile() and m.name.endswith(".txt")), key=lambda m: m.name)
         for m in members:
             name = f"{DEFAULT_CORPUS}:{m.name}"
             doc = document_from_text(Path(m.name).stem, _decode(tar.extractfile(m).read(), name))
@@ -169,12 +206,14 @@ def tokenize_documents(documents: Sequence[Document], tokenizer) -> List[Documen
     for doc in documents:
         texts = [s for s in doc.sentences if isinstance(s, str)]
         encoded = iter(tokenizer.encode_batch(texts)) if texts else iter(())
-        out.append(Document(doc.title, [next(encoded) if isinstance(s, str) else [int(i) for i in s]
-                                        for s in doc.sentences]))
+        out.append(
+            Document(doc.title, [next(encoded) if isinstance(s, str) else [int(i) for i in s] for s in doc.sentences])
+        )
     return out
 
 
 # --------------------------------------------------------------------------- next-sentence prediction
+
 
 def _truncate_pair(a: list, b: list, max_num_tokens: int, rng: random.Random) -> None:
     """Remove tokens from the longer segment (``b`` on a tie), one at a time, each at its front or
@@ -191,19 +230,25 @@ def _truncate_pair(a: list, b: list, max_num_tokens: int, rng: random.Random) ->
             k = min(lb - la + 1, la + lb - max_num_tokens)
             fb += sum(rng.random() < 0.5 for _ in range(k))
             lb -= k
-    a[:] = a[fa:fa + la]
-    b[:] = b[fb:fb + lb]
+    a[:] = a[fa : fa + la]
+    b[:] = b[fb : fb + lb]
 
 
 def _pieces(sentence: list, longest: int) -> list:
     """``sentence`` cut into consecutive pieces of at most ``longest`` tokens (itself when it fits)."""
     if len(sentence) <= longest:
         return [sentence]
-    return [sentence[i:i + longest] for i in range(0, len(sentence), longest)]
+    return [sentence[i : i + longest] for i in range(0, len(sentence), longest)]
 
 
-def nsp_examples(documents: Sequence[Document], tokenizer, max_seq_length: int = 128, short_seq_prob: float = 0.1,
-                 nsp_prob: float = 0.5, seed: int = 0) -> List[NSPExample]:
+def nsp_examples(
+    documents: Sequence[Document],
+    tokenizer,
+    max_seq_length: int = 128,
+    short_seq_prob: float = 0.1,
+    nsp_prob: float = 0.5,
+    seed: int = 0,
+) -> List[NSPExample]:
     """Sentence pairs for BERT pretraining, as Google's ``create_pretraining_data.py`` makes them.
 
     For each document in turn, consecutive sentences accumulate into a chunk until it holds
@@ -241,12 +286,15 @@ def nsp_examples(documents: Sequence[Document], tokenizer, max_seq_length: int =
             raise ValueError(f"nsp_examples: {name} must be in [0, 1], got {p!r}")
     max_num_tokens = max_seq_length - 3
     longest = max(LONG_SENTENCE_TOKENS, 8 * max_num_tokens)
-    docs = [[piece for s in d.sentences if len(s) for piece in _pieces(s, longest)]
-            for d in tokenize_documents(documents, tokenizer)]
+    docs = [
+        [piece for s in d.sentences if len(s) for piece in _pieces(s, longest)]
+        for d in tokenize_documents(documents, tokenizer)
+    ]
     docs = [d for d in docs if d]
     if len(docs) < 2:
-        raise ValueError(f"nsp_examples: needs at least 2 non-empty documents (for the random next "
-                         f"sentences), got {len(docs)}")
+        raise ValueError(
+            f"nsp_examples: needs at least 2 non-empty documents (for the random next sentences), got {len(docs)}"
+        )
     rng = random.Random(seed)
     cls_id, sep_id = tokenizer.cls_id, tokenizer.sep_id
     examples = []

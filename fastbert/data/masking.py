@@ -35,13 +35,26 @@ class MaskingCollator:
             tensors) or dicts with those keys.
     """
 
-    def __init__(self, vocab_size, mask_id, pad_id, special_ids, continuation=None, mlm_probability=0.15,
-                 whole_word=False, mask_prob=0.8, random_prob=0.1, pad_to=None, seed=0):
+    def __init__(
+        self,
+        vocab_size,
+        mask_id,
+        pad_id,
+        special_ids,
+        continuation=None,
+        mlm_probability=0.15,
+        whole_word=False,
+        mask_prob=0.8,
+        random_prob=0.1,
+        pad_to=None,
+        seed=0,
+    ):
         if not 0.0 < mlm_probability < 1.0:
             raise ValueError(f"MaskingCollator: mlm_probability must be in (0, 1), got {mlm_probability!r}")
         if mask_prob < 0 or random_prob < 0 or mask_prob + random_prob > 1:
-            raise ValueError(f"MaskingCollator: mask_prob {mask_prob} and random_prob {random_prob} must be >= 0 "
-                             "with a sum <= 1")
+            raise ValueError(
+                f"MaskingCollator: mask_prob {mask_prob} and random_prob {random_prob} must be >= 0 with a sum <= 1"
+            )
         special = torch.zeros(vocab_size, dtype=torch.bool)
         special[torch.tensor(sorted({*special_ids, pad_id, mask_id}), dtype=torch.long)] = True
         if whole_word and continuation is None:
@@ -78,10 +91,10 @@ class MaskingCollator:
         token_type_ids = torch.zeros((b, length), dtype=torch.long)
         attention_mask = torch.zeros((b, length), dtype=torch.long)
         for i, (ids, types, _) in enumerate(rows):
-            input_ids[i, :len(ids)], token_type_ids[i, :len(ids)], attention_mask[i, :len(ids)] = ids, types, 1
+            input_ids[i, : len(ids)], token_type_ids[i, : len(ids)], attention_mask[i, : len(ids)] = ids, types, 1
         labels = torch.full_like(input_ids, IGNORE)
         for i, (ids, _, _) in enumerate(rows):
-            self._mask_row(input_ids[i, :len(ids)], labels[i, :len(ids)])
+            self._mask_row(input_ids[i, : len(ids)], labels[i, : len(ids)])
         out = dict(input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask, labels=labels)
         nsp = [n for _, _, n in rows]
         if all(n is not None for n in nsp):
@@ -96,8 +109,9 @@ class MaskingCollator:
         ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
         types = torch.zeros_like(ids) if types is None else torch.as_tensor(types, dtype=torch.long).reshape(-1)
         if types.shape != ids.shape:
-            raise ValueError(f"MaskingCollator: token_type_ids {list(types.shape)} do not match input_ids "
-                             f"{list(ids.shape)}")
+            raise ValueError(
+                f"MaskingCollator: token_type_ids {list(types.shape)} do not match input_ids {list(ids.shape)}"
+            )
         if ids.numel() and (ids.min() < 0 or ids.max() >= self.vocab_size):
             raise ValueError(f"MaskingCollator: token ids must be in [0, {self.vocab_size})")
         return ids, types, None if nsp is None else int(nsp)
@@ -116,7 +130,7 @@ class MaskingCollator:
             groups = self._select_words(ids, candidates, budget)
         else:
             pick = candidates[torch.randperm(n, generator=self.generator)[:budget]]
-            groups = [pick[i:i + 1] for i in range(pick.numel())]
+            groups = [pick[i : i + 1] for i in range(pick.numel())]
         if not groups:
             return
         action = self._rand(len(groups))  # one draw per group (per word under whole-word masking)

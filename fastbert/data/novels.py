@@ -59,8 +59,14 @@ def pack_sentences(sentences: Sequence[Sequence[int]], max_tokens: int) -> List[
     return chunks
 
 
-def novel_passages(documents: Sequence[Document], tokenizer, max_seq_length: int = 128, test_fraction: float = 0.1,
-                   block: int = 20, seed: int = 0) -> Tuple[List[Passage], List[Passage]]:
+def novel_passages(
+    documents: Sequence[Document],
+    tokenizer,
+    max_seq_length: int = 128,
+    test_fraction: float = 0.1,
+    block: int = 20,
+    seed: int = 0,
+) -> Tuple[List[Passage], List[Passage]]:
     """``(train, test)`` lists of :class:`Passage` for the which-document task (see the module
     docstring). ``documents``: sentences as text (tokenized with ``tokenizer``) or token-id lists;
     the tokenizer's ``cls_id``/``sep_id`` frame the passages. Both lists are in document order,
@@ -71,8 +77,9 @@ def novel_passages(documents: Sequence[Document], tokenizer, max_seq_length: int
     if len(documents) < 2:
         raise ValueError(f"novel_passages: needs at least 2 documents (one label each), got {len(documents)}")
     if not isinstance(max_seq_length, int) or max_seq_length < 3:
-        raise ValueError(f"novel_passages: max_seq_length must be an int >= 3 ([CLS], a token, [SEP]), "
-                         f"got {max_seq_length!r}")
+        raise ValueError(
+            f"novel_passages: max_seq_length must be an int >= 3 ([CLS], a token, [SEP]), got {max_seq_length!r}"
+        )
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"novel_passages: test_fraction must be in (0, 1), got {test_fraction!r}")
     if not isinstance(block, int) or block < 1:
@@ -86,9 +93,11 @@ def novel_passages(documents: Sequence[Document], tokenizer, max_seq_length: int
             raise ValueError(f"novel_passages: document {label} ({doc.title!r}) has no passages (no tokens)")
         n_blocks = math.ceil(len(chunks) / block)
         if n_blocks < 2:
-            raise ValueError(f"novel_passages: document {label} ({doc.title!r}) gives {len(chunks)} passages, "
-                             f"fewer than 2 blocks of {block} (one for training, one for testing); "
-                             f"lower block or max_seq_length")
+            raise ValueError(
+                f"novel_passages: document {label} ({doc.title!r}) gives {len(chunks)} passages, "
+                f"fewer than 2 blocks of {block} (one for training, one for testing); "
+                f"lower block or max_seq_length"
+            )
         n_test = min(n_blocks - 1, max(1, round(test_fraction * n_blocks)))
         test_blocks = set(rng.sample(range(n_blocks), n_test))
         for i, chunk in enumerate(chunks):

@@ -44,10 +44,14 @@ _PLAIN_WORD = re.compile("[^\\W_\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U0002000
 
 def _bert_tokenizer(vocab: Optional[dict], lowercase: bool) -> Tokenizer:
     """BERT's normaliser, pre-tokeniser, WordPiece model (over ``vocab``, or empty for training) and decoder."""
-    tok = Tokenizer(models.WordPiece(vocab, unk_token=UNK, continuing_subword_prefix=CONTINUATION,
-                                     max_input_chars_per_word=MAX_WORD_CHARS))
-    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
-                                                strip_accents=None, lowercase=lowercase)
+    tok = Tokenizer(
+        models.WordPiece(
+            vocab, unk_token=UNK, continuing_subword_prefix=CONTINUATION, max_input_chars_per_word=MAX_WORD_CHARS
+        )
+    )
+    tok.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase
+    )
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece(prefix=CONTINUATION, cleanup=True)
     return tok
@@ -124,15 +128,16 @@ def _file_lines(files):
             with open(f, encoding="utf-8") as lines:
                 yield from lines
         except UnicodeDecodeError as e:
-            raise ValueError(f"WordPieceTokenizer.train: {f} is not UTF-8 ({e.reason} at byte {e.start} "
-                             "of a line)") from None
+            raise ValueError(
+                f"WordPieceTokenizer.train: {f} is not UTF-8 ({e.reason} at byte {e.start} of a line)"
+            ) from None
 
 
 def _set_post_processor(tok: Tokenizer) -> None:
     ids = {t: tok.token_to_id(t) for t in (CLS, SEP)}
     tok.post_processor = processors.TemplateProcessing(
-        single=f"{CLS} $A {SEP}", pair=f"{CLS} $A {SEP} $B:1 {SEP}:1",
-        special_tokens=[(CLS, ids[CLS]), (SEP, ids[SEP])])
+        single=f"{CLS} $A {SEP}", pair=f"{CLS} $A {SEP} $B:1 {SEP}:1", special_tokens=[(CLS, ids[CLS]), (SEP, ids[SEP])]
+    )
 
 
 def _missing_specials(token_to_id) -> List[str]:
@@ -150,8 +155,10 @@ class WordPieceTokenizer:
     def __init__(self, tokenizer: Tokenizer):
         missing = _missing_specials(tokenizer.token_to_id)
         if missing:
-            raise ValueError(f"WordPieceTokenizer: the vocabulary lacks the special token(s) {', '.join(missing)} "
-                             f"(needs all of {' '.join(SPECIAL_TOKENS)})")
+            raise ValueError(
+                f"WordPieceTokenizer: the vocabulary lacks the special token(s) {', '.join(missing)} "
+                f"(needs all of {' '.join(SPECIAL_TOKENS)})"
+            )
         self._tok = tokenizer
         self._vocab = None  # list of tokens by id, built on first use
         self._continuation = None
@@ -159,8 +166,13 @@ class WordPieceTokenizer:
     # ----------------------------------------------------------------------------------- building
 
     @classmethod
-    def train(cls, files: Union[PathLike, Sequence[PathLike]], vocab_size: int = 8000, lowercase: bool = True,
-              min_frequency: int = 2) -> "WordPieceTokenizer":
+    def train(
+        cls,
+        files: Union[PathLike, Sequence[PathLike]],
+        vocab_size: int = 8000,
+        lowercase: bool = True,
+        min_frequency: int = 2,
+    ) -> "WordPieceTokenizer":
         """Learn a WordPiece vocabulary of at most ``vocab_size`` tokens from UTF-8 text files.
         ``[PAD] [UNK] [CLS] [SEP] [MASK]`` get ids 0..4, the other tokens (every character seen and
         the merged pieces; pieces that do not start a word carry the ``##`` prefix) follow in sorted
@@ -177,33 +189,42 @@ class WordPieceTokenizer:
             if not Path(f).is_file():
                 raise ValueError(f"WordPieceTokenizer.train: {f} is not a file")
         tok = cls._untrained(vocab_size, lowercase, min_frequency)
-        tok.train_from_iterator((_without_long_words(tok, c) for t in _file_lines(files) for c in _chunks(t)),
-                                cls._trainer(vocab_size, min_frequency))
+        tok.train_from_iterator(
+            (_without_long_words(tok, c) for t in _file_lines(files) for c in _chunks(t)),
+            cls._trainer(vocab_size, min_frequency),
+        )
         return cls(_sorted_vocab(tok, lowercase))
 
     @classmethod
-    def train_from_texts(cls, texts: Iterable[str], vocab_size: int = 8000, lowercase: bool = True,
-                         min_frequency: int = 2) -> "WordPieceTokenizer":
+    def train_from_texts(
+        cls, texts: Iterable[str], vocab_size: int = 8000, lowercase: bool = True, min_frequency: int = 2
+    ) -> "WordPieceTokenizer":
         """:meth:`train` from an iterable of strings (sentences, paragraphs or whole documents)."""
         tok = cls._untrained(vocab_size, lowercase, min_frequency)
-        tok.train_from_iterator((_without_long_words(tok, c) for t in texts for c in _chunks(t)),
-                                cls._trainer(vocab_size, min_frequency))
+        tok.train_from_iterator(
+            (_without_long_words(tok, c) for t in texts for c in _chunks(t)), cls._trainer(vocab_size, min_frequency)
+        )
         return cls(_sorted_vocab(tok, lowercase))
 
     @staticmethod
     def _untrained(vocab_size, lowercase, min_frequency):
         if not isinstance(vocab_size, int) or vocab_size <= len(SPECIAL_TOKENS):
-            raise ValueError(f"WordPieceTokenizer.train: vocab_size must be an int > {len(SPECIAL_TOKENS)}, "
-                             f"got {vocab_size!r}")
+            raise ValueError(
+                f"WordPieceTokenizer.train: vocab_size must be an int > {len(SPECIAL_TOKENS)}, got {vocab_size!r}"
+            )
         if not isinstance(min_frequency, int) or min_frequency < 0:
             raise ValueError(f"WordPieceTokenizer.train: min_frequency must be an int >= 0, got {min_frequency!r}")
         return _bert_tokenizer(None, bool(lowercase))
 
     @staticmethod
     def _trainer(vocab_size, min_frequency):
-        return trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                         special_tokens=list(SPECIAL_TOKENS), continuing_subword_prefix=CONTINUATION,
-                                         show_progress=False)
+        return trainers.WordPieceTrainer(
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=list(SPECIAL_TOKENS),
+            continuing_subword_prefix=CONTINUATION,
+            show_progress=False,
+        )
 
     @classmethod
     def from_vocab(cls, path: PathLike, lowercase: bool = True) -> "WordPieceTokenizer":
@@ -225,13 +246,17 @@ class WordPieceTokenizer:
             if not token.strip():
                 raise ValueError(f"WordPieceTokenizer.from_vocab: {path} line {i + 1} is empty")
             if token in vocab:
-                raise ValueError(f"WordPieceTokenizer.from_vocab: {path} line {i + 1}: token {token!r} "
-                                 f"repeats line {vocab[token] + 1}")
+                raise ValueError(
+                    f"WordPieceTokenizer.from_vocab: {path} line {i + 1}: token {token!r} "
+                    f"repeats line {vocab[token] + 1}"
+                )
             vocab[token] = i
         missing = _missing_specials(vocab.get)
         if missing:
-            raise ValueError(f"WordPieceTokenizer.from_vocab: {path} lacks the special token(s) {', '.join(missing)} "
-                             f"(a BERT vocabulary needs all of {' '.join(SPECIAL_TOKENS)})")
+            raise ValueError(
+                f"WordPieceTokenizer.from_vocab: {path} lacks the special token(s) {', '.join(missing)} "
+                f"(a BERT vocabulary needs all of {' '.join(SPECIAL_TOKENS)})"
+            )
         return cls(_pipeline(vocab, bool(lowercase)))
 
     def save(self, directory: PathLike) -> Path:
@@ -249,17 +274,23 @@ class WordPieceTokenizer:
         ``vocab.txt`` use :meth:`from_vocab`)."""
         path = Path(directory) / TOKENIZER_FILE
         if not path.is_file():
-            hint = f"; it has a {VOCAB_FILE}: use WordPieceTokenizer.from_vocab" \
-                if (Path(directory) / VOCAB_FILE).is_file() else ""
+            hint = (
+                f"; it has a {VOCAB_FILE}: use WordPieceTokenizer.from_vocab"
+                if (Path(directory) / VOCAB_FILE).is_file()
+                else ""
+            )
             raise ValueError(f"WordPieceTokenizer.load: no {TOKENIZER_FILE} in {directory}{hint}")
         try:
             tok = Tokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception for a damaged file
-            raise ValueError(f"WordPieceTokenizer.load: cannot read {path} (damaged or not a tokenizers "
-                             f"tokenizer.json): {str(e)[:200]}") from None
+            raise ValueError(
+                f"WordPieceTokenizer.load: cannot read {path} (damaged or not a tokenizers "
+                f"tokenizer.json): {str(e)[:200]}"
+            ) from None
         if not isinstance(tok.model, models.WordPiece):
-            raise ValueError(f"WordPieceTokenizer.load: {path} is a {type(tok.model).__name__} tokenizer, "
-                             "not WordPiece")
+            raise ValueError(
+                f"WordPieceTokenizer.load: {path} is a {type(tok.model).__name__} tokenizer, not WordPiece"
+            )
         return cls(tok)
 
     # ----------------------------------------------------------------------------------- encoding
@@ -277,12 +308,12 @@ class WordPieceTokenizer:
             if not isinstance(t, str):
                 raise TypeError(f"encode_batch: texts must be str, got {type(t).__name__}")
         pieces = [_chunks(t) for t in texts]
-        encoded = iter(self._tok.encode_batch([_unk_long_words(p) for ps in pieces for p in ps],
-                                              add_special_tokens=False))
+        encoded = iter(
+            self._tok.encode_batch([_unk_long_words(p) for ps in pieces for p in ps], add_special_tokens=False)
+        )
         return [[i for _ in ps for i in next(encoded).ids] for ps in pieces]
 
-    def encode_pair(self, a: Union[str, Sequence[int]], b: Union[str, Sequence[int]]
-                    ) -> Tuple[List[int], List[int]]:
+    def encode_pair(self, a: Union[str, Sequence[int]], b: Union[str, Sequence[int]]) -> Tuple[List[int], List[int]]:
         """``(input_ids, token_type_ids)`` of ``[CLS] A [SEP] B [SEP]``; types are 0 over
         ``[CLS] A [SEP]`` and 1 over ``B [SEP]``. ``a`` and ``b`` are texts or token-id sequences
         (from :meth:`encode`). No truncation."""
@@ -299,8 +330,9 @@ class WordPieceTokenizer:
         try:
             ids = [int(i) for i in x]
         except (TypeError, ValueError):
-            raise TypeError(f"encode_pair: {name} must be a str or a sequence of token ids, got {type(x).__name__}") \
-                from None
+            raise TypeError(
+                f"encode_pair: {name} must be a str or a sequence of token ids, got {type(x).__name__}"
+            ) from None
         n = self.vocab_size
         bad = [i for i in ids if not 0 <= i < n]
         if bad:
@@ -385,7 +417,8 @@ class WordPieceTokenizer:
         """Bool tensor ``[vocab_size]``, True at ``##`` pieces (a fresh copy each call)."""
         if self._continuation is None:
             self._continuation = torch.tensor(
-                [len(t) > len(CONTINUATION) and t.startswith(CONTINUATION) for t in self.vocab], dtype=torch.bool)
+                [len(t) > len(CONTINUATION) and t.startswith(CONTINUATION) for t in self.vocab], dtype=torch.bool
+            )
         return self._continuation.clone()
 
     @property

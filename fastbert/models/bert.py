@@ -56,18 +56,18 @@ IGNORE = -100
 class EncoderOutput:
     last_hidden_state: torch.Tensor
     pooler_output: Optional[torch.Tensor] = None
-    packed: Optional[torch.Tensor] = None              # unpadded path: the real tokens' hidden states [T, H]
-    packing: Optional[ops.Packing] = None              # ... and where they sit in [B, S]
+    packed: Optional[torch.Tensor] = None  # unpadded path: the real tokens' hidden states [T, H]
+    packing: Optional[ops.Packing] = None  # ... and where they sit in [B, S]
 
 
 @dataclass
 class PreTrainingOutput:
-    loss: Optional[torch.Tensor] = None           # mlm_loss + nsp_loss
+    loss: Optional[torch.Tensor] = None  # mlm_loss + nsp_loss
     mlm_loss: Optional[torch.Tensor] = None
     nsp_loss: Optional[torch.Tensor] = None
     mlm_accuracy: Optional[torch.Tensor] = None
     nsp_accuracy: Optional[torch.Tensor] = None
-    prediction_logits: Optional[torch.Tensor] = None        # see the module docstring's MLM output contract
+    prediction_logits: Optional[torch.Tensor] = None  # see the module docstring's MLM output contract
     seq_relationship_logits: Optional[torch.Tensor] = None
 
 
@@ -75,7 +75,7 @@ class PreTrainingOutput:
 class MaskedLMOutput:
     loss: Optional[torch.Tensor] = None
     accuracy: Optional[torch.Tensor] = None
-    logits: Optional[torch.Tensor] = None          # see the module docstring's MLM output contract
+    logits: Optional[torch.Tensor] = None  # see the module docstring's MLM output contract
 
 
 @dataclass
@@ -145,14 +145,23 @@ class BertModel(BertPreTrainedModel):
     def check_inputs(self, input_ids, attention_mask, token_type_ids):
         c = self.config
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
-            raise ValueError(f"BERT: input_ids must be an integer tensor [batch, seq], got "
-                             f"{getattr(input_ids, 'dtype', type(input_ids))} {list(getattr(input_ids, 'shape', []))}")
+            raise ValueError(
+                f"BERT: input_ids must be an integer tensor [batch, seq], got "
+                f"{getattr(input_ids, 'dtype', type(input_ids))} {list(getattr(input_ids, 'shape', []))}"
+            )
         if input_ids.shape[1] > c.max_position_embeddings:
-            raise ValueError(f"BERT: sequence length {input_ids.shape[1]} exceeds max_position_embeddings "
-                             f"{c.max_position_embeddings}")
-        ranges = [(name, t, limit) for name, t, limit in (("input_ids", input_ids, c.vocab_size),
-                                                           ("token_type_ids", token_type_ids, c.type_vocab_size))
-                  if t is not None and t.numel()]
+            raise ValueError(
+                f"BERT: sequence length {input_ids.shape[1]} exceeds max_position_embeddings "
+                f"{c.max_position_embeddings}"
+            )
+        ranges = [
+            (name, t, limit)
+            for name, t, limit in (
+                ("input_ids", input_ids, c.vocab_size),
+                ("token_type_ids", token_type_ids, c.type_vocab_size),
+            )
+            if t is not None and t.numel()
+        ]
         for name, t, _ in ranges:
             if t.shape != input_ids.shape:
                 raise ValueError(f"BERT: {name} must have shape {list(input_ids.shape)}, got {list(t.shape)}")
@@ -163,11 +172,14 @@ class BertModel(BertPreTrainedModel):
             bad = torch.stack([((t < 0) | (t >= limit)).any() for _, t, limit in ranges]).tolist()  # one sync
             for (name, t, limit), b in zip(ranges, bad):
                 if b:
-                    raise ValueError(f"BERT: {name} must be in [0, {limit}), got values in "
-                                     f"[{t.min().item()}, {t.max().item()}]")
+                    raise ValueError(
+                        f"BERT: {name} must be in [0, {limit}), got values in [{t.min().item()}, {t.max().item()}]"
+                    )
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
-            raise ValueError(f"BERT: attention_mask must have shape {list(input_ids.shape)} (1 = attend, 0 = "
-                             f"padding), got {list(attention_mask.shape)}")
+            raise ValueError(
+                f"BERT: attention_mask must have shape {list(input_ids.shape)} (1 = attend, 0 = "
+                f"padding), got {list(attention_mask.shape)}"
+            )
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
         self.check_inputs(input_ids, attention_mask, token_type_ids)
@@ -190,7 +202,8 @@ class BertModel(BertPreTrainedModel):
         key_mask = attention_mask.bool()
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         additive = torch.zeros(key_mask.shape, dtype=dtype, device=x.device).masked_fill_(
-            ~key_mask, torch.finfo(dtype).min)[:, None, None, :]
+            ~key_mask, torch.finfo(dtype).min
+        )[:, None, None, :]
         return key_mask, additive
 
     def forward_unpadded(self, input_ids, attention_mask, token_type_ids):
@@ -265,8 +278,8 @@ class MLMHead(nn.Module):
     def accuracy(self, x, targets, chunk=1024):
         correct = torch.zeros((), dtype=torch.int64, device=x.device)
         for s in range(0, x.shape[0], chunk):
-            logits = F.linear(x[s:s + chunk], self.decoder.weight.to(x.dtype), self.bias.to(x.dtype))
-            correct += (logits.argmax(-1) == targets[s:s + chunk]).sum()
+            logits = F.linear(x[s : s + chunk], self.decoder.weight.to(x.dtype), self.bias.to(x.dtype))
+            correct += (logits.argmax(-1) == targets[s : s + chunk]).sum()
         return correct.float() / max(x.shape[0], 1)
 
 
@@ -321,8 +334,17 @@ class BertForPreTraining(BertPreTrainedModel):
         self.cls = PreTrainingHeads(config, self.bert.embeddings.word_embeddings)
         self.init_weights()
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, next_sentence_label=None,
-                *, with_accuracy=None, return_logits=None):
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        token_type_ids=None,
+        labels=None,
+        next_sentence_label=None,
+        *,
+        with_accuracy=None,
+        return_logits=None,
+    ):
         out = self.bert(input_ids, attention_mask, token_type_ids)
         nsp_logits = self.cls.seq_relationship(out.pooler_output)
         with_accuracy = not self.training if with_accuracy is None else with_accuracy
@@ -331,7 +353,8 @@ class BertForPreTraining(BertPreTrainedModel):
             res.prediction_logits = _full_logits(self.cls.predictions, out)
         else:
             res.mlm_loss, res.mlm_accuracy, res.prediction_logits = _mlm(
-                self.cls.predictions, out, labels, attention_mask, self.training, with_accuracy, return_logits)
+                self.cls.predictions, out, labels, attention_mask, self.training, with_accuracy, return_logits
+            )
             res.loss = res.mlm_loss
         if next_sentence_label is not None:
             res.nsp_loss = F.cross_entropy(nsp_logits, next_sentence_label.reshape(-1))
@@ -358,14 +381,23 @@ class BertForMaskedLM(BertPreTrainedModel):
         self.cls = MLMOnlyHead(config, self.bert.embeddings.word_embeddings)
         self.init_weights()
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, *, with_accuracy=None,
-                return_logits=None):
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        token_type_ids=None,
+        labels=None,
+        *,
+        with_accuracy=None,
+        return_logits=None,
+    ):
         out = self.bert(input_ids, attention_mask, token_type_ids)
         if labels is None:
             return MaskedLMOutput(logits=_full_logits(self.cls.predictions, out))
         with_accuracy = not self.training if with_accuracy is None else with_accuracy
-        return MaskedLMOutput(*_mlm(self.cls.predictions, out, labels, attention_mask, self.training, with_accuracy,
-                                    return_logits))
+        return MaskedLMOutput(
+            *_mlm(self.cls.predictions, out, labels, attention_mask, self.training, with_accuracy, return_logits)
+        )
 
 
 class BertForSequenceClassification(BertPreTrainedModel):

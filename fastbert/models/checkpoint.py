@@ -57,22 +57,27 @@ def from_hf(sd, prefix, shapes=None):
         if prefix and not key.startswith(prefix) and not key.startswith(_HEADS):
             key = prefix + key
         elif not prefix and key.startswith("bert."):
-            key = key[len("bert."):]
+            key = key[len("bert.") :]
         m = _QKV.match(key)
         if m:
             qkv.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = (name, value)
         else:
             out[key], origin[key] = value, name
-    bad = [_mismatch(origin[k], shapes[k], v.shape) for k, v in out.items()
-           if shapes is not None and k in shapes and tuple(v.shape) != tuple(shapes[k])]
+    bad = [
+        _mismatch(origin[k], shapes[k], v.shape)
+        for k, v in out.items()
+        if shapes is not None and k in shapes and tuple(v.shape) != tuple(shapes[k])
+    ]
     for (base, kind), parts in qkv.items():
         whole = shapes.get(f"{base}qkv.{kind}") if shapes is not None else None
         if whole is not None:
             want = (whole[0] // 3, *whole[1:])
             wrong = [_mismatch(n, want, v.shape) for n, v in parts.values() if tuple(v.shape) != want]
         elif len({tuple(v.shape) for _, v in parts.values()}) > 1:
-            wrong = ["; ".join(f"{n} {list(v.shape)}" for n, v in parts.values()) + " (query, key and value "
-                     "must have one shape)"]
+            wrong = [
+                "; ".join(f"{n} {list(v.shape)}" for n, v in parts.values()) + " (query, key and value "
+                "must have one shape)"
+            ]
         else:
             wrong = []
         bad += wrong
@@ -122,19 +127,26 @@ def load(cls, path, **config_overrides):
     try:
         sd = from_hf(read_state_dict(path), getattr(cls, "hf_prefix", ""), {k: v.shape for k, v in own.items()})
     except ShapeMismatch as e:
-        raise ShapeMismatch(f"fastbert: the checkpoint in {path} does not match its config.json (or the "
-                            f"overrides): {e}") from None
+        raise ShapeMismatch(
+            f"fastbert: the checkpoint in {path} does not match its config.json (or the overrides): {e}"
+        ) from None
     if config.tie_word_embeddings:
         sd.pop("cls.predictions.decoder.weight", None)
     missing = sorted(set(own) - set(sd))
     unused = sorted(k for k in set(sd) - set(own) if not _IGNORED.search(k))
     model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
     if missing:
-        warnings.warn(f"fastbert: {cls.__name__}.from_pretrained({str(path)!r}): {len(missing)} weights not in "
-                      f"the checkpoint keep their random initialisation: {', '.join(missing)}", stacklevel=3)
+        warnings.warn(
+            f"fastbert: {cls.__name__}.from_pretrained({str(path)!r}): {len(missing)} weights not in "
+            f"the checkpoint keep their random initialisation: {', '.join(missing)}",
+            stacklevel=3,
+        )
     if unused:
-        warnings.warn(f"fastbert: {cls.__name__}.from_pretrained({str(path)!r}): {len(unused)} checkpoint "
-                      f"weights are not used by this model: {', '.join(unused)}", stacklevel=3)
+        warnings.warn(
+            f"fastbert: {cls.__name__}.from_pretrained({str(path)!r}): {len(unused)} checkpoint "
+            f"weights are not used by this model: {', '.join(unused)}",
+            stacklevel=3,
+        )
     return model
 
 

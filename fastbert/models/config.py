@@ -70,8 +70,9 @@ class BertConfig:
 
     def __post_init__(self):
         def bad(name, what):
-            raise ValueError(f"BertConfig: {name} must be {what}, got {getattr(self, name)!r} "
-                             f"({type(getattr(self, name)).__name__})")
+            raise ValueError(
+                f"BertConfig: {name} must be {what}, got {getattr(self, name)!r} ({type(getattr(self, name)).__name__})"
+            )
 
         def is_int(v):
             return isinstance(v, int) and not isinstance(v, bool)
@@ -79,27 +80,39 @@ class BertConfig:
         def is_number(v):
             return (is_int(v) or isinstance(v, float)) and math.isfinite(v)
 
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "intermediate_size", "max_position_embeddings", "type_vocab_size", "num_labels"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "max_position_embeddings",
+            "type_vocab_size",
+            "num_labels",
+        ):
             if not is_int(getattr(self, name)) or getattr(self, name) < 1:
                 bad(name, "a positive int")
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"BertConfig: hidden_size {self.hidden_size} is not a multiple of "
-                             f"num_attention_heads {self.num_attention_heads}")
+            raise ValueError(
+                f"BertConfig: hidden_size {self.hidden_size} is not a multiple of "
+                f"num_attention_heads {self.num_attention_heads}"
+            )
         if not isinstance(self.hidden_act, str) or self.hidden_act not in HIDDEN_ACTS:
             bad("hidden_act", f"one of {', '.join(HIDDEN_ACTS)}")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             if not is_number(getattr(self, name)) or not 0.0 <= getattr(self, name) < 1.0:
                 bad(name, "a number in [0, 1)")
         if self.classifier_dropout is not None and (
-                not is_number(self.classifier_dropout) or not 0.0 <= self.classifier_dropout < 1.0):
+            not is_number(self.classifier_dropout) or not 0.0 <= self.classifier_dropout < 1.0
+        ):
             bad("classifier_dropout", "null or a number in [0, 1)")
         if not is_number(self.layer_norm_eps) or self.layer_norm_eps <= 0:
             bad("layer_norm_eps", "a positive number")
         if not is_number(self.initializer_range) or self.initializer_range < 0:
             bad("initializer_range", "a non-negative number")
-        if self.pad_token_id is not None and (not is_int(self.pad_token_id)
-                                              or not 0 <= self.pad_token_id < self.vocab_size):
+        if self.pad_token_id is not None and (
+            not is_int(self.pad_token_id) or not 0 <= self.pad_token_id < self.vocab_size
+        ):
             bad("pad_token_id", f"null or an int in [0, vocab_size={self.vocab_size})")
         for name in ("tie_word_embeddings", "unpad"):
             if not isinstance(getattr(self, name), bool):
@@ -159,8 +172,10 @@ class BertConfig:
         known = {k: v for k, v in d.items() if k in names}
         if "id2label" in d and "num_labels" not in d:
             if not isinstance(d["id2label"], dict):
-                raise ValueError(f"BertConfig: id2label must be an object (label index -> name), got "
-                                 f"{d['id2label']!r} ({type(d['id2label']).__name__})")
+                raise ValueError(
+                    f"BertConfig: id2label must be an object (label index -> name), got "
+                    f"{d['id2label']!r} ({type(d['id2label']).__name__})"
+                )
             known["num_labels"] = len(d["id2label"])
         if known.get("classifier_dropout") is None:
             known.pop("classifier_dropout", None)
@@ -169,12 +184,20 @@ class BertConfig:
 
     def to_hf_dict(self):
         d = {k: v for k, v in self.extra.items() if k not in ("transformers_version",)}
-        d.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                  if f.name not in FASTBERT_FIELDS + ("num_labels",)})
+        d.update(
+            {
+                f.name: getattr(self, f.name)
+                for f in dataclasses.fields(self)
+                if f.name not in FASTBERT_FIELDS + ("num_labels",)
+            }
+        )
         d["model_type"] = "bert"
         labels = self.extra.get("id2label")
-        d["id2label"] = labels if labels and len(labels) == self.num_labels else {
-            str(i): f"LABEL_{i}" for i in range(self.num_labels)}
+        d["id2label"] = (
+            labels
+            if labels and len(labels) == self.num_labels
+            else {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
+        )
         d["label2id"] = {v: int(k) for k, v in d["id2label"].items()}
         return d
 

@@ -43,8 +43,16 @@ class AddNorm(nn.Module):
         ln = self.LayerNorm
         if self.fused:
             h = F.linear(x, self.dense.weight)  # under autocast: the autocast dtype, the residual cast to it
-            return ops.layernorm_residual(h, residual.to(h.dtype), ln.weight, ln.bias, self.dense.bias, eps=ln.eps,
-                                          dropout_p=self.p, training=self.training)
+            return ops.layernorm_residual(
+                h,
+                residual.to(h.dtype),
+                ln.weight,
+                ln.bias,
+                self.dense.bias,
+                eps=ln.eps,
+                dropout_p=self.p,
+                training=self.training,
+            )
         h = F.dropout(self.dense(x), self.p, self.training)
         return F.layer_norm(h + residual, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
 
@@ -92,8 +100,16 @@ class SelfAttention(nn.Module):
         qkv = self.qkv(x)
         if self.varlen.get(x.device.type, False):
             q, k, v = qkv.view(t, 3, self.heads, self.head_dim).unbind(1)
-            ctx = ops.varlen_attention(q, k, v, p.cu_seqlens, p.max_seqlen, scale=1.0 / math.sqrt(self.head_dim),
-                                       dropout_p=self.p, training=self.training)
+            ctx = ops.varlen_attention(
+                q,
+                k,
+                v,
+                p.cu_seqlens,
+                p.max_seqlen,
+                scale=1.0 / math.sqrt(self.head_dim),
+                dropout_p=self.p,
+                training=self.training,
+            )
             return ctx.reshape(t, h)
         padded = ops.pad(qkv, p).view(p.batch, p.seqlen, 3, self.heads, self.head_dim)
         q, k, v = padded.permute(2, 0, 3, 1, 4).unbind(0)
@@ -105,8 +121,9 @@ class SelfAttention(nn.Module):
         p = self.p if self.training else 0.0
         if self.fused and not self.sdpa:  # masked_softmax: a fully masked row's probabilities are zeros
             scale = 1.0 / math.sqrt(self.head_dim)
-            probs = ops.masked_softmax(q @ k.transpose(-1, -2), key_mask, scale=scale, dropout_p=self.p,
-                                       training=self.training)
+            probs = ops.masked_softmax(
+                q @ k.transpose(-1, -2), key_mask, scale=scale, dropout_p=self.p, training=self.training
+            )
             return probs @ v
         if self.sdpa:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=additive_mask, dropout_p=p)
@@ -169,7 +186,7 @@ class Embeddings(nn.Module):
     def forward(self, input_ids, token_type_ids, position_ids=None):
         """``[B, S]`` ids (positions ``0 .. S-1``), or packed ``[T]`` ids with their ``position_ids``."""
         if position_ids is None:
-            pos = self.position_embeddings.weight[:input_ids.shape[1]]
+            pos = self.position_embeddings.weight[: input_ids.shape[1]]
         else:
             pos = self.position_embeddings(position_ids)
         rest = pos + self.token_type_embeddings(token_type_ids)

@@ -28,8 +28,10 @@ def sync_tags_kwargs():
 def define(op, fwd_schema, bwd_schema, fake_fwd, fake_bwd, fwd_tags=()):
     """Define ``fastbert::<op>_fwd`` and ``fastbert::<op>_bwd`` with their fake implementations
     (``fwd_tags``: the forward's ``torch.Tag`` s, e.g. :data:`SYNC_TAGS`)."""
-    for suffix, schema, fake, tags in (("fwd", fwd_schema, fake_fwd, tuple(fwd_tags)),
-                                       ("bwd", bwd_schema, fake_bwd, ())):
+    for suffix, schema, fake, tags in (
+        ("fwd", fwd_schema, fake_fwd, tuple(fwd_tags)),
+        ("bwd", bwd_schema, fake_bwd, ()),
+    ):
         name = f"fastbert::{op}_{suffix}"
         torch.library.define(name, schema, tags=tags)
         torch.library.register_fake(name, fake)
@@ -47,10 +49,12 @@ def once_differentiable(op, backward):
     ``RuntimeError`` naming the op if anything differentiates through them (double backward), where
     the backward kernels' outputs would otherwise be silently constant (a zero second derivative).
     Plain ``backward()`` / ``create_graph=False`` and traced backwards (torch.compile) are unaffected."""
-    message = (f"fastbert.{op}: double backward (differentiating its gradient, e.g. through "
-               f"torch.autograd.grad(..., create_graph=True)) is not supported: its backward is a fused "
-               f"kernel without a derivative of its own; use the reference backend "
-               f"(fastbert.backend('reference')) or eager PyTorch for higher-order gradients")
+    message = (
+        f"fastbert.{op}: double backward (differentiating its gradient, e.g. through "
+        f"torch.autograd.grad(..., create_graph=True)) is not supported: its backward is a fused "
+        f"kernel without a derivative of its own; use the reference backend "
+        f"(fastbert.backend('reference')) or eager PyTorch for higher-order gradients"
+    )
 
     def wrapped(ctx, *args):
         if not torch.is_grad_enabled() or torch.compiler.is_compiling():
@@ -96,4 +100,5 @@ def register_autograd(fwd_name, bwd_op, setup_context, backward, double_backward
         return backward(ctx, bwd_op, *grads)
 
     torch.library.register_autograd(
-        fwd_name, run if double_backward else once_differentiable(op, run), setup_context=setup_context)
+        fwd_name, run if double_backward else once_differentiable(op, run), setup_context=setup_context
+    )

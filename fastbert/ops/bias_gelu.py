@@ -36,7 +36,9 @@ _library.define(
     OP,
     "(Tensor x, Tensor? bias, str approximate) -> Tensor",
     "(Tensor grad, Tensor x, Tensor? bias, str approximate, bool need_dbias) -> (Tensor, Tensor)",
-    _fake_fwd, _fake_bwd)
+    _fake_fwd,
+    _fake_bwd,
+)
 
 
 def setup_context(ctx, inputs, output):
@@ -52,8 +54,7 @@ def backward(ctx, bwd_op, grad):
     return dx, (dbias if need_dbias else None), None
 
 
-_library.register_autograd(f"fastbert::{OP}_fwd", torch.ops.fastbert.bias_gelu_bwd.default,
-                           setup_context, backward)
+_library.register_autograd(f"fastbert::{OP}_fwd", torch.ops.fastbert.bias_gelu_bwd.default, setup_context, backward)
 backends.register_op(OP)
 
 _IMPLS = {
@@ -76,11 +77,13 @@ def check_args(x, bias, approximate):
         _checks.floating(bias, OP, "bias")
         _checks.same_device(x, bias, OP, "bias")
         if bias.shape != (x.shape[-1],):
-            raise ValueError(f"{OP}: bias must have shape [{x.shape[-1]}] (the last dimension of x), "
-                             f"got {list(bias.shape)}")
+            raise ValueError(
+                f"{OP}: bias must have shape [{x.shape[-1]}] (the last dimension of x), got {list(bias.shape)}"
+            )
         if (x.dtype == torch.float64) != (bias.dtype == torch.float64):
-            raise ValueError(f"{OP}: float64 x needs a float64 bias and vice versa, got x {x.dtype} "
-                             f"and bias {bias.dtype}")
+            raise ValueError(
+                f"{OP}: float64 x needs a float64 bias and vice versa, got x {x.dtype} and bias {bias.dtype}"
+            )
 
 
 def bias_gelu(x, bias=None, *, approximate="none"):

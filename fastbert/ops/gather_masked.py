@@ -44,7 +44,10 @@ _library.define(
     OP,
     "(Tensor hidden, Tensor labels, int ignore_index) -> (Tensor, Tensor, Tensor, Tensor)",
     "(Tensor grad, Tensor slot) -> Tensor",
-    _fake_fwd, _fake_bwd, fwd_tags=_library.SYNC_TAGS)  # the forward reads M back: cudagraph_unsafe
+    _fake_fwd,
+    _fake_bwd,
+    fwd_tags=_library.SYNC_TAGS,
+)  # the forward reads M back: cudagraph_unsafe
 
 
 def setup_context(ctx, inputs, output):
@@ -58,9 +61,9 @@ def backward(ctx, bwd_op, grad, _grad_targets=None, _grad_index=None, _grad_slot
     return bwd_op(grad.contiguous(), slot), None, None
 
 
-_library.register_autograd(f"fastbert::{OP}_fwd", torch.ops.fastbert.gather_masked_bwd.default,
-                           setup_context, backward,
-                           double_backward=True)
+_library.register_autograd(
+    f"fastbert::{OP}_fwd", torch.ops.fastbert.gather_masked_bwd.default, setup_context, backward, double_backward=True
+)
 
 
 def bwd_setup_context(ctx, inputs, output):
@@ -73,15 +76,20 @@ def bwd_backward(ctx, fwd_op, grad):
     return fwd_op(grad.contiguous(), slot, -1)[0], None
 
 
-_library.register_autograd(f"fastbert::{OP}_bwd", torch.ops.fastbert.gather_masked_fwd.default,
-                           bwd_setup_context, bwd_backward,
-                           double_backward=True)
+_library.register_autograd(
+    f"fastbert::{OP}_bwd",
+    torch.ops.fastbert.gather_masked_fwd.default,
+    bwd_setup_context,
+    bwd_backward,
+    double_backward=True,
+)
 backends.register_op(OP)
 
 
 def _fused(op_name):
     def run(hidden, labels, ignore_index):
         return getattr(torch.ops.fastbert, op_name)(hidden, labels, ignore_index)[:3]
+
     return run
 
 
@@ -99,20 +107,25 @@ def check_args(hidden, labels, ignore_index):
     _checks.tensor(labels, OP, "labels")
     _checks.floating(hidden, OP, "hidden")
     if labels.dtype not in LABEL_DTYPES:
-        raise ValueError(f"{OP}: labels must be an integer tensor (int64 token ids, ignore_index where "
-                         f"unlabelled), got {labels.dtype}")
+        raise ValueError(
+            f"{OP}: labels must be an integer tensor (int64 token ids, ignore_index where "
+            f"unlabelled), got {labels.dtype}"
+        )
     if hidden.dim() not in (2, 3) or labels.shape != hidden.shape[:-1]:
-        raise ValueError(f"{OP}: hidden must be [batch, seq, hidden] with labels [batch, seq], or "
-                         f"[N, hidden] with labels [N]; got hidden {list(hidden.shape)} and labels "
-                         f"{list(labels.shape)}")
+        raise ValueError(
+            f"{OP}: hidden must be [batch, seq, hidden] with labels [batch, seq], or "
+            f"[N, hidden] with labels [N]; got hidden {list(hidden.shape)} and labels "
+            f"{list(labels.shape)}"
+        )
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         raise ValueError(f"{OP}: ignore_index must be an int, got {ignore_index!r}")
-    if not -2**63 <= ignore_index < 2**63:
+    if not -(2**63) <= ignore_index < 2**63:
         raise ValueError(f"{OP}: ignore_index must fit in int64 ([-2**63, 2**63)), got {ignore_index!r}")
     _checks.same_device(hidden, labels, OP, "labels", "hidden")
     if hidden.shape[-1] == 0:
-        raise ValueError(f"{OP}: hidden must have a non-empty last (hidden size) dimension, got shape "
-                         f"{list(hidden.shape)}")
+        raise ValueError(
+            f"{OP}: hidden must have a non-empty last (hidden size) dimension, got shape {list(hidden.shape)}"
+        )
     return hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
 
 

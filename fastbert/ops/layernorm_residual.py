@@ -1,10 +1,10 @@
 """bias + dropout + residual + LayerNorm: ``y = LayerNorm(dropout(x + x_bias) + residual) * weight + bias``.
 
-BERT's post-LN sub-layer output. Forward saves fp32 ``mean``/``rstd`` per row (fp64 for fp64 inputs); dropout draws from the
-shared Philox stream (:mod:`fastbert.philox`) with a seed taken from torch's generator for the device,
-and backward regenerates the mask instead of storing it. Backward recomputes the pre-norm sum from
-``x``, ``x_bias`` and ``residual`` and returns ``dx, dresidual, dweight, dbias, dx_bias``; the
-parameter gradients reduce in two deterministic stages.
+BERT's post-LN sub-layer output. Forward saves fp32 ``mean``/``rstd`` per row (fp64 for fp64
+inputs); dropout draws from the shared Philox stream (:mod:`fastbert.philox`) with a seed taken
+from torch's generator for the device, and backward regenerates the mask instead of storing it.
+Backward recomputes the pre-norm sum from ``x``, ``x_bias`` and ``residual`` and returns
+``dx, dresidual, dweight, dbias, dx_bias``; the parameter gradients reduce in two deterministic stages.
 
 Dtypes: ``x`` and ``residual`` share one (fp32/fp16/bf16; fp64 on the cpu and reference backends);
 ``weight``/``bias`` share one, possibly fp32 with half ``x`` (autocast master weights); ``x_bias`` any
@@ -52,7 +52,9 @@ _library.define(
     "float dropout_p, Tensor? seed) -> (Tensor, Tensor, Tensor)",
     "(Tensor grad, Tensor x, Tensor residual, Tensor weight, Tensor? x_bias, Tensor mean, "
     "Tensor rstd, float dropout_p, Tensor? seed) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
-    _fake_fwd, _fake_bwd)
+    _fake_fwd,
+    _fake_bwd,
+)
 
 
 def dropout_active(dropout_p, seed):
@@ -75,14 +77,16 @@ def backward(ctx, bwd_op, grad, _grad_mean=None, _grad_rstd=None):
     return dx, dres, dw, db, None, (dxb if x_bias is not None else None), None, None
 
 
-_library.register_autograd(f"fastbert::{OP}_fwd", torch.ops.fastbert.layernorm_residual_bwd.default,
-                           setup_context, backward)
+_library.register_autograd(
+    f"fastbert::{OP}_fwd", torch.ops.fastbert.layernorm_residual_bwd.default, setup_context, backward
+)
 backends.register_op(OP)
 
 
 def _fused(op_name):
     def run(x, residual, weight, bias, eps, x_bias, dropout_p, seed):
         return getattr(torch.ops.fastbert, op_name)(x, residual, weight, bias, eps, x_bias, dropout_p, seed)[0]
+
     return run
 
 

@@ -62,7 +62,9 @@ _library.define(
     OP,
     "(Tensor logits, Tensor targets, int ignore_index) -> (Tensor, Tensor)",
     "(Tensor(a!) logits, Tensor targets, Tensor row_scale, int ignore_index) -> (Tensor, Tensor)",
-    _fake_fwd, _fake_bwd)
+    _fake_fwd,
+    _fake_bwd,
+)
 backends.register_op(OP)
 
 
@@ -71,8 +73,10 @@ _KERNELS = {
     "reference": lambda: (reference.cross_entropy_fwd, reference.cross_entropy_bwd_),
     "cpu": lambda: (torch.ops.fastbert.linear_cross_entropy_fwd, torch.ops.fastbert.linear_cross_entropy_bwd),
     "cuda": lambda: (torch.ops.fastbert.linear_cross_entropy_fwd, torch.ops.fastbert.linear_cross_entropy_bwd),
-    "triton": lambda: (torch.ops.fastbert.linear_cross_entropy_fwd_triton,
-                       torch.ops.fastbert.linear_cross_entropy_bwd_triton),
+    "triton": lambda: (
+        torch.ops.fastbert.linear_cross_entropy_fwd_triton,
+        torch.ops.fastbert.linear_cross_entropy_bwd_triton,
+    ),
 }
 
 
@@ -89,13 +93,18 @@ def _check_targets(targets, vocab, ignore_index):
     device-side assert carrying this message (as ``F.cross_entropy`` on CUDA)."""
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
     if targets.device.type != "cpu":
-        torch._assert_async(~bad.any(), f"{OP}: targets must be in [0, {vocab}) (the vocabulary size, "
-                            f"weight.shape[0]) or ignore_index={ignore_index}")
+        torch._assert_async(
+            ~bad.any(),
+            f"{OP}: targets must be in [0, {vocab}) (the vocabulary size, "
+            f"weight.shape[0]) or ignore_index={ignore_index}",
+        )
         return
     if bool(bad.any()):
         first = targets[bad][0].item()
-        raise ValueError(f"{OP}: targets must be in [0, {vocab}) (the vocabulary size, weight.shape[0]) "
-                         f"or ignore_index={ignore_index}; got {first}")
+        raise ValueError(
+            f"{OP}: targets must be in [0, {vocab}) (the vocabulary size, weight.shape[0]) "
+            f"or ignore_index={ignore_index}; got {first}"
+        )
 
 
 def _accumulate_mm(acc, a, b, first):
@@ -141,8 +150,7 @@ def _grads_of_chunks(rows, weight, bias, targets, row_scale, ignore_index, chunk
         if gb is not None:
             chunk_sum = logits.sum(0, dtype=acc)
             gb.copy_(chunk_sum) if s == 0 else gb.add_(chunk_sum)
-    return (grad_rows, gw.to(weight.dtype),
-            gb.to(bias.dtype) if gb is not None else rows.new_empty((0,)))
+    return (grad_rows, gw.to(weight.dtype), gb.to(bias.dtype) if gb is not None else rows.new_empty((0,)))
 
 
 def _reduce(loss_rows, n_valid, reduction, dtype):
@@ -155,10 +163,17 @@ def _reduce(loss_rows, n_valid, reduction, dtype):
 
 
 @torch.library.custom_op("fastbert::linear_cross_entropy_chunked", mutates_args=())
-def linear_cross_entropy_chunked(rows: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                                 targets: torch.Tensor, ignore_index: int, reduction: str, chunk_size: int,
-                                 compute_grad: bool, backend: str
-                                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def linear_cross_entropy_chunked(
+    rows: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    targets: torch.Tensor,
+    ignore_index: int,
+    reduction: str,
+    chunk_size: int,
+    compute_grad: bool,
+    backend: str,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(loss, grad_rows, grad_weight, grad_bias)``; the gradients (of the loss itself) only when
     ``compute_grad`` (else empty), with fused kernels of ``backend``."""
     m = rows.shape[0]
@@ -170,7 +185,9 @@ def linear_cross_entropy_chunked(rows: torch.Tensor, weight: torch.Tensor, bias:
     valid = targets != ignore_index
     n_valid = valid.sum()
     if compute_grad:
-        scale = 1.0 / n_valid.clamp(min=1).to(acc) if reduction == "mean" else torch.ones((), dtype=acc, device=rows.device)
+        scale = (
+            1.0 / n_valid.clamp(min=1).to(acc) if reduction == "mean" else torch.ones((), dtype=acc, device=rows.device)
+        )
         row_scale = scale.expand(m).contiguous()
         grads = _grads_of_chunks(rows, weight, bias, targets, row_scale, ignore_index, chunk_size, bwd, loss_rows)
         return (_reduce(loss_rows, n_valid, reduction, rows.dtype),) + grads
@@ -185,27 +202,41 @@ def _(rows, weight, bias, targets, ignore_index, reduction, chunk_size, compute_
     loss = rows.new_empty((rows.shape[0],) if reduction == "none" else ())
     if not compute_grad:
         return loss, rows.new_empty((0,)), rows.new_empty((0,)), rows.new_empty((0,))
-    return (loss, torch.empty_like(rows, memory_format=torch.contiguous_format), torch.empty_like(weight),
-            torch.empty_like(bias) if bias is not None else rows.new_empty((0,)))
+    return (
+        loss,
+        torch.empty_like(rows, memory_format=torch.contiguous_format),
+        torch.empty_like(weight),
+        torch.empty_like(bias) if bias is not None else rows.new_empty((0,)),
+    )
 
 
 @torch.library.custom_op("fastbert::linear_cross_entropy_chunked_bwd", mutates_args=())
-def linear_cross_entropy_chunked_bwd(rows: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                                     targets: torch.Tensor, grad_loss: torch.Tensor, ignore_index: int,
-                                     chunk_size: int, backend: str
-                                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def linear_cross_entropy_chunked_bwd(
+    rows: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    targets: torch.Tensor,
+    grad_loss: torch.Tensor,
+    ignore_index: int,
+    chunk_size: int,
+    backend: str,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``sum_i grad_loss[i] * loss_i`` (``reduction="none"``), logits recomputed."""
     _, bwd = _KERNELS[backend]()
     loss_rows = torch.empty(rows.shape[0], dtype=_stats_dtype(rows.dtype), device=rows.device)
     row_scale = grad_loss.to(loss_rows.dtype).contiguous()
-    return _grads_of_chunks(rows, weight, bias, targets.contiguous(), row_scale, ignore_index, chunk_size, bwd,
-                            loss_rows)
+    return _grads_of_chunks(
+        rows, weight, bias, targets.contiguous(), row_scale, ignore_index, chunk_size, bwd, loss_rows
+    )
 
 
 @linear_cross_entropy_chunked_bwd.register_fake
 def _(rows, weight, bias, targets, grad_loss, ignore_index, chunk_size, backend):
-    return (torch.empty_like(rows, memory_format=torch.contiguous_format), torch.empty_like(weight),
-            torch.empty_like(bias) if bias is not None else rows.new_empty((0,)))
+    return (
+        torch.empty_like(rows, memory_format=torch.contiguous_format),
+        torch.empty_like(weight),
+        torch.empty_like(bias) if bias is not None else rows.new_empty((0,)),
+    )
 
 
 def _traced(*tensors):
@@ -247,15 +278,20 @@ def _backward(ctx, grad_loss, *_unused):
     # An inf or NaN incoming gradient (read where that costs nothing: a CPU scalar) is applied per
     # element, as eager's (softmax - onehot) * grad_loss before the matmuls: the finished gradients
     # times it would turn their exact zeros (no rows, ignored rows) into NaN (0 * inf) where eager has 0.
-    nonfinite = (grad_loss.device.type == "cpu" and ctx.reduction != "none" and not _traced(grad_loss)
-                 and not math.isfinite(grad_loss.item()))
+    nonfinite = (
+        grad_loss.device.type == "cpu"
+        and ctx.reduction != "none"
+        and not _traced(grad_loss)
+        and not math.isfinite(grad_loss.item())
+    )
     if ctx.reduction == "none" or not ctx.compute_grad or ctx.consumed or nonfinite:
         scale = grad_loss
         if ctx.reduction != "none":
             n_valid = (targets != ctx.ignore_index).sum().clamp(min=1)
             scale = (grad_loss / n_valid if ctx.reduction == "mean" else grad_loss).expand(rows.shape[0])
         gr, gw, gb = torch.ops.fastbert.linear_cross_entropy_chunked_bwd(
-            rows, weight, bias, targets, scale, ctx.ignore_index, ctx.chunk_size, ctx.backend)
+            rows, weight, bias, targets, scale, ctx.ignore_index, ctx.chunk_size, ctx.backend
+        )
     elif _traced(grad_loss, *grads):
         scale = _finished_scale(grad_loss, targets, ctx.ignore_index)
         gr, gw, gb = (g * scale for g in grads)
@@ -272,8 +308,9 @@ def _backward(ctx, grad_loss, *_unused):
 
 # once differentiable: the gradients come from fused kernels with no derivative of their own, so
 # differentiating them (create_graph=True, double backward) raises instead of seeing a constant
-linear_cross_entropy_chunked.register_autograd(_library.once_differentiable(OP, _backward),
-                                               setup_context=_setup_context)
+linear_cross_entropy_chunked.register_autograd(
+    _library.once_differentiable(OP, _backward), setup_context=_setup_context
+)
 
 
 def check_args(rows, weight, bias, targets, ignore_index, reduction, chunk_size):
@@ -283,30 +320,33 @@ def check_args(rows, weight, bias, targets, ignore_index, reduction, chunk_size)
     _checks.floating(rows, OP, "rows")
     _checks.floating(weight, OP, "weight")
     if rows.dim() != 2 or weight.dim() != 2 or weight.shape[1] != rows.shape[1]:
-        raise ValueError(f"{OP}: rows must be [M, H] and weight [vocab, H]; got rows {list(rows.shape)} "
-                         f"and weight {list(weight.shape)}")
+        raise ValueError(
+            f"{OP}: rows must be [M, H] and weight [vocab, H]; got rows {list(rows.shape)} "
+            f"and weight {list(weight.shape)}"
+        )
     if weight.shape[0] == 0:
         raise ValueError(f"{OP}: weight has no rows (a vocabulary of size 0)")
     if bias is not None:
         _checks.floating(bias, OP, "bias")
         if bias.shape != weight.shape[:1]:
-            raise ValueError(f"{OP}: bias must have shape [{weight.shape[0]}] (weight.shape[0]), got "
-                             f"{list(bias.shape)}")
+            raise ValueError(
+                f"{OP}: bias must have shape [{weight.shape[0]}] (weight.shape[0]), got {list(bias.shape)}"
+            )
         _checks.same_device(rows, bias, OP, "bias", "rows")
     if targets.dtype not in TARGET_DTYPES:
         raise ValueError(f"{OP}: targets must be int64 (or int32) class indices, got {targets.dtype}")
     if targets.shape != rows.shape[:1]:
-        raise ValueError(f"{OP}: targets must have shape [{rows.shape[0]}] (one per row), got "
-                         f"{list(targets.shape)}")
+        raise ValueError(f"{OP}: targets must have shape [{rows.shape[0]}] (one per row), got {list(targets.shape)}")
     _checks.same_device(rows, weight, OP, "weight", "rows")
     _checks.same_device(rows, targets, OP, "targets", "rows")
     _checks.choice(reduction, OP, "reduction", REDUCTIONS)
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         raise ValueError(f"{OP}: ignore_index must be an int, got {ignore_index!r}")
-    if not -2**63 <= ignore_index < 2**63:
+    if not -(2**63) <= ignore_index < 2**63:
         raise ValueError(f"{OP}: ignore_index must fit in int64 ([-2**63, 2**63)), got {ignore_index!r}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
-                                   or not 1 <= chunk_size < 2**63):
+    if chunk_size is not None and (
+        not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or not 1 <= chunk_size < 2**63
+    ):
         raise ValueError(f"{OP}: chunk_size must be a positive int below 2**63 or None, got {chunk_size!r}")
 
 
@@ -333,5 +373,6 @@ def linear_cross_entropy(rows, weight, targets, bias=None, *, ignore_index=-100,
     chunk = chunk_size or default_chunk_size(weight.shape[0], rows.dtype)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (rows, weight, bias))
     loss, *_ = torch.ops.fastbert.linear_cross_entropy_chunked(
-        rows, weight, bias, targets, ignore_index, reduction, chunk, needs_grad and reduction != "none", name)
+        rows, weight, bias, targets, ignore_index, reduction, chunk, needs_grad and reduction != "none", name
+    )
     return loss

@@ -53,7 +53,9 @@ _library.define(
     OP,
     "(Tensor scores, Tensor? mask, float scale, float dropout_p, Tensor? seed) -> (Tensor, Tensor)",
     "(Tensor grad, Tensor softmax, float scale, float dropout_p, Tensor? seed) -> Tensor",
-    _fake_fwd, _fake_bwd)
+    _fake_fwd,
+    _fake_bwd,
+)
 
 
 def setup_context(ctx, inputs, output):
@@ -81,14 +83,16 @@ def backward(ctx, bwd_op, grad, _grad_soft=None):
     return dscores, dmask, None, None, None
 
 
-_library.register_autograd(f"fastbert::{OP}_fwd", torch.ops.fastbert.masked_softmax_bwd.default,
-                           setup_context, backward)
+_library.register_autograd(
+    f"fastbert::{OP}_fwd", torch.ops.fastbert.masked_softmax_bwd.default, setup_context, backward
+)
 backends.register_op(OP)
 
 
 def _fused(op_name):
     def run(scores, mask, scale, dropout_p, seed):
         return getattr(torch.ops.fastbert, op_name)(scores, mask, scale, dropout_p, seed)[0]
+
     return run
 
 
@@ -112,12 +116,14 @@ def canonical_mask(scores, mask):
     b, _, _, k = scores.shape
     if mask.dtype == torch.bool and mask.dim() == 2:
         if tuple(mask.shape) != (b, k):
-            raise ValueError(f"{OP}: a 2-D bool key-padding mask must have shape [batch, keys] = "
-                             f"[{b}, {k}], got {list(mask.shape)}")
+            raise ValueError(
+                f"{OP}: a 2-D bool key-padding mask must have shape [batch, keys] = [{b}, {k}], got {list(mask.shape)}"
+            )
         return mask[:, None, None, :]
     if mask.dim() > 4 or any(m not in (1, s) for m, s in zip(mask.shape[::-1], scores.shape[::-1])):
-        raise ValueError(f"{OP}: mask of shape {list(mask.shape)} does not broadcast to scores of shape "
-                         f"{list(scores.shape)}")
+        raise ValueError(
+            f"{OP}: mask of shape {list(mask.shape)} does not broadcast to scores of shape {list(scores.shape)}"
+        )
     return mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
 
 
@@ -125,8 +131,7 @@ def check_args(scores, scale, dropout_p):
     _checks.tensor(scores, OP, "scores")
     _checks.floating(scores, OP, "scores")
     if scores.dim() != 4:
-        raise ValueError(f"{OP}: scores must be 4-D [batch, heads, queries, keys], got shape "
-                         f"{list(scores.shape)}")
+        raise ValueError(f"{OP}: scores must be 4-D [batch, heads, queries, keys], got shape {list(scores.shape)}")
     if not isinstance(scale, (int, float)):
         raise ValueError(f"{OP}: scale must be a number, got {type(scale).__name__}")
     if not isinstance(dropout_p, (int, float)) or not 0 <= dropout_p < 1:

@@ -34,10 +34,10 @@ OP = "unpad"
 
 
 class Packing(NamedTuple):
-    indices: torch.Tensor      # [T] int64: flat positions of the real tokens in [B * S]
-    cu_seqlens: torch.Tensor   # [B + 1] int32: sequence b is packed rows cu_seqlens[b] : cu_seqlens[b + 1]
-    max_seqlen: int            # the longest sequence
-    slot: torch.Tensor         # [B * S] int64: packed row of each position, -1 for padding
+    indices: torch.Tensor  # [T] int64: flat positions of the real tokens in [B * S]
+    cu_seqlens: torch.Tensor  # [B + 1] int32: sequence b is packed rows cu_seqlens[b] : cu_seqlens[b + 1]
+    max_seqlen: int  # the longest sequence
+    slot: torch.Tensor  # [B * S] int64: packed row of each position, -1 for padding
     batch: int
     seqlen: int
 
@@ -50,8 +50,10 @@ def packing(attention_mask):
     """The :class:`Packing` of a ``[batch, seq]`` mask (bool, integer or float; nonzero = real token)."""
     _checks.tensor(attention_mask, OP, "attention_mask")
     if attention_mask.dim() != 2:
-        raise ValueError(f"{OP}: attention_mask must be 2-D [batch, seq] (1 = token, 0 = padding), got shape "
-                         f"{list(attention_mask.shape)}")
+        raise ValueError(
+            f"{OP}: attention_mask must be 2-D [batch, seq] (1 = token, 0 = padding), got shape "
+            f"{list(attention_mask.shape)}"
+        )
     if attention_mask.is_complex():
         raise ValueError(f"{OP}: attention_mask must be bool, integer or float, got {attention_mask.dtype}")
     b, s = attention_mask.shape
@@ -102,13 +104,14 @@ unpad_rows.register_autograd(_backward, setup_context=_setup_context)
 
 def _check_packing(p):
     if not isinstance(p, Packing):
-        raise TypeError(f"{OP}: packing must be a fastbert.ops.Packing (from fastbert.ops.packing), got "
-                        f"{type(p).__name__}")
+        raise TypeError(
+            f"{OP}: packing must be a fastbert.ops.Packing (from fastbert.ops.packing), got {type(p).__name__}"
+        )
 
 
 def _check(t, p, name, lead):
     _checks.tensor(t, OP, name)
-    if tuple(t.shape[:len(lead)]) != lead:
+    if tuple(t.shape[: len(lead)]) != lead:
         raise ValueError(f"{OP}: {name} must start with {list(lead)}, got shape {list(t.shape)}")
     _checks.same_device(p.slot, t, OP, name, "the packing")
 

@@ -51,7 +51,9 @@ _library.define(
     "Tensor? seed) -> (Tensor, Tensor)",
     "(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu_seqlens, int max_seqlen, "
     "float scale, float dropout_p, Tensor? seed) -> (Tensor, Tensor, Tensor)",
-    _fake_fwd, _fake_bwd)
+    _fake_fwd,
+    _fake_bwd,
+)
 
 
 def setup_context(ctx, inputs, output):
@@ -64,19 +66,22 @@ def setup_context(ctx, inputs, output):
 
 def backward(ctx, bwd_op, grad, _grad_lse=None):
     q, k, v, out, lse, cu_seqlens, seed = ctx.saved_tensors
-    dq, dk, dv = bwd_op(grad.contiguous(), q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.scale,
-                        ctx.dropout_p, seed)
+    dq, dk, dv = bwd_op(
+        grad.contiguous(), q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.scale, ctx.dropout_p, seed
+    )
     return dq, dk, dv, None, None, None, None, None
 
 
-_library.register_autograd(f"fastbert::{OP}_fwd", torch.ops.fastbert.varlen_attention_bwd.default,
-                           setup_context, backward)
+_library.register_autograd(
+    f"fastbert::{OP}_fwd", torch.ops.fastbert.varlen_attention_bwd.default, setup_context, backward
+)
 backends.register_op(OP)
 
 
 def _fused(op_name):
     def run(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, seed):
         return getattr(torch.ops.fastbert, op_name)(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, seed)[0]
+
     return run
 
 
@@ -102,8 +107,9 @@ def check_args(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p):
         _checks.same_device(q, t, OP, name, "q")
     _checks.same_device(q, cu_seqlens, OP, "cu_seqlens", "q")
     if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
-        raise ValueError(f"{OP}: cu_seqlens must be a 1-D int32 tensor [batch + 1], got "
-                         f"{cu_seqlens.dtype} {list(cu_seqlens.shape)}")
+        raise ValueError(
+            f"{OP}: cu_seqlens must be a 1-D int32 tensor [batch + 1], got {cu_seqlens.dtype} {list(cu_seqlens.shape)}"
+        )
     if not isinstance(max_seqlen, int) or isinstance(max_seqlen, bool) or max_seqlen < 0:
         raise ValueError(f"{OP}: max_seqlen must be a non-negative int, got {max_seqlen!r}")
     if not isinstance(scale, (int, float)) or isinstance(scale, bool):

@@ -2,11 +2,23 @@
 atomic, exactly resumable checkpoints, the pretraining loop (single process or torchrun/DDP),
 its evaluation, and the fine-tuning loop (fastbert.train.finetune)."""
 
-from fastbert.train.finetune import FinetuneConfig, finetune
 from fastbert.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from fastbert.train.finetune import FinetuneConfig, finetune
 from fastbert.train.optim import decay_groups, make_optimizer
 from fastbert.train.schedule import linear_warmup_decay, make_scheduler
 from fastbert.train.trainer import TrainConfig, evaluate_pretraining, pretrain
 
-__all__ = ["FinetuneConfig", "finetune", "decay_groups", "evaluate_pretraining", "latest_checkpoint", "linear_warmup_decay", "load_checkpoint", "make_optimizer",
-           "make_scheduler", "pretrain", "save_checkpoint", "TrainConfig"]
+__all__ = [
+    "FinetuneConfig",
+    "finetune",
+    "decay_groups",
+    "evaluate_pretraining",
+    "latest_checkpoint",
+    "linear_warmup_decay",
+    "load_checkpoint",
+    "make_optimizer",
+    "make_scheduler",
+    "pretrain",
+    "save_checkpoint",
+    "TrainConfig",
+]

@@ -28,8 +28,14 @@ from fastbert.models import checkpoint as hf
 STATE = "trainer_state.pt"
 STEP_DIR = re.compile(r"step-(\d+)")
 # what save_checkpoint writes: key -> accepted types
-_STATE_TYPES = {"step": (int,), "optimizer": (dict,), "scheduler": (dict, type(None)), "rng_cpu": (torch.Tensor,),
-                "rng_cuda": (list, tuple, type(None)), "extra": (dict,)}
+_STATE_TYPES = {
+    "step": (int,),
+    "optimizer": (dict,),
+    "scheduler": (dict, type(None)),
+    "rng_cpu": (torch.Tensor,),
+    "rng_cuda": (list, tuple, type(None)),
+    "extra": (dict,),
+}
 
 
 def _fsync_tree(path):
@@ -68,11 +74,14 @@ def save_checkpoint(out_dir, model, optimizer, scheduler, step, extra=None):
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step}-", dir=out))
     try:
         model.save_pretrained(tmp)
-        state = {"step": step, "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                 "rng_cpu": torch.get_rng_state(),
-                 "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
-                 "extra": extra or {}}
+        state = {
+            "step": step,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
+            "extra": extra or {},
+        }
         torch.save(state, tmp / STATE)
         _fsync_tree(tmp)
         if final.exists():
@@ -92,8 +101,9 @@ def prune_checkpoints(out_dir, keep):
     if not keep:
         return
     current = latest_checkpoint(out_dir)
-    steps = sorted((p for p in Path(out_dir).glob("step-*") if p.is_dir() and p.name[5:].isdigit()),
-                   key=lambda p: int(p.name[5:]))
+    steps = sorted(
+        (p for p in Path(out_dir).glob("step-*") if p.is_dir() and p.name[5:].isdigit()), key=lambda p: int(p.name[5:])
+    )
     for old in steps[:-keep]:
         if old != current:
             shutil.rmtree(old, ignore_errors=True)
@@ -133,8 +143,10 @@ def _check_state(state, path):
         raise ValueError(f"fastbert: {where} lacks {', '.join(missing)} (corrupted or not a fastbert checkpoint)")
     for key, types in _STATE_TYPES.items():
         if not isinstance(state[key], types) or isinstance(state[key], bool):
-            raise ValueError(f"fastbert: {where}: {key} is a {type(state[key]).__name__}, expected "
-                             f"{' or '.join(t.__name__ for t in types)}")
+            raise ValueError(
+                f"fastbert: {where}: {key} is a {type(state[key]).__name__}, expected "
+                f"{' or '.join(t.__name__ for t in types)}"
+            )
     step = state["step"]
     if step < 0:
         raise ValueError(f"fastbert: {where}: step {step} is negative")
@@ -159,10 +171,13 @@ def load_checkpoint(path, model, optimizer=None, scheduler=None, restore_rng=Tru
     _check_state(state, path)
     step = state["step"]
     missing, unexpected = model.load_state_dict(weights, strict=False)
-    missing = [k for k in missing if not (model.config.tie_word_embeddings and k.endswith("predictions.decoder.weight"))]
+    missing = [
+        k for k in missing if not (model.config.tie_word_embeddings and k.endswith("predictions.decoder.weight"))
+    ]
     if missing or unexpected:
-        raise ValueError(f"fastbert: checkpoint {path} does not match the model: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
+        raise ValueError(
+            f"fastbert: checkpoint {path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     try:
         if optimizer is not None:
             optimizer.load_state_dict(state["optimizer"])
@@ -173,6 +188,7 @@ def load_checkpoint(path, model, optimizer=None, scheduler=None, restore_rng=Tru
             if state["rng_cuda"] is not None and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(state["rng_cuda"])
     except Exception as e:  # a state of the wrong shape (edited, or of another model)
-        raise ValueError(f"fastbert: {path / STATE} does not fit the optimizer or scheduler "
-                         f"({type(e).__name__}: {e})") from None
+        raise ValueError(
+            f"fastbert: {path / STATE} does not fit the optimizer or scheduler ({type(e).__name__}: {e})"
+        ) from None
     return {"step": step, "extra": state["extra"]}

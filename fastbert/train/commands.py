@@ -24,9 +24,23 @@ import torch
 
 from fastbert._optional import MissingExtra, require
 
-PRETRAIN_DEFAULTS = dict(preset="mini", corpus=None, vocab=None, vocab_size=8000, seq_len=128, steps=400, batch=32,
-                         grad_accum=1, lr=1e-3, warmup=0.1, whole_word=True, bf16=False, save_every=100, seed=0,
-                         eval_fraction=0.03)
+PRETRAIN_DEFAULTS = dict(
+    preset="mini",
+    corpus=None,
+    vocab=None,
+    vocab_size=8000,
+    seq_len=128,
+    steps=400,
+    batch=32,
+    grad_accum=1,
+    lr=1e-3,
+    warmup=0.1,
+    whole_word=True,
+    bf16=False,
+    save_every=100,
+    seed=0,
+    eval_fraction=0.03,
+)
 
 
 def add_pretrain_arguments(p):
@@ -41,10 +55,18 @@ def add_pretrain_arguments(p):
     a("--batch", type=int, help=f"examples per micro-batch, over all processes (default {d['batch']})")
     a("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
     a("--lr", type=float, help=f"peak learning rate (default {d['lr']})")
-    a("--warmup", type=float, help=f"warmup: a step count (>= 1) or a fraction of the steps (< 1; default {d['warmup']})")
+    a(
+        "--warmup",
+        type=float,
+        help=f"warmup: a step count (>= 1) or a fraction of the steps (< 1; default {d['warmup']})",
+    )
     a("--no-whole-word", dest="whole_word", action="store_const", const=False, help="mask tokens, not whole words")
     a("--bf16", action="store_const", const=True, help="bf16 autocast")
-    a("--save-every", type=int, help=f"checkpoint every N steps (default {d['save_every']}; also at the end and on Ctrl-C)")
+    a(
+        "--save-every",
+        type=int,
+        help=f"checkpoint every N steps (default {d['save_every']}; also at the end and on Ctrl-C)",
+    )
     a("--seed", type=int, help="seed of the data order, masks and initialisation (default 0)")
     a("--eval-fraction", type=float, help="the tail of each document held out for evaluation (default 0.03)")
     p.add_argument("--out", default="runs/pretrain", help="output folder (default runs/pretrain)")
@@ -54,7 +76,7 @@ def add_pretrain_arguments(p):
 
 
 PRESETS = ("tiny", "mini", "small", "base", "large")
-MAX_SEED = 2 ** 32 - 1
+MAX_SEED = 2**32 - 1
 
 
 def _int(x):
@@ -68,14 +90,21 @@ def _real(x):
 def check_settings(s, where=None):
     """Every pretraining setting checked before anything is read or written; a ``ValueError`` names
     the flag (or, with ``where``, the field of that saved ``run.json``)."""
+
     def bad(key, want):
         name = f"{where}: {key}" if where else f"--{key.replace('_', '-')}"
         raise ValueError(f"{name} must be {want}, got {s[key]!r}")
 
     if s["preset"] not in PRESETS:
         bad("preset", "one of " + ", ".join(PRESETS))
-    for key, low in (("vocab_size", 6), ("seq_len", 5), ("steps", 1), ("batch", 1), ("grad_accum", 1),
-                     ("save_every", 0)):
+    for key, low in (
+        ("vocab_size", 6),
+        ("seq_len", 5),
+        ("steps", 1),
+        ("batch", 1),
+        ("grad_accum", 1),
+        ("save_every", 0),
+    ):
         if not _int(s[key]) or s[key] < low:
             bad(key, f"an int >= {low}")
     if not _int(s["seed"]) or not 0 <= s["seed"] <= MAX_SEED:
@@ -96,6 +125,7 @@ def check_settings(s, where=None):
         if s[key] is not None and not isinstance(s[key], str):
             bad(key, "a path")
     from fastbert.models import BertConfig
+
     positions = BertConfig.from_preset(s["preset"]).max_position_embeddings
     if s["seq_len"] > positions:
         bad("seq_len", f"at most {positions} (BERT-{s['preset']} has max_position_embeddings {positions})")
@@ -114,8 +144,10 @@ def check_device(device):
         raise ValueError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
     if d.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: no CUDA GPU is available here (torch.cuda.is_available() is False); "
-                             "use --device cpu")
+            raise ValueError(
+                f"--device {device}: no CUDA GPU is available here (torch.cuda.is_available() is False); "
+                "use --device cpu"
+            )
         if d.index is not None and d.index >= torch.cuda.device_count():
             raise ValueError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA GPU(s)")
     return device
@@ -142,27 +174,30 @@ def run_settings(args, out):
     saved = check_settings({k: saved[k] for k in PRETRAIN_DEFAULTS}, where=saved_path)
     clash = {k: (v, saved.get(k)) for k, v in given.items() if saved.get(k) != v}
     if clash:
-        raise ValueError("--resume continues the run with its saved settings; these flags differ from "
-                         f"{saved_path}: " + ", ".join(f"--{k.replace('_', '-')} {v} (run: {s})"
-                                                      for k, (v, s) in clash.items()))
+        raise ValueError(
+            "--resume continues the run with its saved settings; these flags differ from "
+            f"{saved_path}: " + ", ".join(f"--{k.replace('_', '-')} {v} (run: {s})" for k, (v, s) in clash.items())
+        )
     return saved
 
 
 def split_documents(docs, fraction):
     """Each document's last ``fraction`` of sentences (at least one) go to a held-out copy."""
     from fastbert.data import Document
+
     if not 0.0 < fraction < 0.5:
         raise ValueError(f"--eval-fraction must be in (0, 0.5), got {fraction}")
     train, held = [], []
     for d in docs:
         k = max(1, round(len(d.sentences) * fraction)) if len(d.sentences) > 1 else 0
-        train.append(Document(d.title, d.sentences[:len(d.sentences) - k]))
-        held.append(Document(d.title, d.sentences[len(d.sentences) - k:]))
+        train.append(Document(d.title, d.sentences[: len(d.sentences) - k]))
+        held.append(Document(d.title, d.sentences[len(d.sentences) - k :]))
     return train, [d for d in held if d.sentences]
 
 
 def load_documents(corpus):
     from fastbert.data import default_corpus_documents, read_documents
+
     return read_documents(corpus) if corpus else default_corpus_documents()
 
 
@@ -172,6 +207,7 @@ def make_tokenizer(s, out, sentences, env, resume):
     here: the caller saves it once every check has passed."""
     from fastbert.data import WordPieceTokenizer  # MissingExtra without tokenizers
     from fastbert.data.tokenizer import Tokenizer
+
     folder = out / "tokenizer"
     if resume:
         if not (folder / "tokenizer.json").exists():
@@ -201,6 +237,7 @@ def pretrain_command(args):
     from fastbert.train.metrics import dumps
     from fastbert.train.plot import loss_curve_png, loss_table
     from fastbert.train.trainer import check_setup
+
     for module in ("tqdm", "safetensors", "matplotlib"):  # the rest of [train]: fail now, not mid-run
         require(module, "train", "fastbert pretrain")
 
@@ -221,19 +258,36 @@ def pretrain_command(args):
         config = BertConfig.from_preset(s["preset"], vocab_size=tok.vocab_size)
     model = BertForPreTraining(config).to(env.device)
     warm = dict(warmup_steps=int(s["warmup"])) if s["warmup"] >= 1 else dict(warmup_ratio=s["warmup"])
-    tc = TrainConfig(steps=s["steps"], batch_size=s["batch"], grad_accum=s["grad_accum"], lr=s["lr"], bf16=s["bf16"],
-                     save_every=s["save_every"], seed=s["seed"], **warm)
-    collate = MaskingCollator(tok.vocab_size, tok.mask_id, tok.pad_id, tok.special_ids,
-                              continuation=tok.continuation_mask, whole_word=s["whole_word"], seed=s["seed"])
+    tc = TrainConfig(
+        steps=s["steps"],
+        batch_size=s["batch"],
+        grad_accum=s["grad_accum"],
+        lr=s["lr"],
+        bf16=s["bf16"],
+        save_every=s["save_every"],
+        seed=s["seed"],
+        **warm,
+    )
+    collate = MaskingCollator(
+        tok.vocab_size,
+        tok.mask_id,
+        tok.pad_id,
+        tok.special_ids,
+        continuation=tok.continuation_mask,
+        whole_word=s["whole_word"],
+        seed=s["seed"],
+    )
     check_setup(model, examples, collate, tc)  # the data fit the model and the batch: only now write
     if env.main and not args.resume:  # a resumed run keeps its tokenizer and settings as they are
         out.mkdir(parents=True, exist_ok=True)
         tok.save(out / "tokenizer")
         (out / "run.json").write_text(json.dumps(s, indent=1) + "\n")
-    say(f"fastbert pretrain: BERT-{s['preset']} ({count_parameters(model) / 1e6:.1f}M parameters) on "
+    say(
+        f"fastbert pretrain: BERT-{s['preset']} ({count_parameters(model) / 1e6:.1f}M parameters) on "
         f"{s['corpus'] or 'the bundled Austen novels'}: {len(examples)} NSP pairs of <= {s['seq_len']} tokens "
         f"({len(held)} held out), vocabulary {tok.vocab_size}, {s['steps']} steps of {s['batch'] * s['grad_accum']}"
-        f" examples, {env.world_size} process(es) on {env.device}; writing to {out}")
+        f" examples, {env.world_size} process(es) on {env.device}; writing to {out}"
+    )
     try:
         history = pretrain(model, examples, collate, tc, out, resume=args.resume, progress=args.progress)
     except KeyboardInterrupt:
@@ -244,35 +298,57 @@ def pretrain_command(args):
     if not env.main:
         return 0
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    summary = {"preset": s["preset"], "parameters": count_parameters(model), "steps": len(history),
-               "examples": len(examples), "device": str(env.device), "processes": env.world_size,
-               "wall_s": round(time.time() - t0, 1),
-               "tokens_per_s_median": sorted(h["tokens_per_s"] for h in history)[len(history) // 2],
-               "padding": padding_summary(model, [h.get("padding", 0.0) for h in history]),
-               "first_mlm_loss": history[0]["mlm_loss"], "last_mlm_loss_mean10":
-                   sum(h["mlm_loss"] for h in history[-10:]) / len(history[-10:])}
+    summary = {
+        "preset": s["preset"],
+        "parameters": count_parameters(model),
+        "steps": len(history),
+        "examples": len(examples),
+        "device": str(env.device),
+        "processes": env.world_size,
+        "wall_s": round(time.time() - t0, 1),
+        "tokens_per_s_median": sorted(h["tokens_per_s"] for h in history)[len(history) // 2],
+        "padding": padding_summary(model, [h.get("padding", 0.0) for h in history]),
+        "first_mlm_loss": history[0]["mlm_loss"],
+        "last_mlm_loss_mean10": sum(h["mlm_loss"] for h in history[-10:]) / len(history[-10:]),
+    }
     if held:
-        eval_collate = MaskingCollator(tok.vocab_size, tok.mask_id, tok.pad_id, tok.special_ids,
-                                       continuation=tok.continuation_mask, whole_word=s["whole_word"], seed=12345)
+        eval_collate = MaskingCollator(
+            tok.vocab_size,
+            tok.mask_id,
+            tok.pad_id,
+            tok.special_ids,
+            continuation=tok.continuation_mask,
+            whole_word=s["whole_word"],
+            seed=12345,
+        )
         summary["held_out"] = evaluate_pretraining(model, held, eval_collate)
-    png = loss_curve_png(history, out / "loss_curve.png",
-                         title=f"fastbert pretrain: BERT-{s['preset']}, {s['corpus'] or 'Austen'}")
+    png = loss_curve_png(
+        history, out / "loss_curve.png", title=f"fastbert pretrain: BERT-{s['preset']}, {s['corpus'] or 'Austen'}"
+    )
     (out / "summary.json").write_text(dumps(summary, indent=1) + "\n")
     print(loss_table(history))
     if held:
         h = summary["held_out"]
-        print(f"held out ({h['examples']} pairs, {h['masked_tokens']} masked tokens): MLM loss {h['mlm_loss']:.3f}, "
-              f"MLM accuracy {h['mlm_accuracy']:.1%}, NSP accuracy {h['nsp_accuracy']:.1%}")
+        print(
+            f"held out ({h['examples']} pairs, {h['masked_tokens']} masked tokens): MLM loss {h['mlm_loss']:.3f}, "
+            f"MLM accuracy {h['mlm_accuracy']:.1%}, NSP accuracy {h['nsp_accuracy']:.1%}"
+        )
     print(padding_line(summary["padding"]))
-    print(f"median {summary['tokens_per_s_median']:.0f} tokens/s; {summary['wall_s']:.0f} s in all; "
-          f"loss curve {png}; checkpoint {latest_checkpoint(out)}")
+    print(
+        f"median {summary['tokens_per_s_median']:.0f} tokens/s; {summary['wall_s']:.0f} s in all; "
+        f"loss curve {png}; checkpoint {latest_checkpoint(out)}"
+    )
     return 0
 
 
 def add_finetune_arguments(p):
     a = p.add_argument
-    a("--from", dest="source", default="runs/pretrain",
-      help="a `fastbert pretrain` output folder: its latest checkpoint and tokenizer (default runs/pretrain)")
+    a(
+        "--from",
+        dest="source",
+        default="runs/pretrain",
+        help="a `fastbert pretrain` output folder: its latest checkpoint and tokenizer (default runs/pretrain)",
+    )
     a("--scratch", action="store_true", help="start from random weights (same config and tokenizer)")
     a("--compare", action="store_true", help="run from the checkpoint and from scratch, report both")
     a("--corpus", help="folder of .txt files, one class each (default: the bundled Austen novels)")
@@ -294,6 +370,7 @@ def finetune_command(args):
     from fastbert.train import latest_checkpoint
     from fastbert.train.finetune import FinetuneConfig, finetune
     from fastbert.train.metrics import dumps
+
     for module in ("tqdm", "safetensors"):  # the rest of what it needs from [train]: fail now, not mid-run
         require(module, "train", "fastbert finetune")
 
@@ -310,12 +387,16 @@ def finetune_command(args):
     docs = load_documents(args.corpus)
     positions = BertConfig.from_json_file(ckpt / "config.json").max_position_embeddings
     if args.seq_len > positions:
-        raise ValueError(f"--seq-len must be at most {positions} ({ckpt} has max_position_embeddings {positions}), "
-                         f"got {args.seq_len}")
+        raise ValueError(
+            f"--seq-len must be at most {positions} ({ckpt} has max_position_embeddings {positions}), "
+            f"got {args.seq_len}"
+        )
     train, test = novel_passages(docs, tok, max_seq_length=args.seq_len, seed=args.seed)
     runs = ["pretrained", "scratch"] if args.compare else ["scratch" if args.scratch else "pretrained"]
-    print(f"fastbert finetune: {len(docs)} classes ({', '.join(d.title for d in docs)}), {len(train)} training and "
-          f"{len(test)} held-out passages of <= {args.seq_len} tokens; chance {max_class_share(test):.1%}")
+    print(
+        f"fastbert finetune: {len(docs)} classes ({', '.join(d.title for d in docs)}), {len(train)} training and "
+        f"{len(test)} held-out passages of <= {args.seq_len} tokens; chance {max_class_share(test):.1%}"
+    )
     results = {}
     for run in runs:
         torch.manual_seed(args.seed)
@@ -326,20 +407,38 @@ def finetune_command(args):
                 model = BertForSequenceClassification.from_pretrained(ckpt, num_labels=len(docs))
         else:
             model = BertForSequenceClassification(BertConfig.from_json_file(ckpt / "config.json", num_labels=len(docs)))
-        fc = FinetuneConfig(epochs=args.epochs, batch_size=args.batch, lr=args.lr, seed=args.seed,
-                            max_steps=args.max_steps)
+        fc = FinetuneConfig(
+            epochs=args.epochs, batch_size=args.batch, lr=args.lr, seed=args.seed, max_steps=args.max_steps
+        )
         t0 = time.time()
         res = finetune(model.to(device), train, test, tok.pad_id, fc, out_dir=out / run, progress=args.progress)
         model.save_pretrained(out / run / "model")
-        results[run] = {"accuracy": res["accuracy"], "evals": res["evals"], "steps": len(res["history"]),
-                        "wall_s": round(time.time() - t0, 1),
-                        "padding": padding_summary(model, [h["padding"] for h in res["history"]])}
+        results[run] = {
+            "accuracy": res["accuracy"],
+            "evals": res["evals"],
+            "steps": len(res["history"]),
+            "wall_s": round(time.time() - t0, 1),
+            "padding": padding_summary(model, [h["padding"] for h in res["history"]]),
+        }
         print(padding_line(results[run]["padding"]))
-        print(f"{run}: held-out accuracy {res['accuracy']:.1%} after {len(res['history'])} steps "
-              f"({results[run]['wall_s']:.0f} s)")
+        print(
+            f"{run}: held-out accuracy {res['accuracy']:.1%} after {len(res['history'])} steps "
+            f"({results[run]['wall_s']:.0f} s)"
+        )
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(dumps({"checkpoint": str(ckpt), "classes": [d.title for d in docs],
-                                                  "train": len(train), "test": len(test), **results}, indent=1) + "\n")
+    (out / "results.json").write_text(
+        dumps(
+            {
+                "checkpoint": str(ckpt),
+                "classes": [d.title for d in docs],
+                "train": len(train),
+                "test": len(test),
+                **results,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     return 0
 
 
@@ -361,12 +460,19 @@ def padding_summary(model, fractions):
     config = getattr(model, "config", None)
     unpadded = bool(getattr(config, "unpad", False))
     mean = sum(fractions) / len(fractions) if fractions else 0.0
-    return {"batch_padding": round(mean, 4), "unpadded": unpadded, "computed_padding": 0.0 if unpadded else round(mean, 4)}
+    return {
+        "batch_padding": round(mean, 4),
+        "unpadded": unpadded,
+        "computed_padding": 0.0 if unpadded else round(mean, 4),
+    }
 
 
 def padding_line(p):
-    how = ("unpadded execution: only real tokens computed" if p["unpadded"]
-           else "padded execution (unpad=False): padding computed too")
+    how = (
+        "unpadded execution: only real tokens computed"
+        if p["unpadded"]
+        else "padded execution (unpad=False): padding computed too"
+    )
     return f"batches were {p['batch_padding']:.1%} padding; {how}"
 
 

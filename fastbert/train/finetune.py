@@ -28,12 +28,12 @@ from fastbert.train.schedule import make_scheduler
 class FinetuneConfig:
     epochs: int = 2
     batch_size: int = 32
-    lr: float = 1e-4                  # peak learning rate
-    warmup_ratio: float = 0.1         # fraction of the run's steps
+    lr: float = 1e-4  # peak learning rate
+    warmup_ratio: float = 0.1  # fraction of the run's steps
     weight_decay: float = 0.01
-    clip: float = 1.0                 # max gradient norm (0: no clipping)
-    seed: int = 0                     # shuffling and dropout
-    max_steps: Optional[int] = None   # stop after this many steps (the schedule spans the capped run)
+    clip: float = 1.0  # max gradient norm (0: no clipping)
+    seed: int = 0  # shuffling and dropout
+    max_steps: Optional[int] = None  # stop after this many steps (the schedule spans the capped run)
     eval_batch_size: int = 64
 
     def __post_init__(self):
@@ -51,7 +51,7 @@ class FinetuneConfig:
             raise ValueError(f"FinetuneConfig: clip must be >= 0 (0: no clipping) and finite, got {self.clip!r}")
         if not self.weight_decay >= 0 or not math.isfinite(self.weight_decay):
             raise ValueError(f"FinetuneConfig: weight_decay must be >= 0 and finite, got {self.weight_decay!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2 ** 63:
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
             raise ValueError(f"FinetuneConfig: seed must be an int in [0, 2**63), got {self.seed!r}")
 
 
@@ -65,11 +65,14 @@ def collate_passages(passages, pad_id):
     input_ids = torch.full((len(passages), length), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(passages), length), dtype=torch.long)
     for i, (ids, _) in enumerate(passages):
-        input_ids[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[i, :len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask,
-            "token_type_ids": torch.zeros_like(input_ids),
-            "labels": torch.tensor([p[1] for p in passages], dtype=torch.long)}
+        input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[i, : len(ids)] = 1
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "token_type_ids": torch.zeros_like(input_ids),
+        "labels": torch.tensor([p[1] for p in passages], dtype=torch.long),
+    }
 
 
 def _check_labels(passages, num_labels, what):
@@ -95,7 +98,7 @@ def evaluate(model, passages, pad_id, batch_size=64):
     try:
         with torch.no_grad():
             for start in range(0, len(passages), batch_size):
-                batch = collate_passages(passages[start:start + batch_size], pad_id)
+                batch = collate_passages(passages[start : start + batch_size], pad_id)
                 batch = {k: v.to(device) for k, v in batch.items()}
                 res = model(**batch)
                 labels = batch["labels"].cpu()
@@ -158,11 +161,13 @@ def finetune(model, train, test, pad_id, config=None, out_dir=None, progress=Tru
             for start in range(0, len(train), config.batch_size):
                 if step == total:
                     break
-                batch = collate_passages([train[i] for i in order[start:start + config.batch_size]], pad_id)
+                batch = collate_passages([train[i] for i in order[start : start + config.batch_size]], pad_id)
                 res = model(**{k: v.to(device) for k, v in batch.items()})
                 if not torch.isfinite(res.loss.detach()):
-                    raise ValueError(f"finetune: the loss is {float(res.loss.detach())} at step {step + 1}: training diverged "
-                                     f"(lower the learning rate, now {config.lr})")
+                    raise ValueError(
+                        f"finetune: the loss is {float(res.loss.detach())} at step {step + 1}: training diverged "
+                        f"(lower the learning rate, now {config.lr})"
+                    )
                 opt.zero_grad(set_to_none=True)
                 res.loss.backward()
                 if config.clip:
@@ -172,9 +177,14 @@ def finetune(model, train, test, pad_id, config=None, out_dir=None, progress=Tru
                 sched.step()
                 step += 1
                 mask = batch["attention_mask"]
-                row = {"step": step, "epoch": epoch, "loss": float(res.loss.detach()),
-                       "accuracy": float(res.accuracy), "lr": lr,
-                       "padding": 1.0 - int(mask.sum()) / max(mask.numel(), 1)}
+                row = {
+                    "step": step,
+                    "epoch": epoch,
+                    "loss": float(res.loss.detach()),
+                    "accuracy": float(res.accuracy),
+                    "lr": lr,
+                    "padding": 1.0 - int(mask.sum()) / max(mask.numel(), 1),
+                }
                 history.append(row)
                 record("train", row)
                 bar.update(1)

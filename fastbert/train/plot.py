@@ -57,9 +57,10 @@ def loss_table(history, rows=10, keys=("loss", "mlm_loss", "nsp_loss")):
     rows = min(rows, n)
     lines = ["   steps      " + "".join(f"{k:>10}" for k in keys) + "   tokens/s"]
     for r in range(rows):
-        part = history[r * n // rows:(r + 1) * n // rows]
+        part = history[r * n // rows : (r + 1) * n // rows]
         means = [sum(h[k] for h in part) / len(part) for k in keys]
         tps = sum(h["tokens_per_s"] for h in part) / len(part) if "tokens_per_s" in part[0] else float("nan")
-        lines.append(f"{part[0]['step']:>6}-{part[-1]['step']:<6} " + "".join(f"{m:>10.3f}" for m in means)
-                     + f"{tps:>11.0f}")
+        lines.append(
+            f"{part[0]['step']:>6}-{part[-1]['step']:<6} " + "".join(f"{m:>10.3f}" for m in means) + f"{tps:>11.0f}"
+        )
     return "\n".join(lines)

@@ -26,7 +26,9 @@ def resolve_warmup(total_steps, warmup_steps=None, warmup_ratio=None):
         warmup_steps = round(warmup_ratio * total_steps)
     warmup_steps = 0 if warmup_steps is None else warmup_steps
     if not isinstance(warmup_steps, int) or not 0 <= warmup_steps <= total_steps:
-        raise ValueError(f"schedule: warmup_steps must be an int in [0, total_steps={total_steps}], got {warmup_steps!r}")
+        raise ValueError(
+            f"schedule: warmup_steps must be an int in [0, total_steps={total_steps}], got {warmup_steps!r}"
+        )
     return warmup_steps
 
 

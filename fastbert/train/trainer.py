@@ -43,7 +43,7 @@ from fastbert.train.optim import make_optimizer
 from fastbert.train.schedule import make_scheduler, resolve_warmup
 
 IGNORE = -100
-MAX_SEED = 2 ** 32 - 1  # step_seed() of a larger seed overflows torch.manual_seed
+MAX_SEED = 2**32 - 1  # step_seed() of a larger seed overflows torch.manual_seed
 
 
 class NonFiniteLoss(ValueError):
@@ -53,33 +53,40 @@ class NonFiniteLoss(ValueError):
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000                 # optimizer steps
-    batch_size: int = 32              # examples per micro-batch, over all processes
-    grad_accum: int = 1               # micro-batches per optimizer step
-    lr: float = 1e-4                  # peak learning rate
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 32  # examples per micro-batch, over all processes
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-4  # peak learning rate
     warmup_steps: Optional[int] = None
     warmup_ratio: Optional[float] = 0.1
     weight_decay: float = 0.01
-    clip: float = 1.0                 # max gradient norm (0: no clipping)
-    bf16: bool = False                # torch.autocast to bfloat16
-    save_every: int = 0               # checkpoint every N steps (0: only at the end and on Ctrl-C)
-    keep_checkpoints: int = 2         # the newest N step-* folders stay (0: all)
+    clip: float = 1.0  # max gradient norm (0: no clipping)
+    bf16: bool = False  # torch.autocast to bfloat16
+    save_every: int = 0  # checkpoint every N steps (0: only at the end and on Ctrl-C)
+    keep_checkpoints: int = 2  # the newest N step-* folders stay (0: all)
     seed: int = 0
 
     def __post_init__(self):
-        for name, low in (("steps", 1), ("batch_size", 1), ("grad_accum", 1), ("save_every", 0),
-                          ("keep_checkpoints", 0)):
+        for name, low in (
+            ("steps", 1),
+            ("batch_size", 1),
+            ("grad_accum", 1),
+            ("save_every", 0),
+            ("keep_checkpoints", 0),
+        ):
             value = getattr(self, name)
             if not _is_int(value) or value < low:
-                raise ValueError(f"TrainConfig: {name} must be {'a positive int' if low else 'an int >= 0'}, "
-                                 f"got {value!r}")
+                raise ValueError(
+                    f"TrainConfig: {name} must be {'a positive int' if low else 'an int >= 0'}, got {value!r}"
+                )
         if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"TrainConfig: seed must be an int in [0, 2**32 - 1], got {self.seed!r}")
         for name, positive in (("lr", True), ("weight_decay", False), ("clip", False)):
             value = getattr(self, name)
             if not _is_real(value) or not math.isfinite(value) or value < 0 or (positive and value == 0):
-                raise ValueError(f"TrainConfig: {name} must be a finite number {'>' if positive else '>='} 0, "
-                                 f"got {value!r}")
+                raise ValueError(
+                    f"TrainConfig: {name} must be a finite number {'>' if positive else '>='} 0, got {value!r}"
+                )
         if self.warmup_steps is not None:
             self.warmup_ratio = None
         resolve_warmup(self.steps, self.warmup_steps, self.warmup_ratio)  # its ValueError names the problem
@@ -106,7 +113,7 @@ class DataStream:
         epoch, k = divmod(self.position, self.per_epoch)
         order = torch.randperm(len(self.examples), generator=torch.Generator().manual_seed(self.seed + epoch))
         self.position += 1
-        return [self.examples[i] for i in order[k * self.batch_size:(k + 1) * self.batch_size].tolist()]
+        return [self.examples[i] for i in order[k * self.batch_size : (k + 1) * self.batch_size].tolist()]
 
 
 class SignalGuard:
@@ -157,13 +164,17 @@ def check_data(model, examples, collate):
     longest = max(map(example_length, examples), default=0)
     pad_to = getattr(collate, "pad_to", None) or 0
     if max(longest, pad_to) > c.max_position_embeddings:
-        raise ValueError(f"pretrain: sequences of up to {max(longest, pad_to)} tokens (max_seq_length) exceed the "
-                         f"model's max_position_embeddings {c.max_position_embeddings}; make the examples shorter "
-                         "or the model's positions more")
+        raise ValueError(
+            f"pretrain: sequences of up to {max(longest, pad_to)} tokens (max_seq_length) exceed the "
+            f"model's max_position_embeddings {c.max_position_embeddings}; make the examples shorter "
+            "or the model's positions more"
+        )
     vocab = getattr(collate, "vocab_size", c.vocab_size)
     if vocab != c.vocab_size:
-        raise ValueError(f"pretrain: the collator's vocabulary has {vocab} tokens but the model's has "
-                         f"{c.vocab_size}; build the model with vocab_size=tokenizer.vocab_size")
+        raise ValueError(
+            f"pretrain: the collator's vocabulary has {vocab} tokens but the model's has "
+            f"{c.vocab_size}; build the model with vocab_size=tokenizer.vocab_size"
+        )
 
 
 def check_setup(model, examples, collate, config):
@@ -184,19 +195,24 @@ def resume_state(path, model, opt, sched, collate, config):
     state = load_checkpoint(path, model, opt, sched, restore_rng=False)
     step, extra, where = state["step"], state["extra"], path / "trainer_state.pt"
     if sched.last_epoch != step:
-        raise ValueError(f"pretrain: {where}: the scheduler has taken {sched.last_epoch} steps but the state says "
-                         f"{step} (the checkpoint was edited)")
+        raise ValueError(
+            f"pretrain: {where}: the scheduler has taken {sched.last_epoch} steps but the state says "
+            f"{step} (the checkpoint was edited)"
+        )
     if step > config.steps:
         raise ValueError(f"pretrain: {where} is at step {step}, past the run's {config.steps} steps")
     position = extra.get("position")
     if not _is_int(position) or position != step * config.grad_accum:
-        raise ValueError(f"pretrain: {where}: the data position {position!r} is not step {step} x grad_accum "
-                         f"{config.grad_accum} (the checkpoint was edited or is not from this run)")
+        raise ValueError(
+            f"pretrain: {where}: the data position {position!r} is not step {step} x grad_accum "
+            f"{config.grad_accum} (the checkpoint was edited or is not from this run)"
+        )
     try:
         collate.load_state_dict(extra["collator"])
     except Exception as e:
-        raise ValueError(f"pretrain: {where}: cannot restore the masking collator's state "
-                         f"({type(e).__name__}: {e})") from None
+        raise ValueError(
+            f"pretrain: {where}: cannot restore the masking collator's state ({type(e).__name__}: {e})"
+        ) from None
     return step, position
 
 
@@ -232,9 +248,19 @@ def pretrain(model, examples, collate, config, out_dir, resume=False, progress=T
 
     def checkpoint():
         if rank == 0:
-            save_checkpoint(out, model, opt, sched, step, extra={"position": data.position,
-                                                                 "collator": collate.state_dict(),
-                                                                 "config": asdict(config), "world_size": size})
+            save_checkpoint(
+                out,
+                model,
+                opt,
+                sched,
+                step,
+                extra={
+                    "position": data.position,
+                    "collator": collate.state_dict(),
+                    "config": asdict(config),
+                    "world_size": size,
+                },
+            )
             prune_checkpoints(out, config.keep_checkpoints)
 
     model.train()
@@ -250,7 +276,7 @@ def pretrain(model, examples, collate, config, out_dir, resume=False, progress=T
                 opt.zero_grad(set_to_none=True)
                 for i in range(config.grad_accum):
                     full = collate(data.next())
-                    batch = {k: v[rank * share:(rank + 1) * share].to(device) for k, v in full.items()}
+                    batch = {k: v[rank * share : (rank + 1) * share].to(device) for k, v in full.items()}
                     masked = int((full["labels"] != IGNORE).sum())
                     weight = int((batch["labels"] != IGNORE).sum()) / masked * size if masked else 1.0
                     sync = net.no_sync() if size > 1 and i < config.grad_accum - 1 else nullcontext()
@@ -268,9 +294,11 @@ def pretrain(model, examples, collate, config, out_dir, resume=False, progress=T
                 if size > 1:
                     dist.all_reduce(sums)
                 if not math.isfinite(sums[0]):
-                    raise NonFiniteLoss(f"pretrain: the loss is {float(sums[0])} at step {step + 1}: training "
-                                        f"diverged (lower the learning rate, now {config.lr}); stopped without "
-                                        "saving, the last checkpoint is the last good one")
+                    raise NonFiniteLoss(
+                        f"pretrain: the loss is {float(sums[0])} at step {step + 1}: training "
+                        f"diverged (lower the learning rate, now {config.lr}); stopped without "
+                        "saving, the last checkpoint is the last good one"
+                    )
                 if config.clip:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip)
                 lr = opt.param_groups[0]["lr"]
@@ -280,9 +308,16 @@ def pretrain(model, examples, collate, config, out_dir, resume=False, progress=T
                     step += 1
                     begun = None  # the step is done: an interrupt from here on saves it
                 loss, mlm, nsp, acc, tokens, positions = sums.tolist()
-                row = {"step": step, "loss": loss, "mlm_loss": mlm, "nsp_loss": nsp, "nsp_accuracy": acc,
-                       "lr": lr, "tokens_per_s": tokens / (time.perf_counter() - t0),
-                       "padding": 1.0 - tokens / positions if positions else 0.0}
+                row = {
+                    "step": step,
+                    "loss": loss,
+                    "mlm_loss": mlm,
+                    "nsp_loss": nsp,
+                    "nsp_accuracy": acc,
+                    "lr": lr,
+                    "tokens_per_s": tokens / (time.perf_counter() - t0),
+                    "padding": 1.0 - tokens / positions if positions else 0.0,
+                }
                 history.append(row)
                 if log is not None:
                     log.write(dumps(row) + "\n")
@@ -322,7 +357,7 @@ def evaluate_pretraining(model, examples, collate, batch_size=64):
     tokens = 0
     try:
         for i in range(0, len(examples), batch_size):
-            batch = {k: v.to(device) for k, v in collate(examples[i:i + batch_size]).items()}
+            batch = {k: v.to(device) for k, v in collate(examples[i : i + batch_size]).items()}
             res = model(**batch, with_accuracy=True, return_logits=False)  # the fused loss, no [B, S, vocab] logits
             n, m = batch["input_ids"].shape[0], int((batch["labels"] != IGNORE).sum())
             tokens += m
@@ -332,6 +367,11 @@ def evaluate_pretraining(model, examples, collate, batch_size=64):
             tot["nsp_accuracy"] += float(res.nsp_accuracy) * n
     finally:
         model.train(was_training)
-    return {"mlm_loss": tot["mlm_loss"] / tokens, "mlm_accuracy": tot["mlm_accuracy"] / tokens,
-            "nsp_loss": tot["nsp_loss"] / len(examples), "nsp_accuracy": tot["nsp_accuracy"] / len(examples),
-            "examples": len(examples), "masked_tokens": tokens}
+    return {
+        "mlm_loss": tot["mlm_loss"] / tokens,
+        "mlm_accuracy": tot["mlm_accuracy"] / tokens,
+        "nsp_loss": tot["nsp_loss"] / len(examples),
+        "nsp_accuracy": tot["nsp_accuracy"] / len(examples),
+        "examples": len(examples),
+        "masked_tokens": tokens,
+    }

@@ -9,6 +9,7 @@ from torch.library import triton_op
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 if INTERPRET:
+
     def wrap_triton(kernel):
         """The kernel itself: under the interpreter the ops are opaque custom ops (``define``), never
         traced, so there is nothing to wrap (torch 2.11's ``wrap_triton`` rejects interpreted kernels:
@@ -35,8 +36,7 @@ def for_store(v, ptr):
 
 
 @triton.jit
-def philox_keep(seed_ptr, r64, col0, n, threshold, GROUPED: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr):
+def philox_keep(seed_ptr, r64, col0, n, threshold, GROUPED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Dropout keep mask [BLOCK_M, BLOCK_N] of rows ``r64`` (int64) x columns ``col0 + [0, BLOCK_N)``
     of a contiguous [rows, n] tensor: element ``e = r n + c`` on the shared Philox stream
     (fastbert/philox.py: counter ``16 (e >> 6) + (e & 15)``, output ``(e >> 4) & 3``), kept iff its
@@ -57,8 +57,9 @@ def philox_keep(seed_ptr, r64, col0, n, threshold, GROUPED: tl.constexpr, BLOCK_
     seed = tl.load(seed_ptr)
     if BLOCK_N % 64 == 0:
         G: tl.constexpr = BLOCK_N // 64
-        e = (r64[:, None, None] * n + col0 + (64 * tl.arange(0, G))[None, :, None]
-             + tl.arange(0, 16)[None, None, :])  # [M, G, 16]: the element of column k = 0
+        e = (
+            r64[:, None, None] * n + col0 + (64 * tl.arange(0, G))[None, :, None] + tl.arange(0, 16)[None, None, :]
+        )  # [M, G, 16]: the element of column k = 0
         c = (e >> 6) * 16 + (e & 15)
         # 32-bit Philox on every triton: counter words (low, high, 0, 0) as uint32 (triton < 3.4's
         # tl.randint4x ran int64 counters as 64-bit Philox, a different stream)
@@ -82,7 +83,8 @@ def philox_keep(seed_ptr, r64, col0, n, threshold, GROUPED: tl.constexpr, BLOCK_
                 tl.where(u == 0, k0, tl.where(u == 1, k1, tl.where(u == 2, k2, k3))),
                 tl.where(u == 0, k1, tl.where(u == 1, k2, tl.where(u == 2, k3, m0))),
                 tl.where(u == 0, k2, tl.where(u == 1, k3, tl.where(u == 2, m0, m1))),
-                tl.where(u == 0, k3, tl.where(u == 1, m0, tl.where(u == 2, m1, m2))))
+                tl.where(u == 0, k3, tl.where(u == 1, m0, tl.where(u == 2, m1, m2))),
+            )
         k = tl.join(tl.join(k0, k1), tl.join(k2, k3))  # [M, G, j, q, p]: k = 2p + q
         return tl.reshape(tl.permute(k, (0, 1, 4, 3, 2)), (BLOCK_M, BLOCK_N))
     else:
@@ -105,19 +107,23 @@ def define(name, fake, mutates_args=(), schema=None):
     annotations (``Optional[Tensor]`` -> ``Tensor?``, ``int`` -> ``SymInt``) unless ``schema`` is
     given (e.g. to match a C++ op's ``int`` and ``Tensor(a!)``); ``mutates_args`` names the
     arguments the kernels write in place."""
+
     def deco(fn):
         if INTERPRET:
             op = torch.library.custom_op(name, fn, mutates_args=mutates_args, schema=schema)
             op.register_fake(fake)
             return op
         return triton_op(name, fn, mutates_args=mutates_args, schema=schema)
+
     return deco
 
 
 def check_device(x, op):
     if x.device.type == "cpu" and not INTERPRET:
-        raise RuntimeError(f"{op}: the Triton kernels run CUDA tensors (CPU tensors only under "
-                           f"TRITON_INTERPRET=1, set before triton is imported)")
+        raise RuntimeError(
+            f"{op}: the Triton kernels run CUDA tensors (CPU tensors only under "
+            f"TRITON_INTERPRET=1, set before triton is imported)"
+        )
 
 
 def check_dtypes(op, **tensors):
@@ -131,6 +137,12 @@ def aot_spec(kernel, label, signature, constexprs, num_warps, divisible_by_16):
     ``num_stages`` is None (the backend's default, as the launchers pass none); a launcher that
     passes one sets ``spec["num_stages"]``."""
     blocks = "x".join(f"{v}" for k, v in constexprs.items() if k.startswith("BLOCK_"))
-    return dict(name=f"{kernel.__name__.strip('_')}[{label},{blocks},w{num_warps}]", kernel=kernel,
-                signature=signature, constexprs=constexprs, num_warps=num_warps, num_stages=None,
-                divisible_by_16=divisible_by_16)
+    return dict(
+        name=f"{kernel.__name__.strip('_')}[{label},{blocks},w{num_warps}]",
+        kernel=kernel,
+        signature=signature,
+        constexprs=constexprs,
+        num_warps=num_warps,
+        num_stages=None,
+        divisible_by_16=divisible_by_16,
+    )

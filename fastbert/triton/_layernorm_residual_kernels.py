@@ -29,9 +29,23 @@ def _offsets(r64, col0, n, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _tile(x_ptr, res_ptr, xb, seed_ptr, r64, rmask, col0, n, threshold, scale,
-          HAS_XBIAS: tl.constexpr, DROPOUT: tl.constexpr, GROUPED: tl.constexpr,
-          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _tile(
+    x_ptr,
+    res_ptr,
+    xb,
+    seed_ptr,
+    r64,
+    rmask,
+    col0,
+    n,
+    threshold,
+    scale,
+    HAS_XBIAS: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    GROUPED: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """Rows ``r64`` x columns ``col0 + [0, BLOCK_N)``: ``(s, keep, mask)`` with the fp32 pre-norm
     sum ``s = dropout(x + xb) + residual`` (0 beyond column n, finite on masked rows), the keep
     mask and the in-bounds mask; ``xb``: the fp32 x_bias row (``_row``; ignored without HAS_XBIAS)."""
@@ -53,10 +67,10 @@ def _tile(x_ptr, res_ptr, xb, seed_ptr, r64, rmask, col0, n, threshold, scale,
 # a row made d^2 inf and the outputs 1e32; +-3e38 made them inf/NaN). mean and rstd are stored
 # unscaled (rstd may be subnormal there); the backward scales s - mean the same way (_s_hat). Rows
 # below _BIG are untouched (a scale of 1.0: the same bits as without it).
-_BIG = tl.constexpr(1125899906842624.0)        # 2^50
-_DOWN = tl.constexpr(1.3234889800848443e-23)   # 2^-76
-_UP = tl.constexpr(7.555786372591432e+22)      # 2^76
-_SMALL = tl.constexpr(8.881784197001252e-16)   # 2^-50
+_BIG = tl.constexpr(1125899906842624.0)  # 2^50
+_DOWN = tl.constexpr(1.3234889800848443e-23)  # 2^-76
+_UP = tl.constexpr(7.555786372591432e22)  # 2^76
+_SMALL = tl.constexpr(8.881784197001252e-16)  # 2^-50
 
 
 @triton.jit
@@ -85,9 +99,23 @@ def _s_hat(s, mean, rstd):
 
 
 @triton.jit
-def _looped_stats(x_ptr, res_ptr, xb_ptr, seed_ptr, r64, rmask, n, threshold, scale, sc,
-                  HAS_XBIAS: tl.constexpr, DROPOUT: tl.constexpr, GROUPED: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _looped_stats(
+    x_ptr,
+    res_ptr,
+    xb_ptr,
+    seed_ptr,
+    r64,
+    rmask,
+    n,
+    threshold,
+    scale,
+    sc,
+    HAS_XBIAS: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    GROUPED: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """Pass 1 of the looped forward on ``s * sc``: per-chunk corrected two-pass statistics (count nb,
     mean mb, M2), merged into the running (mean, m2) of the na columns before with Chan's formula;
     also the largest |s| (unscaled) of each row."""
@@ -96,9 +124,23 @@ def _looped_stats(x_ptr, res_ptr, xb_ptr, seed_ptr, r64, rmask, n, threshold, sc
     amax = tl.zeros([BLOCK_M], dtype=tl.float32)
     for col0 in range(0, n, BLOCK_N):
         c = col0 + tl.arange(0, BLOCK_N)
-        s, keep, mask = _tile(x_ptr, res_ptr, _row(xb_ptr, c, n, HAS_XBIAS), seed_ptr, r64,
-                              rmask, col0, n, threshold, scale, HAS_XBIAS, DROPOUT, GROUPED,
-                              BLOCK_M, BLOCK_N)
+        s, keep, mask = _tile(
+            x_ptr,
+            res_ptr,
+            _row(xb_ptr, c, n, HAS_XBIAS),
+            seed_ptr,
+            r64,
+            rmask,
+            col0,
+            n,
+            threshold,
+            scale,
+            HAS_XBIAS,
+            DROPOUT,
+            GROUPED,
+            BLOCK_M,
+            BLOCK_N,
+        )
         amax = tl.maximum(amax, tl.max(tl.abs(s), 1))
         s = s * sc[:, None]
         nb = tl.minimum(n - col0, BLOCK_N).to(tl.float32)
@@ -115,21 +157,27 @@ def _looped_stats(x_ptr, res_ptr, xb_ptr, seed_ptr, r64, rmask, n, threshold, sc
 
 @triton.jit
 def _ln_fwd_kernel(
-    x_ptr,      # [rows, n] contiguous, fp32/fp16/bf16
-    res_ptr,    # [rows, n] contiguous, x's dtype
-    w_ptr,      # [n] LayerNorm weight (fp32/fp16/bf16)
-    b_ptr,      # [n] LayerNorm bias, weight's dtype
-    xb_ptr,     # [n] x_bias, any float dtype; not read unless HAS_XBIAS (then any valid pointer)
-    seed_ptr,   # [1] int64 Philox seed; not read unless DROPOUT
-    y_ptr,      # [rows, n] contiguous, x's dtype (output)
-    mean_ptr,   # [rows] fp32 (output)
-    rstd_ptr,   # [rows] fp32 (output)
-    rows, n,    # n = row length = row stride of x, residual and y
+    x_ptr,  # [rows, n] contiguous, fp32/fp16/bf16
+    res_ptr,  # [rows, n] contiguous, x's dtype
+    w_ptr,  # [n] LayerNorm weight (fp32/fp16/bf16)
+    b_ptr,  # [n] LayerNorm bias, weight's dtype
+    xb_ptr,  # [n] x_bias, any float dtype; not read unless HAS_XBIAS (then any valid pointer)
+    seed_ptr,  # [1] int64 Philox seed; not read unless DROPOUT
+    y_ptr,  # [rows, n] contiguous, x's dtype (output)
+    mean_ptr,  # [rows] fp32 (output)
+    rstd_ptr,  # [rows] fp32 (output)
+    rows,
+    n,  # n = row length = row stride of x, residual and y
     rows_per_prog,  # rows each program walks, a multiple of BLOCK_M (BLOCK_M when LOOPED)
-    eps, threshold, scale,  # threshold: philox.threshold(p) (int); scale: philox.scale(p) (fp32)
-    HAS_XBIAS: tl.constexpr, DROPOUT: tl.constexpr, GROUPED: tl.constexpr,
-    LOOPED: tl.constexpr,   # False: BLOCK_N >= n, rows stay in registers; True: chunks of BLOCK_N
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    eps,
+    threshold,
+    scale,  # threshold: philox.threshold(p) (int); scale: philox.scale(p) (fp32)
+    HAS_XBIAS: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    GROUPED: tl.constexpr,
+    LOOPED: tl.constexpr,  # False: BLOCK_N >= n, rows stay in registers; True: chunks of BLOCK_N
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     nf = tl.cast(n, tl.float32)
     row0 = tl.program_id(0) * rows_per_prog
@@ -145,17 +193,32 @@ def _ln_fwd_kernel(
             r = start + tl.arange(0, BLOCK_M)
             rmask = r < row1
             r64 = r.to(tl.int64)
-            s, keep, mask = _tile(x_ptr, res_ptr, xb, seed_ptr, r64, rmask, 0, n,
-                                  threshold, scale, HAS_XBIAS, DROPOUT, GROUPED, BLOCK_M, BLOCK_N)
-            big = tl.max(tl.abs(s), 1) > _BIG        # rows of huge values: statistics of s * 2^-76
+            s, keep, mask = _tile(
+                x_ptr,
+                res_ptr,
+                xb,
+                seed_ptr,
+                r64,
+                rmask,
+                0,
+                n,
+                threshold,
+                scale,
+                HAS_XBIAS,
+                DROPOUT,
+                GROUPED,
+                BLOCK_M,
+                BLOCK_N,
+            )
+            big = tl.max(tl.abs(s), 1) > _BIG  # rows of huge values: statistics of s * 2^-76
             sc, inv = _row_scale(big)
             s = s * sc[:, None]
             m0 = tl.div_rn(tl.sum(s, 1), nf)
             d = tl.where(mask, s - m0[:, None], 0.0)  # exact for rows with a large mean
             sd = tl.sum(d, 1)
-            corr = tl.div_rn(sd, nf)                   # mean = m0 + corr
+            corr = tl.div_rn(sd, nf)  # mean = m0 + corr
             var = tl.maximum(tl.div_rn(tl.sum(d * d, 1) - sd * corr, nf), 0.0)
-            rstd = _rstd_of(var, eps, big, inv)        # in scaled units
+            rstd = _rstd_of(var, eps, big, inv)  # in scaled units
             tl.store(mean_ptr + r, (m0 + corr) * inv, mask=rmask)
             tl.store(rstd_ptr + r, rstd * sc, mask=rmask)
             y = (d - corr[:, None]) * rstd[:, None] * w + b
@@ -167,22 +230,66 @@ def _ln_fwd_kernel(
         # pass 1: statistics (_looped_stats); if a row of the tile turns out to hold huge values
         # (rare), pass 1 runs again on s * 2^-76 for those rows
         one = tl.full([BLOCK_M], 1.0, tl.float32)
-        mean, m2, amax = _looped_stats(x_ptr, res_ptr, xb_ptr, seed_ptr, r64, rmask, n, threshold, scale,
-                                       one, HAS_XBIAS, DROPOUT, GROUPED, BLOCK_M, BLOCK_N)
+        mean, m2, amax = _looped_stats(
+            x_ptr,
+            res_ptr,
+            xb_ptr,
+            seed_ptr,
+            r64,
+            rmask,
+            n,
+            threshold,
+            scale,
+            one,
+            HAS_XBIAS,
+            DROPOUT,
+            GROUPED,
+            BLOCK_M,
+            BLOCK_N,
+        )
         big = amax > _BIG
         sc, inv = _row_scale(big)
         if tl.max(big.to(tl.int32), 0) > 0:
-            mean, m2, amax = _looped_stats(x_ptr, res_ptr, xb_ptr, seed_ptr, r64, rmask, n, threshold,
-                                           scale, sc, HAS_XBIAS, DROPOUT, GROUPED, BLOCK_M, BLOCK_N)
+            mean, m2, amax = _looped_stats(
+                x_ptr,
+                res_ptr,
+                xb_ptr,
+                seed_ptr,
+                r64,
+                rmask,
+                n,
+                threshold,
+                scale,
+                sc,
+                HAS_XBIAS,
+                DROPOUT,
+                GROUPED,
+                BLOCK_M,
+                BLOCK_N,
+            )
         rstd = _rstd_of(tl.maximum(tl.div_rn(m2, nf), 0.0), eps, big, inv)  # in scaled units
         tl.store(mean_ptr + r, mean * inv, mask=rmask)
         tl.store(rstd_ptr + r, rstd * sc, mask=rmask)
         # pass 2: recompute s chunk by chunk and write y
         for col0 in range(0, n, BLOCK_N):
             c = col0 + tl.arange(0, BLOCK_N)
-            s, keep, mask = _tile(x_ptr, res_ptr, _row(xb_ptr, c, n, HAS_XBIAS), seed_ptr, r64,
-                                  rmask, col0, n, threshold, scale, HAS_XBIAS, DROPOUT, GROUPED,
-                                  BLOCK_M, BLOCK_N)
+            s, keep, mask = _tile(
+                x_ptr,
+                res_ptr,
+                _row(xb_ptr, c, n, HAS_XBIAS),
+                seed_ptr,
+                r64,
+                rmask,
+                col0,
+                n,
+                threshold,
+                scale,
+                HAS_XBIAS,
+                DROPOUT,
+                GROUPED,
+                BLOCK_M,
+                BLOCK_N,
+            )
             s = s * sc[:, None]
             y = (s - mean[:, None]) * rstd[:, None] * _row(w_ptr, c, n, True) + _row(b_ptr, c, n, True)
             tl.store(y_ptr + _offsets(r64, col0, n, BLOCK_N), for_store(y, y_ptr), mask=mask)
@@ -190,26 +297,31 @@ def _ln_fwd_kernel(
 
 @triton.jit
 def _ln_bwd_kernel(
-    dy_ptr,      # [rows, n] contiguous, x's dtype: incoming gradient
-    x_ptr,       # [rows, n] contiguous (saved input)
-    res_ptr,     # [rows, n] contiguous, x's dtype (saved input)
-    w_ptr,       # [n] LayerNorm weight
-    xb_ptr,      # [n] x_bias; not read unless HAS_XBIAS
-    seed_ptr,    # [1] int64; not read unless DROPOUT
-    mean_ptr,    # [rows] fp32 (saved by the forward)
-    rstd_ptr,    # [rows] fp32 (saved by the forward)
-    stats_ptr,   # [rows, 2] fp32 mean(g), mean(g s_hat) (_ln_bwd_stats_kernel); read only when LOOPED
-    dres_ptr,    # [rows, n] contiguous, x's dtype (output): ds
-    dx_ptr,      # [rows, n] contiguous, x's dtype (output, DROPOUT only): keep ? ds scale : 0
+    dy_ptr,  # [rows, n] contiguous, x's dtype: incoming gradient
+    x_ptr,  # [rows, n] contiguous (saved input)
+    res_ptr,  # [rows, n] contiguous, x's dtype (saved input)
+    w_ptr,  # [n] LayerNorm weight
+    xb_ptr,  # [n] x_bias; not read unless HAS_XBIAS
+    seed_ptr,  # [1] int64; not read unless DROPOUT
+    mean_ptr,  # [rows] fp32 (saved by the forward)
+    rstd_ptr,  # [rows] fp32 (saved by the forward)
+    stats_ptr,  # [rows, 2] fp32 mean(g), mean(g s_hat) (_ln_bwd_stats_kernel); read only when LOOPED
+    dres_ptr,  # [rows, n] contiguous, x's dtype (output): ds
+    dx_ptr,  # [rows, n] contiguous, x's dtype (output, DROPOUT only): keep ? ds scale : 0
     partial_ptr,  # [n_row_blocks, K, n] fp32 (output): per-row-block column sums of dy s_hat, dy and
-                  # (HAS_XBIAS, K = 3) dx; K = 2 without x_bias
-    rows, n,     # n = row length = row stride of every [rows, n] tensor
+    # (HAS_XBIAS, K = 3) dx; K = 2 without x_bias
+    rows,
+    n,  # n = row length = row stride of every [rows, n] tensor
     rows_per_prog,  # rows each program walks (a multiple of BLOCK_M)
-    threshold, scale,
-    HAS_XBIAS: tl.constexpr, DROPOUT: tl.constexpr, GROUPED: tl.constexpr,
-    LOOPED: tl.constexpr,   # False: BLOCK_N >= n (one column block, row sums here);
-                            # True: a 2-D grid of column blocks, row sums from stats_ptr
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    threshold,
+    scale,
+    HAS_XBIAS: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    GROUPED: tl.constexpr,
+    LOOPED: tl.constexpr,  # False: BLOCK_N >= n (one column block, row sums here);
+    # True: a 2-D grid of column blocks, row sums from stats_ptr
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     # program (pid_m, pid_n): rows [pid_m*rows_per_prog, +rows_per_prog) in steps of BLOCK_M,
     # columns [pid_n*BLOCK_N, +BLOCK_N). Column partial sums, weight and x_bias stay in registers
@@ -229,8 +341,23 @@ def _ln_bwd_kernel(
         r = start + tl.arange(0, BLOCK_M)
         rmask = r < row1
         r64 = r.to(tl.int64)
-        s, keep, mask = _tile(x_ptr, res_ptr, xb, seed_ptr, r64, rmask, col0, n, threshold, scale,
-                              HAS_XBIAS, DROPOUT, GROUPED, BLOCK_M, BLOCK_N)
+        s, keep, mask = _tile(
+            x_ptr,
+            res_ptr,
+            xb,
+            seed_ptr,
+            r64,
+            rmask,
+            col0,
+            n,
+            threshold,
+            scale,
+            HAS_XBIAS,
+            DROPOUT,
+            GROUPED,
+            BLOCK_M,
+            BLOCK_N,
+        )
         offs = _offsets(r64, col0, n, BLOCK_N)
         mean = tl.load(mean_ptr + r, mask=rmask, other=0.0)
         rstd = tl.load(rstd_ptr + r, mask=rmask, other=0.0)  # masked rows: s_hat = 0, ds = 0
@@ -267,11 +394,24 @@ def _ln_bwd_kernel(
 
 @triton.jit
 def _ln_bwd_stats_kernel(
-    dy_ptr, x_ptr, res_ptr, w_ptr, xb_ptr, seed_ptr, mean_ptr, rstd_ptr,  # as _ln_bwd_kernel
-    stats_ptr,   # [rows, 2] fp32 (output): mean(g), mean(g s_hat) per row
-    rows, n, threshold, scale,
-    HAS_XBIAS: tl.constexpr, DROPOUT: tl.constexpr, GROUPED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    dy_ptr,
+    x_ptr,
+    res_ptr,
+    w_ptr,
+    xb_ptr,
+    seed_ptr,
+    mean_ptr,
+    rstd_ptr,  # as _ln_bwd_kernel
+    stats_ptr,  # [rows, 2] fp32 (output): mean(g), mean(g s_hat) per row
+    rows,
+    n,
+    threshold,
+    scale,
+    HAS_XBIAS: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    GROUPED: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     # rows longer than one block: the row sums of the backward, chunk by chunk
     r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -283,8 +423,23 @@ def _ln_bwd_stats_kernel(
     acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for col0 in range(0, n, BLOCK_N):
         c = col0 + tl.arange(0, BLOCK_N)
-        s, keep, mask = _tile(x_ptr, res_ptr, _row(xb_ptr, c, n, HAS_XBIAS), seed_ptr, r64, rmask,
-                              col0, n, threshold, scale, HAS_XBIAS, DROPOUT, GROUPED, BLOCK_M, BLOCK_N)
+        s, keep, mask = _tile(
+            x_ptr,
+            res_ptr,
+            _row(xb_ptr, c, n, HAS_XBIAS),
+            seed_ptr,
+            r64,
+            rmask,
+            col0,
+            n,
+            threshold,
+            scale,
+            HAS_XBIAS,
+            DROPOUT,
+            GROUPED,
+            BLOCK_M,
+            BLOCK_N,
+        )
         g = tl.load(dy_ptr + _offsets(r64, col0, n, BLOCK_N), mask=mask, other=0.0).to(tl.float32)
         g *= _row(w_ptr, c, n, True)
         acc1 += g
@@ -296,11 +451,14 @@ def _ln_bwd_stats_kernel(
 @triton.jit
 def _ln_param_reduce_kernel(
     partial_ptr,  # [n_blocks, K, n] fp32 from _ln_bwd_kernel
-    dw_ptr,       # [n] weight's dtype (output): sum of partial[:, 0]
-    db_ptr,       # [n] weight's dtype (output): sum of partial[:, 1]
-    dxb_ptr,      # [n] x_bias's dtype (output, HAS_XBIAS only): sum of partial[:, 2]
-    n_blocks, n,
-    HAS_XBIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    dw_ptr,  # [n] weight's dtype (output): sum of partial[:, 0]
+    db_ptr,  # [n] weight's dtype (output): sum of partial[:, 1]
+    dxb_ptr,  # [n] x_bias's dtype (output, HAS_XBIAS only): sum of partial[:, 2]
+    n_blocks,
+    n,
+    HAS_XBIAS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     # stage 2: program (pid, k) sums gradient k over columns [pid*BLOCK_N, +BLOCK_N), in a fixed
     # order (BLOCK_R row blocks at a time, then a tree over the tile's rows)

@@ -33,8 +33,7 @@ def _log_sum(s):
 
 
 @triton.jit
-def _row_stats(logits_ptr, r64, rmask, t, V, PICK: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_V: tl.constexpr):
+def _row_stats(logits_ptr, r64, rmask, t, V, PICK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr):
     """``(m, s, x_t)`` per row: the max (``_finite``), ``s = sum exp(x - m)`` and, when PICK, ``x_t``
     picked from the chunks (else 0), streaming over ``BLOCK_V`` chunks (one when ``BLOCK_V >= V``)."""
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -82,12 +81,15 @@ def _grad(x, c, t, m, log_s, valid, sc):
 
 @triton.jit
 def _ce_fwd_kernel(
-    logits_ptr,   # [rows, V] contiguous, fp32/fp16/bf16
+    logits_ptr,  # [rows, V] contiguous, fp32/fp16/bf16
     targets_ptr,  # [rows] contiguous int64/int32
-    loss_ptr,     # [rows] fp32 (output): lse - x_t, 0 where t == ignore_index (NaN if t is out of range)
-    lse_ptr,      # [rows] fp32 (output): logsumexp of the row
-    rows, V, ignore_index,
-    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+    loss_ptr,  # [rows] fp32 (output): lse - x_t, 0 where t == ignore_index (NaN if t is out of range)
+    lse_ptr,  # [rows] fp32 (output): logsumexp of the row
+    rows,
+    V,
+    ignore_index,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     # program pid: rows [pid*BLOCK_M, +BLOCK_M)
     r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -102,13 +104,17 @@ def _ce_fwd_kernel(
 
 @triton.jit
 def _ce_bwd_kernel(
-    logits_ptr,   # [rows, V] contiguous, fp32/fp16/bf16: read, then overwritten with the gradient
+    logits_ptr,  # [rows, V] contiguous, fp32/fp16/bf16: read, then overwritten with the gradient
     targets_ptr,  # [rows] contiguous int64/int32
-    scale_ptr,    # [rows] fp32: row_scale, the incoming gradient of each row's loss
-    loss_ptr, lse_ptr,  # [rows] fp32 (outputs), as _ce_fwd_kernel
-    rows, V, ignore_index,
+    scale_ptr,  # [rows] fp32: row_scale, the incoming gradient of each row's loss
+    loss_ptr,
+    lse_ptr,  # [rows] fp32 (outputs), as _ce_fwd_kernel
+    rows,
+    V,
+    ignore_index,
     ONE_BLOCK: tl.constexpr,  # BLOCK_V >= V: the row stays in registers between the two steps
-    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     # d loss / d x_j = softmax_j - [j == t]: g = (exp(x - lse) - onehot(t)) * row_scale
     r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)

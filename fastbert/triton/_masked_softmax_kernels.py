@@ -22,8 +22,9 @@ def _offsets(r, c, n):
 
 
 @triton.jit
-def _logits(s_ptr, m_ptr, r, rmask, c, n, H, Sq, msb, msh, msq, msk, scale,
-            HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr):
+def _logits(
+    s_ptr, m_ptr, r, rmask, c, n, H, Sq, msb, msh, msq, msk, scale, HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr
+):
     """``(x, inb)`` for rows ``r`` [BLOCK_M] x columns ``c`` [BLOCK_N]: fp32
     ``x = s * scale + mask`` (bool mask: ``-inf`` where False), ``-inf`` outside the tensor; ``inb``
     the in-bounds mask."""
@@ -32,8 +33,7 @@ def _logits(s_ptr, m_ptr, r, rmask, c, n, H, Sq, msb, msh, msq, msk, scale,
     x = tl.load(s_ptr + offs, mask=inb, other=0.0).to(tl.float32) * scale
     if HAS_MASK:
         bh = r // Sq
-        moff = ((bh // H).to(tl.int64) * msb + (bh % H).to(tl.int64) * msh
-                + (r % Sq).to(tl.int64) * msq)
+        moff = (bh // H).to(tl.int64) * msb + (bh % H).to(tl.int64) * msh + (r % Sq).to(tl.int64) * msq
         m = tl.load(m_ptr + (moff[:, None] + c.to(tl.int64)[None, :] * msk), mask=inb, other=0)
         if BOOL_MASK:  # uint8 view of a bool mask: nonzero = attend
             inb_k = inb & (m != 0)
@@ -60,24 +60,34 @@ def _recip(total):
 
 @triton.jit
 def _softmax_fwd_kernel(
-    s_ptr,      # [rows, n] contiguous scores, fp32/fp16/bf16
-    m_ptr,      # mask (strided, broadcast): uint8 (bool view) or any float; not read unless HAS_MASK
-    seed_ptr,   # [1] int64 Philox seed; not read unless DROPOUT
+    s_ptr,  # [rows, n] contiguous scores, fp32/fp16/bf16
+    m_ptr,  # mask (strided, broadcast): uint8 (bool view) or any float; not read unless HAS_MASK
+    seed_ptr,  # [1] int64 Philox seed; not read unless DROPOUT
     probs_ptr,  # [rows, n] contiguous, scores' dtype (output): dropout(p)
-    soft_ptr,   # [rows, n] contiguous, scores' dtype (output, DROPOUT only): p before dropout
-    rows, n, H, Sq,
-    msb, msh, msq, msk,  # mask element strides for b, h, q, key (0 for size-1 dimensions)
-    scale,      # multiplies the scores before the mask is added
-    threshold, p_scale,  # dropout: philox.threshold(p) (int), philox.scale(p) (fp32)
-    HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr, DROPOUT: tl.constexpr, GROUPED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,   # BLOCK_N >= n: whole rows in registers
+    soft_ptr,  # [rows, n] contiguous, scores' dtype (output, DROPOUT only): p before dropout
+    rows,
+    n,
+    H,
+    Sq,
+    msb,
+    msh,
+    msq,
+    msk,  # mask element strides for b, h, q, key (0 for size-1 dimensions)
+    scale,  # multiplies the scores before the mask is added
+    threshold,
+    p_scale,  # dropout: philox.threshold(p) (int), philox.scale(p) (fp32)
+    HAS_MASK: tl.constexpr,
+    BOOL_MASK: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    GROUPED: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # BLOCK_N >= n: whole rows in registers
 ):
     # program pid: rows [pid*BLOCK_M, +BLOCK_M), each row whole in registers
     r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = r < rows
     c = tl.arange(0, BLOCK_N)
-    x, inb = _logits(s_ptr, m_ptr, r, rmask, c, n, H, Sq, msb, msh, msq, msk, scale,
-                     HAS_MASK, BOOL_MASK)
+    x, inb = _logits(s_ptr, m_ptr, r, rmask, c, n, H, Sq, msb, msh, msq, msk, scale, HAS_MASK, BOOL_MASK)
     offs = _offsets(r, c, n)
     mx = _finite_max(tl.max(x, 1))
     e = tl.exp(x - mx[:, None])
@@ -91,10 +101,28 @@ def _softmax_fwd_kernel(
 
 @triton.jit
 def _softmax_fwd_stream_kernel(
-    s_ptr, m_ptr, seed_ptr, probs_ptr, soft_ptr,  # as _softmax_fwd_kernel
-    rows, n, H, Sq, msb, msh, msq, msk, scale, threshold, p_scale,
-    HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr, DROPOUT: tl.constexpr, GROUPED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,   # rows longer than a block: chunks of BLOCK_N
+    s_ptr,
+    m_ptr,
+    seed_ptr,
+    probs_ptr,
+    soft_ptr,  # as _softmax_fwd_kernel
+    rows,
+    n,
+    H,
+    Sq,
+    msb,
+    msh,
+    msq,
+    msk,
+    scale,
+    threshold,
+    p_scale,
+    HAS_MASK: tl.constexpr,
+    BOOL_MASK: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    GROUPED: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # rows longer than a block: chunks of BLOCK_N
 ):
     # program pid: rows [pid*BLOCK_M, +BLOCK_M), streamed in two passes over column chunks
     r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -104,8 +132,7 @@ def _softmax_fwd_stream_kernel(
     lsum = tl.zeros([BLOCK_M], dtype=tl.float32)
     for col0 in range(0, n, BLOCK_N):
         c = col0 + tl.arange(0, BLOCK_N)
-        x, inb = _logits(s_ptr, m_ptr, r, rmask, c, n, H, Sq, msb, msh, msq, msk, scale,
-                         HAS_MASK, BOOL_MASK)
+        x, inb = _logits(s_ptr, m_ptr, r, rmask, c, n, H, Sq, msb, msh, msq, msk, scale, HAS_MASK, BOOL_MASK)
         m_new = tl.maximum(m, tl.max(x, 1))
         m_safe = _finite_max(m_new)  # all -inf so far: lsum stays 0 (exp(-inf - 0) = 0)
         lsum = lsum * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), 1)
@@ -116,8 +143,7 @@ def _softmax_fwd_stream_kernel(
     # pass 2: recompute x chunk by chunk and write the normalised (and dropped-out) output
     for col0 in range(0, n, BLOCK_N):
         c = col0 + tl.arange(0, BLOCK_N)
-        x, inb = _logits(s_ptr, m_ptr, r, rmask, c, n, H, Sq, msb, msh, msq, msk, scale,
-                         HAS_MASK, BOOL_MASK)
+        x, inb = _logits(s_ptr, m_ptr, r, rmask, c, n, H, Sq, msb, msh, msq, msk, scale, HAS_MASK, BOOL_MASK)
         offs = _offsets(r, c, n)
         p = tl.exp(x - m[:, None]) * inv[:, None]
         if DROPOUT:
@@ -128,9 +154,21 @@ def _softmax_fwd_stream_kernel(
 
 
 @triton.jit
-def _grad_tile(dy_ptr, soft_ptr, seed_ptr, r, rmask, col0, n, threshold, p_scale,
-               DROPOUT: tl.constexpr, GROUPED: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr):
+def _grad_tile(
+    dy_ptr,
+    soft_ptr,
+    seed_ptr,
+    r,
+    rmask,
+    col0,
+    n,
+    threshold,
+    p_scale,
+    DROPOUT: tl.constexpr,
+    GROUPED: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """``(g, p, inb)`` for rows ``r`` x columns ``col0 + [0, BLOCK_N)``: fp32 softmax ``p`` and
     ``g`` = the dropout backward of the incoming gradient (``keep ? dy p_scale : 0``), 0 outside;
     ``inb`` the in-bounds mask."""
@@ -148,20 +186,26 @@ def _grad_tile(dy_ptr, soft_ptr, seed_ptr, r, rmask, col0, n, threshold, p_scale
 
 @triton.jit
 def _softmax_bwd_kernel(
-    dy_ptr,     # [rows, n] contiguous, softmax's dtype: incoming gradient of probs
-    soft_ptr,   # [rows, n] contiguous, fp32/fp16/bf16: p, the softmax before dropout (saved)
-    seed_ptr,   # [1] int64; not read unless DROPOUT
-    ds_ptr,     # [rows, n] contiguous, softmax's dtype (output): dscores
-    rows, n,
-    scale, threshold, p_scale,
-    DROPOUT: tl.constexpr, GROUPED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,   # BLOCK_N >= n: whole rows in registers
+    dy_ptr,  # [rows, n] contiguous, softmax's dtype: incoming gradient of probs
+    soft_ptr,  # [rows, n] contiguous, fp32/fp16/bf16: p, the softmax before dropout (saved)
+    seed_ptr,  # [1] int64; not read unless DROPOUT
+    ds_ptr,  # [rows, n] contiguous, softmax's dtype (output): dscores
+    rows,
+    n,
+    scale,
+    threshold,
+    p_scale,
+    DROPOUT: tl.constexpr,
+    GROUPED: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # BLOCK_N >= n: whole rows in registers
 ):
     # dscores = scale * p * (g - sum_row(g p)): the softmax Jacobian-vector product, times the
     # derivative of x = s * scale + mask with respect to s
     r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    g, p, inb = _grad_tile(dy_ptr, soft_ptr, seed_ptr, r, r < rows, 0, n, threshold, p_scale,
-                           DROPOUT, GROUPED, BLOCK_M, BLOCK_N)
+    g, p, inb = _grad_tile(
+        dy_ptr, soft_ptr, seed_ptr, r, r < rows, 0, n, threshold, p_scale, DROPOUT, GROUPED, BLOCK_M, BLOCK_N
+    )
     dot = tl.sum(g * p, 1)
     ds = p * (g - dot[:, None]) * scale
     tl.store(ds_ptr + _offsets(r, tl.arange(0, BLOCK_N), n), for_store(ds, ds_ptr), mask=inb)
@@ -169,23 +213,34 @@ def _softmax_bwd_kernel(
 
 @triton.jit
 def _softmax_bwd_stream_kernel(
-    dy_ptr, soft_ptr, seed_ptr, ds_ptr,  # as _softmax_bwd_kernel
-    rows, n, scale, threshold, p_scale,
-    DROPOUT: tl.constexpr, GROUPED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,   # rows longer than a block: chunks of BLOCK_N
+    dy_ptr,
+    soft_ptr,
+    seed_ptr,
+    ds_ptr,  # as _softmax_bwd_kernel
+    rows,
+    n,
+    scale,
+    threshold,
+    p_scale,
+    DROPOUT: tl.constexpr,
+    GROUPED: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # rows longer than a block: chunks of BLOCK_N
 ):
     r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = r < rows
     # pass 1: sum_row(g p), accumulated per lane and reduced once
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for col0 in range(0, n, BLOCK_N):
-        g, p, inb = _grad_tile(dy_ptr, soft_ptr, seed_ptr, r, rmask, col0, n, threshold,
-                               p_scale, DROPOUT, GROUPED, BLOCK_M, BLOCK_N)
+        g, p, inb = _grad_tile(
+            dy_ptr, soft_ptr, seed_ptr, r, rmask, col0, n, threshold, p_scale, DROPOUT, GROUPED, BLOCK_M, BLOCK_N
+        )
         acc += g * p
     dot = tl.sum(acc, 1)
     # pass 2: reload (and regenerate the dropout mask) and write dscores
     for col0 in range(0, n, BLOCK_N):
-        g, p, inb = _grad_tile(dy_ptr, soft_ptr, seed_ptr, r, rmask, col0, n, threshold,
-                               p_scale, DROPOUT, GROUPED, BLOCK_M, BLOCK_N)
+        g, p, inb = _grad_tile(
+            dy_ptr, soft_ptr, seed_ptr, r, rmask, col0, n, threshold, p_scale, DROPOUT, GROUPED, BLOCK_M, BLOCK_N
+        )
         ds = p * (g - dot[:, None]) * scale
         tl.store(ds_ptr + _offsets(r, col0 + tl.arange(0, BLOCK_N), n), for_store(ds, ds_ptr), mask=inb)

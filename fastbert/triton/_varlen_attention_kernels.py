@@ -58,6 +58,7 @@ _WIDEN_BF16_DOT = tl.constexpr(INTERPRET)
 
 # ------------------------------------------------------------------------------------------ kernels
 
+
 @triton.jit
 def _dot(a, b, acc):
     """``acc + a @ b`` with fp32 accumulation; full-precision (never TF32) products of fp32."""
@@ -70,8 +71,9 @@ def _dot(a, b, acc):
 
 
 @triton.jit
-def _query_rows(start, m0, seqlen, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_D: tl.constexpr):
+def _query_rows(
+    start, m0, seqlen, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr
+):
     """The forward's and the dq pass's query block, rows ``m0 + [0, BLOCK_M)`` of the sequence at
     packed row ``start``: (offs_n, offs_d, dmask, mrow, t_m, qmask). No pointer goes in: Inductor's
     mutation analysis takes a pointer argument of a helper whose results address a store as written."""
@@ -86,17 +88,31 @@ def _query_rows(start, m0, seqlen, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr
 
 @triton.jit
 def _varlen_fwd_kernel(
-    q_ptr, k_ptr, v_ptr,  # [T, H, D] strided (token, head strides below; element stride 1)
-    cu_ptr,     # [B + 1] int32 cumulative sequence lengths
-    seed_ptr,   # [1] int64 Philox seed; not read unless DROPOUT
-    out_ptr,    # [T, H, D] contiguous, q's dtype (output)
-    lse_ptr,    # [H, T] fp32 (output): log-sum-exp of each query row's scaled scores
-    sq_t, sq_h, sk_t, sk_h, sv_t, sv_h,  # element strides of q, k, v: token, head
-    T, H, max_seqlen,
-    scale,      # multiplies q k^T
-    threshold, p_scale,  # dropout: philox.threshold(p) (int), philox.scale(p) (fp32)
-    DROPOUT: tl.constexpr, GROUPED: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,  # BLOCK_D >= HEAD_DIM
+    q_ptr,
+    k_ptr,
+    v_ptr,  # [T, H, D] strided (token, head strides below; element stride 1)
+    cu_ptr,  # [B + 1] int32 cumulative sequence lengths
+    seed_ptr,  # [1] int64 Philox seed; not read unless DROPOUT
+    out_ptr,  # [T, H, D] contiguous, q's dtype (output)
+    lse_ptr,  # [H, T] fp32 (output): log-sum-exp of each query row's scaled scores
+    sq_t,
+    sq_h,
+    sk_t,
+    sk_h,
+    sv_t,
+    sv_h,  # element strides of q, k, v: token, head
+    T,
+    H,
+    max_seqlen,
+    scale,  # multiplies q k^T
+    threshold,
+    p_scale,  # dropout: philox.threshold(p) (int), philox.scale(p) (fp32)
+    DROPOUT: tl.constexpr,
+    GROUPED: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # BLOCK_D >= HEAD_DIM
 ):
     # program (pid_m, h, b): query rows [pid_m*BLOCK_M, +BLOCK_M) of sequence b, head h
     h = tl.program_id(1)
@@ -139,15 +155,44 @@ def _varlen_fwd_kernel(
         out = tl.where(kept[:, None] > 0, acc * (p_scale / l_i)[:, None], 0.0)
     else:
         out = acc / l_i[:, None]
-    tl.store(out_ptr + (t_m[:, None] * (H * HEAD_DIM) + h64 * HEAD_DIM + offs_d[None, :]),
-             for_store(out, out_ptr), mask=qmask)
+    tl.store(
+        out_ptr + (t_m[:, None] * (H * HEAD_DIM) + h64 * HEAD_DIM + offs_d[None, :]),
+        for_store(out, out_ptr),
+        mask=qmask,
+    )
     tl.store(lse_ptr + (h64 * T + t_m), m_i + tl.log(l_i), mask=mrow)
 
 
 @triton.jit
-def _key_block(q, do, k_ptr, v_ptr, sk_t, sk_h, sv_t, sv_h, h64, start, seqlen, n0, offs_n, offs_d, dmask,
-               m_i, inv_l, scale, seed_ptr, rows, max_seqlen, threshold, p_scale, DROPOUT: tl.constexpr,
-               GROUPED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _key_block(
+    q,
+    do,
+    k_ptr,
+    v_ptr,
+    sk_t,
+    sk_h,
+    sv_t,
+    sv_h,
+    h64,
+    start,
+    seqlen,
+    n0,
+    offs_n,
+    offs_d,
+    dmask,
+    m_i,
+    inv_l,
+    scale,
+    seed_ptr,
+    rows,
+    max_seqlen,
+    threshold,
+    p_scale,
+    DROPOUT: tl.constexpr,
+    GROUPED: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """The dq kernel's key block ``n0``: (k, p, dp), ``p = exp(s - m) / l`` (``inv_l`` 1 with ``m``
     the lse) and ``dp = dO v^T`` after dropout's backward (a select). Its Delta pass and its dq pass
     take the same values. Only loads go through the pointers (nothing returned addresses a store)."""
@@ -168,22 +213,37 @@ def _key_block(q, do, k_ptr, v_ptr, sk_t, sk_h, sv_t, sv_h, h64, start, seqlen, 
 
 @triton.jit
 def _varlen_bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr,  # [T, H, D] strided (token, head strides below; element stride 1)
-    do_ptr,     # [T, H, D] contiguous: the output's gradient
-    lse_ptr,    # [H, T] fp32 log-sum-exp from the forward; not read when EXACT_SOFTMAX
-    cu_ptr,     # [B + 1] int32 cumulative sequence lengths
-    seed_ptr,   # [1] int64 Philox seed; not read unless DROPOUT
-    dq_ptr,     # [T, H, D] contiguous, q's dtype (output)
+    q_ptr,
+    k_ptr,
+    v_ptr,  # [T, H, D] strided (token, head strides below; element stride 1)
+    do_ptr,  # [T, H, D] contiguous: the output's gradient
+    lse_ptr,  # [H, T] fp32 log-sum-exp from the forward; not read when EXACT_SOFTMAX
+    cu_ptr,  # [B + 1] int32 cumulative sequence lengths
+    seed_ptr,  # [1] int64 Philox seed; not read unless DROPOUT
+    dq_ptr,  # [T, H, D] contiguous, q's dtype (output)
     delta_ptr,  # [H, T] fp32 (output, read by _varlen_bwd_dkdv_kernel): Delta of each row
-    m_ptr, il_ptr,  # [H, T] fp32 (outputs when EXACT_SOFTMAX, for _varlen_bwd_dkdv_kernel): each row's
-                    # max score m and 1 / l, l the sum of exp(s - m); not written otherwise
-    sq_t, sq_h, sk_t, sk_h, sv_t, sv_h,
-    T, H, max_seqlen,
-    scale,      # multiplies q k^T (and dS for dq)
-    threshold, p_scale,
-    DROPOUT: tl.constexpr, GROUPED: tl.constexpr, HEAD_DIM: tl.constexpr,
+    m_ptr,
+    il_ptr,  # [H, T] fp32 (outputs when EXACT_SOFTMAX, for _varlen_bwd_dkdv_kernel): each row's
+    # max score m and 1 / l, l the sum of exp(s - m); not written otherwise
+    sq_t,
+    sq_h,
+    sk_t,
+    sk_h,
+    sv_t,
+    sv_h,
+    T,
+    H,
+    max_seqlen,
+    scale,  # multiplies q k^T (and dS for dq)
+    threshold,
+    p_scale,
+    DROPOUT: tl.constexpr,
+    GROUPED: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
     EXACT_SOFTMAX: tl.constexpr,  # p = exp(s - m) / l from recomputed row statistics, Delta = rowsum(p dp)
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     # program (pid_m, h, b): query rows [pid_m*BLOCK_M, +BLOCK_M) of sequence b, head h
     h = tl.program_id(1)
@@ -231,18 +291,70 @@ def _varlen_bwd_dq_kernel(
     DELTA_T: tl.constexpr = tl.float64 if EXACT_SOFTMAX else tl.float32
     delta = tl.zeros([BLOCK_M], dtype=DELTA_T)
     for n0 in range(0, seqlen, BLOCK_N):
-        k, p, dp = _key_block(q, do, k_ptr, v_ptr, sk_t, sk_h, sv_t, sv_h, h64, start, seqlen, n0, offs_n,
-                              offs_d, dmask, m_i, inv_l, scale, seed_ptr, h64 * T + t_m, max_seqlen,
-                              threshold, p_scale, DROPOUT, GROUPED, BLOCK_M, BLOCK_N)
+        k, p, dp = _key_block(
+            q,
+            do,
+            k_ptr,
+            v_ptr,
+            sk_t,
+            sk_h,
+            sv_t,
+            sv_h,
+            h64,
+            start,
+            seqlen,
+            n0,
+            offs_n,
+            offs_d,
+            dmask,
+            m_i,
+            inv_l,
+            scale,
+            seed_ptr,
+            h64 * T + t_m,
+            max_seqlen,
+            threshold,
+            p_scale,
+            DROPOUT,
+            GROUPED,
+            BLOCK_M,
+            BLOCK_N,
+        )
         delta += tl.sum(p.to(DELTA_T) * dp.to(DELTA_T), 1)
     delta = delta.to(tl.float32)
     tl.store(delta_ptr + (h64 * T + t_m), delta, mask=mrow)
     # 3. dq = scale sum_j dS_ij k_j
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for n0 in range(0, seqlen, BLOCK_N):
-        k, p, dp = _key_block(q, do, k_ptr, v_ptr, sk_t, sk_h, sv_t, sv_h, h64, start, seqlen, n0, offs_n,
-                              offs_d, dmask, m_i, inv_l, scale, seed_ptr, h64 * T + t_m, max_seqlen,
-                              threshold, p_scale, DROPOUT, GROUPED, BLOCK_M, BLOCK_N)
+        k, p, dp = _key_block(
+            q,
+            do,
+            k_ptr,
+            v_ptr,
+            sk_t,
+            sk_h,
+            sv_t,
+            sv_h,
+            h64,
+            start,
+            seqlen,
+            n0,
+            offs_n,
+            offs_d,
+            dmask,
+            m_i,
+            inv_l,
+            scale,
+            seed_ptr,
+            h64 * T + t_m,
+            max_seqlen,
+            threshold,
+            p_scale,
+            DROPOUT,
+            GROUPED,
+            BLOCK_M,
+            BLOCK_N,
+        )
         ds = p * (dp - delta[:, None])
         dq = _dot(for_store(ds, k_ptr), k, dq)
     tl.store(dq_ptr + offs_c, for_store(dq * scale, dq_ptr), mask=qmask)
@@ -250,20 +362,37 @@ def _varlen_bwd_dq_kernel(
 
 @triton.jit
 def _varlen_bwd_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr,  # [T, H, D] strided (token, head strides below; element stride 1)
-    do_ptr,     # [T, H, D] contiguous: the output's gradient
-    lse_ptr,    # [H, T] fp32 log-sum-exp from the forward; not read when EXACT_SOFTMAX
+    q_ptr,
+    k_ptr,
+    v_ptr,  # [T, H, D] strided (token, head strides below; element stride 1)
+    do_ptr,  # [T, H, D] contiguous: the output's gradient
+    lse_ptr,  # [H, T] fp32 log-sum-exp from the forward; not read when EXACT_SOFTMAX
     delta_ptr,  # [H, T] fp32 Delta from _varlen_bwd_dq_kernel
-    m_ptr, il_ptr,  # [H, T] fp32 row max m and 1 / l from _varlen_bwd_dq_kernel; read only when EXACT_SOFTMAX
-    cu_ptr,     # [B + 1] int32 cumulative sequence lengths
-    seed_ptr,   # [1] int64 Philox seed; not read unless DROPOUT
-    dk_ptr, dv_ptr,  # [T, H, D] contiguous, q's dtype (outputs)
-    sq_t, sq_h, sk_t, sk_h, sv_t, sv_h,
-    T, H, max_seqlen,
-    scale, threshold, p_scale,
-    DROPOUT: tl.constexpr, GROUPED: tl.constexpr, HEAD_DIM: tl.constexpr,
+    m_ptr,
+    il_ptr,  # [H, T] fp32 row max m and 1 / l from _varlen_bwd_dq_kernel; read only when EXACT_SOFTMAX
+    cu_ptr,  # [B + 1] int32 cumulative sequence lengths
+    seed_ptr,  # [1] int64 Philox seed; not read unless DROPOUT
+    dk_ptr,
+    dv_ptr,  # [T, H, D] contiguous, q's dtype (outputs)
+    sq_t,
+    sq_h,
+    sk_t,
+    sk_h,
+    sv_t,
+    sv_h,
+    T,
+    H,
+    max_seqlen,
+    scale,
+    threshold,
+    p_scale,
+    DROPOUT: tl.constexpr,
+    GROUPED: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
     EXACT_SOFTMAX: tl.constexpr,  # p = exp(s - m) * (1 / l), as the dq kernel; else exp(s - lse)
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     # program (pid_n, h, b): key rows [pid_n*BLOCK_N, +BLOCK_N) of sequence b, head h, looping over
     # blocks of BLOCK_M queries
@@ -292,8 +421,7 @@ def _varlen_bwd_dkdv_kernel(
         t_m = (start + rows).to(tl.int64)
         qmask = mrow[:, None] & dmask[None, :]
         q = tl.load(q_ptr + (t_m[:, None] * sq_t + h64 * sq_h + offs_d[None, :]), mask=qmask, other=0.0)
-        do = tl.load(do_ptr + (t_m[:, None] * (H * HEAD_DIM) + h64 * HEAD_DIM + offs_d[None, :]),
-                     mask=qmask, other=0.0)
+        do = tl.load(do_ptr + (t_m[:, None] * (H * HEAD_DIM) + h64 * HEAD_DIM + offs_d[None, :]), mask=qmask, other=0.0)
         if EXACT_SOFTMAX:
             m_i = tl.load(m_ptr + (h64 * T + t_m), mask=mrow, other=0.0)
             inv_l = tl.load(il_ptr + (h64 * T + t_m), mask=mrow, other=0.0)

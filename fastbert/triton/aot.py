@@ -42,8 +42,16 @@ import tempfile
 import time
 
 from fastbert.triton.launch_spec import (  # noqa: F401  (launch specs: re-exported for callers of aot)
-    _num_stages, _value, kernel_id, launch_spec, load_launches, resolve_kernel, spec_from_json, spec_key,
-    spec_to_json)
+    _num_stages,
+    _value,
+    kernel_id,
+    launch_spec,
+    load_launches,
+    resolve_kernel,
+    spec_from_json,
+    spec_key,
+    spec_to_json,
+)
 
 ARCHS = (80, 90)
 
@@ -93,7 +101,6 @@ def uncovered():
 
 def _source(spec):
     from triton.compiler import ASTSource
-
     from triton.runtime.jit import JITFunction
 
     kernel = spec["kernel"]
@@ -105,8 +112,9 @@ def _source(spec):
     missing = [a for a in names if a not in consts and a not in sig]
     unknown = [a for a in list(consts) + list(sig) if a not in names]
     if missing or unknown:
-        raise ValueError(f"{spec['name']}: spec does not match the kernel's arguments "
-                         f"(missing {missing}, unknown {unknown})")
+        raise ValueError(
+            f"{spec['name']}: spec does not match the kernel's arguments (missing {missing}, unknown {unknown})"
+        )
     div16 = [names.index(a) for a in spec.get("divisible_by_16", ())]
     if _is_v4_triton():
         signature = {a: ("constexpr" if a in consts else sig[a]) for a in names}
@@ -167,8 +175,7 @@ def _ptxas_usage(ptx, fmad=True):
         with open(src, "w") as f:
             f.write(ptx)
         cmd = [ptxas, "-v", f"--gpu-name={gpu}"] + ([] if fmad else ["--fmad=false"])
-        r = subprocess.run(cmd + [src, "-o", os.path.join(d, "k.cubin")], capture_output=True,
-                           text=True)
+        r = subprocess.run(cmd + [src, "-o", os.path.join(d, "k.cubin")], capture_output=True, text=True)
     log = r.stdout + r.stderr
     if r.returncode != 0:
         raise RuntimeError(f"ptxas -v failed ({r.returncode}): {log.strip()[-2000:]}")
@@ -189,6 +196,7 @@ def _compile_logged(src, target, options):
 
     try:
         from triton import knobs
+
         nv = knobs.nvidia
         saved = nv.dump_ptxas_log
     except Exception:  # no knobs: no log, ptxas is rerun
@@ -221,13 +229,22 @@ def compile_one(spec, arch):
     """Compile one spec for ``sm_<arch>``; returns a result dict (``error`` set on failure)."""
     from triton.backends.compiler import GPUTarget
 
-    res = dict(name=spec["name"], arch=arch, registers=None, spill_bytes=None, spill_stores=None,
-               spill_loads=None, stack_bytes=None, shared_bytes=None, cubin=False, error=None,
-               seconds=0.0)
+    res = dict(
+        name=spec["name"],
+        arch=arch,
+        registers=None,
+        spill_bytes=None,
+        spill_stores=None,
+        spill_loads=None,
+        stack_bytes=None,
+        shared_bytes=None,
+        cubin=False,
+        error=None,
+        seconds=0.0,
+    )
     t0 = time.perf_counter()
     try:
-        options = dict(spec.get("options", {}), num_warps=spec.get("num_warps", 4),
-                       num_stages=_num_stages(spec))
+        options = dict(spec.get("options", {}), num_warps=spec.get("num_warps", 4), num_stages=_num_stages(spec))
         ck, log = _compile_logged(_source(spec), GPUTarget("cuda", arch, 32), options)
         cubin = ck.asm.get("cubin")
         res["cubin"] = bool(cubin)
@@ -236,8 +253,9 @@ def compile_one(spec, arch):
         regs, stores, loads, stack = _parse_ptxas_log(log) or _ptxas_usage(ck.asm["ptx"], fmad)
         if cubin:
             regs = _cubin_registers(cubin) or regs
-        res.update(registers=regs, spill_stores=stores, spill_loads=loads,
-                   spill_bytes=stores + loads, stack_bytes=stack)
+        res.update(
+            registers=regs, spill_stores=stores, spill_loads=loads, spill_bytes=stores + loads, stack_bytes=stack
+        )
     except Exception as e:  # report every kernel, not just the first failure
         res["error"] = f"{type(e).__name__}: {str(e).strip()[:2000]}"
     res["seconds"] = time.perf_counter() - t0
@@ -271,8 +289,10 @@ def compile_all(arch=ARCHS, name_filter=None, jobs=None, launches=()):
         if name_filter and name_filter not in spec["name"]:
             continue
         if not isinstance(spec["kernel"], JITFunction):
-            raise RuntimeError(f"{spec['name']}: not a compilable triton.jit kernel "
-                               f"({type(spec['kernel']).__name__}); is TRITON_INTERPRET set?")
+            raise RuntimeError(
+                f"{spec['name']}: not a compilable triton.jit kernel "
+                f"({type(spec['kernel']).__name__}); is TRITON_INTERPRET set?"
+            )
         selected.append(i)
         first.setdefault(spec_key(spec), i)
     same = {i: first[spec_key(all_specs[i])] for i in selected}
@@ -312,12 +332,16 @@ def format_table(results):
     width = max([len(r["name"]) for r in results] + [6])
     lines = [f"{'kernel':<{width}}  arch  regs  spill  stack  shared  cubin  time   status"]
     for r in results:
+
         def v(k):
             return "-" if r[k] is None else str(r[k])
+
         status = "ok" if ok(r) else ("FAILED" if r["error"] else "SPILLS" if r["cubin"] else "NO CUBIN")
-        lines.append(f"{r['name']:<{width}}  sm_{r['arch']:<2}  {v('registers'):>4}  "
-                     f"{v('spill_bytes'):>5}  {v('stack_bytes'):>5}  {v('shared_bytes'):>6}  "
-                     f"{'yes' if r['cubin'] else 'no':>5}  {r['seconds']:4.1f}s  {status}")
+        lines.append(
+            f"{r['name']:<{width}}  sm_{r['arch']:<2}  {v('registers'):>4}  "
+            f"{v('spill_bytes'):>5}  {v('stack_bytes'):>5}  {v('shared_bytes'):>6}  "
+            f"{'yes' if r['cubin'] else 'no':>5}  {r['seconds']:4.1f}s  {status}"
+        )
     for r in results:
         if r["error"]:
             lines.append(f"\n{r['name']} sm_{r['arch']}: {r['error']}")
@@ -330,8 +354,9 @@ def main(argv=None):
     p.add_argument("--filter", default=None, help="only kernels whose spec name contains this")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--jobs", "-j", type=int, default=None, help="parallel compiles (default: CPUs)")
-    p.add_argument("--launches", default=None,
-                   help="also compile the launch specs in this JSON file (tests/triton_launches.py)")
+    p.add_argument(
+        "--launches", default=None, help="also compile the launch specs in this JSON file (tests/triton_launches.py)"
+    )
     args = p.parse_args(argv)
     try:
         import triton
@@ -348,16 +373,17 @@ def main(argv=None):
         print(f"{name}: no AOT_SPECS entry compiles this kernel")
     n_launch = sum(r["launch"] for r in results)
     shared = sum("same_as" in r for r in results)
-    print(f"\n{len(results)} results ({len(results) - n_launch} AOT_SPECS, {n_launch} recorded launches; "
-          f"{len(results) - shared} compiles, {shared} shared with an equal spec) (triton "
-          f"{triton.__version__}, archs {', '.join(f'sm_{a}' for a in args.arch)}) in "
-          f"{time.perf_counter() - t0:.1f}s: {len(results) - len(bad)} ok, {len(bad)} failed or spilled")
+    print(
+        f"\n{len(results)} results ({len(results) - n_launch} AOT_SPECS, {n_launch} recorded launches; "
+        f"{len(results) - shared} compiles, {shared} shared with an equal spec) (triton "
+        f"{triton.__version__}, archs {', '.join(f'sm_{a}' for a in args.arch)}) in "
+        f"{time.perf_counter() - t0:.1f}s: {len(results) - len(bad)} ok, {len(bad)} failed or spilled"
+    )
     if args.json:
         import json
 
         with open(args.json, "w") as f:
-            json.dump({"triton": triton.__version__, "results": results, "uncovered": missing}, f,
-                      indent=1)
+            json.dump({"triton": triton.__version__, "results": results, "uncovered": missing}, f, indent=1)
     return 1 if bad or missing or not results else 0
 
 

@@ -35,13 +35,13 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
-from fastbert.triton._common import wrap_triton
 
 from fastbert.ops import _library
 from fastbert.ops.bias_gelu import _fake_bwd as _ops_fake_bwd
 from fastbert.ops.bias_gelu import _fake_fwd as _ops_fake_fwd
 from fastbert.ops.bias_gelu import backward, check_args, setup_context
-from fastbert.triton._common import aot_spec, check_device, check_dtypes, define, for_store
+from fastbert.triton._common import aot_spec, check_device, check_dtypes, define, for_store, wrap_triton
+
 
 @triton.jit
 def _gelu(z, APPROX_TANH: tl.constexpr):
@@ -98,7 +98,7 @@ def _gelu_grad(z, APPROX_TANH: tl.constexpr):
         p = p * x2 + -1.271909522e-03
         p = p * x2 + 8.187313760e-02
         p = p * x2 + -1.109946955e-01
-        p = p * x2 + 1.128379771e+00
+        p = p * x2 + 1.128379771e00
         q = 2.031874595e-04 * x2 + 2.551617771e-03
         q = q * x2 + 2.463029804e-02
         q = q * x2 + 1.513924648e-01
@@ -109,11 +109,11 @@ def _gelu_grad(z, APPROX_TANH: tl.constexpr):
 
 @triton.jit
 def _bias_gelu_fwd_kernel(
-    x_ptr,     # [rows, n] contiguous, fp32/fp16/bf16
+    x_ptr,  # [rows, n] contiguous, fp32/fp16/bf16
     bias_ptr,  # [n] any float dtype; not read when HAS_BIAS is False (then any valid pointer)
-    y_ptr,     # [rows, n] contiguous, x's dtype (output)
-    rows,      # number of rows (product of x's leading dims)
-    n,         # row length = row stride of x and y, in elements
+    y_ptr,  # [rows, n] contiguous, x's dtype (output)
+    rows,  # number of rows (product of x's leading dims)
+    n,  # row length = row stride of x and y, in elements
     HAS_BIAS: tl.constexpr,
     APPROX_TANH: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -137,14 +137,14 @@ def _bias_gelu_fwd_kernel(
 
 @triton.jit
 def _bias_gelu_bwd_kernel(
-    dy_ptr,       # [rows, n] contiguous, x's dtype: incoming gradient
-    x_ptr,        # [rows, n] contiguous, fp32/fp16/bf16: saved input
-    bias_ptr,     # [n] any float dtype; not read when HAS_BIAS is False
-    dx_ptr,       # [rows, n] contiguous, x's dtype (output): dx = dy * gelu'(x + bias)
+    dy_ptr,  # [rows, n] contiguous, x's dtype: incoming gradient
+    x_ptr,  # [rows, n] contiguous, fp32/fp16/bf16: saved input
+    bias_ptr,  # [n] any float dtype; not read when HAS_BIAS is False
+    dx_ptr,  # [rows, n] contiguous, x's dtype (output): dx = dy * gelu'(x + bias)
     partial_ptr,  # [cdiv(rows, rows_per_prog), n] fp32 (output, NEED_DBIAS only): per-row-block
-                  # column sums of dx; not touched when NEED_DBIAS is False
+    # column sums of dx; not touched when NEED_DBIAS is False
     rows,
-    n,            # row length = row stride of dy, x, dx and partial
+    n,  # row length = row stride of dy, x, dx and partial
     rows_per_prog,  # rows each program walks (a multiple of BLOCK_M)
     HAS_BIAS: tl.constexpr,
     NEED_DBIAS: tl.constexpr,
@@ -183,10 +183,10 @@ def _bias_gelu_bwd_kernel(
 
 @triton.jit
 def _dbias_reduce_kernel(
-    partial_ptr,   # [n_blocks, n] fp32: per-row-block column sums from the backward kernel
-    dbias_ptr,     # [n] bias's dtype (output): sum of partial over its rows
+    partial_ptr,  # [n_blocks, n] fp32: per-row-block column sums from the backward kernel
+    dbias_ptr,  # [n] bias's dtype (output): sum of partial over its rows
     n_blocks,
-    n,             # row length = row stride of partial
+    n,  # row length = row stride of partial
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -252,6 +252,7 @@ def rows_per_program(rows, block_m):
 
 # ------------------------------------------------------------------------------------------- ops
 
+
 def _check(x, bias, approximate, op):
     check_args(x, bias, approximate)
     check_dtypes(f"bias_gelu ({op})", x=x, bias=bias)
@@ -261,8 +262,7 @@ def _check(x, bias, approximate, op):
 def _check_bwd(grad, x, bias, approximate):
     _check(x, bias, approximate, "triton backward")
     if grad.shape != x.shape:
-        raise ValueError(f"bias_gelu backward: grad has shape {list(grad.shape)} but x has shape "
-                         f"{list(x.shape)}")
+        raise ValueError(f"bias_gelu backward: grad has shape {list(grad.shape)} but x has shape {list(x.shape)}")
     if grad.dtype != x.dtype:
         raise ValueError(f"bias_gelu backward: grad dtype {grad.dtype} differs from x dtype {x.dtype}")
     if grad.device != x.device:
@@ -291,15 +291,24 @@ def bias_gelu_fwd_triton(x: torch.Tensor, bias: Optional[torch.Tensor], approxim
     block_m, block_n, num_warps = block_config(n)
     grid = (triton.cdiv(rows, block_m), triton.cdiv(n, block_n))
     wrap_triton(_bias_gelu_fwd_kernel)[grid](
-        x, x if bias is None else bias.contiguous(), y, rows, n,
-        HAS_BIAS=bias is not None, APPROX_TANH=approximate == "tanh",
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+        x,
+        x if bias is None else bias.contiguous(),
+        y,
+        rows,
+        n,
+        HAS_BIAS=bias is not None,
+        APPROX_TANH=approximate == "tanh",
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        num_warps=num_warps,
+    )
     return y
 
 
 @define("fastbert::bias_gelu_bwd_triton", _fake_bwd)
-def bias_gelu_bwd_triton(grad: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor],
-                         approximate: str, need_dbias: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+def bias_gelu_bwd_triton(
+    grad: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor], approximate: str, need_dbias: bool
+) -> Tuple[torch.Tensor, torch.Tensor]:
     _check_bwd(grad, x, bias, approximate)
     x, grad = x.contiguous(), grad.contiguous()
     want_db = need_dbias and bias is not None
@@ -307,8 +316,7 @@ def bias_gelu_bwd_triton(grad: torch.Tensor, x: torch.Tensor, bias: Optional[tor
     n = x.shape[-1]
     rows = x.numel() // n if n else 0
     if rows == 0 or n == 0:  # nothing to launch; the sum over no rows is 0
-        dbias = (torch.zeros_like(bias, memory_format=torch.contiguous_format) if want_db
-                 else x.new_empty((0,)))
+        dbias = torch.zeros_like(bias, memory_format=torch.contiguous_format) if want_db else x.new_empty((0,))
         return dx, dbias
     block_m, block_n, _ = block_config(n)
     per = rows_per_program(rows, block_m) if want_db else block_m
@@ -317,24 +325,39 @@ def bias_gelu_bwd_triton(grad: torch.Tensor, x: torch.Tensor, bias: Optional[tor
     # not dx, so no output is passed twice to a kernel that torch.compile sees mutate it)
     partial = x.new_empty((n_blocks, n), dtype=torch.float32) if want_db else x
     wrap_triton(_bias_gelu_bwd_kernel)[(n_blocks, triton.cdiv(n, block_n))](
-        grad, x, x if bias is None else bias.contiguous(), dx, partial, rows, n, per,
-        HAS_BIAS=bias is not None, NEED_DBIAS=want_db, APPROX_TANH=approximate == "tanh",
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_BWD_WARPS)
+        grad,
+        x,
+        x if bias is None else bias.contiguous(),
+        dx,
+        partial,
+        rows,
+        n,
+        per,
+        HAS_BIAS=bias is not None,
+        NEED_DBIAS=want_db,
+        APPROX_TANH=approximate == "tanh",
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        num_warps=_BWD_WARPS,
+    )
     if not want_db:
         return dx, x.new_empty((0,))
     # stage 2: fixed-order sum of the row-block partials, cast to bias's dtype
     dbias = torch.empty_like(bias, memory_format=torch.contiguous_format)
     block_r, block_nr, warps_r = reduce_config(n_blocks)
     wrap_triton(_dbias_reduce_kernel)[(triton.cdiv(n, block_nr),)](
-        partial, dbias, n_blocks, n, BLOCK_R=block_r, BLOCK_N=block_nr, num_warps=warps_r)
+        partial, dbias, n_blocks, n, BLOCK_R=block_r, BLOCK_N=block_nr, num_warps=warps_r
+    )
     return dx, dbias
 
 
-_library.register_autograd("fastbert::bias_gelu_fwd_triton",
-                           torch.ops.fastbert.bias_gelu_bwd_triton.default, setup_context, backward)
+_library.register_autograd(
+    "fastbert::bias_gelu_fwd_triton", torch.ops.fastbert.bias_gelu_bwd_triton.default, setup_context, backward
+)
 
 
 # ------------------------------------------------------------------------ ahead-of-time compile list
+
 
 def _aot_specs():
     """The specialisations to compile ahead of time (fastbert/triton/aot.py), as the launchers
@@ -354,22 +377,36 @@ def _aot_specs():
     def fwd(n, x, b, tanh):
         bm, bn, nw = block_config(n)
         sig = {"x_ptr": f"*{x}", "bias_ptr": f"*{b or x}", "y_ptr": f"*{x}", "rows": "i32", "n": "i32"}
-        add(_bias_gelu_fwd_kernel, f"x={x},bias={b},{'tanh' if tanh else 'erf'}", sig,
-            dict(HAS_BIAS=b is not None, APPROX_TANH=tanh, BLOCK_M=bm, BLOCK_N=bn), nw,
-            ("x_ptr", "bias_ptr", "y_ptr", "n"))
+        add(
+            _bias_gelu_fwd_kernel,
+            f"x={x},bias={b},{'tanh' if tanh else 'erf'}",
+            sig,
+            dict(HAS_BIAS=b is not None, APPROX_TANH=tanh, BLOCK_M=bm, BLOCK_N=bn),
+            nw,
+            ("x_ptr", "bias_ptr", "y_ptr", "n"),
+        )
 
     def bwd(n, x, b, need_db, tanh):
         bm, bn, _ = block_config(n)
         nw = _BWD_WARPS
-        sig = {"dy_ptr": f"*{x}", "x_ptr": f"*{x}", "bias_ptr": f"*{b or x}", "dx_ptr": f"*{x}",
-               "partial_ptr": "*fp32" if need_db else f"*{x}", "rows": "i32", "n": "i32",
-               "rows_per_prog": "i32"}
-        add(_bias_gelu_bwd_kernel,
-            f"x={x},bias={b},{'dbias' if need_db else 'no-dbias'},{'tanh' if tanh else 'erf'}", sig,
-            dict(HAS_BIAS=b is not None, NEED_DBIAS=need_db, APPROX_TANH=tanh, BLOCK_M=bm,
-                 BLOCK_N=bn), nw,
-            ("dy_ptr", "x_ptr", "bias_ptr", "dx_ptr", "partial_ptr", "n")
-            + (("rows_per_prog",) if need_db else ()))  # without dbias it is BLOCK_M
+        sig = {
+            "dy_ptr": f"*{x}",
+            "x_ptr": f"*{x}",
+            "bias_ptr": f"*{b or x}",
+            "dx_ptr": f"*{x}",
+            "partial_ptr": "*fp32" if need_db else f"*{x}",
+            "rows": "i32",
+            "n": "i32",
+            "rows_per_prog": "i32",
+        }
+        add(
+            _bias_gelu_bwd_kernel,
+            f"x={x},bias={b},{'dbias' if need_db else 'no-dbias'},{'tanh' if tanh else 'erf'}",
+            sig,
+            dict(HAS_BIAS=b is not None, NEED_DBIAS=need_db, APPROX_TANH=tanh, BLOCK_M=bm, BLOCK_N=bn),
+            nw,
+            ("dy_ptr", "x_ptr", "bias_ptr", "dx_ptr", "partial_ptr", "n") + (("rows_per_prog",) if need_db else ()),
+        )  # without dbias it is BLOCK_M
 
     configs = {}
     for n in (768, 1024, 3072, 4096):
@@ -387,9 +424,14 @@ def _aot_specs():
     for n_blocks in (1, _MAX_ROW_BLOCKS):
         br, bn, nw = reduce_config(n_blocks)
         for t in ("fp32", "fp16", "bf16"):
-            add(_dbias_reduce_kernel, f"dbias={t}",
+            add(
+                _dbias_reduce_kernel,
+                f"dbias={t}",
                 {"partial_ptr": "*fp32", "dbias_ptr": f"*{t}", "n_blocks": "i32", "n": "i32"},
-                dict(BLOCK_R=br, BLOCK_N=bn), nw, ("partial_ptr", "dbias_ptr", "n"))
+                dict(BLOCK_R=br, BLOCK_N=bn),
+                nw,
+                ("partial_ptr", "dbias_ptr", "n"),
+            )
     return specs
 
 

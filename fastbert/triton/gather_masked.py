@@ -32,24 +32,24 @@ from typing import Tuple
 import torch
 import triton
 import triton.language as tl
-from fastbert.triton._common import wrap_triton
 
 from fastbert.ops import _library
+from fastbert.ops.gather_masked import OP, backward, bwd_backward, bwd_setup_context, check_args, setup_context
 from fastbert.ops.gather_masked import _fake_bwd as _ops_fake_bwd
 from fastbert.ops.gather_masked import _fake_fwd as _ops_fake_fwd
-from fastbert.ops.gather_masked import OP, backward, bwd_backward, bwd_setup_context, check_args, setup_context
-from fastbert.triton._common import aot_spec, check_device, check_dtypes, define
+from fastbert.triton._common import aot_spec, check_device, check_dtypes, define, wrap_triton
 
 _SCAN_BLOCK = 4096  # labels per step of the scan: 16 per thread over 8 warps
-_TILE = 4096        # elements per copy tile (4 warps: 32 per thread)
+_TILE = 4096  # elements per copy tile (4 warps: 32 per thread)
 
 
 @triton.jit
 def _gather_scan_kernel(
     labels_ptr,  # [N] contiguous labels, int64/int32/int16/int8/uint8
-    slot_ptr,    # [N] int64 (output): row of token n in `rows`, -1 if not selected
-    ws_ptr,      # [N + 1] int64 (output): ws[m] = n of output row m (m < M); ws[N] = M
-    N, ignore_index,
+    slot_ptr,  # [N] int64 (output): row of token n in `rows`, -1 if not selected
+    ws_ptr,  # [N + 1] int64 (output): ws[m] = n of output row m (m < M); ws[N] = M
+    N,
+    ignore_index,
     BLOCK: tl.constexpr,
 ):
     carry = tl.zeros([], dtype=tl.int64)  # selected tokens before this block
@@ -68,14 +68,16 @@ def _gather_scan_kernel(
 
 @triton.jit
 def _gather_rows_kernel(
-    hidden_ptr,   # [N, H] contiguous, any float dtype
-    labels_ptr,   # [N] contiguous labels (any integer dtype)
-    ws_ptr,       # [>= M] int64: source token of each output row (from the scan)
-    rows_ptr,     # [M, H] contiguous, hidden's dtype (output)
+    hidden_ptr,  # [N, H] contiguous, any float dtype
+    labels_ptr,  # [N] contiguous labels (any integer dtype)
+    ws_ptr,  # [>= M] int64: source token of each output row (from the scan)
+    rows_ptr,  # [M, H] contiguous, hidden's dtype (output)
     targets_ptr,  # [M] int64 (output): labels[ws[m]]
-    index_ptr,    # [M] int64 (output): ws[m]
-    M, H,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    index_ptr,  # [M] int64 (output): ws[m]
+    M,
+    H,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     # program (pid_m, pid_n): output rows [pid_m*BLOCK_M, +BLOCK_M) x columns [pid_n*BLOCK_N, +BLOCK_N)
     r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -95,9 +97,11 @@ def _gather_rows_kernel(
 def _gather_bwd_kernel(
     grad_ptr,  # [M, H] contiguous: gradient of rows
     slot_ptr,  # [N] int64: row of token n in grad, -1 if not selected
-    out_ptr,   # [N, H] contiguous, grad's dtype (output): gradient of hidden
-    N, H,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    out_ptr,  # [N, H] contiguous, grad's dtype (output): gradient of hidden
+    N,
+    H,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     # out[n, c] = grad[slot[n], c] if slot[n] >= 0 else 0 (the transpose of the gather)
     r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -122,11 +126,13 @@ def _grid(rows, h, bm, bn):
 
 # ------------------------------------------------------------------------------------------- ops
 
+
 def _check(hidden, labels, ignore_index):
     check_args(hidden, labels, ignore_index)
     if hidden.dim() != 2:
-        raise ValueError(f"{OP} (triton forward): hidden must be [N, H] with labels [N], got hidden "
-                         f"{list(hidden.shape)}")
+        raise ValueError(
+            f"{OP} (triton forward): hidden must be [N, H] with labels [N], got hidden {list(hidden.shape)}"
+        )
     check_dtypes(f"{OP} (triton forward)", hidden=hidden)
     check_device(hidden, f"{OP} (triton forward)")
 
@@ -134,9 +140,11 @@ def _check(hidden, labels, ignore_index):
 def _check_bwd(grad, slot):
     check_dtypes(f"{OP} (triton backward)", grad=grad)
     if grad.dim() != 2 or slot.dim() != 1 or slot.dtype != torch.int64 or slot.device != grad.device:
-        raise ValueError(f"{OP} backward: grad must be [M, H] and slot [N] int64 on grad's device, got grad "
-                         f"{list(grad.shape)} on {grad.device}, slot {slot.dtype} {list(slot.shape)} on "
-                         f"{slot.device}")
+        raise ValueError(
+            f"{OP} backward: grad must be [M, H] and slot [N] int64 on grad's device, got grad "
+            f"{list(grad.shape)} on {grad.device}, slot {slot.dtype} {list(slot.shape)} on "
+            f"{slot.device}"
+        )
     check_device(grad, f"{OP} (triton backward)")
 
 
@@ -150,11 +158,15 @@ def _fake_bwd(grad, slot):
     return _ops_fake_bwd(grad, slot)
 
 
-@torch.library.custom_op("fastbert::gather_masked_fwd_triton", mutates_args=(),
-                         schema="(Tensor hidden, Tensor labels, int ignore_index) -> (Tensor, Tensor, Tensor, Tensor)",
-                         **_library.sync_tags_kwargs())  # reads M back: torch.Tag.cudagraph_unsafe
-def gather_masked_fwd_triton(hidden: torch.Tensor, labels: torch.Tensor, ignore_index: int
-                             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+@torch.library.custom_op(
+    "fastbert::gather_masked_fwd_triton",
+    mutates_args=(),
+    schema="(Tensor hidden, Tensor labels, int ignore_index) -> (Tensor, Tensor, Tensor, Tensor)",
+    **_library.sync_tags_kwargs(),
+)  # reads M back: torch.Tag.cudagraph_unsafe
+def gather_masked_fwd_triton(
+    hidden: torch.Tensor, labels: torch.Tensor, ignore_index: int
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _check(hidden, labels, ignore_index)
     hidden, labels = hidden.contiguous(), labels.contiguous()
     n, h = hidden.shape
@@ -170,8 +182,9 @@ def gather_masked_fwd_triton(hidden: torch.Tensor, labels: torch.Tensor, ignore_
     index = torch.empty_like(targets)
     if m:
         bm, bn, num_warps = tile_config(h)
-        _gather_rows_kernel[_grid(m, h, bm, bn)](hidden, labels, ws, rows, targets, index, m, h,
-                                                 BLOCK_M=bm, BLOCK_N=bn, num_warps=num_warps)
+        _gather_rows_kernel[_grid(m, h, bm, bn)](
+            hidden, labels, ws, rows, targets, index, m, h, BLOCK_M=bm, BLOCK_N=bn, num_warps=num_warps
+        )
     return rows, targets, index, slot
 
 
@@ -187,20 +200,30 @@ def gather_masked_bwd_triton(grad: torch.Tensor, slot: torch.Tensor) -> torch.Te
     if n == 0 or h == 0:
         return out
     bm, bn, num_warps = tile_config(h)
-    wrap_triton(_gather_bwd_kernel)[_grid(n, h, bm, bn)](grad, slot, out, n, h, BLOCK_M=bm, BLOCK_N=bn,
-                                                         num_warps=num_warps)
+    wrap_triton(_gather_bwd_kernel)[_grid(n, h, bm, bn)](
+        grad, slot, out, n, h, BLOCK_M=bm, BLOCK_N=bn, num_warps=num_warps
+    )
     return out
 
 
-_library.register_autograd("fastbert::gather_masked_fwd_triton",
-                           torch.ops.fastbert.gather_masked_bwd_triton.default, setup_context, backward,
-                           double_backward=True)
-_library.register_autograd("fastbert::gather_masked_bwd_triton",
-                           torch.ops.fastbert.gather_masked_fwd_triton.default, bwd_setup_context, bwd_backward,
-                           double_backward=True)
+_library.register_autograd(
+    "fastbert::gather_masked_fwd_triton",
+    torch.ops.fastbert.gather_masked_bwd_triton.default,
+    setup_context,
+    backward,
+    double_backward=True,
+)
+_library.register_autograd(
+    "fastbert::gather_masked_bwd_triton",
+    torch.ops.fastbert.gather_masked_fwd_triton.default,
+    bwd_setup_context,
+    bwd_backward,
+    double_backward=True,
+)
 
 
 # ------------------------------------------------------------------------ ahead-of-time compile list
+
 
 def _aot_specs():
     """BERT's N = B * S = 4096 tokens with H = 768 (base) and 1024 (large): the scan for int64 and
@@ -209,24 +232,48 @@ def _aot_specs():
     of 16; ignore_index -100 is an i32)."""
     specs = []
     for lab in ("i64", "i32"):
-        specs.append(aot_spec(_gather_scan_kernel, f"N=4096,labels={lab}",
-                              {"labels_ptr": f"*{lab}", "slot_ptr": "*i64", "ws_ptr": "*i64", "N": "i32",
-                               "ignore_index": "i32"},
-                              dict(BLOCK=_SCAN_BLOCK), 8, ("labels_ptr", "slot_ptr", "ws_ptr", "N")))
+        specs.append(
+            aot_spec(
+                _gather_scan_kernel,
+                f"N=4096,labels={lab}",
+                {"labels_ptr": f"*{lab}", "slot_ptr": "*i64", "ws_ptr": "*i64", "N": "i32", "ignore_index": "i32"},
+                dict(BLOCK=_SCAN_BLOCK),
+                8,
+                ("labels_ptr", "slot_ptr", "ws_ptr", "N"),
+            )
+        )
     for h in (768, 1024):
         bm, bn, nw = tile_config(h)
         for s in ("fp32", "fp16", "bf16"):
-            specs.append(aot_spec(_gather_rows_kernel, f"H={h},{s}",
-                                  {"hidden_ptr": f"*{s}", "labels_ptr": "*i64", "ws_ptr": "*i64",
-                                   "rows_ptr": f"*{s}", "targets_ptr": "*i64", "index_ptr": "*i64",
-                                   "M": "i32", "H": "i32"},
-                                  dict(BLOCK_M=bm, BLOCK_N=bn), nw,
-                                  ("hidden_ptr", "labels_ptr", "ws_ptr", "rows_ptr", "targets_ptr",
-                                   "index_ptr", "H")))
-            specs.append(aot_spec(_gather_bwd_kernel, f"N=4096,H={h},{s}",
-                                  {"grad_ptr": f"*{s}", "slot_ptr": "*i64", "out_ptr": f"*{s}", "N": "i32",
-                                   "H": "i32"},
-                                  dict(BLOCK_M=bm, BLOCK_N=bn), nw, ("grad_ptr", "slot_ptr", "out_ptr", "N", "H")))
+            specs.append(
+                aot_spec(
+                    _gather_rows_kernel,
+                    f"H={h},{s}",
+                    {
+                        "hidden_ptr": f"*{s}",
+                        "labels_ptr": "*i64",
+                        "ws_ptr": "*i64",
+                        "rows_ptr": f"*{s}",
+                        "targets_ptr": "*i64",
+                        "index_ptr": "*i64",
+                        "M": "i32",
+                        "H": "i32",
+                    },
+                    dict(BLOCK_M=bm, BLOCK_N=bn),
+                    nw,
+                    ("hidden_ptr", "labels_ptr", "ws_ptr", "rows_ptr", "targets_ptr", "index_ptr", "H"),
+                )
+            )
+            specs.append(
+                aot_spec(
+                    _gather_bwd_kernel,
+                    f"N=4096,H={h},{s}",
+                    {"grad_ptr": f"*{s}", "slot_ptr": "*i64", "out_ptr": f"*{s}", "N": "i32", "H": "i32"},
+                    dict(BLOCK_M=bm, BLOCK_N=bn),
+                    nw,
+                    ("grad_ptr", "slot_ptr", "out_ptr", "N", "H"),
+                )
+            )
     return specs
 
 

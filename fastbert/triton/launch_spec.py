@@ -31,6 +31,7 @@ def _pointer(t):
     if isinstance(t, torch.Tensor):
         try:
             from torch._subclasses.fake_tensor import is_fake
+
             fake = is_fake(t)
         except Exception:
             fake = False
@@ -71,8 +72,9 @@ def resolve_kernel(kid):
     for part in qualname.split("."):
         obj = getattr(obj, part)
     if not isinstance(obj, JITFunction):
-        raise RuntimeError(f"{kid}: not a compilable triton.jit kernel ({type(obj).__name__}); "
-                           f"is TRITON_INTERPRET set?")
+        raise RuntimeError(
+            f"{kid}: not a compilable triton.jit kernel ({type(obj).__name__}); is TRITON_INTERPRET set?"
+        )
     return obj
 
 
@@ -92,8 +94,10 @@ def _jit_of(kernel):
         fn = getattr(kernel, "fn", kernel)
         kw = getattr(kernel, "kwargs", {})  # InterpretedFunction keeps the jit options
         _JIT_CACHE[kid] = JITFunction(
-            fn, do_not_specialize=kw.get("do_not_specialize"),
-            do_not_specialize_on_alignment=kw.get("do_not_specialize_on_alignment"))
+            fn,
+            do_not_specialize=kw.get("do_not_specialize"),
+            do_not_specialize_on_alignment=kw.get("do_not_specialize_on_alignment"),
+        )
     return _JIT_CACHE[kid]
 
 
@@ -177,8 +181,7 @@ def launch_spec(kernel, args, options):
     binder = _binder(jit, backend)
     kwargs = {k: v for k, v in dict(options).items() if v is not None}
     bound, specialization, extra = binder(**{k: _plain(v) for k, v in args.items()}, **kwargs)
-    opts, signature, constexprs, attrs = jit._pack_args(backend, dict(extra), bound, specialization,
-                                                        extra)
+    opts, signature, constexprs, attrs = jit._pack_args(backend, dict(extra), bound, specialization, extra)
     for path in list(constexprs) + list(attrs):
         if len(path) != 1:
             raise ValueError(f"launch_spec: {kernel_id(kernel)}: tuple arguments are not supported")
@@ -186,14 +189,23 @@ def launch_spec(kernel, args, options):
     spec_sig = {a: t for a, t in signature.items() if t != "constexpr"}
     spec_attrs = {names[p[0]]: [list(x) for x in v] for p, v in attrs.items() if v}
     given = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}
-    spec = dict(kernel=kernel, kernel_id=kernel_id(kernel), signature=spec_sig, constexprs=spec_consts,
-                attrs=spec_attrs,
-                divisible_by_16=[a for a, v in spec_attrs.items() if ["tt.divisibility", 16] in v],
-                num_warps=opts.num_warps, num_stages=opts.num_stages, options=given)
+    spec = dict(
+        kernel=kernel,
+        kernel_id=kernel_id(kernel),
+        signature=spec_sig,
+        constexprs=spec_consts,
+        attrs=spec_attrs,
+        divisible_by_16=[a for a, v in spec_attrs.items() if ["tt.divisibility", 16] in v],
+        num_warps=opts.num_warps,
+        num_stages=opts.num_stages,
+        options=given,
+    )
     key = spec_key(spec)
     short = ",".join(f"{v}" for v in spec_consts.values() if not isinstance(v, dict))
-    spec["name"] = (f"{spec['kernel_id'].split(':')[1].strip('_')}[{short},w{opts.num_warps}"
-                    f"s{opts.num_stages}#{hashlib.sha1(key.encode()).hexdigest()[:6]}]")
+    spec["name"] = (
+        f"{spec['kernel_id'].split(':')[1].strip('_')}[{short},w{opts.num_warps}"
+        f"s{opts.num_stages}#{hashlib.sha1(key.encode()).hexdigest()[:6]}]"
+    )
     return spec
 
 
@@ -220,8 +232,10 @@ def spec_key(spec):
     if attrs is None:
         attrs = {a: [["tt.divisibility", 16]] for a in spec.get("divisible_by_16", ())}
     consts = {a: _json_value(v) for a, v in spec["constexprs"].items()}
-    return json.dumps([kid, spec["signature"], consts, attrs, spec.get("num_warps", 4),
-                       _num_stages(spec), spec.get("options", {})], sort_keys=True)
+    return json.dumps(
+        [kid, spec["signature"], consts, attrs, spec.get("num_warps", 4), _num_stages(spec), spec.get("options", {})],
+        sort_keys=True,
+    )
 
 
 def _num_stages(spec):

@@ -30,24 +30,26 @@ from typing import Optional, Tuple
 
 import torch
 import triton
-from fastbert.triton._common import wrap_triton
 
 from fastbert import philox
 from fastbert.ops import _library
+from fastbert.ops.layernorm_residual import OP, backward, check_args, dropout_active, setup_context
 from fastbert.ops.layernorm_residual import _fake_bwd as _ops_fake_bwd
 from fastbert.ops.layernorm_residual import _fake_fwd as _ops_fake_fwd
-from fastbert.ops.layernorm_residual import OP, backward, check_args, dropout_active, setup_context
-from fastbert.triton._common import INTERPRET, aot_spec, check_device, check_dtypes, define
-from fastbert.triton._layernorm_residual_kernels import (_ln_bwd_kernel, _ln_bwd_stats_kernel, _ln_fwd_kernel,
-                                                      _ln_param_reduce_kernel)
-
+from fastbert.triton._common import INTERPRET, aot_spec, check_device, check_dtypes, define, wrap_triton
+from fastbert.triton._layernorm_residual_kernels import (
+    _ln_bwd_kernel,
+    _ln_bwd_stats_kernel,
+    _ln_fwd_kernel,
+    _ln_param_reduce_kernel,
+)
 
 # ----------------------------------------------------------------------------- launch configuration
 
-_FWD_MAX_N = 8192    # longer rows: the looped forward (chunks of _LOOP_BLOCK_N)
-_BWD_MAX_N = 4096    # longer rows: _ln_bwd_stats_kernel + a 2-D grid of column blocks
+_FWD_MAX_N = 8192  # longer rows: the looped forward (chunks of _LOOP_BLOCK_N)
+_BWD_MAX_N = 4096  # longer rows: _ln_bwd_stats_kernel + a 2-D grid of column blocks
 _LOOP_BLOCK_N = 2048
-_MAX_ROW_BLOCKS = 256   # backward row blocks without a device to size them (interpreter, no CUDA)
+_MAX_ROW_BLOCKS = 256  # backward row blocks without a device to size them (interpreter, no CUDA)
 _FWD_MAX_PROGRAMS = 32768
 
 
@@ -131,8 +133,9 @@ def wave_programs(sms, regs_per_sm, threads_per_sm, num_warps):
 def _device_wave(index, num_warps):
     """``wave_programs`` of CUDA device ``index``: its properties are queried once per device."""
     p = torch.cuda.get_device_properties(index)
-    return wave_programs(p.multi_processor_count, p.regs_per_multiprocessor,
-                         p.max_threads_per_multi_processor, num_warps)
+    return wave_programs(
+        p.multi_processor_count, p.regs_per_multiprocessor, p.max_threads_per_multi_processor, num_warps
+    )
 
 
 def max_row_blocks(device, num_warps, col_blocks):
@@ -147,22 +150,29 @@ def max_row_blocks(device, num_warps, col_blocks):
 
 # ------------------------------------------------------------------------------------------- ops
 
+
 def _check(x, residual, weight, bias, eps, x_bias, dropout_p, seed, op):
     check_args(x, residual, weight, bias, eps, x_bias, dropout_p)
     check_dtypes(f"{OP} ({op})", x=x, weight=weight, x_bias=x_bias)
-    if seed is not None and (not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64
-                             or seed.numel() != 1 or seed.device != x.device):
+    if seed is not None and (
+        not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != x.device
+    ):
         raise ValueError(f"{OP} ({op}): seed must be an int64 tensor with one element on x's device")
     check_device(x, f"{OP} ({op})")
 
 
 def _check_bwd(grad, x, residual, weight, x_bias, mean, rstd, dropout_p, seed):
     _check(x, residual, weight, weight, 1.0, x_bias, dropout_p, seed, "triton backward")
-    for t, name, shape, dtype in ((grad, "grad", x.shape, x.dtype), (mean, "mean", x.shape[:-1], torch.float32),
-                                  (rstd, "rstd", x.shape[:-1], torch.float32)):
+    for t, name, shape, dtype in (
+        (grad, "grad", x.shape, x.dtype),
+        (mean, "mean", x.shape[:-1], torch.float32),
+        (rstd, "rstd", x.shape[:-1], torch.float32),
+    ):
         if t.shape != shape or t.dtype != dtype or t.device != x.device:
-            raise ValueError(f"{OP} backward: {name} must be {dtype} of shape {list(shape)} on {x.device}, "
-                             f"got {t.dtype} of shape {list(t.shape)} on {t.device}")
+            raise ValueError(
+                f"{OP} backward: {name} must be {dtype} of shape {list(shape)} on {x.device}, "
+                f"got {t.dtype} of shape {list(t.shape)} on {t.device}"
+            )
 
 
 def _fake_fwd(*args):
@@ -183,10 +193,16 @@ def _dropout_args(dropout_p, seed):
 
 
 @define("fastbert::layernorm_residual_fwd_triton", _fake_fwd)
-def layernorm_residual_fwd_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                                  bias: torch.Tensor, eps: float, x_bias: Optional[torch.Tensor],
-                                  dropout_p: float, seed: Optional[torch.Tensor]
-                                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def layernorm_residual_fwd_triton(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    x_bias: Optional[torch.Tensor],
+    dropout_p: float,
+    seed: Optional[torch.Tensor],
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check(x, residual, weight, bias, eps, x_bias, dropout_p, seed, "triton forward")
     x, residual = x.contiguous(), residual.contiguous()
     y = torch.empty_like(x)
@@ -200,18 +216,44 @@ def layernorm_residual_fwd_triton(x: torch.Tensor, residual: torch.Tensor, weigh
     # one tile per program (a fine-grained tail) up to _FWD_MAX_PROGRAMS programs
     per = bm * triton.cdiv(triton.cdiv(rows, bm), _FWD_MAX_PROGRAMS) if not looped else bm
     wrap_triton(_ln_fwd_kernel)[(triton.cdiv(rows, per),)](
-        x, residual, weight.contiguous(), bias.contiguous(), x if x_bias is None else x_bias.contiguous(),
-        seed if drop else x, y, mean, rstd, rows, n, per, float(eps), threshold, scale,
-        HAS_XBIAS=x_bias is not None, DROPOUT=drop, GROUPED=n % 64 == 0, LOOPED=looped,
-        BLOCK_M=bm, BLOCK_N=bn, num_warps=num_warps)
+        x,
+        residual,
+        weight.contiguous(),
+        bias.contiguous(),
+        x if x_bias is None else x_bias.contiguous(),
+        seed if drop else x,
+        y,
+        mean,
+        rstd,
+        rows,
+        n,
+        per,
+        float(eps),
+        threshold,
+        scale,
+        HAS_XBIAS=x_bias is not None,
+        DROPOUT=drop,
+        GROUPED=n % 64 == 0,
+        LOOPED=looped,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        num_warps=num_warps,
+    )
     return y, mean, rstd
 
 
 @define("fastbert::layernorm_residual_bwd_triton", _fake_bwd)
-def layernorm_residual_bwd_triton(grad: torch.Tensor, x: torch.Tensor, residual: torch.Tensor,
-                                  weight: torch.Tensor, x_bias: Optional[torch.Tensor], mean: torch.Tensor,
-                                  rstd: torch.Tensor, dropout_p: float, seed: Optional[torch.Tensor]
-                                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def layernorm_residual_bwd_triton(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    x_bias: Optional[torch.Tensor],
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    dropout_p: float,
+    seed: Optional[torch.Tensor],
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_bwd(grad, x, residual, weight, x_bias, mean, rstd, dropout_p, seed)
     grad, x, residual = grad.contiguous(), x.contiguous(), residual.contiguous()
     mean, rstd, weight = mean.contiguous(), rstd.contiguous(), weight.contiguous()
@@ -220,8 +262,9 @@ def layernorm_residual_bwd_triton(grad: torch.Tensor, x: torch.Tensor, residual:
     dres = torch.empty_like(x)
     dx = torch.empty_like(x) if drop else x.new_empty((0,))
     if rows == 0 or n == 0:  # sums over no rows are 0
-        dxb = torch.zeros_like(x_bias, memory_format=torch.contiguous_format) if x_bias is not None \
-            else x.new_empty((0,))
+        dxb = (
+            torch.zeros_like(x_bias, memory_format=torch.contiguous_format) if x_bias is not None else x.new_empty((0,))
+        )
         return dres, dx, torch.zeros_like(weight), torch.zeros_like(weight), dxb
     xb = x if x_bias is None else x_bias.contiguous()
     seed_arg = seed if drop else x
@@ -231,31 +274,81 @@ def layernorm_residual_bwd_triton(grad: torch.Tensor, x: torch.Tensor, residual:
     if looped:  # rows longer than a block: their sums mean(g), mean(g s_hat) first
         stats = mean.new_empty((rows, 2))
         wrap_triton(_ln_bwd_stats_kernel)[(rows,)](
-            grad, x, residual, weight, xb, seed_arg, mean, rstd, stats, rows, n, threshold, scale,
-            **flags, BLOCK_M=1, BLOCK_N=bn, num_warps=num_warps)
+            grad,
+            x,
+            residual,
+            weight,
+            xb,
+            seed_arg,
+            mean,
+            rstd,
+            stats,
+            rows,
+            n,
+            threshold,
+            scale,
+            **flags,
+            BLOCK_M=1,
+            BLOCK_N=bn,
+            num_warps=num_warps,
+        )
     per = rows_per_program(rows, bm, max_row_blocks(x.device, num_warps, triton.cdiv(n, bn)))
     n_blocks = triton.cdiv(rows, per)
     k = 3 if x_bias is not None else 2
     partial = mean.new_empty((n_blocks, k, n))  # stage 1 workspace (fp32)
     wrap_triton(_ln_bwd_kernel)[(n_blocks, triton.cdiv(n, bn))](
-        grad, x, residual, weight, xb, seed_arg, mean, rstd, stats, dres, dx if drop else x, partial,
-        rows, n, per, threshold, scale, **flags, LOOPED=looped, BLOCK_M=bm, BLOCK_N=bn,
-        num_warps=num_warps)
+        grad,
+        x,
+        residual,
+        weight,
+        xb,
+        seed_arg,
+        mean,
+        rstd,
+        stats,
+        dres,
+        dx if drop else x,
+        partial,
+        rows,
+        n,
+        per,
+        threshold,
+        scale,
+        **flags,
+        LOOPED=looped,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        num_warps=num_warps,
+    )
     # stage 2: fixed-order sums of the row-block partials, cast to the parameters' dtypes
     dw, db = torch.empty_like(weight), torch.empty_like(weight)
     dxb = x_bias.new_empty((n,)) if x_bias is not None else x.new_empty((0,))
     block_r, block_nr, warps_r = reduce_config(n_blocks)
     wrap_triton(_ln_param_reduce_kernel)[(triton.cdiv(n, block_nr), k)](
-        partial, dw, db, dxb if x_bias is not None else partial, n_blocks, n, HAS_XBIAS=x_bias is not None,
-        BLOCK_R=block_r, BLOCK_N=block_nr, num_warps=warps_r)
+        partial,
+        dw,
+        db,
+        dxb if x_bias is not None else partial,
+        n_blocks,
+        n,
+        HAS_XBIAS=x_bias is not None,
+        BLOCK_R=block_r,
+        BLOCK_N=block_nr,
+        num_warps=warps_r,
+    )
     return dres, dx, dw, db, dxb
 
 
-_library.register_autograd("fastbert::layernorm_residual_fwd_triton",
-                           torch.ops.fastbert.layernorm_residual_bwd_triton.default, setup_context, backward)
+_library.register_autograd(
+    "fastbert::layernorm_residual_fwd_triton",
+    torch.ops.fastbert.layernorm_residual_bwd_triton.default,
+    setup_context,
+    backward,
+)
 
 
 # ------------------------------------------------------------------------ ahead-of-time compile list
+
 
 def _aot_specs():
     """The specialisations to compile ahead of time (fastbert/triton/aot.py), as the launchers produce
@@ -270,10 +363,22 @@ def _aot_specs():
         specs.append(aot_spec(*args))
 
     def common(n, x, w, xb, drop, names):
-        ptrs = dict(x_ptr=x, res_ptr=x, dy_ptr=x, y_ptr=x, dres_ptr=x, dx_ptr=x, w_ptr=w, b_ptr=w,
-                    xb_ptr=xb or x, seed_ptr="i64" if drop else x)
-        sig = {a: f"*{ptrs.get(a, 'fp32')}" if a.endswith("_ptr") else
-               ("fp32" if a in ("eps", "scale") else "i32") for a in names}
+        ptrs = dict(
+            x_ptr=x,
+            res_ptr=x,
+            dy_ptr=x,
+            y_ptr=x,
+            dres_ptr=x,
+            dx_ptr=x,
+            w_ptr=w,
+            b_ptr=w,
+            xb_ptr=xb or x,
+            seed_ptr="i64" if drop else x,
+        )
+        sig = {
+            a: f"*{ptrs.get(a, 'fp32')}" if a.endswith("_ptr") else ("fp32" if a in ("eps", "scale") else "i32")
+            for a in names
+        }
         div16 = tuple(a for a in names if a.endswith("_ptr")) + (("n",) if n % 16 == 0 else ())
         label = f"n={n},x={x},w={w},xb={xb},{'dropout' if drop else 'no-dropout'}"
         flags = dict(HAS_XBIAS=xb is not None, DROPOUT=drop, GROUPED=n % 64 == 0)
@@ -296,8 +401,14 @@ def _aot_specs():
             label, sig, div16, flags = common(n, x, w, xb, drop, args(_ln_bwd_stats_kernel))
             add(_ln_bwd_stats_kernel, label, sig, dict(flags, BLOCK_M=1, BLOCK_N=bn), nw, div16)
         label, sig, div16, flags = common(n, x, w, xb, drop, args(_ln_bwd_kernel))
-        add(_ln_bwd_kernel, label, sig, dict(flags, LOOPED=looped, BLOCK_M=bm, BLOCK_N=bn), nw,
-            div16 + ("rows_per_prog",))
+        add(
+            _ln_bwd_kernel,
+            label,
+            sig,
+            dict(flags, LOOPED=looped, BLOCK_M=bm, BLOCK_N=bn),
+            nw,
+            div16 + ("rows_per_prog",),
+        )
 
     for x in ("fp32", "fp16", "bf16"):
         for drop in (False, True):
@@ -314,10 +425,10 @@ def _aot_specs():
         bwd(_BWD_MAX_N, x, x, x, True)
         fwd(4 * _FWD_MAX_N, x, x, x, True)  # looped
         bwd(4 * _FWD_MAX_N, x, x, x, True)  # stats + looped
-    for drop in (False, True):              # rows of one element: n == 1 is specialised to a constant
+    for drop in (False, True):  # rows of one element: n == 1 is specialised to a constant
         fwd(1, "fp32", "fp32", "fp32", drop)
         bwd(1, "fp32", "fp32", "fp32", drop)
-    for n in (1000, _FWD_MAX_N // 2 - 1):   # per-element counters
+    for n in (1000, _FWD_MAX_N // 2 - 1):  # per-element counters
         fwd(n, "bf16", "bf16", "bf16", True)
     for n in (1000, _BWD_MAX_N // 2 - 1):
         bwd(n, "fp32", "fp32", "fp32", True)
@@ -325,11 +436,22 @@ def _aot_specs():
         br, bn, nw = reduce_config(n_blocks)
         for w in ("fp32", "fp16", "bf16"):
             for xb in (None, w):
-                sig = {"partial_ptr": "*fp32", "dw_ptr": f"*{w}", "db_ptr": f"*{w}",
-                       "dxb_ptr": f"*{xb or 'fp32'}", "n_blocks": "i32", "n": "i32"}
-                add(_ln_param_reduce_kernel, f"w={w},xb={xb}", sig,
-                    dict(HAS_XBIAS=xb is not None, BLOCK_R=br, BLOCK_N=bn), nw,
-                    ("partial_ptr", "dw_ptr", "db_ptr", "dxb_ptr", "n"))
+                sig = {
+                    "partial_ptr": "*fp32",
+                    "dw_ptr": f"*{w}",
+                    "db_ptr": f"*{w}",
+                    "dxb_ptr": f"*{xb or 'fp32'}",
+                    "n_blocks": "i32",
+                    "n": "i32",
+                }
+                add(
+                    _ln_param_reduce_kernel,
+                    f"w={w},xb={xb}",
+                    sig,
+                    dict(HAS_XBIAS=xb is not None, BLOCK_R=br, BLOCK_N=bn),
+                    nw,
+                    ("partial_ptr", "dw_ptr", "db_ptr", "dxb_ptr", "n"),
+                )
     return specs
 
 

@@ -34,15 +34,14 @@ from typing import Tuple
 
 import torch
 import triton
-from fastbert.triton._common import wrap_triton
 
 from fastbert.ops.linear_cross_entropy import OP, TARGET_DTYPES
 from fastbert.ops.linear_cross_entropy import _fake_bwd as _ops_fake_bwd
 from fastbert.ops.linear_cross_entropy import _fake_fwd as _ops_fake_fwd
-from fastbert.triton._common import aot_spec, check_device, check_dtypes, define
+from fastbert.triton._common import aot_spec, check_device, check_dtypes, define, wrap_triton
 from fastbert.triton._linear_cross_entropy_kernels import _ce_bwd_kernel, _ce_fwd_kernel
 
-_MAX_BLOCK_V = 8192     # longer rows: streamed
+_MAX_BLOCK_V = 8192  # longer rows: streamed
 _STREAM_BLOCK_V = 4096  # streaming chunk: 16 elements per thread over 8 warps
 _STREAM_BWD_BLOCK_V = 2048  # the backward's: 8 per thread, <= 48 registers (see Waves above)
 
@@ -64,17 +63,22 @@ def block_config(v, backward=False):
 
 # ------------------------------------------------------------------------------------------- ops
 
+
 def _check(logits, targets, row_scale, ignore_index, op):
     what = f"{OP} ({op})"
     check_dtypes(what, logits=logits)
     if logits.dim() != 2:
         raise ValueError(f"{what}: logits must be [rows, vocab], got {list(logits.shape)}")
     if targets.dtype not in TARGET_DTYPES or targets.shape != logits.shape[:1]:
-        raise ValueError(f"{what}: targets must be int64 or int32 of shape [{logits.shape[0]}], got "
-                         f"{targets.dtype} of shape {list(targets.shape)}")
+        raise ValueError(
+            f"{what}: targets must be int64 or int32 of shape [{logits.shape[0]}], got "
+            f"{targets.dtype} of shape {list(targets.shape)}"
+        )
     if row_scale is not None and (row_scale.shape != logits.shape[:1] or not row_scale.is_floating_point()):
-        raise ValueError(f"{what}: row_scale must be a float tensor of shape [{logits.shape[0]}], got "
-                         f"{row_scale.dtype} of shape {list(row_scale.shape)}")
+        raise ValueError(
+            f"{what}: row_scale must be a float tensor of shape [{logits.shape[0]}], got "
+            f"{row_scale.dtype} of shape {list(row_scale.shape)}"
+        )
     for name, t in (("targets", targets), ("row_scale", row_scale)):
         if t is not None and t.device != logits.device:
             raise ValueError(f"{what}: {name} is on {t.device}, logits on {logits.device}")
@@ -94,14 +98,20 @@ def _fake_bwd(logits, targets, row_scale, ignore_index):
 
 
 def _stats(logits):
-    return (torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device),
-            torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device))
+    return (
+        torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device),
+        torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device),
+    )
 
 
-@define("fastbert::linear_cross_entropy_fwd_triton", _fake_fwd,
-        schema="(Tensor logits, Tensor targets, int ignore_index) -> (Tensor, Tensor)")
-def linear_cross_entropy_fwd_triton(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
-                                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+@define(
+    "fastbert::linear_cross_entropy_fwd_triton",
+    _fake_fwd,
+    schema="(Tensor logits, Tensor targets, int ignore_index) -> (Tensor, Tensor)",
+)
+def linear_cross_entropy_fwd_triton(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
     _check(logits, targets, None, ignore_index, "triton forward")
     logits, targets = logits.contiguous(), targets.contiguous()
     loss, lse = _stats(logits)
@@ -110,14 +120,20 @@ def linear_cross_entropy_fwd_triton(logits: torch.Tensor, targets: torch.Tensor,
         return loss, lse
     bm, bv, num_warps, _ = block_config(v)
     wrap_triton(_ce_fwd_kernel)[(triton.cdiv(rows, bm),)](
-        logits, targets, loss, lse, rows, v, ignore_index, BLOCK_M=bm, BLOCK_V=bv, num_warps=num_warps)
+        logits, targets, loss, lse, rows, v, ignore_index, BLOCK_M=bm, BLOCK_V=bv, num_warps=num_warps
+    )
     return loss, lse
 
 
-@define("fastbert::linear_cross_entropy_bwd_triton", _fake_bwd, mutates_args=("logits",),
-        schema="(Tensor(a!) logits, Tensor targets, Tensor row_scale, int ignore_index) -> (Tensor, Tensor)")
-def linear_cross_entropy_bwd_triton(logits: torch.Tensor, targets: torch.Tensor, row_scale: torch.Tensor,
-                                    ignore_index: int) -> Tuple[torch.Tensor, torch.Tensor]:
+@define(
+    "fastbert::linear_cross_entropy_bwd_triton",
+    _fake_bwd,
+    mutates_args=("logits",),
+    schema="(Tensor(a!) logits, Tensor targets, Tensor row_scale, int ignore_index) -> (Tensor, Tensor)",
+)
+def linear_cross_entropy_bwd_triton(
+    logits: torch.Tensor, targets: torch.Tensor, row_scale: torch.Tensor, ignore_index: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
     _check(logits, targets, row_scale, ignore_index, "triton backward")
     targets, row_scale = targets.contiguous(), row_scale.to(torch.float32).contiguous()
     loss, lse = _stats(logits)
@@ -127,14 +143,26 @@ def linear_cross_entropy_bwd_triton(logits: torch.Tensor, targets: torch.Tensor,
     work = logits if logits.is_contiguous() else logits.contiguous()  # written in place, then copied back
     bm, bv, num_warps, one_block = block_config(v, backward=True)
     wrap_triton(_ce_bwd_kernel)[(triton.cdiv(rows, bm),)](
-        work, targets, row_scale, loss, lse, rows, v, ignore_index, ONE_BLOCK=one_block, BLOCK_M=bm,
-        BLOCK_V=bv, num_warps=num_warps)
+        work,
+        targets,
+        row_scale,
+        loss,
+        lse,
+        rows,
+        v,
+        ignore_index,
+        ONE_BLOCK=one_block,
+        BLOCK_M=bm,
+        BLOCK_V=bv,
+        num_warps=num_warps,
+    )
     if work is not logits:
         logits.copy_(work)
     return loss, lse
 
 
 # ------------------------------------------------------------------------ ahead-of-time compile list
+
 
 def _aot_specs():
     """BERT's vocabularies, 30522 (streamed) and 8000 (one block of 8192, the widest in registers),
@@ -146,13 +174,28 @@ def _aot_specs():
     def add(v, s, tgt="i64"):
         bm, bv, nw, _ = block_config(v)
         div16 = ("logits_ptr", "targets_ptr", "loss_ptr", "lse_ptr") + (("V",) if v % 16 == 0 else ())
-        base = {"logits_ptr": f"*{s}", "targets_ptr": f"*{tgt}", "loss_ptr": "*fp32", "lse_ptr": "*fp32",
-                "rows": "i32", "V": "i32", "ignore_index": "i32"}
+        base = {
+            "logits_ptr": f"*{s}",
+            "targets_ptr": f"*{tgt}",
+            "loss_ptr": "*fp32",
+            "lse_ptr": "*fp32",
+            "rows": "i32",
+            "V": "i32",
+            "ignore_index": "i32",
+        }
         label = f"V={v},{s},targets={tgt}"
         specs.append(aot_spec(_ce_fwd_kernel, label, base, dict(BLOCK_M=bm, BLOCK_V=bv), nw, div16))
         bm, bv, nw, one = block_config(v, backward=True)
-        specs.append(aot_spec(_ce_bwd_kernel, label, {**base, "scale_ptr": "*fp32"},
-                              dict(ONE_BLOCK=one, BLOCK_M=bm, BLOCK_V=bv), nw, div16 + ("scale_ptr",)))
+        specs.append(
+            aot_spec(
+                _ce_bwd_kernel,
+                label,
+                {**base, "scale_ptr": "*fp32"},
+                dict(ONE_BLOCK=one, BLOCK_M=bm, BLOCK_V=bv),
+                nw,
+                div16 + ("scale_ptr",),
+            )
+        )
 
     for v in (30522, 8000):
         for s in ("fp32", "fp16", "bf16"):

@@ -27,21 +27,23 @@ from typing import Optional, Tuple
 
 import torch
 import triton
-from fastbert.triton._common import wrap_triton
 
 from fastbert import philox
 from fastbert.ops import _library
+from fastbert.ops.masked_softmax import OP, backward, canonical_mask, check_args, dropout_active, setup_context
 from fastbert.ops.masked_softmax import _fake_bwd as _ops_fake_bwd
 from fastbert.ops.masked_softmax import _fake_fwd as _ops_fake_fwd
-from fastbert.ops.masked_softmax import OP, backward, canonical_mask, check_args, dropout_active, setup_context
-from fastbert.triton._common import aot_spec, check_device, check_dtypes, define
-from fastbert.triton._masked_softmax_kernels import (_softmax_bwd_kernel, _softmax_bwd_stream_kernel,
-                                                     _softmax_fwd_kernel, _softmax_fwd_stream_kernel)
-
+from fastbert.triton._common import aot_spec, check_device, check_dtypes, define, wrap_triton
+from fastbert.triton._masked_softmax_kernels import (
+    _softmax_bwd_kernel,
+    _softmax_bwd_stream_kernel,
+    _softmax_fwd_kernel,
+    _softmax_fwd_stream_kernel,
+)
 
 # ----------------------------------------------------------------------------- launch configuration
 
-_MAX_N = 8192           # longer rows: the streaming kernels (4096 with per-element counters)
+_MAX_N = 8192  # longer rows: the streaming kernels (4096 with per-element counters)
 _STREAM_BLOCK_N = 2048  # streaming chunk: 8 elements per thread over 8 warps
 
 
@@ -68,9 +70,14 @@ def block_config(n, dropout):
 
 # ------------------------------------------------------------------------------------------- ops
 
+
 def _check_seed(seed, scores, op):
-    if seed is not None and (not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64
-                             or seed.numel() != 1 or seed.device != scores.device):
+    if seed is not None and (
+        not isinstance(seed, torch.Tensor)
+        or seed.dtype != torch.int64
+        or seed.numel() != 1
+        or seed.device != scores.device
+    ):
         raise ValueError(f"{OP} ({op}): seed must be an int64 tensor with one element on scores' device")
 
 
@@ -88,8 +95,10 @@ def _check_bwd(grad, softmax, scale, dropout_p, seed):
     check_dtypes(f"{OP} (triton backward)", softmax=softmax)
     _check_seed(seed, softmax, "triton backward")
     if grad.shape != softmax.shape or grad.dtype != softmax.dtype or grad.device != softmax.device:
-        raise ValueError(f"{OP} backward: grad must be {softmax.dtype} of shape {list(softmax.shape)} on "
-                         f"{softmax.device}, got {grad.dtype} of shape {list(grad.shape)} on {grad.device}")
+        raise ValueError(
+            f"{OP} backward: grad must be {softmax.dtype} of shape {list(softmax.shape)} on "
+            f"{softmax.device}, got {grad.dtype} of shape {list(grad.shape)} on {grad.device}"
+        )
     check_device(softmax, f"{OP} (triton backward)")
 
 
@@ -121,9 +130,9 @@ def _mask_args(mask):
 
 
 @define("fastbert::masked_softmax_fwd_triton", _fake_fwd)
-def masked_softmax_fwd_triton(scores: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
-                              dropout_p: float, seed: Optional[torch.Tensor]
-                              ) -> Tuple[torch.Tensor, torch.Tensor]:
+def masked_softmax_fwd_triton(
+    scores: torch.Tensor, mask: Optional[torch.Tensor], scale: float, dropout_p: float, seed: Optional[torch.Tensor]
+) -> Tuple[torch.Tensor, torch.Tensor]:
     mask = _check(scores, mask, scale, dropout_p, seed, "triton forward")
     scores = scores.contiguous()
     probs = torch.empty_like(scores)
@@ -139,16 +148,37 @@ def masked_softmax_fwd_triton(scores: torch.Tensor, mask: Optional[torch.Tensor]
     # without dropout soft_ptr is never written: scores stands in (not probs, so that no output is
     # passed twice to a kernel torch.compile sees mutate it); likewise for absent mask and seed
     wrap_triton(kernel)[(triton.cdiv(rows, bm),)](
-        scores, scores if m is None else m, seed if drop else scores, probs, soft if drop else scores,
-        rows, n, h, sq, msb, msh, msq, msk, float(scale), threshold, p_scale,
-        HAS_MASK=has_mask, BOOL_MASK=bool_mask, DROPOUT=drop, GROUPED=n % 64 == 0,
-        BLOCK_M=bm, BLOCK_N=bn, num_warps=num_warps)
+        scores,
+        scores if m is None else m,
+        seed if drop else scores,
+        probs,
+        soft if drop else scores,
+        rows,
+        n,
+        h,
+        sq,
+        msb,
+        msh,
+        msq,
+        msk,
+        float(scale),
+        threshold,
+        p_scale,
+        HAS_MASK=has_mask,
+        BOOL_MASK=bool_mask,
+        DROPOUT=drop,
+        GROUPED=n % 64 == 0,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        num_warps=num_warps,
+    )
     return probs, soft
 
 
 @define("fastbert::masked_softmax_bwd_triton", _fake_bwd)
-def masked_softmax_bwd_triton(grad: torch.Tensor, softmax: torch.Tensor, scale: float, dropout_p: float,
-                              seed: Optional[torch.Tensor]) -> torch.Tensor:
+def masked_softmax_bwd_triton(
+    grad: torch.Tensor, softmax: torch.Tensor, scale: float, dropout_p: float, seed: Optional[torch.Tensor]
+) -> torch.Tensor:
     _check_bwd(grad, softmax, scale, dropout_p, seed)
     grad, softmax = grad.contiguous(), softmax.contiguous()
     dscores = torch.empty_like(softmax)
@@ -160,16 +190,31 @@ def masked_softmax_bwd_triton(grad: torch.Tensor, softmax: torch.Tensor, scale: 
     bm, bn, num_warps, streaming = block_config(n, drop)
     kernel = _softmax_bwd_stream_kernel if streaming else _softmax_bwd_kernel
     wrap_triton(kernel)[(triton.cdiv(rows, bm),)](
-        grad, softmax, seed if drop else softmax, dscores, rows, n, float(scale), threshold, p_scale,
-        DROPOUT=drop, GROUPED=n % 64 == 0, BLOCK_M=bm, BLOCK_N=bn, num_warps=num_warps)
+        grad,
+        softmax,
+        seed if drop else softmax,
+        dscores,
+        rows,
+        n,
+        float(scale),
+        threshold,
+        p_scale,
+        DROPOUT=drop,
+        GROUPED=n % 64 == 0,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        num_warps=num_warps,
+    )
     return dscores
 
 
-_library.register_autograd("fastbert::masked_softmax_fwd_triton",
-                           torch.ops.fastbert.masked_softmax_bwd_triton.default, setup_context, backward)
+_library.register_autograd(
+    "fastbert::masked_softmax_fwd_triton", torch.ops.fastbert.masked_softmax_bwd_triton.default, setup_context, backward
+)
 
 
 # ------------------------------------------------------------------------ ahead-of-time compile list
+
 
 def _aot_specs():
     """The specialisations to compile ahead of time (fastbert/triton/aot.py), as the launchers produce
@@ -190,14 +235,33 @@ def _aot_specs():
         bm, bn, nw, streaming = block_config(n, drop)
         kernel = _softmax_fwd_stream_kernel if streaming else _softmax_fwd_kernel
         mtype = {None: s, "bool": "u8"}.get(mask, mask)
-        sig = {"s_ptr": f"*{s}", "m_ptr": f"*{mtype}", "seed_ptr": "*i64" if drop else f"*{s}",
-               "probs_ptr": f"*{s}", "soft_ptr": f"*{s}", "rows": "i32", "n": "i32", "H": "i32",
-               "Sq": "i32", "msb": "i32", "msh": "i32", "msq": "i32", "scale": "fp32",
-               "threshold": "i32", "p_scale": "fp32"}
+        sig = {
+            "s_ptr": f"*{s}",
+            "m_ptr": f"*{mtype}",
+            "seed_ptr": "*i64" if drop else f"*{s}",
+            "probs_ptr": f"*{s}",
+            "soft_ptr": f"*{s}",
+            "rows": "i32",
+            "n": "i32",
+            "H": "i32",
+            "Sq": "i32",
+            "msb": "i32",
+            "msh": "i32",
+            "msq": "i32",
+            "scale": "fp32",
+            "threshold": "i32",
+            "p_scale": "fp32",
+        }
         div16 = ("s_ptr", "m_ptr", "seed_ptr", "probs_ptr", "soft_ptr") + (("n",) if n % 16 == 0 else ())
         div16 += ("Sq",) if sq % 16 == 0 else ()
-        consts = dict(HAS_MASK=mask is not None, BOOL_MASK=mask == "bool", DROPOUT=drop,
-                      GROUPED=n % 64 == 0, BLOCK_M=bm, BLOCK_N=bn)
+        consts = dict(
+            HAS_MASK=mask is not None,
+            BOOL_MASK=mask == "bool",
+            DROPOUT=drop,
+            GROUPED=n % 64 == 0,
+            BLOCK_M=bm,
+            BLOCK_N=bn,
+        )
         if mask is None:  # strides all 0
             sig["msk"] = "i32"
             div16 += ("msb", "msh", "msq", "msk")
@@ -205,19 +269,32 @@ def _aot_specs():
             consts["msk"] = 1
             div16 += ("msh",) + (("msb",) if n % 16 == 0 else ())
             div16 += ("msq",) if not full_mask or n % 16 == 0 else ()
-        label = (f"Sk={n},s={s},mask={mask}{'[B,1,Sq,Sk]' if full_mask else ''},"
-                 f"{'dropout' if drop else 'no-dropout'}")
+        label = f"Sk={n},s={s},mask={mask}{'[B,1,Sq,Sk]' if full_mask else ''},{'dropout' if drop else 'no-dropout'}"
         add(kernel, label, sig, consts, nw, div16)
 
     def bwd(n, s, drop):
         bm, bn, nw, streaming = block_config(n, drop)
         kernel = _softmax_bwd_stream_kernel if streaming else _softmax_bwd_kernel
-        sig = {"dy_ptr": f"*{s}", "soft_ptr": f"*{s}", "seed_ptr": "*i64" if drop else f"*{s}",
-               "ds_ptr": f"*{s}", "rows": "i32", "n": "i32", "scale": "fp32", "threshold": "i32",
-               "p_scale": "fp32"}
+        sig = {
+            "dy_ptr": f"*{s}",
+            "soft_ptr": f"*{s}",
+            "seed_ptr": "*i64" if drop else f"*{s}",
+            "ds_ptr": f"*{s}",
+            "rows": "i32",
+            "n": "i32",
+            "scale": "fp32",
+            "threshold": "i32",
+            "p_scale": "fp32",
+        }
         div16 = ("dy_ptr", "soft_ptr", "seed_ptr", "ds_ptr") + (("n",) if n % 16 == 0 else ())
-        add(kernel, f"Sk={n},s={s},{'dropout' if drop else 'no-dropout'}", sig,
-            dict(DROPOUT=drop, GROUPED=n % 64 == 0, BLOCK_M=bm, BLOCK_N=bn), nw, div16)
+        add(
+            kernel,
+            f"Sk={n},s={s},{'dropout' if drop else 'no-dropout'}",
+            sig,
+            dict(DROPOUT=drop, GROUPED=n % 64 == 0, BLOCK_M=bm, BLOCK_N=bn),
+            nw,
+            div16,
+        )
 
     for n in (128, 512):
         for s in ("fp32", "fp16", "bf16"):
@@ -228,16 +305,16 @@ def _aot_specs():
         fwd(n, "fp16", "bool", True)
         fwd(n, "bf16", "fp32", True, full_mask=True)
     for s in ("fp32", "bf16"):
-        fwd(_MAX_N, s, s, True)               # widest rows in registers (32 per thread)
+        fwd(_MAX_N, s, s, True)  # widest rows in registers (32 per thread)
         bwd(_MAX_N, s, True)
-        fwd(_MAX_N // 2 - 1, s, s, True)      # per-element counters, widest
+        fwd(_MAX_N // 2 - 1, s, s, True)  # per-element counters, widest
         bwd(_MAX_N // 2 - 1, s, True)
         for n in (4 * _MAX_N, 4 * _MAX_N - 1):  # streaming: grouped and per-element counters
             fwd(n, s, s, True)
             fwd(n, s, "bool", False)
             bwd(n, s, True)
         bwd(4 * _MAX_N, s, False)
-    fwd(77, "fp16", "bool", True)             # short odd rows, per-element counters
+    fwd(77, "fp16", "bool", True)  # short odd rows, per-element counters
     bwd(77, "fp16", True)
     return specs
 

@@ -59,7 +59,7 @@ ARCH = 90
 OPAQUE = {
     "gather_masked_fwd_triton": "data-dependent output size (fastbert/triton/gather_masked.py)",
     "linear_cross_entropy_chunked": "a loop of matmuls and cross-entropy kernels over row chunks "
-                                    "(fastbert/ops/linear_cross_entropy.py)",
+    "(fastbert/ops/linear_cross_entropy.py)",
 }
 # kernels no traced graph launches: those of the opaque ops (launched through Triton's own JIT)
 UNTRACED = {
@@ -69,6 +69,7 @@ UNTRACED = {
 
 
 # ------------------------------------------------------------------------------------ stage 1
+
 
 class _Sm90Driver:
     """Stands in for Triton's CUDA driver (none here): reports an H100's target, so torch's
@@ -102,8 +103,10 @@ def _launches(gm):
     import torch
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
 
-    hops = (torch.ops.higher_order.triton_kernel_wrapper_functional,
-            torch.ops.higher_order.triton_kernel_wrapper_mutation)
+    hops = (
+        torch.ops.higher_order.triton_kernel_wrapper_functional,
+        torch.ops.higher_order.triton_kernel_wrapper_mutation,
+    )
     out = []
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target not in hops:
@@ -122,16 +125,17 @@ def _launches(gm):
         # arguments torch's mutation analysis (TTIR of the kernel) takes as written: the functional
         # op clones them, so a graph input among them is copied before every launch
         inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        written = [(k, inputs.index(node.kwargs["kwargs"][k])) for k in node.kwargs.get("tensors_to_clone", ())
-                   if isinstance(node.kwargs["kwargs"].get(k), torch.fx.Node)
-                   and node.kwargs["kwargs"][k].op == "placeholder"]
+        written = [
+            (k, inputs.index(node.kwargs["kwargs"][k]))
+            for k in node.kwargs.get("tensors_to_clone", ())
+            if isinstance(node.kwargs["kwargs"].get(k), torch.fx.Node) and node.kwargs["kwargs"][k].op == "placeholder"
+        ]
         out.append((kernel, args, node.kwargs["grid"], options, written))
     return out
 
 
 def _opaque_calls(gm):
-    return [str(n.target) for n in gm.graph.nodes
-            if n.op == "call_function" and str(n.target).startswith("fastbert.")]
+    return [str(n.target) for n in gm.graph.nodes if n.op == "call_function" and str(n.target).startswith("fastbert.")]
 
 
 def trace_op(op_name, build):
@@ -201,8 +205,11 @@ def regenerated_source(kernel):
     from torch._inductor.codegen.triton import TritonKernel
     from torch._inductor.codegen.wrapper import user_defined_triton_kernel_transitive_closure_source_code
 
-    return (TritonKernel.gen_common_triton_imports() + "\n@triton.jit\n"
-            + user_defined_triton_kernel_transitive_closure_source_code(kernel))
+    return (
+        TritonKernel.gen_common_triton_imports()
+        + "\n@triton.jit\n"
+        + user_defined_triton_kernel_transitive_closure_source_code(kernel)
+    )
 
 
 def unresolved_globals(kernel, namespace):
@@ -237,8 +244,10 @@ def unresolved_globals(kernel, namespace):
             where = " -> ".join(path)
             if name not in namespace:
                 what = getattr(getattr(original, "fn", original), "__qualname__", type(original).__name__)
-                missing.append(f"{where}: '{name}' ({what} of {getattr(original, 'module', '') or jit.fn.__module__}) "
-                               f"is not defined in the regenerated source")
+                missing.append(
+                    f"{where}: '{name}' ({what} of {getattr(original, 'module', '') or jit.fn.__module__}) "
+                    f"is not defined in the regenerated source"
+                )
             elif not same(original, namespace[name]):
                 missing.append(f"{where}: '{name}' is bound to a different object in the regenerated source")
             if isinstance(original, JITFunction):
@@ -272,13 +281,16 @@ def regenerate(kernel):
                     exec(compile(fh.read(), p, "exec", dont_inherit=True), mod.__dict__, mod.__dict__)
                 sys.modules[k] = mod
                 return mod
+
         mod = _reload_python_module(mod_key, path)
         _REGEN[key] = (getattr(mod, kernel.fn.__name__), unresolved_globals(kernel, vars(mod)))
     regen, missing = _REGEN[key]
     if missing:
-        raise RuntimeError(f"Inductor's regenerated source of {aot.kernel_id(kernel)} is incomplete (under "
-                           f"torch.compile every launch whose specialisation reaches that code fails to "
-                           f"compile): " + "; ".join(missing))
+        raise RuntimeError(
+            f"Inductor's regenerated source of {aot.kernel_id(kernel)} is incomplete (under "
+            f"torch.compile every launch whose specialisation reaches that code fails to "
+            f"compile): " + "; ".join(missing)
+        )
     return regen
 
 
@@ -313,6 +325,7 @@ def _compile_all(specs, arch, jobs):
 
 # ------------------------------------------------------------------------------------ driver
 
+
 def _kernel_ids():
     """``kernel_id`` of every launchable kernel (a ``triton.jit`` function named ``*_kernel``) in
     the fastbert.triton modules."""
@@ -328,8 +341,11 @@ def _kernel_ids():
         if info.name in ("aot", "launch_spec", "trace_cases", "trace_check"):
             continue
         mod = importlib.import_module(f"fastbert.triton.{info.name}")
-        ids.update(aot.kernel_id(obj) for name, obj in vars(mod).items()
-                   if isinstance(obj, JITFunction) and name.endswith("_kernel"))
+        ids.update(
+            aot.kernel_id(obj)
+            for name, obj in vars(mod).items()
+            if isinstance(obj, JITFunction) and name.endswith("_kernel")
+        )
     return sorted(ids)
 
 
@@ -361,16 +377,24 @@ def run(arch=ARCH, name_filter=None, public=True, jobs=None):
     traces, launches, traced = [], {}, set()  # launches: spec key -> (spec, kernel_id, [case labels])
     try:
         # (label, op, opaque op expected instead of launches, compile the launches, trace)
-        todo = [(f"{op}: {label}", op, op if op in OPAQUE else None, True,
-                 lambda op=op, build=build: trace_op(op, build)) for label, op, build in trace_cases.cases()]
+        todo = [
+            (f"{op}: {label}", op, op if op in OPAQUE else None, True, lambda op=op, build=build: trace_op(op, build))
+            for label, op, build in trace_cases.cases()
+        ]
         if public:
             # static shapes (launches compiled), then dynamic=True (what automatic dynamic shapes
             # switch to after a second shape): symbolic sizes, so traced only
             for dynamic in (False, True):
-                todo += [(f"torch.compile{'(dynamic=True)' if dynamic else ''} {label}", "torch.compile",
-                          opaque, not dynamic,
-                          lambda fn=fn, build=build, dynamic=dynamic: trace_public(fn, build, dynamic))
-                         for label, fn, build, opaque in trace_cases.public_cases()]
+                todo += [
+                    (
+                        f"torch.compile{'(dynamic=True)' if dynamic else ''} {label}",
+                        "torch.compile",
+                        opaque,
+                        not dynamic,
+                        lambda fn=fn, build=build, dynamic=dynamic: trace_public(fn, build, dynamic),
+                    )
+                    for label, fn, build, opaque in trace_cases.public_cases()
+                ]
         for label, op, opaque, compile_launches, do in todo:
             if name_filter and name_filter not in label:
                 continue
@@ -382,8 +406,10 @@ def run(arch=ARCH, name_filter=None, public=True, jobs=None):
                 entry["launches"] = len(found)
                 if opaque:
                     if found or f"fastbert.{opaque}.default" not in _opaque_calls(gm):
-                        raise RuntimeError(f"expected an opaque fastbert.{opaque} call and no launches, got "
-                                           f"{_opaque_calls(gm)} and {len(found)} launches")
+                        raise RuntimeError(
+                            f"expected an opaque fastbert.{opaque} call and no launches, got "
+                            f"{_opaque_calls(gm)} and {len(found)} launches"
+                        )
                     entry["status"] = f"opaque: {OPAQUE[opaque]}"
                 elif not found:
                     raise RuntimeError("no Triton launch in the traced graph (the op was not decomposed)")
@@ -395,7 +421,8 @@ def run(arch=ARCH, name_filter=None, public=True, jobs=None):
                             f"argument(s) {bad} as written (a pointer stored through is computed from "
                             f"them, e.g. an offset returned by a helper that also takes them): Inductor "
                             f"then copies each such tensor before the launch whenever it is a graph input "
-                            f"or is used afterwards (e.g. saved for backward)")
+                            f"or is used afterwards (e.g. saved for backward)"
+                        )
                     regenerated = regenerate(kernel)
                     if not compile_launches:
                         continue
@@ -420,14 +447,24 @@ def run(arch=ARCH, name_filter=None, public=True, jobs=None):
     ops = sorted(n for n in dir(torch.ops.fastbert) if n.endswith("_triton"))
     missing = [] if name_filter else [op for op in ops if op not in covered]
     missing += [] if name_filter else [k for k in _kernel_ids() if k not in traced and k not in UNTRACED]
-    return dict(traces=traces, compiles=compiles, missing=missing, seconds=time.perf_counter() - t0,
-                triton=triton.__version__, torch=torch.__version__, arch=arch)
+    return dict(
+        traces=traces,
+        compiles=compiles,
+        missing=missing,
+        seconds=time.perf_counter() - t0,
+        triton=triton.__version__,
+        torch=torch.__version__,
+        arch=arch,
+    )
 
 
 def ok(report):
-    return (report["traces"] and not report["missing"]
-            and all(e["error"] is None for e in report["traces"])
-            and all(aot.ok(r) for r in report["compiles"]))
+    return (
+        report["traces"]
+        and not report["missing"]
+        and all(e["error"] is None for e in report["traces"])
+        and all(aot.ok(r) for r in report["compiles"])
+    )
 
 
 def format_report(report):
@@ -463,10 +500,12 @@ def main(argv=None):
     good = ok(report)
     bad_traces = sum(e["error"] is not None for e in report["traces"])
     bad_compiles = sum(not aot.ok(r) for r in report["compiles"])
-    print(f"\n{len(report['traces'])} traces, {len(report['compiles'])} regenerated compiles (torch "
-          f"{report['torch']}, triton {report['triton']}, sm_{report['arch']}) in {report['seconds']:.1f}s: "
-          f"{bad_traces} traces failed, {bad_compiles} compiles failed or spilled"
-          + (f", {len(report['missing'])} ops uncovered" if report["missing"] else ""))
+    print(
+        f"\n{len(report['traces'])} traces, {len(report['compiles'])} regenerated compiles (torch "
+        f"{report['torch']}, triton {report['triton']}, sm_{report['arch']}) in {report['seconds']:.1f}s: "
+        f"{bad_traces} traces failed, {bad_compiles} compiles failed or spilled"
+        + (f", {len(report['missing'])} ops uncovered" if report["missing"] else "")
+    )
     if args.json:
         import json
 

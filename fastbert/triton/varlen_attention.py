@@ -10,16 +10,14 @@ from typing import Optional, Tuple
 import torch
 import triton
 from torch._subclasses.fake_tensor import is_fake
-from fastbert.triton._common import wrap_triton
 
 from fastbert import philox
 from fastbert.ops import _library
+from fastbert.ops.varlen_attention import OP, backward, check_args, setup_context
 from fastbert.ops.varlen_attention import _fake_bwd as _ops_fake_bwd
 from fastbert.ops.varlen_attention import _fake_fwd as _ops_fake_fwd
-from fastbert.ops.varlen_attention import OP, backward, check_args, setup_context
-from fastbert.triton._common import aot_spec, check_device, check_dtypes, define
-from fastbert.triton._varlen_attention_kernels import (_varlen_bwd_dkdv_kernel, _varlen_bwd_dq_kernel,
-                                                       _varlen_fwd_kernel)
+from fastbert.triton._common import aot_spec, check_device, check_dtypes, define, wrap_triton
+from fastbert.triton._varlen_attention_kernels import _varlen_bwd_dkdv_kernel, _varlen_bwd_dq_kernel, _varlen_fwd_kernel
 
 # ----------------------------------------------------------------------------- launch configuration
 
@@ -45,7 +43,7 @@ def block_config(head_dim, dtype, kernel, dropout=False):
     if head_dim % 16:  # padded head dim (masked loads): half the query rows (full tiles spilled on sm_80)
         bm = max(16, bm // 2)  # (16: the smallest tl.dot)
         if kernel == "dq" and nw == 8 and dropout:  # fp32's fp64 Delta with dropout spilled 24 bytes on 8
-            nw = 4                                      # warps (sm_90, head dim 24)
+            nw = 4  # warps (sm_90, head dim 24)
     elif bd == 16 and kernel == "dq" and bm == 32:  # fp32 dq at head dim 16 spilled 16 bytes (80 registers)
         bm = 16
     if dropout and bm == 64:  # the Philox rounds on top of the 64 x 64 half tiles spilled on sm_80 (triton 3.6)
@@ -73,9 +71,11 @@ def _grouped(max_seqlen, block_n):
 
 # ------------------------------------------------------------------------------------------- ops
 
+
 def _check_seed(seed, q, op):
-    if seed is not None and (not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64
-                             or seed.numel() != 1 or seed.device != q.device):
+    if seed is not None and (
+        not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != q.device
+    ):
         raise ValueError(f"{OP} ({op}): seed must be an int64 tensor with one element on q's device")
 
 
@@ -90,11 +90,16 @@ def _check(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, seed, op):
 def _check_bwd(grad, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, dropout_p, seed):
     _check(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, seed, "triton backward")
     lse_shape = (q.shape[1], q.shape[0])
-    for t, name, shape, dtype in ((grad, "grad", q.shape, q.dtype), (out, "out", q.shape, q.dtype),
-                                  (lse, "lse", lse_shape, torch.float32)):
+    for t, name, shape, dtype in (
+        (grad, "grad", q.shape, q.dtype),
+        (out, "out", q.shape, q.dtype),
+        (lse, "lse", lse_shape, torch.float32),
+    ):
         if t.shape != shape or t.dtype != dtype or t.device != q.device:
-            raise ValueError(f"{OP} backward: {name} must be {dtype} of shape {list(shape)} on {q.device}, "
-                             f"got {t.dtype} of shape {list(t.shape)} on {t.device}")
+            raise ValueError(
+                f"{OP} backward: {name} must be {dtype} of shape {list(shape)} on {q.device}, "
+                f"got {t.dtype} of shape {list(t.shape)} on {t.device}"
+            )
 
 
 def _fake_fwd(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, seed):
@@ -124,44 +129,90 @@ def _launch_args(q, k, v, max_seqlen, dropout_p, seed):
 def _consts(q, kernel, drop, max_seqlen):
     """(grid rows per program, constexpr and launch keyword arguments) of ``kernel``."""
     bm, bn, bd, num_warps, num_stages = block_config(q.shape[2], q.dtype, kernel, drop)
-    return (bn if kernel == "dkdv" else bm,
-            dict(DROPOUT=drop, GROUPED=drop and _grouped(max_seqlen, bn), HEAD_DIM=q.shape[2],
-                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=num_warps, num_stages=num_stages))
+    return (
+        bn if kernel == "dkdv" else bm,
+        dict(
+            DROPOUT=drop,
+            GROUPED=drop and _grouped(max_seqlen, bn),
+            HEAD_DIM=q.shape[2],
+            BLOCK_M=bm,
+            BLOCK_N=bn,
+            BLOCK_D=bd,
+            num_warps=num_warps,
+            num_stages=num_stages,
+        ),
+    )
 
 
-_FWD_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, int max_seqlen, float scale, float dropout_p, "
-               "Tensor? seed) -> (Tensor, Tensor)")
-_BWD_SCHEMA = ("(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu_seqlens, "
-               "int max_seqlen, float scale, float dropout_p, Tensor? seed) -> (Tensor, Tensor, Tensor)")
+_FWD_SCHEMA = (
+    "(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, int max_seqlen, float scale, float dropout_p, "
+    "Tensor? seed) -> (Tensor, Tensor)"
+)
+_BWD_SCHEMA = (
+    "(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu_seqlens, "
+    "int max_seqlen, float scale, float dropout_p, Tensor? seed) -> (Tensor, Tensor, Tensor)"
+)
 
 
 @define("fastbert::varlen_attention_fwd_triton", _fake_fwd, schema=_FWD_SCHEMA)
-def varlen_attention_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                                max_seqlen: int, scale: float, dropout_p: float, seed: Optional[torch.Tensor]
-                                ) -> Tuple[torch.Tensor, torch.Tensor]:
+def varlen_attention_fwd_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    scale: float,
+    dropout_p: float,
+    seed: Optional[torch.Tensor],
+) -> Tuple[torch.Tensor, torch.Tensor]:
     _check(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, seed, "triton forward")
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     t_all, heads, d = q.shape
     batch = cu_seqlens.shape[0] - 1
     if t_all == 0 or heads == 0 or batch <= 0 or max_seqlen == 0:  # no rows (a head dim of 0 launches:
         # its scores are 0, so lse = log(seqlen))
-        return (torch.zeros(q.shape, dtype=q.dtype, device=q.device),
-                torch.zeros((heads, t_all), dtype=torch.float32, device=q.device))
+        return (
+            torch.zeros(q.shape, dtype=q.dtype, device=q.device),
+            torch.zeros((heads, t_all), dtype=torch.float32, device=q.device),
+        )
     out = torch.empty((t_all, heads, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((heads, t_all), dtype=torch.float32, device=q.device)
     drop, strides, threshold, p_scale = _launch_args(q, k, v, max_seqlen, dropout_p, seed)
     per, consts = _consts(q, "fwd", drop, max_seqlen)
     wrap_triton(_varlen_fwd_kernel)[(triton.cdiv(max_seqlen, per), heads, batch)](
-        q, k, v, cu_seqlens, seed if drop else cu_seqlens, out, lse, *strides, t_all, heads, max_seqlen,
-        float(scale), threshold, p_scale, **consts)
+        q,
+        k,
+        v,
+        cu_seqlens,
+        seed if drop else cu_seqlens,
+        out,
+        lse,
+        *strides,
+        t_all,
+        heads,
+        max_seqlen,
+        float(scale),
+        threshold,
+        p_scale,
+        **consts,
+    )
     return out, lse
 
 
 @define("fastbert::varlen_attention_bwd_triton", _fake_bwd, schema=_BWD_SCHEMA)
-def varlen_attention_bwd_triton(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                out: torch.Tensor, lse: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-                                scale: float, dropout_p: float, seed: Optional[torch.Tensor]
-                                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def varlen_attention_bwd_triton(
+    grad: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    scale: float,
+    dropout_p: float,
+    seed: Optional[torch.Tensor],
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_bwd(grad, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, dropout_p, seed)
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     grad, lse = grad.contiguous(), lse.contiguous()  # out: checked, not read (Delta = rowsum(p dp))
@@ -180,20 +231,64 @@ def varlen_attention_bwd_triton(grad: torch.Tensor, q: torch.Tensor, k: torch.Te
     seed_arg = seed if drop else cu_seqlens
     per, consts = _consts(q, "dq", drop, max_seqlen)
     wrap_triton(_varlen_bwd_dq_kernel)[(triton.cdiv(max_seqlen, per), heads, batch)](
-        q, k, v, grad, lse, cu_seqlens, seed_arg, dq, delta, m, inv_l, *strides, t_all, heads, max_seqlen,
-        float(scale), threshold, p_scale, EXACT_SOFTMAX=exact, **consts)
+        q,
+        k,
+        v,
+        grad,
+        lse,
+        cu_seqlens,
+        seed_arg,
+        dq,
+        delta,
+        m,
+        inv_l,
+        *strides,
+        t_all,
+        heads,
+        max_seqlen,
+        float(scale),
+        threshold,
+        p_scale,
+        EXACT_SOFTMAX=exact,
+        **consts,
+    )
     per, consts = _consts(q, "dkdv", drop, max_seqlen)
     wrap_triton(_varlen_bwd_dkdv_kernel)[(triton.cdiv(max_seqlen, per), heads, batch)](
-        q, k, v, grad, lse, delta, m, inv_l, cu_seqlens, seed_arg, dk, dv, *strides, t_all, heads, max_seqlen,
-        float(scale), threshold, p_scale, EXACT_SOFTMAX=exact, **consts)
+        q,
+        k,
+        v,
+        grad,
+        lse,
+        delta,
+        m,
+        inv_l,
+        cu_seqlens,
+        seed_arg,
+        dk,
+        dv,
+        *strides,
+        t_all,
+        heads,
+        max_seqlen,
+        float(scale),
+        threshold,
+        p_scale,
+        EXACT_SOFTMAX=exact,
+        **consts,
+    )
     return dq, dk, dv
 
 
-_library.register_autograd("fastbert::varlen_attention_fwd_triton",
-                           torch.ops.fastbert.varlen_attention_bwd_triton.default, setup_context, backward)
+_library.register_autograd(
+    "fastbert::varlen_attention_fwd_triton",
+    torch.ops.fastbert.varlen_attention_bwd_triton.default,
+    setup_context,
+    backward,
+)
 
 
 # ------------------------------------------------------------------------ ahead-of-time compile list
+
 
 def _aot_specs():
     """BERT-base (12 heads, head dim 64) with q, k, v views of a packed ``[T, 3, 12, 64]`` QKV (token
@@ -213,13 +308,29 @@ def _aot_specs():
         sig = {"q_ptr": f"*{s}", "k_ptr": f"*{s}", "v_ptr": f"*{s}"}
         # without dropout cu_seqlens stands in for the seed
         sig.update(extra_sig, cu_ptr="*i32", seed_ptr="*i64" if drop else "*i32")
-        sig.update({"sq_t": "i32", "sq_h": "i32", "sk_t": "i32", "sk_h": "i32", "sv_t": "i32", "sv_h": "i32",
-                    "T": "i32", "H": "i32", "max_seqlen": "i32"})
+        sig.update(
+            {
+                "sq_t": "i32",
+                "sq_h": "i32",
+                "sk_t": "i32",
+                "sk_h": "i32",
+                "sv_t": "i32",
+                "sv_h": "i32",
+                "T": "i32",
+                "H": "i32",
+                "max_seqlen": "i32",
+            }
+        )
         sig.update({"scale": "fp32", "threshold": "i32", "p_scale": "fp32"})
-        div16 = ("q_ptr", "k_ptr", "v_ptr", "cu_ptr", "seed_ptr", "sq_t", "sq_h", "sk_t", "sk_h", "sv_t",
-                 "sv_h") + tuple(extra_ptrs) + (("max_seqlen",) if max_seqlen % 16 == 0 else ())
-        label = (f"H={heads},D={d},max_seqlen={max_seqlen},{s},{'dropout' if drop else 'no-dropout'}"
-                 f"{',grouped' if grouped else ''}")
+        div16 = (
+            ("q_ptr", "k_ptr", "v_ptr", "cu_ptr", "seed_ptr", "sq_t", "sq_h", "sk_t", "sk_h", "sv_t", "sv_h")
+            + tuple(extra_ptrs)
+            + (("max_seqlen",) if max_seqlen % 16 == 0 else ())
+        )
+        label = (
+            f"H={heads},D={d},max_seqlen={max_seqlen},{s},{'dropout' if drop else 'no-dropout'}"
+            f"{',grouped' if grouped else ''}"
+        )
         consts = dict(DROPOUT=drop, GROUPED=grouped, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
         if kernel is not _varlen_fwd_kernel:
             consts["EXACT_SOFTMAX"] = exact_softmax(s)
@@ -229,16 +340,45 @@ def _aot_specs():
 
     for s in ("fp32", "fp16", "bf16"):
         for drop, max_seqlen in ((False, 128), (True, 77), (True, 128)):
-            add(_varlen_fwd_kernel, s, drop, max_seqlen, {"out_ptr": f"*{s}", "lse_ptr": "*fp32"},
-                ("out_ptr", "lse_ptr"))
-            add(_varlen_bwd_dq_kernel, s, drop, max_seqlen,
-                {"do_ptr": f"*{s}", "lse_ptr": "*fp32", "dq_ptr": f"*{s}", "delta_ptr": "*fp32",
-                 "m_ptr": "*fp32", "il_ptr": "*fp32"},
-                ("do_ptr", "lse_ptr", "dq_ptr", "delta_ptr", "m_ptr", "il_ptr"))
-            add(_varlen_bwd_dkdv_kernel, s, drop, max_seqlen,
-                {"do_ptr": f"*{s}", "lse_ptr": "*fp32", "delta_ptr": "*fp32", "m_ptr": "*fp32", "il_ptr": "*fp32",
-                 "dk_ptr": f"*{s}", "dv_ptr": f"*{s}"},
-                ("do_ptr", "lse_ptr", "delta_ptr", "m_ptr", "il_ptr", "dk_ptr", "dv_ptr"))
+            add(
+                _varlen_fwd_kernel,
+                s,
+                drop,
+                max_seqlen,
+                {"out_ptr": f"*{s}", "lse_ptr": "*fp32"},
+                ("out_ptr", "lse_ptr"),
+            )
+            add(
+                _varlen_bwd_dq_kernel,
+                s,
+                drop,
+                max_seqlen,
+                {
+                    "do_ptr": f"*{s}",
+                    "lse_ptr": "*fp32",
+                    "dq_ptr": f"*{s}",
+                    "delta_ptr": "*fp32",
+                    "m_ptr": "*fp32",
+                    "il_ptr": "*fp32",
+                },
+                ("do_ptr", "lse_ptr", "dq_ptr", "delta_ptr", "m_ptr", "il_ptr"),
+            )
+            add(
+                _varlen_bwd_dkdv_kernel,
+                s,
+                drop,
+                max_seqlen,
+                {
+                    "do_ptr": f"*{s}",
+                    "lse_ptr": "*fp32",
+                    "delta_ptr": "*fp32",
+                    "m_ptr": "*fp32",
+                    "il_ptr": "*fp32",
+                    "dk_ptr": f"*{s}",
+                    "dv_ptr": f"*{s}",
+                },
+                ("do_ptr", "lse_ptr", "delta_ptr", "m_ptr", "il_ptr", "dk_ptr", "dv_ptr"),
+            )
     return specs
 
 
