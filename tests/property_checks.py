@@ -5,8 +5,9 @@ docstring for the rules)."""
 import math
 
 import torch
+import torch.nn.functional as F
 
-from fastbert import reference
+from fastbert import philox, reference
 from fastbert.ops.masked_softmax import canonical_mask
 from tests.utils import TOLERANCES, assert_close, max_err, use_backend
 
@@ -154,3 +155,111 @@ class _Gelu64(torch.autograd.Function):
 
 def _gelu64(x, b, approximate):
     return _Gelu64.apply(x + b if b is not None else x, approximate)
+
+
+# ------------------------------------------------- the ops' eager and float64 sides (test_properties)
+
+
+def _drawn_seed(seed_value):
+    torch.manual_seed(seed_value)
+    return philox.draw_seed("cpu")
+
+
+def _eager_layernorm_residual(eps, p, seed_t):
+    """test_layernorm_residual's ``eager(inputs, dy, flip=False)`` (``flip``: the normalised
+    dimension reversed)."""
+
+    def eager(inputs, dy, flip=False):
+        def f(x, r, w, b, xb):
+            h = x + xb if xb is not None else x
+            if p > 0:
+                keep = philox.keep_mask(int(seed_t), h.shape, p)
+                h = torch.where(keep, h * philox.scale(p), torch.zeros((), dtype=h.dtype))
+            s = h + r
+            return F.layer_norm(s, s.shape[-1:], w.to(s.dtype), b.to(s.dtype), eps)
+
+        dims = (-1,) if flip else ()  # the normalised dimension reversed
+        return [_flip(t, dims) for t in _backward(f, [_flip(t, dims) for t in inputs], _flip(dy, dims))]
+
+    return eager
+
+
+def _eager_masked_softmax(scores, mask, scale, p, seed_t):
+    """test_masked_softmax's ``eager(inputs, dy, flip=False)``."""
+
+    def eager(inputs, dy, flip=False):
+        """Eager PyTorch (a float mask promotes as in ``scores * scale + mask``), its fully masked
+        rows' NaN set to 0 to measure its own error where it is defined (``flip``: keys reversed)."""
+        dims = (-1,) if flip else ()
+
+        def f(x):
+            h = x * scale
+            m = _flip(canonical_mask(scores, mask), dims)
+            if m is not None:
+                h = h.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else h + m
+            y = F.softmax(h, -1)
+            if p > 0:
+                keep = philox.keep_mask(int(seed_t), y.shape, p)
+                y = torch.where(keep, y * philox.scale(p), torch.zeros((), dtype=y.dtype))
+            return y.to(x.dtype)
+
+        outs = _backward(f, [_flip(t, dims) for t in inputs], _flip(dy, dims))
+        return [_flip(t, dims).nan_to_num(0.0, posinf=math.inf, neginf=-math.inf) for t in outs]
+
+    return eager
+
+
+def _masked_softmax_nan_ok(scores, mask, shape, dy, p, seed_t):
+    """test_masked_softmax's ``nan_ok``. The documented exception (fastbert/ops/masked_softmax.py):
+    the backward does not read the mask, so a bool-masked key's gradient is p (g - sum p g) =
+    0 * (non-finite) = NaN where the row's incoming gradient is not finite (eager's masked_fill gives
+    0 there)."""
+    nan_ok = None
+    m = canonical_mask(scores, mask)
+    if m is not None and m.dtype == torch.bool:
+        g = dy.double()
+        if p > 0:
+            g = torch.where(philox.keep_mask(int(seed_t), g.shape, p), g, torch.zeros((), dtype=g.dtype))
+        nan_ok = {"dscores": ~m.expand(shape) & ~g.isfinite().all(-1, keepdim=True)}
+    return nan_ok
+
+
+def _exact_linear_cross_entropy(targets, reduction):
+    """test_linear_cross_entropy's ``exact(rows, weight, bias)``."""
+
+    def exact(r, w, b):
+        """The reference, an ignored row's logits masked out: its gradient is 0 by contract (eager's
+        log-softmax backward would spread a NaN/inf logit of an ignored row into it)."""
+        logits = r @ w.t() + (b if b is not None else 0)
+        logits = torch.where((targets != -100)[:, None], logits, torch.zeros((), dtype=logits.dtype))
+        if reduction == "mean":  # as reference.linear_cross_entropy: a mean over no valid target is 0
+            n = (targets != -100).sum().clamp(min=1)
+            return F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum") / n
+        return F.cross_entropy(logits, targets, ignore_index=-100, reduction=reduction)
+
+    return exact
+
+
+def _eager_linear_cross_entropy(targets, v, reduction):
+    """test_linear_cross_entropy's ``eager(inputs, dy, flip=False)`` (``v``: the vocabulary size)."""
+
+    def eager(inputs, dy, flip=False):
+        def f(r, w, b):
+            return reference.linear_cross_entropy(
+                r, w.to(r.dtype), b.to(r.dtype) if b is not None else None, targets, -100, reduction
+            )
+
+        def g(r, w, b):  # the hidden dimension and the vocabulary reversed (every sum's order)
+            t = torch.where(targets == -100, -100, v - 1 - targets)
+            return reference.linear_cross_entropy(
+                r.flip(-1),
+                w.to(r.dtype).flip(0, 1),
+                b.to(r.dtype).flip(0) if b is not None else None,
+                t,
+                -100,
+                reduction,
+            )
+
+        return _backward(g if flip else f, inputs, dy)
+
+    return eager

@@ -46,17 +46,22 @@ from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 
 import fastbert
-from fastbert import philox, reference
-from fastbert.ops.masked_softmax import canonical_mask
+from fastbert import reference
 from tests import strategies as S
 from tests import triton_launches
 from tests.property_checks import (
     _backward,
+    _drawn_seed,
+    _eager_layernorm_residual,
+    _eager_linear_cross_entropy,
+    _eager_masked_softmax,
+    _exact_linear_cross_entropy,
     _farther,
     _flip,
     _gelu64,
     _lead,
     _mask64,
+    _masked_softmax_nan_ok,
     assert_matches,
     assert_same,
     check,
@@ -157,11 +162,6 @@ def test_bias_gelu(backend, data):
     )
 
 
-def _drawn_seed(seed_value):
-    torch.manual_seed(seed_value)
-    return philox.draw_seed("cpu")
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @prop
 @given(data=st.data())
@@ -191,18 +191,6 @@ def test_layernorm_residual(backend, data):
     def exact(x, r, w, b, xb):
         return reference.layernorm_residual(x, r, w, b, eps, xb, p, seed_t)
 
-    def eager(inputs, dy, flip=False):
-        def f(x, r, w, b, xb):
-            h = x + xb if xb is not None else x
-            if p > 0:
-                keep = philox.keep_mask(int(seed_t), h.shape, p)
-                h = torch.where(keep, h * philox.scale(p), torch.zeros((), dtype=h.dtype))
-            s = h + r
-            return F.layer_norm(s, s.shape[-1:], w.to(s.dtype), b.to(s.dtype), eps)
-
-        dims = (-1,) if flip else ()  # the normalised dimension reversed
-        return [_flip(t, dims) for t in _backward(f, [_flip(t, dims) for t in inputs], _flip(dy, dims))]
-
     check(
         backend,
         f"layernorm_residual {backend} {tuple(shape)} {dtype} params {pdtype} eps={eps} p={p}",
@@ -211,7 +199,7 @@ def test_layernorm_residual(backend, data):
         dy,
         fused,
         exact,
-        eager,
+        _eager_layernorm_residual(eps, p, seed_t),
         reorder=p == 0,
     )
 
@@ -275,35 +263,6 @@ def test_masked_softmax(backend, data):
     def exact(x):
         return reference.masked_softmax(x, _mask64(scores, mask), scale, p, seed_t)
 
-    def eager(inputs, dy, flip=False):
-        """Eager PyTorch (a float mask promotes as in ``scores * scale + mask``), its fully masked
-        rows' NaN set to 0 to measure its own error where it is defined (``flip``: keys reversed)."""
-        dims = (-1,) if flip else ()
-
-        def f(x):
-            h = x * scale
-            m = _flip(canonical_mask(scores, mask), dims)
-            if m is not None:
-                h = h.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else h + m
-            y = F.softmax(h, -1)
-            if p > 0:
-                keep = philox.keep_mask(int(seed_t), y.shape, p)
-                y = torch.where(keep, y * philox.scale(p), torch.zeros((), dtype=y.dtype))
-            return y.to(x.dtype)
-
-        outs = _backward(f, [_flip(t, dims) for t in inputs], _flip(dy, dims))
-        return [_flip(t, dims).nan_to_num(0.0, posinf=math.inf, neginf=-math.inf) for t in outs]
-
-    # The documented exception (fastbert/ops/masked_softmax.py): the backward does not read the mask,
-    # so a bool-masked key's gradient is p (g - sum p g) = 0 * (non-finite) = NaN where the row's
-    # incoming gradient is not finite (eager's masked_fill gives 0 there).
-    nan_ok = None
-    m = canonical_mask(scores, mask)
-    if m is not None and m.dtype == torch.bool:
-        g = dy.double()
-        if p > 0:
-            g = torch.where(philox.keep_mask(int(seed_t), g.shape, p), g, torch.zeros((), dtype=g.dtype))
-        nan_ok = {"dscores": ~m.expand(shape) & ~g.isfinite().all(-1, keepdim=True)}
     mdesc = None if mask is None else (mask.dtype, tuple(mask.shape))
     check(
         backend,
@@ -313,9 +272,9 @@ def test_masked_softmax(backend, data):
         dy,
         fused,
         exact,
-        eager,
+        _eager_masked_softmax(scores, mask, scale, p, seed_t),
         reorder=p == 0,
-        nan_ok=nan_ok,
+        nan_ok=_masked_softmax_nan_ok(scores, mask, shape, dy, p, seed_t),
     )
 
 
@@ -436,35 +395,6 @@ def test_linear_cross_entropy(backend, data):
     def fused(r, w, b):
         return fastbert.linear_cross_entropy(r, w, targets, b, reduction=reduction, chunk_size=chunk)
 
-    def exact(r, w, b):
-        """The reference, an ignored row's logits masked out: its gradient is 0 by contract (eager's
-        log-softmax backward would spread a NaN/inf logit of an ignored row into it)."""
-        logits = r @ w.t() + (b if b is not None else 0)
-        logits = torch.where((targets != -100)[:, None], logits, torch.zeros((), dtype=logits.dtype))
-        if reduction == "mean":  # as reference.linear_cross_entropy: a mean over no valid target is 0
-            n = (targets != -100).sum().clamp(min=1)
-            return F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum") / n
-        return F.cross_entropy(logits, targets, ignore_index=-100, reduction=reduction)
-
-    def eager(inputs, dy, flip=False):
-        def f(r, w, b):
-            return reference.linear_cross_entropy(
-                r, w.to(r.dtype), b.to(r.dtype) if b is not None else None, targets, -100, reduction
-            )
-
-        def g(r, w, b):  # the hidden dimension and the vocabulary reversed (every sum's order)
-            t = torch.where(targets == -100, -100, v - 1 - targets)
-            return reference.linear_cross_entropy(
-                r.flip(-1),
-                w.to(r.dtype).flip(0, 1),
-                b.to(r.dtype).flip(0) if b is not None else None,
-                t,
-                -100,
-                reduction,
-            )
-
-        return _backward(g if flip else f, inputs, dy)
-
     check(
         backend,
         f"linear_cross_entropy {backend} M={m} H={h} V={v} {dtype} weight {wdtype} {reduction} chunk={chunk}",
@@ -472,8 +402,8 @@ def test_linear_cross_entropy(backend, data):
         (rows, weight, bias),
         dy,
         fused,
-        exact,
-        eager,
+        _exact_linear_cross_entropy(targets, reduction),
+        _eager_linear_cross_entropy(targets, v, reduction),
     )
 
 

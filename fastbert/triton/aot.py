@@ -73,7 +73,7 @@ def specs():
         raise RuntimeError(ft.error)
     out = []
     for info in pkgutil.iter_modules(ft.__path__):
-        if info.name in ("aot", "launch_spec", "trace_cases", "trace_check"):
+        if info.name in ("aot", "launch_spec", "trace_cases", "trace_check", "trace_regen"):
             continue
         mod = importlib.import_module(f"fastbert.triton.{info.name}")
         out.extend(getattr(mod, "AOT_SPECS", ()))
@@ -90,7 +90,7 @@ def uncovered():
     covered = {id(s["kernel"]) for s in specs()}
     missing = []
     for info in pkgutil.iter_modules(ft.__path__):
-        if info.name in ("aot", "launch_spec", "trace_cases", "trace_check"):
+        if info.name in ("aot", "launch_spec", "trace_cases", "trace_check", "trace_regen"):
             continue
         mod = importlib.import_module(f"fastbert.triton.{info.name}")
         for attr, obj in vars(mod).items():
