@@ -7,8 +7,9 @@ Environment:
   TORCH_CUDA_ARCH_LIST           defaults to "8.0;9.0" when no GPU is visible.
   MAX_JOBS                       parallel compile jobs; defaults to the number of cores.
 
-CPU kernels (csrc/cpu/*_kernel.cpp) are compiled once per instruction set (avx512, avx2, generic)
-with their own flags and chosen at run time; everything else (the glue) is compiled once.
+CPU kernels (csrc/cpu/*_kernel.cpp) are compiled once per instruction set (avx512bf16, avx512, avx2,
+generic) with their own flags and chosen at run time; everything else (the glue) is compiled once.
+avx512bf16 is left out (with a note) when the compiler lacks -mavx512bf16 (GCC < 10).
 """
 
 import glob
@@ -18,6 +19,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -38,6 +40,9 @@ ISA_FLAGS = {"generic": []}
 if X86:
     ISA_FLAGS["avx2"] = ["-mavx2", "-mfma", "-mf16c"]
     ISA_FLAGS["avx512"] = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]
+    # avx512 plus the AVX512-BF16 conversions (VCVTNEPS2BF16) for bf16 stores: Cooper Lake, Sapphire
+    # Rapids and later, Zen 4 and later.
+    ISA_FLAGS["avx512bf16"] = ISA_FLAGS["avx512"] + ["-mavx512bf16"]
 
 
 def want_cuda():
@@ -79,6 +84,30 @@ def nvidia_include_dirs():
         dirs += glob.glob(os.path.join(base, "nvidia", "cu*", "include"))
         dirs += glob.glob(os.path.join(base, "nvidia", "cusparse", "include"))
     return sorted({d for d in dirs if os.path.isdir(d)})
+
+
+def compiler_accepts(cxx, flags, code):
+    """Whether `cxx flags` compiles `code` (a probe for ISA flags that older compilers lack)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp, "probe.cpp")
+        src.write_text(code)
+        cmd = [cxx, *flags, "-c", str(src), "-o", str(Path(tmp, "probe.o"))]
+        try:
+            return subprocess.run(cmd, capture_output=True, timeout=120).returncode == 0
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+
+
+# The intrinsic the kernels use and the CPUID check dispatch.cpp makes (both GCC >= 10).
+BF16_PROBE = """#include <immintrin.h>
+__m256bh f(__m512 x) { return _mm512_cvtneps_pbh(x); }
+int g() { return __builtin_cpu_supports("avx512bf16"); }
+"""
+if "avx512bf16" in ISA_FLAGS and not compiler_accepts(
+    os.environ.get("CXX", "c++"), ISA_FLAGS["avx512bf16"], BF16_PROBE
+):
+    print("fastbert: the C++ compiler lacks -mavx512bf16: no avx512bf16 CPU kernels", file=sys.stderr)
+    del ISA_FLAGS["avx512bf16"]
 
 
 def write_if_changed(path, text):
@@ -169,6 +198,7 @@ def make_extension():
                 f'#define FASTBERT_BUILD_CUDA_VERSION "{torch.version.cuda if with_cuda else ""}"',
                 f'#define FASTBERT_CPU_ISAS "{",".join(ISA_FLAGS)}"',
                 f"#define FASTBERT_HAVE_X86_ISAS {int(X86)}",
+                f"#define FASTBERT_HAVE_AVX512BF16 {int('avx512bf16' in ISA_FLAGS)}",
                 "",
             ]
         ),

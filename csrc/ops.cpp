@@ -36,5 +36,5 @@ PYBIND11_MODULE(_C, m) {
           throw py::value_error(e.what_without_backtrace());
         }
       },
-      py::arg("name"), "Switch the CPU kernel variant ('auto', 'avx512', 'avx2' or 'generic').");
+      py::arg("name"), "Switch the CPU kernel variant ('auto', 'avx512bf16', 'avx512', 'avx2' or 'generic').");
 }

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from fastbert import ops
+from fastbert.models.layers import compute_dtype
 
 ATTENTION = "fastbert"
 GELU = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}  # hidden_act -> bias_gelu's approximate
@@ -157,6 +158,7 @@ class _Unpadded:
         if packing.total == 0:  # no real token in the batch: nothing to run
             return _output(self, emb.new_zeros(packing.batch, packing.seqlen, self.config.hidden_size), return_dict)
         x = ops.unpad(emb, packing)  # [T, E]
+        x = x.to(compute_dtype(x))  # under autocast: once here, not in every projection that reads x
         if getattr(self, "embeddings_project", None) is not None:  # ELECTRA: E -> H on the real rows only
             x = self.embeddings_project(x)
         extra[CU_SEQLENS] = extra["cu_seq_lens_k"] = packing.cu_seqlens

@@ -43,8 +43,8 @@ def test_cases_shapes_and_presets():
     assert step.budget == br.QUICK_BUDGET and step.peak_memory(None, "cpu") is None
     assert br.cases(mode="full")[0].budget == br.FULL_BUDGET
     assert br.cases(preset="tiny")[0].shape == (32, 128, 128, 2)
-    assert br.cases(dtypes=["bfloat16"]) == [] and br.cases(shapes=[(4096, 3072)]) == []
-    assert br.CANDIDATES == br.STEP_CANDIDATES and set(br.FWD_CANDIDATES) < set(br.CANDIDATES)
+    assert br.cases(dtypes=["float16"]) == [] and br.cases(shapes=[(4096, 3072)]) == []
+    assert br.CANDIDATES == (*br.STEP_CANDIDATES, "eager-fp32") and set(br.FWD_CANDIDATES) < set(br.CANDIDATES)
     assert harness.expected_candidates(br, fwd, "cpu") == list(br.FWD_CANDIDATES)
     assert harness.expected_candidates(br, step, "cpu") == list(br.STEP_CANDIDATES)
 
@@ -93,3 +93,49 @@ def test_case_budget_replaces_the_runs_and_summary_names_the_overhead():
     assert "fastbert 2.00x" in text and "padding overhead" in text and "fastbert 1.25x" in text
     assert step.params["lengths"] in text and f"{100 * step.params['pad_frac']:.1f}% padding" in text
     assert dataclasses.replace(step, budget=None).budget is None
+
+
+def test_bf16_cases_run_under_autocast():
+    """The bf16 cases (default in --full and on CUDA, else with --dtype bf16): the same workload,
+    params autocast=bf16; every candidate runs under bf16 autocast with fp32 parameters (eager-fp32
+    without autocast) and takes a finite step; the fwd candidates give bf16 logits."""
+    assert br.case_dtypes() == ["float32"] and br.case_dtypes(mode="full") == ["float32", "bfloat16"]
+    assert br.case_dtypes("cuda") == ["float32", "bfloat16"] and br.case_dtypes(dtypes=["bfloat16"]) == ["bfloat16"]
+    assert [(c.dtype, c.pass_) for c in br.cases(mode="full", preset="tiny")] == [
+        ("float32", "step"),
+        ("float32", "fwd"),
+        ("bfloat16", "step"),
+        ("bfloat16", "fwd"),
+    ]
+    step_case, fwd_case = br.cases(dtypes=["bfloat16"], shapes=[(4, 16, 32, 1)])
+    assert (step_case.dtype, fwd_case.dtype) == ("bfloat16", "bfloat16")
+    assert step_case.params["autocast"] == "bf16" and "autocast=bf16" in step_case.key()[4]
+    assert harness.expected_candidates(br, step_case, "cpu") == list(br.BF16_STEP_CANDIDATES)
+    assert harness.expected_candidates(br, fwd_case, "cpu") == list(br.BF16_FWD_CANDIDATES)
+    steps = step_case.setup()
+    hf = br.transformers is not None
+    assert list(steps) == list(br.BF16_STEP_CANDIDATES if hf else (br.FASTBERT,))
+    for name, step in steps.items():
+        seen = []
+        hook = step.model.register_forward_hook(lambda *_: seen.append(torch.is_autocast_enabled("cpu")))
+        weights = [p.detach().clone() for p in step.model.parameters()]
+        step()
+        hook.remove()
+        assert seen == [name != "eager-fp32"] and torch.isfinite(step.last_loss), name
+        assert all(p.dtype == torch.float32 for p in step.model.parameters()), name  # mixed precision
+        assert any(not torch.equal(w, p) for w, p in zip(weights, step.model.parameters())), name
+    assert not torch.is_autocast_enabled("cpu")
+    for name, infer in fwd_case.setup().items():
+        logits = infer()
+        assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all(), name
+
+
+def test_summary_prints_the_bf16_ratios_over_eager_and_eager_fp32():
+    step, _ = br.cases(dtypes=["bfloat16"], shapes=[(4, 16, 32, 1)])
+    row = lambda name, ms: dict(zip(harness.KEY, step.key()), candidate=name, p50_ms=ms)  # noqa: E731
+    rows = [row("eager", 100.0), row("eager-fp32", 80.0), row("patched", 50.0), row("fastbert", 40.0)]
+    lines = br.summary(rows).splitlines()
+    assert "bf16 autocast" in lines[0] and "vs eager (same bf16 autocast): eager-fp32 1.25x" in lines[0]
+    assert "patched 2.00x, fastbert 2.50x" in lines[0]
+    assert lines[1].startswith("  vs eager fp32") and "eager 0.80x, patched 1.60x, fastbert 2.00x" in lines[1]
+    assert "padding overhead" not in br.summary(rows)

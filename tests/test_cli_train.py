@@ -8,9 +8,10 @@ import signal
 import pytest
 import torch
 
+import fastbert
 from fastbert import cli
 from fastbert.data import default_corpus_documents
-from fastbert.train import trainer
+from fastbert.train import commands, trainer
 from tests.utils import within
 
 SMALL = ["--preset", "tiny", "--seq-len", "64", "--vocab-size", "600", "--batch", "8", "--no-progress"]
@@ -148,11 +149,13 @@ def test_finetune_compare(tmp_path, corpus, capsys):
                 "--out",
                 str(out),
                 "--no-progress",
+                "--bf16",
             ]
         )
         == 0
     )
     res = json.loads((out / "results.json").read_text())
+    assert res["bf16"] is True
     assert res["classes"] == sorted(p.stem for p in corpus.glob("*.txt"))
     for run in ("pretrained", "scratch"):
         assert res[run]["steps"] == 4 and 0.0 <= res[run]["accuracy"] <= 1.0
@@ -167,7 +170,24 @@ def test_finetune_compare(tmp_path, corpus, capsys):
         assert res[run]["padding"]["batch_padding"] == pytest.approx(
             sum(r["padding"] for r in steps) / len(steps), abs=1e-4
         )
-    assert "held-out accuracy" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "held-out accuracy" in captured.out
+    assert ("no bf16 instructions" in captured.err) == commands.bf16_is_slow("cpu")
+
+
+def test_bf16_is_slow_only_on_cpus_without_bf16_instructions(monkeypatch):
+    class FakeC:
+        def __init__(self, isas):
+            self.isas = isas
+
+        def cpu_isas_supported(self):
+            return self.isas
+
+    monkeypatch.setattr(fastbert._ext, "C", FakeC(["avx512bf16", "avx512", "avx2", "generic"]))
+    assert not commands.bf16_is_slow("cpu")
+    monkeypatch.setattr(fastbert._ext, "C", FakeC(["avx2", "generic"]))
+    assert commands.bf16_is_slow("cpu") and commands.bf16_is_slow(torch.device("cpu"))
+    assert not commands.bf16_is_slow("cuda")
 
 
 def bad(argv, capsys, match):

@@ -263,3 +263,15 @@ def test_finetune_rejects_non_finite_settings_and_stops_when_it_diverges(tmp_pat
         for line in (tmp_path / "finetune_metrics.jsonl").read_text().splitlines()
     ]
     assert rows and all(math.isfinite(r["loss"]) for r in rows if r["kind"] == "train")
+
+
+def test_finetune_bf16_runs_forward_under_autocast(tmp_path, seed):
+    model = tiny_model(num_labels=3)
+    seen = []
+    model.register_forward_pre_hook(lambda m, a: seen.append((m.training, torch.is_autocast_enabled("cpu"))))
+    train, test = random_passages(24, 3), random_passages(10, 3)
+    res = finetune(model, train, test, 0, FinetuneConfig(epochs=1, batch_size=8, seed=seed, bf16=True), progress=False)
+    assert (True, True) in seen and (False, True) in seen and all(autocast for _, autocast in seen)
+    assert all(math.isfinite(h["loss"]) for h in res["history"]) and 0.0 <= res["accuracy"] <= 1.0
+    with pytest.raises(ValueError, match="bf16 must be a bool"):
+        FinetuneConfig(bf16="yes")

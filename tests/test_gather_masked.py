@@ -66,6 +66,14 @@ def test_matches_reference(device, backend, dtype, shape, frac):
 
 
 @pytest.mark.usefixtures("seed", "poison")
+@pytest.mark.parametrize("backend", [b for b in backend_params("cpu") if "cpu" in str(b)])
+@pytest.mark.parametrize("shape,dtype", [((8, 128, 1024), torch.float32), ((3, 700, 1001), torch.bfloat16)], ids=str)
+def test_large_gradient_is_exact(backend, shape, dtype):
+    """Gradients of many MiB, split over threads (rows of 4096 and of 2002 bytes): exact."""
+    hidden = torch.randn(shape, dtype=dtype)
+    check(backend, hidden, make_labels(shape[:2], 0.15, "cpu"))
+
+
 @pytest.mark.parametrize("device,backend", device_backend_params())
 def test_row_major_order_and_positions(device, backend):
     hidden = torch.arange(2 * 4 * 3, dtype=torch.float32, device=device).reshape(2, 4, 3)

@@ -285,3 +285,32 @@ def test_patch_step_cases_run_and_agree():
     for step in steps.values():
         step()
     torch.testing.assert_close(steps["patched"].last_loss, steps["eager"].last_loss, rtol=1e-5, atol=1e-6)
+
+
+def test_bert_bf16_step_case():
+    """bench_bert's bf16 case: fastbert and transformers eager under bf16 autocast (fp32 parameters),
+    eager-fp32 without; each takes a finite step; the summary gives both speed-ups."""
+    from fastbert.bench import bench_bert
+
+    (case,) = bench_bert.cases(dtypes=["bfloat16"], shapes=[(2, 16, 32, 1)])
+    assert (case.op, case.dtype, case.pass_, case.params["autocast"]) == ("bert_pretrain", "bfloat16", "step", "bf16")
+    assert harness.expected_candidates(bench_bert, case, "cpu") == list(bench_bert.BF16_CANDIDATES)
+    shapes = [(2, 16, 32, 1)]  # by default the bf16 case is in --full and on CUDA, not in a quick CPU run
+    assert [c.dtype for c in bench_bert.cases(dtypes=["float32"], shapes=shapes)] == ["float32"]
+    assert [c.dtype for c in bench_bert.cases(shapes=shapes)] == ["float32"]
+    assert [c.dtype for c in bench_bert.cases(mode="full", shapes=shapes)] == ["float32", "bfloat16"]
+    assert [c.dtype for c in bench_bert.cases("cuda", shapes=shapes)] == ["float32", "bfloat16"]
+    steps = case.setup()
+    hf = bench_bert.transformers is not None
+    assert set(steps) == {"fastbert"} | ({"eager", "eager-fp32"} if hf else set())
+    for name, step in steps.items():
+        seen = []
+        hook = step.model.register_forward_hook(lambda *_: seen.append(torch.is_autocast_enabled("cpu")))
+        step()
+        hook.remove()
+        assert seen == [name != "eager-fp32"] and torch.isfinite(step.last_loss), name
+        assert all(p.dtype == torch.float32 for p in step.model.parameters()), name
+    row = lambda name, ms: dict(zip(harness.KEY, case.key()), candidate=name, p50_ms=ms)  # noqa: E731
+    text = bench_bert.summary([row("eager", 100.0), row("eager-fp32", 50.0), row("fastbert", 40.0)])
+    assert "x eager (same autocast): eager-fp32 2.00x, fastbert 2.50x" in text
+    assert "x eager fp32 (no autocast): eager 0.50x, fastbert 1.25x" in text

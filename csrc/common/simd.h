@@ -2,9 +2,10 @@
 // A small portable SIMD layer for the CPU kernels, built on GCC/Clang vector extensions.
 //
 // Kernel files (csrc/cpu/*_kernel.cpp) are compiled once per instruction set by setup.py
-// (-mavx512f..., -mavx2 -mfma -mf16c, or no flags). The lane count W follows those flags, so the
-// same source becomes 16-, 8- or 4-wide code (the 4-wide generic build lowers to SSE2 on x86-64 and
-// NEON on arm64). No torch headers here: kernel files stay cheap to compile three times.
+// (-mavx512f... -mavx512bf16, -mavx512f..., -mavx2 -mfma -mf16c, or no flags). The lane count W
+// follows those flags, so the same source becomes 16-, 8- or 4-wide code (the 4-wide generic build
+// lowers to SSE2 on x86-64 and NEON on arm64). No torch headers here: kernel files stay cheap to
+// compile four times.
 //
 // Storage types: float, f16 (IEEE half) and bf16 are loaded into fp32 lanes and stored back with
 // round-to-nearest-even. All arithmetic is fp32.
@@ -133,11 +134,21 @@ inline vh float_to_half(vf f) {
 // ---- bf16 <-> fp32 ----
 inline vf bf16_to_float(vh h) { return bitcast<vf>(__builtin_convertvector(h, vu) << 16); }
 
+// Every bf16 store (store, store_partial, store_stream) goes through float_to_bf16. With AVX512-BF16
+// it is one VCVTNEPS2BF16: round to nearest even like the bit arithmetic (overflow to inf included),
+// NaN kept a quiet NaN (with its sign and top payload bits, where the bit arithmetic and torch write
+// 0x7fc0); but it treats denormal inputs as zero and flushes denormal outputs (DAZ/FTZ, whatever
+// MXCSR says): for 0 < |x| < 2^-126 (1.2e-38) it writes a zero of x's sign where the bit arithmetic
+// (and torch) keep a bf16 subnormal. Every other value converts to the same bits.
 inline vh float_to_bf16(vf f) {
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+  return bitcast<vh>(_mm512_cvtneps_pbh(bitcast<__m512>(f)));
+#else
   const vu u = bitcast<vu>(f);
   const vu rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;  // round to nearest even
   const vu out = f != f ? vu{} + 0x7fc0u : rounded;            // keep NaN a quiet NaN
   return __builtin_convertvector(out, vh);
+#endif
 }
 
 // ---- loads and stores of W lanes, full or partial (n < W, the rest zero) ----

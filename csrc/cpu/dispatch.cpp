@@ -6,33 +6,59 @@
 #include <atomic>
 #include <cstdlib>
 #include <mutex>
+#include <string>
 
 #include "common/philox.h"
 
 namespace fastbert::cpu {
 namespace {
 
-bool cpu_runs(Isa isa) {
+// The CPU features a variant needs that this CPU lacks, comma-separated ("" when it runs).
+// __builtin_cpu_supports takes string literals only, hence the macro.
+std::string missing_features(Isa isa) {
+  std::string out;
 #if FASTBERT_HAVE_X86_ISAS
+#define FASTBERT_NEED(feature) \
+  if (!__builtin_cpu_supports(feature)) out += (out.empty() ? "" : ", ") + std::string(feature)
   switch (isa) {
-    case Isa::avx512:
-      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-             __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-    case Isa::avx2:
-      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-    case Isa::generic: return true;
-  }
-  return false;
-#else
-  return isa == Isa::generic;
+    case Isa::avx512bf16:
+#if FASTBERT_HAVE_AVX512BF16  // setup.py checked that the compiler knows the name
+      FASTBERT_NEED("avx512bf16");
 #endif
+      [[fallthrough]];
+    case Isa::avx512:
+      FASTBERT_NEED("avx512f");
+      FASTBERT_NEED("avx512bw");
+      FASTBERT_NEED("avx512vl");
+      FASTBERT_NEED("avx512dq");
+      FASTBERT_NEED("fma");
+      FASTBERT_NEED("f16c");
+      break;
+    case Isa::avx2:
+      FASTBERT_NEED("avx2");
+      FASTBERT_NEED("fma");
+      FASTBERT_NEED("f16c");
+      break;
+    case Isa::generic: break;
+  }
+#undef FASTBERT_NEED
+#else
+  if (isa != Isa::generic) out = "x86-64";
+#endif
+  return out;
 }
 
-bool compiled(Isa isa) { return FASTBERT_HAVE_X86_ISAS || isa == Isa::generic; }
+bool cpu_runs(Isa isa) { return missing_features(isa).empty(); }
+
+bool compiled(Isa isa) {
+  if (isa == Isa::avx512bf16) return FASTBERT_HAVE_X86_ISAS && FASTBERT_HAVE_AVX512BF16;
+  return FASTBERT_HAVE_X86_ISAS || isa == Isa::generic;
+}
+
+constexpr Isa kBestFirst[] = {Isa::avx512bf16, Isa::avx512, Isa::avx2, Isa::generic};
 
 Isa best() {
-  for (Isa isa : {Isa::avx512, Isa::avx2}) {
+  for (Isa isa : kBestFirst) {
     if (compiled(isa) && cpu_runs(isa)) return isa;
   }
   return Isa::generic;
@@ -44,20 +70,21 @@ bool resolve(const std::string& name, Isa* out, std::string* why) {
     *out = best();
     return true;
   }
-  for (Isa isa : {Isa::generic, Isa::avx2, Isa::avx512}) {
+  for (Isa isa : kBestFirst) {
     if (name != isa_name(isa)) continue;
     if (!compiled(isa)) {
-      *why = name + " kernels were not compiled for this architecture";
+      *why = name + " kernels were not compiled for this architecture" +
+             (isa == Isa::avx512bf16 && FASTBERT_HAVE_X86_ISAS ? " (the compiler lacked -mavx512bf16)" : "");
       return false;
     }
     if (!cpu_runs(isa)) {
-      *why = "this CPU cannot run the " + name + " kernels";
+      *why = "this CPU cannot run the " + name + " kernels (it lacks " + missing_features(isa) + ")";
       return false;
     }
     *out = isa;
     return true;
   }
-  *why = "unknown CPU ISA '" + name + "' (expected auto, avx512, avx2 or generic)";
+  *why = "unknown CPU ISA '" + name + "' (expected auto, avx512bf16, avx512, avx2 or generic)";
   return false;
 }
 
@@ -83,6 +110,7 @@ void resolve_from_env() {
 
 const char* isa_name(Isa isa) {
   switch (isa) {
+    case Isa::avx512bf16: return "avx512bf16";
     case Isa::avx512: return "avx512";
     case Isa::avx2: return "avx2";
     default: return "generic";
@@ -91,14 +119,14 @@ const char* isa_name(Isa isa) {
 
 std::vector<std::string> isas_compiled() {
   std::vector<std::string> out;
-  for (Isa isa : {Isa::avx512, Isa::avx2, Isa::generic})
+  for (Isa isa : kBestFirst)
     if (compiled(isa)) out.push_back(isa_name(isa));
   return out;
 }
 
 std::vector<std::string> isas_supported() {
   std::vector<std::string> out;
-  for (Isa isa : {Isa::avx512, Isa::avx2, Isa::generic}) {
+  for (Isa isa : kBestFirst) {
     if (compiled(isa) && cpu_runs(isa)) out.push_back(isa_name(isa));
   }
   return out;

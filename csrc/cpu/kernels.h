@@ -32,6 +32,7 @@ struct LayerNormArgs {
   double *dweight = nullptr, *dbias = nullptr, *dx_bias = nullptr;  // backward: the task's fp64 column
                                                                     // sums, written (dx_bias may be null)
   const Dropout* dropout = nullptr;
+  bool stream = false;  // outputs (y; dresidual, dx) with streaming stores: the glue sets it for large ones
 };
 
 // masked_softmax over rows of k keys of a contiguous [batch, heads, queries, k] tensor (row r is
@@ -97,6 +98,9 @@ FASTBERT_CPU_KERNELS
 namespace avx512 {
 FASTBERT_CPU_KERNELS
 }
+namespace avx512bf16 {  // avx512 + AVX512-BF16 conversions (only where the compiler has them)
+FASTBERT_CPU_KERNELS
+}
 
 }  // namespace fastbert::cpu
 
@@ -129,6 +133,9 @@ namespace avx2 {
 FASTBERT_CPU_VARLEN_KERNELS
 }
 namespace avx512 {
+FASTBERT_CPU_VARLEN_KERNELS
+}
+namespace avx512bf16 {  // avx512 + AVX512-BF16 conversions (only where the compiler has them)
 FASTBERT_CPU_VARLEN_KERNELS
 }
 

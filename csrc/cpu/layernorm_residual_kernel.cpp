@@ -14,8 +14,12 @@
 // Rows of huge values (largest |s - s[0]| above 2^50, e.g. one -1e30 or +-3e38 elements) would overflow
 // the fp32 sums of s and of (s - mean)^2: their statistics and outputs are computed in fp64 (a scalar
 // pass, rare), and the backward forms s - mean on s * 2^-76 (exact) so that it cannot overflow.
+// With a.stream (outputs far larger than the caches, chosen by the glue) y, dresidual and dx are
+// written with streaming stores: nothing reads them before they have left the cache, and those
+// stores skip each line's read for ownership.
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <vector>
 
@@ -65,6 +69,16 @@ void dropout_row(const Dropout& d, uint64_t e0, int64_t n, RowBuffers& buf) {
 inline vf drop(vf h, vf mult) { return mult > 0.0f ? h * mult : vf{}; }
 inline double drop(double h, double mult) { return mult > 0.0 ? h * mult : 0.0; }
 
+// An output store: streaming (non-temporal) for whole vectors when `nt` (the row is vector-aligned).
+template <typename T>
+inline void st_out(T* p, vf v, int64_t m, bool nt) {
+  nt&& m == W ? store_stream(p, v) : st(p, v, m);
+}
+template <typename T>
+inline bool aligned_row(const T* p) {
+  return p == nullptr || reinterpret_cast<uintptr_t>(p) % (W * sizeof(T)) == 0;
+}
+
 constexpr float kBig = 0x1p50f, kDown = 0x1p-76f, kUp = 0x1p76f;
 
 // s = dropout(x + x_bias) + residual into s[0 .. n) (zeros up to the next whole vector); returns the
@@ -112,6 +126,7 @@ inline float row_rstd(const float* s, int64_t n, float mean, double eps) {
 
 template <typename T>
 void fwd_rows(const LayerNormArgs& a, int64_t r0, int64_t r1) {
+  const bool stream = a.stream;
   const int64_t n = a.n;
   RowBuffers& buf = buffers;
   buf.fit(n, a.dropout != nullptr, false);
@@ -124,6 +139,7 @@ void fwd_rows(const LayerNormArgs& a, int64_t r0, int64_t r1) {
   float* s = buf.s.data();
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t off = r * n;
+    const bool nt = stream && aligned_row(y + off);
     if (a.dropout) dropout_row(*a.dropout, off, n, buf);
     float spread;
     const float mean = pre_norm_row(x + off, res + off, xb, a.dropout ? buf.mult.data() : nullptr, n, s, spread);
@@ -145,13 +161,18 @@ void fwd_rows(const LayerNormArgs& a, int64_t r0, int64_t r1) {
     static_cast<float*>(a.mean)[r] = mean;
     static_cast<float*>(a.rstd)[r] = rstd;
     for_row(
-        n, [&](int64_t i, int64_t m) { st(y + off + i, (load(s + i) - mean) * rstd * ld(w + i, m) + ld(b + i, m), m); },
+        n,
+        [&](int64_t i, int64_t m) {
+          st_out(y + off + i, (load(s + i) - mean) * rstd * ld(w + i, m) + ld(b + i, m), m, nt);
+        },
         [] {});
   }
+  if (stream) stream_fence();
 }
 
 template <typename T>
 void bwd_rows(const LayerNormArgs& a, int64_t r0, int64_t r1) {
+  const bool stream = a.stream;
   const int64_t n = a.n;
   RowBuffers& buf = buffers;
   buf.fit(n, a.dropout != nullptr, true);
@@ -175,6 +196,7 @@ void bwd_rows(const LayerNormArgs& a, int64_t r0, int64_t r1) {
     std::memset(gdxb, 0, nv * sizeof(float));
     for (int64_t r = rg; r < rend; ++r) {
       const int64_t off = r * n;
+      const bool nt = stream && aligned_row(dres + off) && (!dx || aligned_row(dx + off));
       if (a.dropout) dropout_row(*a.dropout, off, n, buf);
       const float mean = static_cast<const float*>(a.mean)[r], rstd = static_cast<const float*>(a.rstd)[r];
       // s_hat = (s sc - mean sc) (rstd / sc): sc = 2^-76 for rows of huge values (s - mean could
@@ -211,8 +233,8 @@ void bwd_rows(const LayerNormArgs& a, int64_t r0, int64_t r1) {
           [&](int64_t i, int64_t m) {
             const vf ds = rstd * (load(g + i) - mg - load(sh + i) * mgs);
             const vf dxv = mult ? drop(ds, load(mult + i)) : ds;  // a NaN ds at a dropped element: 0
-            st(dres + off + i, ds, m);
-            if (dx) st(dx + off + i, dxv, m);
+            st_out(dres + off + i, ds, m, nt);
+            if (dx) st_out(dx + off + i, dxv, m, nt);
             if (xb) store(gdxb + i, load(gdxb + i) + head(dxv, m));
           },
           [] {});
@@ -223,6 +245,7 @@ void bwd_rows(const LayerNormArgs& a, int64_t r0, int64_t r1) {
       if (a.dx_bias) a.dx_bias[c] += gdxb[c];
     }
   }
+  if (stream) stream_fence();
 }
 
 // ---- float64 (gradcheck and fp64 users): scalar, fp64 statistics ----

@@ -4,8 +4,8 @@
 //   p = e / sum(e);  with dropout probs = keep ? p * scale_p : 0 and p is written to `softmax` for the
 //   backward, otherwise probs = p. A row with m = -inf (every key excluded) gives zeros, never NaN.
 //   NaN and inf propagate as in eager PyTorch: a row with a NaN x (a NaN score, scale or mask value
-//   at a key that is not bool-excluded) or a +inf x is all NaN (the vector max ignores NaN and the
-//   exp maps NaN to 0, so such rows are found in pass 1 and filled with NaN).
+//   at a key that is not bool-excluded) or a +inf x is all NaN (+inf is the row max; a NaN is the max
+//   or makes the row sum NaN, the exp keeping it: such rows are then filled with NaN).
 //   Masks: bool (False -> x = -inf, whatever the score: masked_fill, so a NaN score at an excluded
 //   key weighs nothing) or additive float, converted once per distinct mask row into an fp32 row
 //   buffer (a [B, 1, 1, k] mask is converted once per batch entry of the task, not per row); a float64
@@ -13,11 +13,13 @@
 //   float64 sum; -inf stays -inf).
 // Backward:  g = keep ? grad * scale_p : 0 (the mask regenerated; g = grad without dropout);
 //   dscores = scale * p * (g - sum(g * p)).
-// Rows live in a thread-local fp32 buffer between passes, so scores and grad are read from memory
-// once. Row sums accumulate in fp32 lanes per block of vectors and in fp64 across blocks.
+// Rows live in a thread-local fp32 buffer between passes (the fp32 backward without dropout rereads
+// its row from L1 instead), so scores and grad are read from memory once. Row sums accumulate in fp32 lanes per block
+// of vectors and in fp64 across blocks.
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "common/simd.h"
@@ -64,16 +66,47 @@ inline bool aligned(const T* p) {
   return reinterpret_cast<uintptr_t>(p) % (W * sizeof(T)) == 0;
 }
 
+// The lanes' max (a NaN lane may or may not show: the callers find NaN rows either way).
 inline float hmax(vf v) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  const __m256 a = bitcast<__m256>(v);
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+#else
   float r = v[0];
   for (int i = 1; i < W; ++i) r = v[i] > r ? v[i] : r;
   return r;
+#endif
 }
+
+// rows.h's Sum (fp32 lanes per block of vectors, fp64 across blocks) with the flush as a vector fp64
+// sum under AVX2: a 128-key row is one block, and the scalar flush was ~25 instructions a row.
+struct RowSum {
+  vf acc = vf{};
+  double total = 0.0;
+  void flush() {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+    const __m256 a = bitcast<__m256>(acc);
+    const __m256d d =
+        _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(a)), _mm256_cvtps_pd(_mm256_extractf128_ps(a, 1)));
+    const __m128d h = _mm_add_pd(_mm256_castpd256_pd128(d), _mm256_extractf128_pd(d, 1));
+    total += _mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h)));
+#else
+    for (int k = 0; k < W; ++k) total += acc[k];
+#endif
+    acc = vf{};
+  }
+};
 
 // e^(x - max) as 2^t, t = x log2(e) - max log2(e) in one fused multiply-add (`mlog2e` = the
 // rounded max log2(e)): its rounding error is the same for the whole row, a common factor that the
-// normalisation cancels, so this is as accurate as rounding (x - max) first. t <= 0 is in range, so the
-// cheaper exp2 serves; exactly 0 below 2^-125 (excluded keys, x = -inf, must weigh nothing).
+// normalisation cancels, so this is as accurate as rounding (x - max) first. t <= 0, so no overflow
+// check. 2^t = p(f) 2^n (n = round(t), |f| <= 1/2, the degree-5 polynomial of simd.h's vexp2_unchecked)
+// with t clamped at -127 and 2^n built as a float from the bits n + 127: +0 at n = -127, so excluded
+// keys (x = -inf) weigh exactly nothing with no compare and mask (12 vector instructions per W
+// elements). The clamp keeps a NaN t (max_ps returns its second operand), so a NaN x makes the row
+// sum NaN: the caller finds NaN rows from the sum, not with a compare per element.
 constexpr float kLog2e = 1.44269504088896341f;
 // Rows whose |max log2(e)| is not below this are shifted by the max first (x - max, exact near the
 // max) and use mlog2e = 0: above 2^24 the rounding error of mlog2e passes 1. Without a fused
@@ -83,10 +116,20 @@ constexpr float kShiftAbove = 0x1p24f;
 #else
 constexpr float kShiftAbove = 0.0f;
 #endif
+// 1.5 * 2^23 + 127: t + kRound holds round(t) + 127 in its low mantissa bits (for t in [-127, 0]).
+constexpr float kRound = 12582912.0f + 127.0f;
 
 inline vf exp_or_zero(vf x, float mlog2e) {
-  const vf t = x * kLog2e - mlog2e;
-  return bitcast<vf>(bitcast<vi>(vexp2_unchecked(vmax(t, -125.0f))) & (t >= -125.0f));
+  const vf t = vmax(splat(-127.0f), x * kLog2e - mlog2e);  // NaN t stays NaN (second operand)
+  const vf k = t + kRound;
+  const vf f = t - (k - kRound);
+  vf p = splat(1.328230404e-03f);
+  p = p * f + 9.675590381e-03f;
+  p = p * f + 5.550695255e-02f;
+  p = p * f + 2.402211850e-01f;
+  p = p * f + 6.931469781e-01f;
+  p = p * f + 1.000000072e+00f;
+  return p * bitcast<vf>(bitcast<vu>(k) << 23);  // exponent field n + 127, mantissa 0: 2^n, or +0
 }
 
 // Dropout of v: keep ? v * scale : 0, a select (a dropped element is 0 even when v is NaN or inf,
@@ -138,6 +181,16 @@ const float* mask_row(const SoftmaxArgs& a, int64_t r, RowBuffers& buf) {
   return out;
 }
 
+// A row of NaN (dropped elements are 0 even here: a select), and NaN in the pre-dropout softmax.
+template <typename T>
+void nan_row(const Dropout* drop, int64_t off, int64_t k, uint32_t* rnd, T* probs, T* soft) {
+  if (drop) philox_elements(drop->seed, off, k, rnd);
+  for_row(k, [&](int64_t i, int64_t m) {
+    st(probs + off + i, drop ? dropout_apply(*drop, rnd + i, splat(kNaN)) : splat(kNaN), m);
+    if (drop) st(soft + off + i, splat(kNaN), m);
+  });
+}
+
 template <typename T>
 void fwd_rows(const SoftmaxArgs& a, int64_t r0, int64_t r1) {
   const int64_t k = a.k;
@@ -155,8 +208,7 @@ void fwd_rows(const SoftmaxArgs& a, int64_t r0, int64_t r1) {
     const int64_t off = r * k;
     const float* madd = mask_row(a, r, buf);
     vf vmx = splat(kNegInf);
-    vi vnan{};
-    for_row(k, [&](int64_t i, int64_t m) {  // pass 1: x = s * scale + mask, the row max, any NaN
+    for_row(k, [&](int64_t i, int64_t m) {  // pass 1: x = s * scale + mask, the row max
       vf v = ld(s + off + i, m) * scale;
       if (madd) {
         const vf mv = ld(madd + i, m);
@@ -164,23 +216,24 @@ void fwd_rows(const SoftmaxArgs& a, int64_t r0, int64_t r1) {
       }
       for (int64_t j = m; j < W; ++j) v[j] = kNegInf;  // tail lanes: no weight
       store(x + i, v);
-      vmx = vmax(vmx, v);
-      vnan |= v != v;
+      vmx = vmax(vmx, v);  // a NaN lane may or may not end up in the max: both are handled below
     });
     const float mx = hmax(vmx);
-    bool nonfinite = mx == -kNegInf;  // +inf: inf - inf = NaN, eager's row is all NaN
-    for (int j = 0; j < W; ++j) nonfinite |= vnan[j] != 0;
-    if (nonfinite) {  // a NaN (or +inf) in the row: all NaN, as eager (the max and exp below would hide it)
-      if (drop) philox_elements(drop->seed, off, k, rnd);
-      for_row(k, [&](int64_t i, int64_t m) {  // dropped elements are 0 even here (select)
-        st(probs + off + i, drop ? dropout_apply(*drop, rnd + i, splat(kNaN)) : splat(kNaN), m);
-        if (drop) st(soft + off + i, splat(kNaN), m);
-      });
+    // A NaN (or +inf: inf - inf = NaN) in the row makes it all NaN, as eager. +inf shows in the max; a
+    // NaN shows in the max (then found by the scan below) or in the row sum of pass 2.
+    if (mx == -kNegInf) {
+      nan_row(drop, off, k, rnd, probs, soft);
       continue;
     }
-    if (!(mx > kNegInf)) {  // every key excluded: zeros
-      std::memset(static_cast<void*>(probs + off), 0, k * sizeof(T));
-      if (drop) std::memset(static_cast<void*>(soft + off), 0, k * sizeof(T));
+    if (!(mx > kNegInf)) {  // every key excluded (zeros), or a NaN max
+      bool nan = false;
+      for (int64_t i = 0; i < k; ++i) nan |= x[i] != x[i];
+      if (nan) {
+        nan_row(drop, off, k, rnd, probs, soft);
+      } else {
+        std::memset(static_cast<void*>(probs + off), 0, k * sizeof(T));
+        if (drop) std::memset(static_cast<void*>(soft + off), 0, k * sizeof(T));
+      }
       continue;
     }
     float mlog2e = mx * kLog2e;
@@ -190,7 +243,7 @@ void fwd_rows(const SoftmaxArgs& a, int64_t r0, int64_t r1) {
       for_row(k, [&](int64_t i, int64_t) { store(x + i, load(x + i) - mx); });  // shift first, no overflow
       mlog2e = 0.0f;
     }
-    Sum sum;
+    RowSum sum;
     for_row(
         k,
         [&](int64_t i, int64_t) {  // pass 2: e = exp(x - max), the row sum
@@ -199,6 +252,10 @@ void fwd_rows(const SoftmaxArgs& a, int64_t r0, int64_t r1) {
           sum.acc += e;
         },
         [&] { sum.flush(); });
+    if (sum.total != sum.total) {  // a NaN x (exp keeps NaN)
+      nan_row(drop, off, k, rnd, probs, soft);
+      continue;
+    }
     const float inv = static_cast<float>(1.0 / sum.total);
     const bool nt = a.stream && aligned(probs + off);  // (soft has the same layout)
     if (drop) {  // pass 3: normalise (and drop)
@@ -231,8 +288,21 @@ void bwd_rows(const SoftmaxArgs& a, int64_t r0, int64_t r1) {
   const Dropout d = dropping ? *a.dropout : Dropout{};
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t off = r * k;
+    const bool nt = a.stream && aligned(ds + off);
+    if (std::is_same_v<T, float> && !dropping) {  // g = grad: the second pass rereads it from L1
+      // (fp32 only: a 16-bit row would be converted twice)
+      RowSum sum;
+      for_row(
+          k, [&](int64_t i, int64_t m) { sum.acc += ld(grad + off + i, m) * ld(p + off + i, m); },
+          [&] { sum.flush(); });
+      const float dot = static_cast<float>(sum.total);
+      for_row(k, [&](int64_t i, int64_t m) {
+        st_out(ds + off + i, scale * ld(p + off + i, m) * (ld(grad + off + i, m) - dot), m, nt);
+      });
+      continue;
+    }
     if (dropping) philox_elements(d.seed, off, k, rnd);
-    Sum sum;
+    RowSum sum;
     for_row(
         k,
         [&](int64_t i, int64_t m) {  // pass 1: g (after dropout's backward), sum(g * p)
@@ -243,7 +313,6 @@ void bwd_rows(const SoftmaxArgs& a, int64_t r0, int64_t r1) {
         },
         [&] { sum.flush(); });
     const float dot = static_cast<float>(sum.total);
-    const bool nt = a.stream && aligned(ds + off);
     for_row(k, [&](int64_t i, int64_t m) {  // pass 2: dscores
       st_out(ds + off + i, scale * ld(p + off + i, m) * (load(g + i) - dot), m, nt);
     });

@@ -22,7 +22,17 @@ The transformers candidates are left out when ``transformers`` is not installed 
 Quick mode runs the ``mini`` preset (L=4, H=256, A=4, intermediate 1024, vocab 30522) at batch 8,
 sequence 128, fp32; ``--full`` adds ``base`` (L=12, H=768). Other ``--shapes BxSxHxL`` use the
 preset with that hidden size and depth, or else a config derived from H (see :func:`config_for`).
-fp32 only: other ``--dtype`` values give no bert case. GB/s is not reported (compute-bound).
+GB/s is not reported (compute-bound).
+
+**bf16** (dtype ``bfloat16``, ``params["autocast"]`` ``bf16``): the same step, per shape, in mixed
+precision as one would train: fp32 parameters, gradients and AdamW state, the forward and the loss
+under ``torch.autocast(<device>, dtype=torch.bfloat16)``, backward and the optimizer step outside it.
+Candidates: ``fastbert`` and ``eager`` (transformers) under autocast, so ``x eager`` is against
+transformers under the same autocast, and ``eager-fp32``: transformers without autocast, the fp32
+baseline; :func:`summary` prints every candidate's speed-up over both under the table. (No
+torch.compile candidate here.) Without ``--dtype``, a ``--quick`` run on CPU has the fp32 case only
+(bf16 on a CPU without native bf16 is several times slower than fp32); ``--dtype bf16``, ``--full``
+or CUDA add the bf16 one (:func:`case_dtypes`).
 
 **Peak memory** ("peak MB"): the step's absolute peak minus what parameters, gradients and AdamW
 state hold between steps, i.e. the memory a step needs on top of its training state: activations
@@ -44,6 +54,7 @@ step's self CPU time spent outside matrix multiplications (:func:`matmul_share`)
 """
 
 import argparse
+import contextlib
 import math
 import sys
 
@@ -67,7 +78,11 @@ IGNORE = -100
 PAD = 16  # padded tokens at the end of every other sequence
 LR = 1e-4
 FASTBERT, UNFUSED = "fastbert", "fastbert-unfused"
-CANDIDATES = (FASTBERT, UNFUSED, EAGER, COMPILE)
+EAGER_FP32 = "eager-fp32"  # the bf16 cases' fp32 baseline: transformers eager without autocast
+FP32_CANDIDATES = (FASTBERT, UNFUSED, EAGER, COMPILE)
+BF16_CANDIDATES = (FASTBERT, EAGER, EAGER_FP32)  # under bf16 autocast, but eager-fp32
+CANDIDATES = (*FP32_CANDIDATES, EAGER_FP32)  # every name (--backends); per case: case_candidates
+BF16 = "bf16"  # params["autocast"] of the bf16 cases
 # self CPU time of these ops is "matrix multiplication" (aten::matmul / linear only dispatch to them)
 MATMUL_OPS = frozenset({"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation"})
 
@@ -140,18 +155,32 @@ def make_inputs(cfg, batch, seq, device="cpu", seed=0):
 # ------------------------------------------------------------------------------------ candidates
 
 
+def autocast_ctx(device_type, dtype):
+    """``torch.autocast(device_type, dtype=dtype)``, or a no-op context for ``dtype`` None."""
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type, dtype=dtype)
+
+
+def input_device_type(inputs):
+    """The device type (``"cpu"``, ``"cuda"``) of a dict of input tensors."""
+    return next(iter(inputs.values())).device.type
+
+
 class Step:
     """One training step of ``model`` (called as ``fn(**inputs)``, e.g. a compiled model) with its
-    own AdamW; returns nothing. ``last_loss`` is the detached loss of the latest step."""
+    own AdamW; returns nothing. ``last_loss`` is the detached loss of the latest step. With
+    ``autocast`` (a dtype, e.g. ``torch.bfloat16``) the forward and the loss run under
+    ``torch.autocast`` (mixed precision: the parameters stay as they are), the backward and the
+    optimizer step outside it, as PyTorch recommends."""
 
-    def __init__(self, model, fn, inputs):
-        self.model, self.fn, self.inputs = model, fn, inputs
+    def __init__(self, model, fn, inputs, autocast=None):
+        self.model, self.fn, self.inputs, self.autocast = model, fn, inputs, autocast
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
         self.last_loss = None
 
     def __call__(self):
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.fn(**self.inputs).loss  # drop the output object (HF's holds the logits)
+        with autocast_ctx(input_device_type(self.inputs), self.autocast):
+            loss = self.fn(**self.inputs).loss  # drop the output object (HF's holds the logits)
         loss.backward()
         self.optimizer.step()
         self.last_loss = loss.detach()
@@ -164,7 +193,7 @@ def build_model(name, cfg, device="cpu"):
         model = BertForPreTraining(cfg)
     elif name == UNFUSED:
         model = BertForPreTraining(cfg.replace(fused=False))
-    elif name in (EAGER, COMPILE):
+    elif name in (EAGER, EAGER_FP32, COMPILE):
         if transformers is None:
             raise RuntimeError(f"candidate {name!r} needs transformers")
         model = transformers.BertForPreTraining(hf_config(cfg))
@@ -173,10 +202,15 @@ def build_model(name, cfg, device="cpu"):
     return model.to(device).train()
 
 
-def make_candidates(cfg, batch, seq, device="cpu", use_compile=True, names=CANDIDATES):
-    """``{name: Step}`` for the candidates that can run here; ``torch.compile`` is compiled here (its
-    first step; the harness warms every candidate up before timing)."""
-    names = [n for n in names if (n != COMPILE or use_compile) and (transformers or n not in (EAGER, COMPILE))]
+def make_candidates(cfg, batch, seq, device="cpu", use_compile=True, names=None, autocast=None):
+    """``{name: Step}`` for the candidates that can run here (``names`` default: ``FP32_CANDIDATES``,
+    or ``BF16_CANDIDATES`` with ``autocast``); ``torch.compile`` is compiled here (its first step; the
+    harness warms every candidate up before timing). With ``autocast`` (a dtype) every step but
+    ``eager-fp32``'s runs its forward under ``torch.autocast`` to that dtype (fp32 parameters)."""
+    if names is None:
+        names = FP32_CANDIDATES if autocast is None else BF16_CANDIDATES
+    hf_only = (EAGER, EAGER_FP32, COMPILE)
+    names = [n for n in names if (n != COMPILE or use_compile) and (transformers or n not in hf_only)]
     inputs = make_inputs(cfg, batch, seq, device)
     out = {}
     for name in names:
@@ -185,7 +219,7 @@ def make_candidates(cfg, batch, seq, device="cpu", use_compile=True, names=CANDI
         if name == COMPILE:
             torch._dynamo.reset()  # one compilation per case
             fn = torch.compile(model, dynamic=False)
-        out[name] = Step(model, fn, inputs)
+        out[name] = Step(model, fn, inputs, autocast=None if name == EAGER_FP32 else autocast)
     if COMPILE in out:
         out[COMPILE]()
     return out
@@ -200,17 +234,34 @@ def step_peak_memory(step, device):
     return None if peak is None else peak - sum(grads.values())
 
 
-def make_setup(cfg, batch, seq, device, use_compile):
+def make_setup(cfg, batch, seq, device, use_compile, autocast=None):
     def setup():
-        return make_candidates(cfg, batch, seq, device, use_compile)
+        return make_candidates(cfg, batch, seq, device, use_compile and autocast is None, autocast=autocast)
 
     return setup
 
 
-def step_cases(op, make_setup, mode="quick", dtypes=None, shapes=None):
+def case_dtypes(device="cpu", mode="quick", dtypes=None):
+    """The dtypes of the cases with a bf16 autocast variant: those of ``float32`` and ``bfloat16`` in
+    ``dtypes``; by default (``dtypes`` None) both, except in a ``--quick`` run on CPU: fp32 only there,
+    since a bf16 step on a CPU without native bf16 (AVX2) takes several fp32 ones (it would take
+    ``make bench`` past its 10 minutes). ``--dtype bf16`` (or ``--full``, or CUDA) runs them."""
+    if dtypes is not None:
+        return [d for d in ("float32", "bfloat16") if d in dtypes]
+    return ["float32", "bfloat16"] if mode == "full" or device != "cpu" else ["float32"]
+
+
+def step_cases(op, make_setup, mode="quick", dtypes=None, shapes=None, make_bf16_setup=None, device="cpu"):
     """Training-step cases of op ``op`` (shared with bench_patch): ``(batch, seq, hidden, layers)``
-    shapes (others ignored), fp32; ``make_setup(cfg, batch, seq)`` returns a case's ``setup``."""
-    if dtypes is not None and "float32" not in dtypes:
+    shapes (others ignored), fp32; ``make_setup(cfg, batch, seq)`` returns a case's ``setup``. With
+    ``make_bf16_setup`` (the same, for the bf16 autocast candidates) also a ``bfloat16`` case per
+    shape, ``params["autocast"]`` ``bf16``, where :func:`case_dtypes` says."""
+    kinds = []
+    if dtypes is None or "float32" in dtypes:
+        kinds.append(("float32", make_setup, {}))
+    if make_bf16_setup is not None and "bfloat16" in case_dtypes(device, mode, dtypes):
+        kinds.append(("bfloat16", make_bf16_setup, {"autocast": BF16}))
+    if not kinds:
         return []
     if shapes is None:
         shapes = [
@@ -226,24 +277,65 @@ def step_cases(op, make_setup, mode="quick", dtypes=None, shapes=None):
         params = {"preset": name, "state_bytes": state_bytes(cfg)}
         if name == "custom":
             params.update(heads=cfg.num_attention_heads, intermediate=cfg.intermediate_size, vocab=cfg.vocab_size)
-        out.append(
-            Case(
-                op,
-                tuple(shape),
-                "float32",
-                "step",
-                None,
-                make_setup(cfg, b, s),
-                params=params,
-                peak_memory=step_peak_memory,
+        for dtype, setup, extra in kinds:
+            out.append(
+                Case(
+                    op,
+                    tuple(shape),
+                    dtype,
+                    "step",
+                    None,
+                    setup(cfg, b, s),
+                    params={**params, **extra},
+                    peak_memory=step_peak_memory,
+                )
             )
-        )
     return out
 
 
 def cases(device="cpu", mode="quick", dtypes=None, shapes=None, use_compile=True):
-    """The pretraining-step cases: ``(batch, seq, hidden, layers)`` shapes (others ignored), fp32."""
-    return step_cases(OP, lambda cfg, b, s: make_setup(cfg, b, s, device, use_compile), mode, dtypes, shapes)
+    """The pretraining-step cases: ``(batch, seq, hidden, layers)`` shapes (others ignored), fp32
+    and bf16 autocast (:func:`case_dtypes`)."""
+    return step_cases(
+        OP,
+        lambda cfg, b, s: make_setup(cfg, b, s, device, use_compile),
+        mode,
+        dtypes,
+        shapes,
+        make_bf16_setup=lambda cfg, b, s: make_setup(cfg, b, s, device, False, torch.bfloat16),
+        device=device,
+    )
+
+
+def case_candidates(case):
+    """The candidate names of ``case`` (what pytest-benchmark names its tests after)."""
+    return BF16_CANDIDATES if case.dtype == "bfloat16" else FP32_CANDIDATES
+
+
+def autocast_summary(rows, op, fp32_name=EAGER_FP32):
+    """Per bf16 autocast case of ``op`` in ``rows``: every candidate's speed-up (ratio of p50s)
+    over ``eager`` under the same autocast and over ``eager-fp32`` (no autocast), one line each."""
+    by_case = {}
+    for r in rows:
+        if r["op"] == op and "autocast=" in r["params"]:
+            by_case.setdefault(tuple(r[k] for k in harness.KEY), {})[r["candidate"]] = r
+    lines = []
+    for (_, shape, dtype, pass_, _), c in by_case.items():
+        parts = []
+        for base, label in ((EAGER, "eager (same autocast)"), (fp32_name, "eager fp32 (no autocast)")):
+            if base in c:
+                ratios = [
+                    f"{n} {harness.ratio(c[base]['p50_ms'], r['p50_ms']):.2f}x" for n, r in c.items() if n != base
+                ]
+                parts.append(f"x {label}: " + ", ".join(ratios))
+        if parts:
+            lines.append(f"{op} {shape} {pass_} {dtype} autocast: " + "; ".join(parts))
+    return lines
+
+
+def summary(rows):
+    """Lines after the table: the bf16 step cases' speed-ups over eager bf16 and eager fp32."""
+    return "\n".join(autocast_summary(rows, OP))
 
 
 # ------------------------------------------------------------------------------------ matmul share

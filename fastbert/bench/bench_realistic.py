@@ -11,8 +11,8 @@ the one batch timed comes from a fixed seed (:data:`SEED`), picked so that its o
 Right padding, ``[CLS]`` first, ``[SEP]`` last, random word ids, ``token_type_ids`` 0, random labels.
 The rows name the distribution and the measured padding fraction in their ``params``.
 
-Two cases, op ``bert_realistic``, shape ``(batch, max length, hidden, layers)`` (the max length is the
-clamp, 128; the padded length of the batch is ``params["padded_len"]``):
+Two cases per dtype, op ``bert_realistic``, shape ``(batch, max length, hidden, layers)`` (the max
+length is the clamp, 128; the padded length of the batch is ``params["padded_len"]``):
 
 * pass ``step``: ``zero_grad``, forward with ``labels=``, ``loss.backward()``, ``optimizer.step()``,
   training mode. Candidates:
@@ -29,6 +29,14 @@ clamp, 128; the padded length of the batch is ``params["padded_len"]``):
 
 * pass ``fwd``: inference, ``model.eval()`` under ``torch.no_grad()``, the padded batch, no labels
   (the logits): ``eager``, ``sdpa``, ``patched``, ``fastbert``.
+
+**bf16** (dtype ``bfloat16``, ``params["autocast"]`` ``bf16``): both cases in mixed precision (fp32
+parameters and AdamW state; forward and loss under ``torch.autocast(<device>, dtype=torch.bfloat16)``,
+backward and ``optimizer.step()`` outside), candidates as above under autocast, without the nopad ones;
+``step`` adds ``eager-fp32``: transformers eager without autocast, the fp32 baseline (``eager``, under
+the same autocast, is ``x eager``'s); :func:`summary` prints the speed-ups over both. Without
+``--dtype``, a ``--quick`` run on CPU has the fp32 cases only (a bf16 BERT-base step on a CPU without
+native bf16 takes several fp32 ones); ``--dtype bf16``, ``--full`` or CUDA add bf16 (:func:`case_dtypes`).
 
 Every model has the same weights: the transformers models are built after ``torch.manual_seed(0)``
 and fastbert's model gets theirs (:func:`fastbert.models.checkpoint.from_hf`); nothing is downloaded.
@@ -51,6 +59,7 @@ results files).
 
 import argparse
 import dataclasses
+import functools
 import gc
 import inspect
 import math
@@ -59,7 +68,19 @@ import sys
 import torch
 
 from fastbert.bench import harness
-from fastbert.bench.bench_bert import LR, PRESETS, Step, config_for, step_peak_memory, transformers
+from fastbert.bench.bench_bert import (
+    BF16,
+    EAGER_FP32,
+    LR,
+    PRESETS,
+    Step,
+    autocast_ctx,
+    case_dtypes,
+    config_for,
+    input_device_type,
+    step_peak_memory,
+    transformers,
+)
 from fastbert.bench.harness import EAGER, Budget, Case
 
 OP = "bert_realistic"
@@ -82,7 +103,10 @@ NOPAD = "-nopad"
 PATCHED_NOPAD, FASTBERT_NOPAD = PATCHED + NOPAD, FASTBERT + NOPAD
 STEP_CANDIDATES = (EAGER, SDPA, PATCHED, FASTBERT, PATCHED_NOPAD, FASTBERT_NOPAD)
 FWD_CANDIDATES = (EAGER, SDPA, PATCHED, FASTBERT)
-CANDIDATES = STEP_CANDIDATES  # every name (--backends); per case: case_candidates
+# the bf16 autocast cases: every candidate under autocast but eager-fp32 (transformers eager in fp32)
+BF16_STEP_CANDIDATES = (EAGER, EAGER_FP32, SDPA, PATCHED, FASTBERT)
+BF16_FWD_CANDIDATES = FWD_CANDIDATES
+CANDIDATES = (*STEP_CANDIDATES, EAGER_FP32)  # every name (--backends); per case: case_candidates
 QUICK_BUDGET = Budget(min_rounds=3, max_rounds=3, time_s=0.0, rel_ci=0.0, warmup_calls=1, warmup_s=0.0)
 FULL_BUDGET = Budget(min_rounds=7, max_rounds=7, time_s=0.0, rel_ci=0.0, warmup_calls=1, warmup_s=0.0)
 
@@ -257,21 +281,26 @@ def _warn_padded():
 
 
 class Infer:
-    """Inference forward of ``model`` (eval mode, no_grad) on ``inputs``; returns the logits."""
+    """Inference forward of ``model`` (eval mode, no_grad) on ``inputs``; returns the logits. With
+    ``autocast`` (a dtype) under ``torch.autocast`` to it."""
 
-    def __init__(self, model, inputs):
-        self.model, self.inputs = model.eval(), inputs
+    def __init__(self, model, inputs, autocast=None):
+        self.model, self.inputs, self.autocast = model.eval(), inputs, autocast
 
     def __call__(self):
-        with torch.no_grad():
+        with torch.no_grad(), autocast_ctx(input_device_type(self.inputs), self.autocast):
             return self.model(**self.inputs).logits
 
 
-def make_step_candidates(cfg, batch=BATCH, device="cpu", names=STEP_CANDIDATES, max_len=MAX_LEN):
-    """``{name: Step}`` of the training-step case; the nopad candidates share their padded
-    counterpart's model and optimizer."""
+def make_step_candidates(cfg, batch=BATCH, device="cpu", names=None, max_len=MAX_LEN, autocast=None):
+    """``{name: Step}`` of the training-step case (``names`` default: ``STEP_CANDIDATES``, or
+    ``BF16_STEP_CANDIDATES`` with ``autocast``); the nopad candidates share their padded
+    counterpart's model and optimizer. With ``autocast`` (a dtype) every step but ``eager-fp32``'s
+    runs its forward under ``torch.autocast`` to it."""
     gc.collect()
     _warn_padded()
+    if names is None:
+        names = STEP_CANDIDATES if autocast is None else BF16_STEP_CANDIDATES
     cfg = fastbert_config(cfg)
     work = make_workload(cfg.vocab_size, batch, device, hi=max_len)
     hf = transformers is not None
@@ -279,6 +308,8 @@ def make_step_candidates(cfg, batch=BATCH, device="cpu", names=STEP_CANDIDATES, 
     out, models = {}, {}
     if hf:
         models[EAGER] = hf_model(cfg, "eager", device)
+    if EAGER_FP32 in names:
+        models[EAGER_FP32] = hf_model(cfg, "eager", device)
     if {SDPA} & set(names):
         models[SDPA] = hf_model(cfg, "sdpa", device)
     if {PATCHED, PATCHED_NOPAD} & set(names):
@@ -289,7 +320,8 @@ def make_step_candidates(cfg, batch=BATCH, device="cpu", names=STEP_CANDIDATES, 
     for name in names:
         base = name[: -len(NOPAD)] if name.endswith(NOPAD) else name
         model = models[base].train()
-        step = Step(model, model, work.nopad if name.endswith(NOPAD) else work.padded)
+        inputs = work.nopad if name.endswith(NOPAD) else work.padded
+        step = Step(model, model, inputs, autocast=None if name == EAGER_FP32 else autocast)
         if base in out:  # the nopad candidate steps the same model with the same optimizer
             step.optimizer = out[base].optimizer
         else:
@@ -298,8 +330,9 @@ def make_step_candidates(cfg, batch=BATCH, device="cpu", names=STEP_CANDIDATES, 
     return out
 
 
-def make_fwd_candidates(cfg, batch=BATCH, device="cpu", names=FWD_CANDIDATES, max_len=MAX_LEN):
-    """``{name: Infer}`` of the inference case (the padded batch, no labels)."""
+def make_fwd_candidates(cfg, batch=BATCH, device="cpu", names=FWD_CANDIDATES, max_len=MAX_LEN, autocast=None):
+    """``{name: Infer}`` of the inference case (the padded batch, no labels), under ``torch.autocast``
+    to ``autocast`` when given."""
     gc.collect()
     _warn_padded()
     cfg = fastbert_config(cfg)
@@ -316,7 +349,7 @@ def make_fwd_candidates(cfg, batch=BATCH, device="cpu", names=FWD_CANDIDATES, ma
         patch_unpad(models[PATCHED])
     if FASTBERT in names:
         models[FASTBERT] = fastbert_model(cfg, models.get(EAGER), device)
-    return {name: Infer(models[name], work.padded) for name in names}
+    return {name: Infer(models[name], work.padded, autocast) for name in names}
 
 
 # ------------------------------------------------------------------------------------ cases
@@ -324,6 +357,8 @@ def make_fwd_candidates(cfg, batch=BATCH, device="cpu", names=FWD_CANDIDATES, ma
 
 def case_candidates(case):
     """The candidate names of ``case`` (what pytest-benchmark names its tests after)."""
+    if case.dtype == "bfloat16":
+        return BF16_STEP_CANDIDATES if case.pass_ == "step" else BF16_FWD_CANDIDATES
     return STEP_CANDIDATES if case.pass_ == "step" else FWD_CANDIDATES
 
 
@@ -332,14 +367,18 @@ def _no_peak_memory(fn, device):
 
 
 def cases(device="cpu", mode="quick", dtypes=None, shapes=None, preset=None):
-    """The two realistic cases (step, fwd) per shape: ``(batch, max length, hidden, layers)``
-    (others ignored), default ``(32, 128, <preset>)`` with ``preset`` (default ``base``); fp32 only."""
-    if dtypes is not None and "float32" not in dtypes:
+    """The realistic cases (step, fwd) per shape and dtype: ``(batch, max length, hidden, layers)``
+    shapes (others ignored), default ``(32, 128, <preset>)`` with ``preset`` (default ``base``); fp32
+    and bf16 autocast (``params["autocast"]`` ``bf16``, fp32 parameters) as :func:`case_dtypes` says."""
+    run_dtypes = case_dtypes(device, mode, dtypes)
+    if not run_dtypes:
         return []
     if shapes is None:
         p = PRESETS[preset or PRESET]
         shapes = [(BATCH, MAX_LEN, p["hidden_size"], p["num_hidden_layers"])]
     quick = mode != "full"
+    budget = QUICK_BUDGET if quick else FULL_BUDGET
+    passes = (("step", make_step_candidates, step_peak_memory), ("fwd", make_fwd_candidates, None))
     out = []
     for shape in shapes:
         if len(shape) != 4 or shape[3] > 64 or not MIN_LEN <= shape[1] <= 512:  # not a (B, S, H, L) shape
@@ -349,41 +388,30 @@ def cases(device="cpu", mode="quick", dtypes=None, shapes=None, preset=None):
         params = {"preset": name, **make_workload(cfg.vocab_size, b, hi=max_len).params()}
         if name == "custom":
             params.update(heads=cfg.num_attention_heads, intermediate=cfg.intermediate_size, vocab=cfg.vocab_size)
-        budget = QUICK_BUDGET if quick else FULL_BUDGET
-        out.append(
-            Case(
-                OP,
-                tuple(shape),
-                "float32",
-                "step",
-                None,
-                lambda cfg=cfg, b=b, s=max_len: make_step_candidates(cfg, b, device, max_len=s),
-                params=params,
-                peak_memory=_no_peak_memory if quick else step_peak_memory,
-                budget=budget,
-            )
-        )
-        out.append(
-            Case(
-                OP,
-                tuple(shape),
-                "float32",
-                "fwd",
-                None,
-                lambda cfg=cfg, b=b, s=max_len: make_fwd_candidates(cfg, b, device, max_len=s),
-                params=params,
-                peak_memory=_no_peak_memory if quick else None,
-                budget=budget,
-            )
-        )
+        for dtype in run_dtypes:
+            ac = torch.bfloat16 if dtype == "bfloat16" else None
+            kw = dict(params={**params, "autocast": BF16} if ac else params, budget=budget)
+            for pass_, make, memory in passes:
+                setup = functools.partial(make, cfg, b, device, max_len=max_len, autocast=ac)
+                mem = _no_peak_memory if quick else memory
+                out.append(Case(OP, tuple(shape), dtype, pass_, None, setup, peak_memory=mem, **kw))
     return out
 
 
 # ------------------------------------------------------------------------------------ summary
 
 
+def _ratios(c, base):
+    """``["<name> <speed-up over base>x", ...]`` for the candidates of ``c`` but ``base`` (none without it)."""
+    e = c.get(base)
+    if e is None:
+        return []
+    return [f"{name} {harness.ratio(e['p50_ms'], r['p50_ms']):.2f}x" for name, r in c.items() if name != base]
+
+
 def summary(rows):
-    """Lines after the table: per case the workload, and per step case the padding overhead."""
+    """Lines after the table: per case the workload and the speed-ups over eager, per bf16 case also
+    over eager-fp32 (transformers eager without autocast), and per step case the padding overhead."""
     by_case = {}
     for r in rows:
         if r["op"] == OP:
@@ -392,18 +420,19 @@ def summary(rows):
     for (op, shape, dtype, pass_, params), c in by_case.items():
         p = dict(kv.split("=", 1) for kv in params.split(",") if "=" in kv)
         b = int(shape.split("x")[0])
+        ac = f" {p['autocast']} autocast" if "autocast" in p else ""
         head = (
-            f"{op} {shape} {pass_} ({p.get('preset')}): lengths {p.get('lengths')}, {p.get('tokens')} real "
+            f"{op} {shape} {pass_}{ac} ({p.get('preset')}): lengths {p.get('lengths')}, {p.get('tokens')} real "
             f"tokens in {b} x {p.get('padded_len')}, {100 * float(p.get('pad_frac', 'nan')):.1f}% padding"
         )
-        parts = []
-        e = c.get(EAGER)
-        for name, r in c.items():
-            if name != EAGER and e is not None:
-                parts.append(f"{name} {harness.ratio(e['p50_ms'], r['p50_ms']):.2f}x")
+        same = f" (same {p['autocast']} autocast)" if "autocast" in p else ""
+        parts = _ratios(c, EAGER)
         if parts:
-            head += "; vs eager: " + ", ".join(parts)
+            head += f"; vs eager{same}: " + ", ".join(parts)
         lines.append(head)
+        parts = _ratios(c, EAGER_FP32)
+        if parts:
+            lines.append("  vs eager fp32 (transformers eager, no autocast): " + ", ".join(parts))
         over = [
             f"{base} {c[base]['p50_ms'] / c[base + NOPAD]['p50_ms']:.2f}x"
             for base in (PATCHED, FASTBERT)
@@ -434,8 +463,10 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=BATCH)
     p.add_argument("--full", action="store_true", help="7 rounds and peak memory (default: 3 rounds)")
     p.add_argument("--pass", dest="passes", nargs="+", default=["step", "fwd"], choices=["step", "fwd"])
+    p.add_argument("--dtype", nargs="+", help="float32 and/or bfloat16 (autocast), or fp32/bf16 (default: as bench)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
     args = p.parse_args(argv)
+    dtypes = [harness.dtype_name(d) for d in args.dtype] if args.dtype else None
     if args.threads:
         torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -448,7 +479,7 @@ def main(argv=None):
     )
     print(make_workload(config_for(shape[2], shape[3])[1].vocab_size, args.batch).describe(), flush=True)
     rows = []
-    for case in cases(device, "full" if args.full else "quick", shapes=[shape]):
+    for case in cases(device, "full" if args.full else "quick", dtypes, shapes=[shape]):
         if case.pass_ in args.passes:
             rows += harness.run_case(case, meta, timer=harness.make_timer(device))
     print(report.format_table(rows))

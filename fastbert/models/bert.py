@@ -47,7 +47,7 @@ from torch import nn
 from fastbert import ops
 from fastbert.models import checkpoint
 from fastbert.models.config import BertConfig
-from fastbert.models.layers import Embeddings, Encoder, MLMTransform, Pooler
+from fastbert.models.layers import Embeddings, Encoder, MLMTransform, Pooler, compute_dtype
 
 IGNORE = -100
 
@@ -200,7 +200,7 @@ class BertModel(BertPreTrainedModel):
     def masks(attention_mask, x):
         """The bool key-padding mask ``[B, S]`` and its additive ``[B, 1, 1, S]`` form for eager/SDPA."""
         key_mask = attention_mask.bool()
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        dtype = compute_dtype(x)
         additive = torch.zeros(key_mask.shape, dtype=dtype, device=x.device).masked_fill_(
             ~key_mask, torch.finfo(dtype).min
         )[:, None, None, :]

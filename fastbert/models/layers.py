@@ -29,6 +29,12 @@ from torch import nn
 from fastbert import ops
 
 
+def compute_dtype(x):
+    """The dtype an autocast region computes ``x``'s device in (``x.dtype`` outside autocast)."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+
+
 class AddNorm(nn.Module):
     """``LayerNorm(dropout(dense(x)) + residual)``: Hugging Face's BertSelfOutput / BertOutput layers."""
 
@@ -191,7 +197,9 @@ class Embeddings(nn.Module):
             pos = self.position_embeddings(position_ids)
         rest = pos + self.token_type_embeddings(token_type_ids)
         words, ln = self.word_embeddings(input_ids), self.LayerNorm
-        if self.fused:
+        if self.fused:  # under autocast the LayerNorm runs in its dtype, so the encoder gets no fp32 rows
+            dtype = compute_dtype(words)
+            words, rest = words.to(dtype), rest.to(dtype)
             x = ops.layernorm_residual(words, rest, ln.weight, ln.bias, eps=ln.eps)  # dropout: below, after LN
         else:
             x = F.layer_norm(words + rest, ln.normalized_shape, ln.weight, ln.bias, ln.eps)

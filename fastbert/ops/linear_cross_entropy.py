@@ -120,6 +120,16 @@ def _accumulate_mm(acc, a, b, first):
         torch.addmm(acc, a.to(acc.dtype), b.to(acc.dtype), beta=beta, out=acc)
 
 
+def _matmul_dtype(rows):
+    """The dtype of the chunk matmuls: the rows' own, except fp16/bf16 rows on a CPU without
+    instructions for them (fp16 on any CPU, bf16 without AVX512-BF16), where torch's half
+    ``mm(..., out=)`` falls back to a single-threaded reference gemm (minutes for BERT-base's MLM
+    head): fp32 there."""
+    if rows.device.type != "cpu" or rows.dtype not in (torch.float16, torch.bfloat16):
+        return rows.dtype
+    return rows.dtype if rows.dtype == torch.bfloat16 and backends.cpu_has_bf16() else torch.float32
+
+
 def _chunks(m, chunk):
     return [(s, min(m, s + chunk)) for s in range(0, m, chunk)]
 
@@ -176,6 +186,24 @@ def linear_cross_entropy_chunked(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(loss, grad_rows, grad_weight, grad_bias)``; the gradients (of the loss itself) only when
     ``compute_grad`` (else empty), with fused kernels of ``backend``."""
+    mm = _matmul_dtype(rows)
+    if mm != rows.dtype:  # the chunk matmuls in fp32 (the gradients go back to the inputs' dtypes)
+        grads = linear_cross_entropy_chunked(
+            rows.to(mm),
+            weight.to(mm),
+            bias.to(mm) if bias is not None else None,
+            targets,
+            ignore_index,
+            reduction,
+            chunk_size,
+            compute_grad,
+            backend,
+        )
+        loss = grads[0].to(rows.dtype)
+        if not compute_grad:
+            return (loss,) + tuple(rows.new_empty((0,)) for _ in range(3))
+        gb = grads[3].to(bias.dtype) if bias is not None else grads[3].to(rows.dtype)
+        return loss, grads[1].to(rows.dtype), grads[2].to(weight.dtype), gb
     m = rows.shape[0]
     targets = targets.contiguous()
     _check_targets(targets, weight.shape[0], ignore_index)

@@ -35,6 +35,7 @@ class FinetuneConfig:
     seed: int = 0  # shuffling and dropout
     max_steps: Optional[int] = None  # stop after this many steps (the schedule spans the capped run)
     eval_batch_size: int = 64
+    bf16: bool = False  # forward and loss under torch.autocast to bfloat16 (training and evaluation)
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "eval_batch_size"):
@@ -51,6 +52,8 @@ class FinetuneConfig:
             raise ValueError(f"FinetuneConfig: clip must be >= 0 (0: no clipping) and finite, got {self.clip!r}")
         if not self.weight_decay >= 0 or not math.isfinite(self.weight_decay):
             raise ValueError(f"FinetuneConfig: weight_decay must be >= 0 and finite, got {self.weight_decay!r}")
+        if not isinstance(self.bf16, bool):
+            raise ValueError(f"FinetuneConfig: bf16 must be a bool, got {self.bf16!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
             raise ValueError(f"FinetuneConfig: seed must be an int in [0, 2**63), got {self.seed!r}")
 
@@ -81,11 +84,11 @@ def _check_labels(passages, num_labels, what):
         raise ValueError(f"{what} has label {bad[0]} outside [0, {num_labels}) (the model's num_labels)")
 
 
-def evaluate(model, passages, pad_id, batch_size=64):
+def evaluate(model, passages, pad_id, batch_size=64, bf16=False):
     """``{"accuracy", "loss", "per_class"}`` of ``model`` on ``passages``: accuracy and mean
     cross-entropy over all passages, and the accuracy of each label ``0 .. num_labels-1`` (``None``
-    for a label with no passages). Runs in eval mode under ``no_grad``; the model's previous
-    train/eval mode is restored."""
+    for a label with no passages). Runs in eval mode under ``no_grad`` (and bf16 autocast with
+    ``bf16``); the model's previous train/eval mode is restored."""
     if not len(passages):
         raise ValueError("evaluate: no passages")
     _check_labels(passages, model.num_labels, "evaluate: a passage")
@@ -100,7 +103,8 @@ def evaluate(model, passages, pad_id, batch_size=64):
             for start in range(0, len(passages), batch_size):
                 batch = collate_passages(passages[start : start + batch_size], pad_id)
                 batch = {k: v.to(device) for k, v in batch.items()}
-                res = model(**batch)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    res = model(**batch)
                 labels = batch["labels"].cpu()
                 hit = (res.logits.argmax(-1).cpu() == labels).long()
                 correct.index_add_(0, labels, hit)
@@ -162,7 +166,8 @@ def finetune(model, train, test, pad_id, config=None, out_dir=None, progress=Tru
                 if step == total:
                     break
                 batch = collate_passages([train[i] for i in order[start : start + config.batch_size]], pad_id)
-                res = model(**{k: v.to(device) for k, v in batch.items()})
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
+                    res = model(**{k: v.to(device) for k, v in batch.items()})
                 if not torch.isfinite(res.loss.detach()):
                     raise ValueError(
                         f"finetune: the loss is {float(res.loss.detach())} at step {step + 1}: training diverged "
@@ -189,7 +194,7 @@ def finetune(model, train, test, pad_id, config=None, out_dir=None, progress=Tru
                 record("train", row)
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.2f}", lr=f"{lr:.2e}")
-            ev = {"epoch": epoch, "step": step, **evaluate(model, test, pad_id, config.eval_batch_size)}
+            ev = {"epoch": epoch, "step": step, **evaluate(model, test, pad_id, config.eval_batch_size, config.bf16)}
             evals.append(ev)
             record("eval", ev)
             if progress:
