@@ -50,6 +50,13 @@ def test_cpu_isa_list():
         assert "avx512" in supported
 
 
+def run_with_isa(isa):
+    """A fresh interpreter running one op with FASTBERT_CPU_ISA=isa (it prints the variant in use)."""
+    code = "import torch, fastbert; print(fastbert._ext.C.cpu_isa()); fastbert.bias_gelu(torch.randn(2, 3))"
+    env = {**os.environ, "FASTBERT_CPU_ISA": isa}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+
+
 @requires_c
 def test_forced_unsupported_cpu_isa_env():
     """FASTBERT_CPU_ISA naming a compiled variant this CPU cannot run fails at the first op, saying why."""
@@ -57,14 +64,7 @@ def test_forced_unsupported_cpu_isa_env():
     if not unsupported:
         pytest.skip("this CPU runs every compiled variant")
     isa = unsupported[0]
-    code = "import torch, fastbert; print(fastbert._ext.C.cpu_isa()); fastbert.bias_gelu(torch.randn(2, 3))"
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "FASTBERT_CPU_ISA": isa},
-    )
+    out = run_with_isa(isa)
     assert out.returncode != 0
     assert out.stdout.startswith(f"error: FASTBERT_CPU_ISA={isa}: this CPU cannot run the {isa} kernels (it lacks ")
     assert f"FASTBERT_CPU_ISA={isa}: this CPU cannot run the {isa} kernels (it lacks " in out.stderr
@@ -74,22 +74,9 @@ def test_forced_unsupported_cpu_isa_env():
 
 @requires_c
 def test_forced_cpu_isa_env():
-    code = "import torch, fastbert; print(fastbert._ext.C.cpu_isa()); fastbert.bias_gelu(torch.randn(2, 3))"
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "FASTBERT_CPU_ISA": "generic"},
-    )
+    out = run_with_isa("generic")
     assert out.returncode == 0 and out.stdout.strip() == "generic", out.stderr
-    bad = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "FASTBERT_CPU_ISA": "mmx"},
-    )
+    bad = run_with_isa("mmx")
     assert bad.returncode != 0 and "FASTBERT_CPU_ISA=mmx: unknown CPU ISA" in bad.stderr
 
 

@@ -240,18 +240,22 @@ inline vf vexp(vf x) {
   return bitcast<vf>(bitcast<vu>(p) + (bitcast<vu>(k) << 23));  // p * 2^n
 }
 
-// 2^t for t in [-125, 127] (not checked: callers guarantee the range): t = n + f, |f| <= 1/2, a
-// degree-5 minimax polynomial for 2^f (7.6e-8 relative), 2^n added to the exponent bits. Cheaper than
-// vexp where the argument is known to be in range and ~2e-7 relative is enough.
-inline vf vexp2_unchecked(vf t) {
-  const vf k = t + 12582912.0f;  // 1.5 * 2^23: rounds, n in the low bits
-  const vf f = t - (k - 12582912.0f);
+// 2^f for |f| <= 1/2: the degree-5 minimax polynomial (7.6e-8 relative).
+inline vf exp2_poly(vf f) {
   vf p = splat(1.328230404e-03f);
   p = p * f + 9.675590381e-03f;
   p = p * f + 5.550695255e-02f;
   p = p * f + 2.402211850e-01f;
   p = p * f + 6.931469781e-01f;
-  p = p * f + 1.000000072e+00f;
+  return p * f + 1.000000072e+00f;
+}
+
+// 2^t for t in [-125, 127] (not checked: callers guarantee the range): t = n + f, |f| <= 1/2,
+// exp2_poly(f), 2^n added to the exponent bits. Cheaper than
+// vexp where the argument is known to be in range and ~2e-7 relative is enough.
+inline vf vexp2_unchecked(vf t) {
+  const vf k = t + 12582912.0f;  // 1.5 * 2^23: rounds, n in the low bits
+  const vf p = exp2_poly(t - (k - 12582912.0f));
   return bitcast<vf>(bitcast<vu>(p) + (bitcast<vu>(k) << 23));  // p * 2^n
 }
 

@@ -122,14 +122,8 @@ constexpr float kRound = 12582912.0f + 127.0f;
 inline vf exp_or_zero(vf x, float mlog2e) {
   const vf t = vmax(splat(-127.0f), x * kLog2e - mlog2e);  // NaN t stays NaN (second operand)
   const vf k = t + kRound;
-  const vf f = t - (k - kRound);
-  vf p = splat(1.328230404e-03f);
-  p = p * f + 9.675590381e-03f;
-  p = p * f + 5.550695255e-02f;
-  p = p * f + 2.402211850e-01f;
-  p = p * f + 6.931469781e-01f;
-  p = p * f + 1.000000072e+00f;
-  return p * bitcast<vf>(bitcast<vu>(k) << 23);  // exponent field n + 127, mantissa 0: 2^n, or +0
+  return exp2_poly(t - (k - kRound)) *
+         bitcast<vf>(bitcast<vu>(k) << 23);  // exponent field n + 127, mantissa 0: 2^n, or +0
 }
 
 // Dropout of v: keep ? v * scale : 0, a select (a dropped element is 0 even when v is NaN or inf,
