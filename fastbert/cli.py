@@ -35,7 +35,7 @@ def main(argv=None):
         help="run the benchmark suite (fastbert bench --help: --quick/--full, --ops, "
         "--dtype, --device, --out, --compare, ...)",
     )
-    from fastbert.train import commands
+    from fastbert.train import commands, finetune_command
 
     commands.add_pretrain_arguments(
         sub.add_parser(
@@ -45,7 +45,7 @@ def main(argv=None):
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
     )
-    commands.add_finetune_arguments(
+    finetune_command.add_finetune_arguments(
         sub.add_parser(
             "finetune",
             help="fine-tune a pretrained checkpoint on which-novel-is-this-passage-from",

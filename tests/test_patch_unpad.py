@@ -349,14 +349,21 @@ def train(model, rows, collator, tmp_path, seed, steps=20):
 
 
 def test_trainer_classification_with_dynamic_padding(tmp_path, seed, calls):
+    # 20 steps do not reliably learn this task (some seeds show no drop), so the check is that the
+    # patched run follows the unpatched model's loss curve step by step (dropout 0, same data order).
     tok = tokenizer()
-    model = build("roberta", "ForSequenceClassification", seed, pad_token_id=tok.pad_token_id, num_labels=2)
-    patch(model)
     gen = torch.Generator().manual_seed(seed)
     rows = [{**tok(text), "labels": label} for text, label in sentences(32, gen)]
-    losses = train(model, rows, transformers.DataCollatorWithPadding(tok), tmp_path, seed)
-    assert len(losses) == 20 and all(torch.isfinite(torch.tensor(losses)))
-    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5, losses
+    collator = transformers.DataCollatorWithPadding(tok)
+    runs = []
+    for patched in (False, True):
+        model = build("roberta", "ForSequenceClassification", seed, pad_token_id=tok.pad_token_id, num_labels=2)
+        if patched:
+            patch(model)
+        runs.append(torch.tensor(train(model, rows, collator, tmp_path / str(patched), seed)))
+    eager, fused = runs
+    assert len(fused) == 20 and torch.isfinite(fused).all()
+    torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-5)
     assert calls["varlen_attention"] >= 20  # (a batch without padding runs padded)
 
 
