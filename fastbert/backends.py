@@ -299,8 +299,9 @@ def _warn_reference(op, device, why):
 
 def cpu_has_bf16():
     """Whether this CPU has bf16 arithmetic (AVX512-BF16, which AMX CPUs have too). Without it
-    oneDNN's bf16 matrix products convert to fp32 and run slower than fp32 (5x on an AVX2 EPYC), or
-    fall back to a single-threaded reference gemm (``torch.mm(..., out=)``)."""
+    torch's bf16 matrix products run slower than fp32 (7x on an AVX2 EPYC), and some layouts (``g @ W``,
+    a linear layer's input gradient; ``torch.mm(..., out=)``) fall back to a single-threaded reference
+    gemm (over 100x)."""
     from fastbert import _ext
 
     return _ext.C is not None and "avx512bf16" in _ext.C.cpu_isas_supported()

@@ -128,51 +128,60 @@ def test_a_signal_during_the_update_waits_for_it(terminal_signals):
 
 
 def test_finetune_compare(tmp_path, corpus, capsys):
+    from fastbert.data import WordPieceTokenizer, read_documents
+    from fastbert.data.novels import novel_passages, take_fraction
+
     src = tmp_path / "pre"
     assert cli.main(["pretrain", *SMALL, "--corpus", str(corpus), "--steps", "3", "--out", str(src)]) == 0
     out = tmp_path / "ft"
-    assert (
-        cli.main(
-            [
-                "finetune",
-                "--from",
-                str(src),
-                "--corpus",
-                str(corpus),
-                "--compare",
-                "--seq-len",
-                "64",
-                "--max-steps",
-                "4",
-                "--batch",
-                "8",
-                "--out",
-                str(out),
-                "--no-progress",
-                "--bf16",
-            ]
-        )
-        == 0
-    )
+    flags = ["--seq-len", "64", "--max-steps", "4", "--batch", "8", "--no-progress", "--bf16"]
+    argv = ["finetune", "--from", str(src), "--corpus", str(corpus), "--compare", *flags, "--out", str(out)]
+    assert cli.main([*argv, "--seeds", "2", "--seed", "5", "--train-fraction", "0.5"]) == 0
     res = json.loads((out / "results.json").read_text())
-    assert res["bf16"] is True
+    assert res["bf16"] is True and res["seeds"] == [5, 6] and res["train_fraction"] == 0.5
     assert res["classes"] == sorted(p.stem for p in corpus.glob("*.txt"))
+    tok = WordPieceTokenizer.load(src / "tokenizer")
+    train, test = novel_passages(read_documents(corpus), tok, max_seq_length=64, seed=5)
+    assert res["train"] == len(train) and res["test"] == len(test)
     for run in ("pretrained", "scratch"):
-        assert res[run]["steps"] == 4 and 0.0 <= res[run]["accuracy"] <= 1.0
+        rows = res[run]["seeds"]
+        assert [r["seed"] for r in rows] == [5, 6]
+        assert [r["train"] for r in rows] == [len(take_fraction(train, 0.5, s)) for s in (5, 6)]
+        accs = [r["accuracy"] for r in rows]
+        assert all(r["steps"] == 4 and 0.0 <= r["accuracy"] <= 1.0 for r in rows)
+        assert res[run]["accuracy"] == pytest.approx(sum(accs) / 2)
+        assert res[run]["accuracy_std"] == pytest.approx(abs(accs[0] - accs[1]) / 2**0.5)
         assert (out / run / "model" / "model.safetensors").exists()
-        steps = [
-            json.loads(line)
-            for line in (out / run / "finetune_metrics.jsonl").read_text().splitlines()
-            if json.loads(line)["kind"] == "train"
-        ]
-        assert all(0.0 <= r["padding"] < 1.0 for r in steps) and max(r["padding"] for r in steps) > 0
-        assert res[run]["padding"]["unpadded"] is True
-        assert res[run]["padding"]["batch_padding"] == pytest.approx(
-            sum(r["padding"] for r in steps) / len(steps), abs=1e-4
-        )
+        for r in rows:
+            steps = [
+                json.loads(line)
+                for line in (out / run / f"seed-{r['seed']}" / "finetune_metrics.jsonl").read_text().splitlines()
+                if json.loads(line)["kind"] == "train"
+            ]
+            assert len(steps) == 4 and all(0.0 <= s["padding"] < 1.0 for s in steps)
+            assert r["padding"]["unpadded"] is True
+            assert r["padding"]["batch_padding"] == pytest.approx(sum(s["padding"] for s in steps) / 4, abs=1e-4)
+    pre, scr = (res[run]["accuracy"] for run in ("pretrained", "scratch"))
+    assert res["gain"]["mean"] == pytest.approx(pre - scr)
+    assert (out / "finetune.png").stat().st_size > 10_000
     captured = capsys.readouterr()
-    assert "held-out accuracy" in captured.out
+    assert "over 2 seed(s)" in captured.out and "gain from pretraining" in captured.out
     assert ("no bf16 instructions" in captured.err) == commands.bf16_is_slow("cpu")
+
+
+def test_finetune_refuses_a_checkpoint_without_encoder_weights(tmp_path, corpus, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from fastbert.train import latest_checkpoint
+
+    src = tmp_path / "pre"
+    assert cli.main(["pretrain", *SMALL, "--corpus", str(corpus), "--steps", "1", "--out", str(src)]) == 0
+    weights = latest_checkpoint(src) / "model.safetensors"
+    sd = load_file(weights)
+    dropped = next(k for k in sd if "layer.1.attention" in k)
+    save_file({k: v for k, v in sd.items() if k != dropped}, weights)
+    argv = ["finetune", "--from", str(src), "--corpus", str(corpus), "--seq-len", "64", "--max-steps", "1"]
+    bad([*argv, "--out", str(tmp_path / "ft"), "--no-progress"], capsys, "lacks encoder weights")
 
 
 def test_bf16_is_slow_only_on_cpus_without_bf16_instructions(monkeypatch):
@@ -212,6 +221,8 @@ def test_bad_input_is_a_clear_error(tmp_path, corpus, capsys):
         "max_position_embeddings 512",
     )
     bad(["finetune", "--from", str(tmp_path / "nothing")], capsys, "has no tokenizer")
+    for flag, value in (("--seeds", "0"), ("--seeds", "101"), ("--train-fraction", "0"), ("--train-fraction", "1.5")):
+        bad(["finetune", flag, value], capsys, f"{flag} must be")
     assert not any((tmp_path / "o").glob("step-*"))
 
 

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 
 from fastbert.data import WordPieceTokenizer, default_corpus_documents
 from fastbert.data.corpus import Document, tokenize_documents
-from fastbert.data.novels import Passage, novel_passages, novel_titles
+from fastbert.data.novels import Passage, novel_passages, novel_titles, take_fraction
 from fastbert.models import BertConfig, BertForSequenceClassification
-from fastbert.train.finetune import FinetuneConfig, collate_passages, evaluate, finetune
+from fastbert.train.finetune import FinetuneConfig, collate_passages, compare_arms, evaluate, finetune, mean_std
 
 
 def random_documents(rng, n_docs=3):
@@ -275,3 +275,43 @@ def test_finetune_bf16_runs_forward_under_autocast(tmp_path, seed):
     assert all(math.isfinite(h["loss"]) for h in res["history"]) and 0.0 <= res["accuracy"] <= 1.0
     with pytest.raises(ValueError, match="bf16 must be a bool"):
         FinetuneConfig(bf16="yes")
+
+
+@pytest.mark.parametrize("fraction", [0.05, 0.3, 0.5, 1.0])
+def test_take_fraction_samples_each_label(seed, fraction):
+    passages = random_passages(int(torch.randint(40, 200, ())), num_labels=5)
+    got = take_fraction(passages, fraction, seed)
+    assert got == take_fraction(passages, fraction, seed)  # deterministic per seed
+    it = iter(passages)
+    assert all(any(p is q for q in it) for p in got)  # a subsequence: input order, no repeats
+    for label in {p.label for p in passages}:
+        n = sum(p.label == label for p in passages)
+        assert sum(p.label == label for p in got) == max(1, round(fraction * n))
+    if fraction < 1.0:
+        assert any(take_fraction(passages, fraction, s) != got for s in range(seed + 1, seed + 6))
+    for bad in (0.0, -0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="fraction must be in"):
+            take_fraction(passages, bad, seed)
+
+
+def test_mean_std_and_compare_arms_match_statistics(seed):
+    import statistics
+
+    rng = random.Random(seed)
+    n = rng.randint(2, 6)
+    pre = [{"seed": s, "accuracy": rng.random()} for s in range(n)]
+    scr = [{"seed": s, "accuracy": rng.random()} for s in range(n)]
+    acc_pre, acc_scr = [r["accuracy"] for r in pre], [r["accuracy"] for r in scr]
+    mean, std = mean_std(acc_pre)
+    assert mean == pytest.approx(statistics.fmean(acc_pre), abs=1e-12)
+    assert std == pytest.approx(statistics.stdev(acc_pre), abs=1e-12)  # the sample (n - 1) std
+    assert mean_std([0.4]) == (0.4, None)
+    with pytest.raises(ValueError, match="no values"):
+        mean_std([])
+    gain = compare_arms(pre, scr[::-1])  # paired by seed, not by position
+    diff = statistics.fmean(acc_pre) - statistics.fmean(acc_scr)
+    assert gain["mean"] == pytest.approx(diff, abs=1e-12)
+    assert gain["paired"] == pytest.approx([a - b for a, b in zip(acc_pre, acc_scr)], abs=1e-12)
+    spread = max(statistics.stdev(acc_pre), statistics.stdev(acc_scr))
+    assert gain["in_std"] == pytest.approx(diff / spread, rel=1e-9)
+    assert compare_arms(pre[:1], scr[:1])["in_std"] is None  # one seed: no spread to compare with

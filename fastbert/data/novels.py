@@ -25,7 +25,7 @@ from typing import List, NamedTuple, Sequence, Tuple
 
 from fastbert.data.corpus import Document, tokenize_documents
 
-__all__ = ["Passage", "novel_passages", "novel_titles", "pack_sentences"]
+__all__ = ["Passage", "novel_passages", "novel_titles", "pack_sentences", "take_fraction"]
 
 
 class Passage(NamedTuple):
@@ -103,3 +103,21 @@ def novel_passages(
         for i, chunk in enumerate(chunks):
             (test if i // block in test_blocks else train).append(Passage([cls_id, *chunk, sep_id], label))
     return train, test
+
+
+def take_fraction(passages: Sequence[Passage], fraction: float, seed: int = 0) -> List[Passage]:
+    """A seeded sample of ``fraction`` of each label's passages (rounded, at least one per label
+    present), in the input order: the low-label setting. ``fraction == 1`` returns all of them."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"take_fraction: fraction must be in (0, 1], got {fraction!r}")
+    if fraction == 1.0:
+        return list(passages)
+    by_label = {}
+    for i, p in enumerate(passages):
+        by_label.setdefault(p.label, []).append(i)
+    rng = random.Random(seed)
+    keep = set()
+    for label in sorted(by_label):
+        idx = by_label[label]
+        keep.update(rng.sample(idx, max(1, round(fraction * len(idx)))))
+    return [p for i, p in enumerate(passages) if i in keep]

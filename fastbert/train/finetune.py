@@ -205,3 +205,27 @@ def finetune(model, train, test, pad_id, config=None, out_dir=None, progress=Tru
             log.close()
         model.train(was_training)
     return {"history": history, "evals": evals, "accuracy": evals[-1]["accuracy"]}
+
+
+def mean_std(values):
+    """``(mean, sample standard deviation)`` of a list of numbers; the std is ``None`` for one value."""
+    values = [float(v) for v in values]
+    if not values:
+        raise ValueError("mean_std: no values")
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def compare_arms(pretrained, scratch):
+    """The gain of the pretrained arm over the scratch arm, from per-seed rows ``{"seed", "accuracy"}``:
+    ``{"mean": mean accuracy difference, "paired": [difference per seed (both arms ran it)],
+    "in_std": mean / the larger of the two arms' seed std (``None`` with one seed or no spread)}``.
+    ``in_std > 2`` is the "more than 2 standard deviations" bar."""
+    pre, scr = ([r["accuracy"] for r in rows] for rows in (pretrained, scratch))
+    (mp, sp), (ms, ss) = mean_std(pre), mean_std(scr)
+    by_seed = {r["seed"]: r["accuracy"] for r in scratch}
+    paired = [r["accuracy"] - by_seed[r["seed"]] for r in pretrained if r["seed"] in by_seed]
+    spread = max(sp or 0.0, ss or 0.0)
+    return {"mean": mp - ms, "paired": paired, "in_std": (mp - ms) / spread if spread > 0 else None}

@@ -30,14 +30,27 @@ def add_finetune_arguments(p):
         help="a `fastbert pretrain` output folder: its latest checkpoint and tokenizer (default runs/pretrain)",
     )
     a("--scratch", action="store_true", help="start from random weights (same config and tokenizer)")
-    a("--compare", action="store_true", help="run from the checkpoint and from scratch, report both")
+    a("--compare", action="store_true", help="run from the checkpoint and from scratch, report both and the gain")
     a("--corpus", help="folder of .txt files, one class each (default: the bundled Austen novels)")
     a("--seq-len", type=int, default=128, help="passage length in tokens (default 128)")
     a("--epochs", type=int, default=2)
     a("--batch", type=int, default=32)
     a("--lr", type=float, default=1e-4)
     a("--max-steps", type=int, help="stop after this many steps")
-    a("--seed", type=int, default=0)
+    a("--seed", type=int, default=0, help="the first seed, and the held-out split's (default 0)")
+    a(
+        "--seeds",
+        type=int,
+        default=3,
+        help="runs per arm, with seeds --seed, --seed+1, ...: initialisation, data order, dropout and the "
+        "--train-fraction sample (default 3); reported as mean ± std",
+    )
+    a(
+        "--train-fraction",
+        type=float,
+        default=1.0,
+        help="fine-tune on this fraction of the labelled passages (per class, a sample per seed; default 1)",
+    )
     a("--out", default="runs/finetune", help="output folder (default runs/finetune)")
     a("--bf16", action="store_true", help="bf16 autocast (the fused ops run in bf16; weights stay fp32)")
     a("--device", help="cpu or cuda (default: cuda when available)")
@@ -46,14 +59,15 @@ def add_finetune_arguments(p):
 
 def finetune_command(args):
     from fastbert.data import WordPieceTokenizer
-    from fastbert.data.novels import novel_passages
-    from fastbert.models import BertConfig, BertForSequenceClassification
+    from fastbert.data.novels import novel_passages, take_fraction
+    from fastbert.models import BertConfig
     from fastbert.train import latest_checkpoint
-    from fastbert.train.finetune import FinetuneConfig, finetune
+    from fastbert.train.finetune import FinetuneConfig, compare_arms, finetune, mean_std
     from fastbert.train.metrics import dumps
 
-    for module in ("tqdm", "safetensors"):  # the rest of what it needs from [train]: fail now, not mid-run
+    for module in ("tqdm", "safetensors", "matplotlib"):  # the rest of what it needs from [train]: fail now
         require(module, "train", "fastbert finetune")
+    from fastbert.train.plot import finetune_png
 
     src, out = Path(args.source), Path(args.out)
     check_finetune_flags(args)
@@ -68,67 +82,110 @@ def finetune_command(args):
     if ckpt is None:
         raise ValueError(f"finetune: {src} has no checkpoint (run `fastbert pretrain --out {src}` first)")
     docs = load_documents(args.corpus)
-    positions = BertConfig.from_json_file(ckpt / "config.json").max_position_embeddings
-    if args.seq_len > positions:
+    config = BertConfig.from_json_file(ckpt / "config.json", num_labels=len(docs))
+    if args.seq_len > config.max_position_embeddings:
         raise ValueError(
-            f"--seq-len must be at most {positions} ({ckpt} has max_position_embeddings {positions}), "
-            f"got {args.seq_len}"
+            f"--seq-len must be at most {config.max_position_embeddings} ({ckpt} has max_position_embeddings "
+            f"{config.max_position_embeddings}), got {args.seq_len}"
         )
-    train, test = novel_passages(docs, tok, max_seq_length=args.seq_len, seed=args.seed)
-    runs = ["pretrained", "scratch"] if args.compare else ["scratch" if args.scratch else "pretrained"]
+    if config.vocab_size != tok.vocab_size:
+        raise ValueError(f"finetune: {ckpt} has vocab_size {config.vocab_size}, its tokenizer {tok.vocab_size}")
+    train_all, test = novel_passages(docs, tok, max_seq_length=args.seq_len, seed=args.seed)
+    arms = ["pretrained", "scratch"] if args.compare else ["scratch" if args.scratch else "pretrained"]
+    seeds = list(range(args.seed, args.seed + args.seeds))
     print(
-        f"fastbert finetune: {len(docs)} classes ({', '.join(d.title for d in docs)}), {len(train)} training and "
-        f"{len(test)} held-out passages of <= {args.seq_len} tokens; chance {max_class_share(test):.1%}"
+        f"fastbert finetune: {len(docs)} classes ({', '.join(d.title for d in docs)}), "
+        f"{len(train_all)} training passages (using {args.train_fraction:.0%} of them) and {len(test)} held-out "
+        f"passages of <= {args.seq_len} tokens; chance {max_class_share(test):.1%}; seeds {seeds[0]}..{seeds[-1]}"
     )
-    results = {}
-    for run in runs:
-        torch.manual_seed(args.seed)
-        if run == "pretrained":
-            with warnings.catch_warnings():  # the new classifier is expected to be missing
-                warnings.filterwarnings("ignore", message=".*weights not in.*")
-                warnings.filterwarnings("ignore", message=".*checkpoint weights.*")
-                model = BertForSequenceClassification.from_pretrained(ckpt, num_labels=len(docs))
-        else:
-            model = BertForSequenceClassification(BertConfig.from_json_file(ckpt / "config.json", num_labels=len(docs)))
-        fc = FinetuneConfig(
-            epochs=args.epochs,
-            batch_size=args.batch,
-            lr=args.lr,
-            seed=args.seed,
-            max_steps=args.max_steps,
-            bf16=args.bf16,
-        )
-        t0 = time.time()
-        res = finetune(model.to(device), train, test, tok.pad_id, fc, out_dir=out / run, progress=args.progress)
-        model.save_pretrained(out / run / "model")
-        results[run] = {
-            "accuracy": res["accuracy"],
-            "evals": res["evals"],
-            "steps": len(res["history"]),
-            "wall_s": round(time.time() - t0, 1),
-            "padding": padding_summary(model, [h["padding"] for h in res["history"]]),
-        }
-        print(padding_line(results[run]["padding"]))
-        print(
-            f"{run}: held-out accuracy {res['accuracy']:.1%} after {len(res['history'])} steps "
-            f"({results[run]['wall_s']:.0f} s)"
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(
-        dumps(
-            {
-                "checkpoint": str(ckpt),
-                "classes": [d.title for d in docs],
+    results = {arm: {"seeds": []} for arm in arms}
+    for seed in seeds:
+        train = take_fraction(train_all, args.train_fraction, seed)
+        for arm in arms:
+            torch.manual_seed(seed)
+            model = load_classifier(ckpt, config) if arm == "pretrained" else _classifier(config)
+            fc = FinetuneConfig(
+                epochs=args.epochs,
+                batch_size=args.batch,
+                lr=args.lr,
+                seed=seed,
+                max_steps=args.max_steps,
+                bf16=args.bf16,
+            )
+            t0 = time.time()
+            where = out / arm / f"seed-{seed}"
+            res = finetune(model.to(device), train, test, tok.pad_id, fc, out_dir=where, progress=args.progress)
+            if seed == seeds[0]:
+                model.save_pretrained(out / arm / "model")
+            row = {
+                "seed": seed,
+                "accuracy": res["accuracy"],
+                "evals": res["evals"],
+                "steps": len(res["history"]),
                 "train": len(train),
-                "test": len(test),
-                "bf16": args.bf16,
-                **results,
-            },
-            indent=1,
-        )
-        + "\n"
-    )
+                "wall_s": round(time.time() - t0, 1),
+                "padding": padding_summary(model, [h["padding"] for h in res["history"]]),
+            }
+            results[arm]["seeds"].append(row)
+            print(
+                f"{arm}, seed {seed}: held-out accuracy {res['accuracy']:.1%} after {row['steps']} steps on "
+                f"{len(train)} passages ({row['wall_s']:.0f} s); {padding_line(row['padding'])}"
+            )
+    for arm in arms:
+        mean, std = mean_std([r["accuracy"] for r in results[arm]["seeds"]])
+        results[arm].update(accuracy=mean, accuracy_std=std)
+        print(f"{arm}: held-out accuracy {_pm(mean, std)} over {len(seeds)} seed(s)")
+    summary = {
+        "checkpoint": str(ckpt),
+        "classes": [d.title for d in docs],
+        "train": len(train_all),
+        "train_fraction": args.train_fraction,
+        "test": len(test),
+        "seeds": seeds,
+        "bf16": args.bf16,
+        **results,
+    }
+    if args.compare:
+        summary["gain"] = compare_arms(results["pretrained"]["seeds"], results["scratch"]["seeds"])
+        g = summary["gain"]
+        spread = f" = {g['in_std']:.1f} x the larger seed std" if g["in_std"] is not None else ""
+        print(f"gain from pretraining: {100 * g['mean']:+.1f} points{spread}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(dumps(summary, indent=1) + "\n")
+    png = finetune_png(summary, out / "finetune.png")
+    print(f"results {out / 'results.json'}; plot {png}")
     return 0
+
+
+def _pm(mean, std):
+    return f"{mean:.1%}" + ("" if std is None else f" ± {std:.1%}")
+
+
+def _classifier(config):
+    from fastbert.models import BertForSequenceClassification
+
+    return BertForSequenceClassification(config)
+
+
+def load_classifier(ckpt, config):
+    """``BertForSequenceClassification`` from a pretraining checkpoint. Only the new classifier may be
+    missing from it and only the pretraining heads unused; anything else is an error, not a warning
+    lost in the output (a fine-tune from a silently half-loaded encoder is a scratch run in disguise)."""
+    from fastbert.models import BertForSequenceClassification
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = BertForSequenceClassification.from_pretrained(ckpt, num_labels=config.num_labels)
+    for w in caught:
+        text = str(w.message)
+        names = text.split(": ")[-1].split(", ")
+        if "weights not in" in text and not all(n.startswith("classifier.") for n in names):
+            raise ValueError(f"finetune: {ckpt} lacks encoder weights: {text}")
+        if "checkpoint weights" in text and not all(n.startswith("cls.") for n in names):
+            raise ValueError(f"finetune: {ckpt} has weights this model does not use: {text}")
+        if "weights not in" not in text and "checkpoint weights" not in text:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return model
 
 
 def check_finetune_flags(args):
@@ -142,6 +199,12 @@ def check_finetune_flags(args):
         raise ValueError(f"--lr must be a finite number > 0, got {args.lr!r}")
     if not 0 <= args.seed <= MAX_SEED:
         raise ValueError(f"--seed must be an int in [0, 2**32 - 1], got {args.seed!r}")
+    if not _int(args.seeds) or not 1 <= args.seeds <= 100 or args.seed + args.seeds - 1 > MAX_SEED:
+        raise ValueError(
+            f"--seeds must be an int in [1, 100] (and --seed + --seeds - 1 <= 2**32 - 1), got {args.seeds!r}"
+        )
+    if not (0.0 < args.train_fraction <= 1.0):
+        raise ValueError(f"--train-fraction must be in (0, 1], got {args.train_fraction!r}")
 
 
 def max_class_share(passages):

@@ -64,3 +64,47 @@ def loss_table(history, rows=10, keys=("loss", "mlm_loss", "nsp_loss")):
             f"{part[0]['step']:>6}-{part[-1]['step']:<6} " + "".join(f"{m:>10.3f}" for m in means) + f"{tps:>11.0f}"
         )
     return "\n".join(lines)
+
+
+def finetune_png(summary, path):
+    """The fine-tuning comparison of ``fastbert finetune`` (its ``results.json`` as a dict): held-out
+    accuracy after each epoch per arm (one thin line per seed, the mean bold), and the final accuracy
+    per arm as mean ± std with each seed's point; returns the path."""
+    matplotlib = require("matplotlib", "train", "fastbert's fine-tuning plot")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = [a for a in ("pretrained", "scratch") if a in summary]
+    colors = {"pretrained": "tab:blue", "scratch": "tab:gray"}
+    fig, (curve, bars) = plt.subplots(1, 2, figsize=(10, 4.2), dpi=110, gridspec_kw={"width_ratios": [2, 1]})
+    for i, arm in enumerate(arms):
+        rows = summary[arm]["seeds"]
+        for r in rows:
+            curve.plot(
+                [e["step"] for e in r["evals"]], [e["accuracy"] for e in r["evals"]], color=colors[arm], alpha=0.3
+            )
+        longest = max(rows, key=lambda r: len(r["evals"]))
+        means = [
+            sum(r["evals"][k]["accuracy"] for r in rows if k < len(r["evals"])) / sum(k < len(r["evals"]) for r in rows)
+            for k in range(len(longest["evals"]))
+        ]
+        curve.plot([e["step"] for e in longest["evals"]], means, color=colors[arm], marker="o", label=f"{arm} (mean)")
+        std = summary[arm].get("accuracy_std") or 0.0
+        bars.bar(i, summary[arm]["accuracy"], yerr=std, color=colors[arm], alpha=0.6, capsize=6)
+        bars.scatter([i] * len(rows), [r["accuracy"] for r in rows], color="black", s=12, zorder=3)
+    curve.set_xlabel("fine-tuning step")
+    curve.set_ylabel("held-out accuracy")
+    curve.grid(alpha=0.3)
+    curve.legend(fontsize=8)
+    bars.set_xticks(range(len(arms)), arms)
+    bars.set_ylabel("final held-out accuracy (mean ± std, seeds as dots)")
+    bars.grid(alpha=0.3, axis="y")
+    fraction = summary.get("train_fraction", 1.0)
+    fig.suptitle(
+        f"fastbert finetune: {len(summary['seeds'])} seed(s), {fraction:.0%} of {summary['train']} labelled passages"
+    )
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
