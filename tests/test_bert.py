@@ -308,6 +308,16 @@ def test_old_names_bare_encoder_and_missing_heads(tmp_path, seed):
         hf_pre = hf_model("BertForPreTraining")
         hf_pre.save_pretrained(tmp_path / "pre")
         BertModel.from_pretrained(tmp_path / "pre")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # with output_loading_info the caller gets the lists, no warning
+        fb, info = BertForPreTraining.from_pretrained(tmp_path, output_loading_info=True)
+        _, info_pre = BertModel.from_pretrained(tmp_path / "pre", output_loading_info=True)
+    heads = {k for k in fb.state_dict() if k.startswith("cls.")} - {"cls.predictions.decoder.weight"}  # tied
+    assert set(info["missing_keys"]) == heads, info
+    assert info["unexpected_keys"] == []
+    assert info_pre["missing_keys"] == []
+    assert "cls.predictions.bias" in info_pre["unexpected_keys"]
+    assert all(k.startswith("cls.") for k in info_pre["unexpected_keys"]), info_pre
 
 
 def test_untied_decoder_round_trip(tmp_path, seed):

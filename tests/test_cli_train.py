@@ -181,7 +181,7 @@ def test_finetune_refuses_a_checkpoint_without_encoder_weights(tmp_path, corpus,
     dropped = next(k for k in sd if "layer.1.attention" in k)
     save_file({k: v for k, v in sd.items() if k != dropped}, weights)
     argv = ["finetune", "--from", str(src), "--corpus", str(corpus), "--seq-len", "64", "--max-steps", "1"]
-    bad([*argv, "--out", str(tmp_path / "ft"), "--no-progress"], capsys, "lacks encoder weights")
+    bad([*argv, "--out", str(tmp_path / "ft"), "--no-progress"], capsys, f"lacks encoder weights (1): {dropped}")
 
 
 def test_bf16_is_slow_only_on_cpus_without_bf16_instructions(monkeypatch):

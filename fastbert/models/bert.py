@@ -117,10 +117,13 @@ class BertPreTrainedModel(nn.Module):
                 nn.init.zeros_(m.bias)
 
     @classmethod
-    def from_pretrained(cls, path, **config_overrides):
+    def from_pretrained(cls, path, output_loading_info=False, **config_overrides):
         """A Hugging Face BERT checkpoint directory (``config.json`` + ``model.safetensors`` or
-        ``pytorch_model.bin``); see :func:`fastbert.models.checkpoint.load`."""
-        return checkpoint.load(cls, path, **config_overrides)
+        ``pytorch_model.bin``); see :func:`fastbert.models.checkpoint.load`. Weights the checkpoint
+        lacks keep their initialisation and unused ones are dropped, each with a warning; with
+        ``output_loading_info=True`` it returns ``(model, {"missing_keys": [...], "unexpected_keys":
+        [...]})`` instead of warning, as ``transformers`` does."""
+        return checkpoint.load(cls, path, output_loading_info, **config_overrides)
 
     def save_pretrained(self, path):
         """``config.json`` + ``model.safetensors`` in the layout ``transformers`` loads."""

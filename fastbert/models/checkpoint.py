@@ -115,7 +115,7 @@ def to_hf(model, tensors=None):
     return out
 
 
-def load(cls, path, **config_overrides):
+def load(cls, path, output_loading_info=False, **config_overrides):
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"fastbert: no config.json in {path} (a Hugging Face BERT checkpoint directory)")
@@ -135,6 +135,8 @@ def load(cls, path, **config_overrides):
     missing = sorted(set(own) - set(sd))
     unused = sorted(k for k in set(sd) - set(own) if not _IGNORED.search(k))
     model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
+    if output_loading_info:  # the caller judges them: no warnings
+        return model, {"missing_keys": missing, "unexpected_keys": unused}
     if missing:
         warnings.warn(
             f"fastbert: {cls.__name__}.from_pretrained({str(path)!r}): {len(missing)} weights not in "

@@ -3,7 +3,6 @@
 import math
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -60,7 +59,7 @@ def add_finetune_arguments(p):
 def finetune_command(args):
     from fastbert.data import WordPieceTokenizer
     from fastbert.data.novels import novel_passages, take_fraction
-    from fastbert.models import BertConfig
+    from fastbert.models import BertConfig, BertForSequenceClassification
     from fastbert.train import latest_checkpoint
     from fastbert.train.finetune import FinetuneConfig, compare_arms, finetune, mean_std
     from fastbert.train.metrics import dumps
@@ -103,7 +102,10 @@ def finetune_command(args):
         train = take_fraction(train_all, args.train_fraction, seed)
         for arm in arms:
             torch.manual_seed(seed)
-            model = load_classifier(ckpt, config) if arm == "pretrained" else _classifier(config)
+            if arm == "pretrained":
+                model = load_classifier(ckpt, config)
+            else:
+                model = BertForSequenceClassification(config)
             fc = FinetuneConfig(
                 epochs=args.epochs,
                 batch_size=args.batch,
@@ -161,30 +163,21 @@ def _pm(mean, std):
     return f"{mean:.1%}" + ("" if std is None else f" ± {std:.1%}")
 
 
-def _classifier(config):
-    from fastbert.models import BertForSequenceClassification
-
-    return BertForSequenceClassification(config)
-
-
 def load_classifier(ckpt, config):
     """``BertForSequenceClassification`` from a pretraining checkpoint. Only the new classifier may be
     missing from it and only the pretraining heads unused; anything else is an error, not a warning
     lost in the output (a fine-tune from a silently half-loaded encoder is a scratch run in disguise)."""
     from fastbert.models import BertForSequenceClassification
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model = BertForSequenceClassification.from_pretrained(ckpt, num_labels=config.num_labels)
-    for w in caught:
-        text = str(w.message)
-        names = text.split(": ")[-1].split(", ")
-        if "weights not in" in text and not all(n.startswith("classifier.") for n in names):
-            raise ValueError(f"finetune: {ckpt} lacks encoder weights: {text}")
-        if "checkpoint weights" in text and not all(n.startswith("cls.") for n in names):
-            raise ValueError(f"finetune: {ckpt} has weights this model does not use: {text}")
-        if "weights not in" not in text and "checkpoint weights" not in text:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    model, info = BertForSequenceClassification.from_pretrained(
+        ckpt, output_loading_info=True, num_labels=config.num_labels
+    )
+    lacking = [k for k in info["missing_keys"] if not k.startswith("classifier.")]
+    extra = [k for k in info["unexpected_keys"] if not k.startswith("cls.")]
+    if lacking:
+        raise ValueError(f"finetune: {ckpt} lacks encoder weights ({len(lacking)}): {', '.join(lacking)}")
+    if extra:
+        raise ValueError(f"finetune: {ckpt} has weights this model does not use ({len(extra)}): {', '.join(extra)}")
     return model
 
 
