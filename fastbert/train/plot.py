@@ -69,7 +69,8 @@ def loss_table(history, rows=10, keys=("loss", "mlm_loss", "nsp_loss")):
 def finetune_png(summary, path):
     """The fine-tuning comparison of ``fastbert finetune`` (its ``results.json`` as a dict): held-out
     accuracy after each epoch per arm (one thin line per seed, the mean bold), and the final accuracy
-    per arm as mean ± std with each seed's point; returns the path."""
+    per arm as mean ± std (point and whiskers on an axis fitted to the data) with each seed's point;
+    returns the path."""
     matplotlib = require("matplotlib", "train", "fastbert's fine-tuning plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -90,13 +91,16 @@ def finetune_png(summary, path):
         ]
         curve.plot([e["step"] for e in longest["evals"]], means, color=colors[arm], marker="o", label=f"{arm} (mean)")
         std = summary[arm].get("accuracy_std") or 0.0
-        bars.bar(i, summary[arm]["accuracy"], yerr=std, color=colors[arm], alpha=0.6, capsize=6)
-        bars.scatter([i] * len(rows), [r["accuracy"] for r in rows], color="black", s=12, zorder=3)
+        # mean ± std as a point with whiskers, not a bar from 0: the axis fits the data, so close arms stay apart
+        bars.errorbar(i, summary[arm]["accuracy"], yerr=std, fmt="o", ms=9, color=colors[arm], capsize=8)
+        bars.scatter([i + 0.12] * len(rows), [r["accuracy"] for r in rows], color="black", s=12, zorder=3)
     curve.set_xlabel("fine-tuning step")
     curve.set_ylabel("held-out accuracy")
     curve.grid(alpha=0.3)
     curve.legend(fontsize=8)
     bars.set_xticks(range(len(arms)), arms)
+    bars.set_xlim(-0.6, len(arms) - 0.4)
+    bars.margins(y=0.25)
     bars.set_ylabel("final held-out accuracy (mean ± std, seeds as dots)")
     bars.grid(alpha=0.3, axis="y")
     fraction = summary.get("train_fraction", 1.0)
