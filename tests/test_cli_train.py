@@ -68,6 +68,11 @@ def test_pretrain_writes_a_run_and_learns(tmp_path, corpus, capsys):
     assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 30 and 0.0 <= summary["held_out"]["mlm_accuracy"] <= 1.0
+    curve = [json.loads(line) for line in (out / "held_out.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in curve] == [10, 20, 30]  # every checkpoint, the final one last
+    assert summary["held_out"] == curve[-1] and [r["step"] for r in summary["held_out_curve"]] == [10, 20, 30]
+    assert curve[-1]["mlm_loss"] < curve[0]["mlm_loss"]  # it learns on held-out text too
+    assert "held-out MLM accuracy by step: 10: " in text
     assert summary["held_out"]["masked_tokens"] > 0 and summary["tokens_per_s_median"] > 0
     pad = summary["padding"]  # the batches' padding, logged per step; the unpadded model computes none of it
     assert pad["unpadded"] is True and pad["computed_padding"] == 0.0 and "padding; unpadded execution" in text

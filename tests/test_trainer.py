@@ -9,7 +9,7 @@ import torch
 
 from fastbert.data import MaskingCollator, WordPieceTokenizer, default_corpus_documents, nsp_examples
 from fastbert.models import BertConfig, BertForPreTraining
-from fastbert.train import TrainConfig, latest_checkpoint, pretrain
+from fastbert.train import TrainConfig, evaluate_pretraining, latest_checkpoint, pretrain
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +51,30 @@ def test_pretraining_lowers_the_mlm_loss(tmp_path, data):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 61)) and rows[-1]["tokens_per_s"] > 0
     assert latest_checkpoint(tmp_path).name == "step-60"
+
+
+def test_held_out_evaluation_at_checkpoints_leaves_training_unchanged(tmp_path, data):
+    tok, examples = data
+    held, train = examples[:24], examples[24:]
+    cfg = TrainConfig(steps=6, batch_size=8, lr=1e-3, warmup_steps=2, save_every=2)
+    model, collate = parts(tok)
+    plain = pretrain(model, train, collate, cfg, tmp_path / "plain", progress=False)
+    model, collate = parts(tok)
+    seen = []
+
+    def evaluate(m):
+        assert not m.training
+        seen.append(evaluate_pretraining(m, held, parts(tok, seed=7)[1]))
+        return seen[-1]
+
+    timed = pretrain(model, train, collate, cfg, tmp_path / "eval", progress=False, evaluate=evaluate)
+    assert model.training  # back in training mode
+    assert [h["loss"] for h in timed] == [h["loss"] for h in plain]  # bit for bit: no RNG or weight touched
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "held_out.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 6]
+    assert [{k: v for k, v in r.items() if k != "step"} for r in rows] == json.loads(json.dumps(seen))
+    again = evaluate_pretraining(model, held, parts(tok, seed=7)[1])  # the final row is the final model's
+    assert again["mlm_loss"] == pytest.approx(rows[-1]["mlm_loss"], rel=1e-6)
 
 
 def test_interrupt_mid_step_then_resume_is_exact(tmp_path, data):

@@ -3,7 +3,8 @@
 ``fastbert pretrain`` with no arguments trains BERT-mini (4 layers, hidden 256) with MLM + NSP on
 the bundled Austen novels for 400 steps (a few minutes on a 2-core CPU), holding out the last 3% of
 every novel to measure MLM/NSP accuracy, and writes to ``runs/pretrain``: the tokenizer,
-checkpoints (``step-N``, ``latest``), ``metrics.jsonl``, ``loss_curve.png`` and ``summary.json``.
+checkpoints (``step-N``, ``latest``), ``metrics.jsonl``, ``held_out.jsonl`` (held-out MLM/NSP loss and
+accuracy at every checkpoint), ``loss_curve.png`` and ``summary.json``.
 Under ``torchrun --nproc_per_node N -m fastbert pretrain`` it trains data-parallel (gloo on CPU,
 nccl on GPU) with the same global batch.
 
@@ -270,15 +271,22 @@ def pretrain_command(args):
         seed=s["seed"],
         **warm,
     )
-    collate = MaskingCollator(
-        tok.vocab_size,
-        tok.mask_id,
-        tok.pad_id,
-        tok.special_ids,
-        continuation=tok.continuation_mask,
-        whole_word=s["whole_word"],
-        seed=s["seed"],
-    )
+
+    def masking(seed):
+        return MaskingCollator(
+            tok.vocab_size,
+            tok.mask_id,
+            tok.pad_id,
+            tok.special_ids,
+            continuation=tok.continuation_mask,
+            whole_word=s["whole_word"],
+            seed=seed,
+        )
+
+    def held_out(m):  # the same masks at every checkpoint: a fresh collator of a fixed seed
+        return evaluate_pretraining(m, held, masking(12345))
+
+    collate = masking(s["seed"])
     check_setup(model, examples, collate, tc)  # the data fit the model and the batch: only now write
     if env.main and not args.resume:  # a resumed run keeps its tokenizer and settings as they are
         out.mkdir(parents=True, exist_ok=True)
@@ -291,7 +299,8 @@ def pretrain_command(args):
         f" examples, {env.world_size} process(es) on {env.device}; writing to {out}"
     )
     try:
-        history = pretrain(model, examples, collate, tc, out, resume=args.resume, progress=args.progress)
+        evaluate = held_out if held else None
+        history = pretrain(model, examples, collate, tc, out, args.resume, args.progress, evaluate)
     except KeyboardInterrupt:
         say(f"\ninterrupted: saved {latest_checkpoint(out)}; continue with: fastbert pretrain --out {out} --resume")
         return 130
@@ -313,24 +322,19 @@ def pretrain_command(args):
         "first_mlm_loss": history[0]["mlm_loss"],
         "last_mlm_loss_mean10": sum(h["mlm_loss"] for h in history[-10:]) / len(history[-10:]),
     }
-    if held:
-        eval_collate = MaskingCollator(
-            tok.vocab_size,
-            tok.mask_id,
-            tok.pad_id,
-            tok.special_ids,
-            continuation=tok.continuation_mask,
-            whole_word=s["whole_word"],
-            seed=12345,
-        )
-        summary["held_out"] = evaluate_pretraining(model, held, eval_collate)
-    png = loss_curve_png(
-        history, out / "loss_curve.png", title=f"fastbert pretrain: BERT-{s['preset']}, {s['corpus'] or 'Austen'}"
-    )
+    curve = [json.loads(line) for line in (out / "held_out.jsonl").read_text().splitlines()] if held else []
+    if curve:
+        summary["held_out"] = curve[-1]  # the final checkpoint's
+        summary["held_out_curve"] = [
+            {k: r[k] for k in ("step", "mlm_loss", "mlm_accuracy", "nsp_accuracy")} for r in curve
+        ]
+    title = f"fastbert pretrain: BERT-{s['preset']}, {s['corpus'] or 'Austen'}"
+    png = loss_curve_png(history, out / "loss_curve.png", title=title, held_out=curve)
     (out / "summary.json").write_text(dumps(summary, indent=1) + "\n")
     print(loss_table(history))
-    if held:
+    if curve:
         h = summary["held_out"]
+        print("held-out MLM accuracy by step: " + ", ".join(f"{r['step']}: {r['mlm_accuracy']:.1%}" for r in curve))
         print(
             f"held out ({h['examples']} pairs, {h['masked_tokens']} masked tokens): MLM loss {h['mlm_loss']:.3f}, "
             f"MLM accuracy {h['mlm_accuracy']:.1%}, NSP accuracy {h['nsp_accuracy']:.1%}"

@@ -16,16 +16,29 @@ def smooth(values, window):
     return out
 
 
-def loss_curve_png(history, path, title="fastbert pretrain"):
+def loss_curve_png(history, path, title="fastbert pretrain", held_out=()):
     """Plot ``loss``, ``mlm_loss`` and ``nsp_loss`` (raw and smoothed) against the step, with the
-    learning rate on a second axis; returns the path."""
+    learning rate on a second axis, and, given ``held_out`` rows (``step``, ``mlm_accuracy``,
+    ``nsp_accuracy``: ``held_out.jsonl``), the held-out accuracies per checkpoint in a second panel;
+    returns the path."""
     matplotlib = require("matplotlib", "train", "fastbert's loss-curve plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     steps = [h["step"] for h in history]
     window = max(1, len(history) // 25)
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    if held_out:
+        fig, (ax, acc) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=110, gridspec_kw={"width_ratios": [3, 2]})
+        at = [r["step"] for r in held_out]
+        for key, color in (("mlm_accuracy", "tab:blue"), ("nsp_accuracy", "tab:orange")):
+            acc.plot(at, [r[key] for r in held_out], color=color, marker="o", label=f"held-out {key}")
+        acc.set_xlabel("optimizer step (checkpoints)")
+        acc.set_ylabel("accuracy")
+        acc.set_ylim(0, 1)
+        acc.grid(alpha=0.3)
+        acc.legend(fontsize=8)
+    else:
+        fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
     for key, color in (("loss", "black"), ("mlm_loss", "tab:blue"), ("nsp_loss", "tab:orange")):
         values = [h[key] for h in history if key in h]
         if len(values) != len(steps):

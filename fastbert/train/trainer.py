@@ -220,9 +220,14 @@ def step_seed(seed, step, rank):
     return (seed * 1_000_003 + step) * 4099 + rank
 
 
-def pretrain(model, examples, collate, config, out_dir, resume=False, progress=True):
+def pretrain(model, examples, collate, config, out_dir, resume=False, progress=True, evaluate=None):
     """Train ``model`` (a BertForPreTraining) for ``config.steps`` optimizer steps; returns the list
-    of per-step metrics (also appended to ``<out_dir>/metrics.jsonl`` by rank 0)."""
+    of per-step metrics (also appended to ``<out_dir>/metrics.jsonl`` by rank 0).
+
+    ``evaluate``: optional ``fn(model) -> dict`` of numbers, run by rank 0 in eval mode after each
+    periodic and the final checkpoint (not after the save on an interrupt); each result is appended
+    with its ``step`` to ``<out_dir>/held_out.jsonl``: the held-out curve. It must not touch the
+    global RNG or the model's weights (``evaluate_pretraining`` with its own collator does neither)."""
     tqdm = require("tqdm", "train", "fastbert.train.pretrain (its progress bar)").tqdm
     rank, size = world()
     check_setup(model, examples, collate, config)
@@ -244,7 +249,17 @@ def pretrain(model, examples, collate, config, out_dir, resume=False, progress=T
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     log = open(out / "metrics.jsonl", "a" if resume else "w") if rank == 0 else None
+    if rank == 0 and evaluate is not None and not resume:
+        (out / "held_out.jsonl").write_text("")
     history, share = [], config.batch_size // size
+
+    def held_out():
+        if rank == 0 and evaluate is not None:
+            model.eval()
+            row = {"step": step, **evaluate(model)}
+            model.train()
+            with open(out / "held_out.jsonl", "a") as f:
+                f.write(dumps(row) + "\n")
 
     def checkpoint():
         if rank == 0:
@@ -326,7 +341,9 @@ def pretrain(model, examples, collate, config, out_dir, resume=False, progress=T
                 bar.set_postfix(loss=f"{loss:.3f}", mlm=f"{mlm:.3f}", lr=f"{lr:.2e}")
                 if config.save_every and step % config.save_every == 0 and step < config.steps:
                     checkpoint()
+                    held_out()
             checkpoint()
+            held_out()
     except BaseException as e:
         if begun is not None:  # roll the data and masks back to the start of the unfinished step
             data.position = begun[0]
