@@ -84,8 +84,10 @@ def test_pretrain_writes_a_run_and_learns(tmp_path, corpus, capsys):
     assert json.loads((out / "run.json").read_text())["steps"] == 30
 
 
-def test_sigint_then_resume_equals_the_uninterrupted_run(tmp_path, corpus, vocab, monkeypatch, terminal_signals):
+@pytest.mark.parametrize("local", [False, True], ids=["plain", "local_attention"])
+def test_sigint_then_resume_equals_the_uninterrupted_run(tmp_path, corpus, vocab, monkeypatch, terminal_signals, local):
     args = [*SMALL, "--corpus", str(corpus), "--vocab", vocab, "--steps", "6", "--grad-accum", "2", "--warmup", "2"]
+    args += ["--local-attention"] if local else []
     assert cli.main(["pretrain", *args, "--out", str(tmp_path / "full")]) == 0
     real, calls = trainer.DataStream.next, {"n": 0}
 
@@ -101,6 +103,19 @@ def test_sigint_then_resume_equals_the_uninterrupted_run(tmp_path, corpus, vocab
     monkeypatch.setattr(trainer.DataStream, "next", real)
     assert cli.main(["pretrain", "--out", str(tmp_path / "cut"), "--resume", "--no-progress"]) == 0
     assert [r["loss"] for r in metrics(tmp_path / "cut")] == [r["loss"] for r in metrics(tmp_path / "full")]
+    assert json.loads((tmp_path / "cut" / "run.json").read_text())["local_attention"] is local
+    if local:  # the resumed run pinned the checkpoint's rows: position embeddings as set at the start
+        from safetensors.torch import load_file
+
+        from fastbert.models import BertConfig, BertForPreTraining
+        from fastbert.train.local_attention import local_attention_init
+
+        cut, full = (load_file(tmp_path / r / "step-6" / "model.safetensors") for r in ("cut", "full"))
+        assert all(torch.equal(cut[k], full[k]) for k in full)
+        config = BertConfig.from_json_file(tmp_path / "full" / "step-6" / "config.json")
+        fresh = local_attention_init(BertForPreTraining(config), seed=0)
+        pos = "bert.embeddings.position_embeddings.weight"
+        assert torch.equal(cut[pos], fresh.state_dict()[pos])
 
 
 @pytest.fixture

@@ -37,6 +37,7 @@ PRETRAIN_DEFAULTS = dict(
     lr=1e-3,
     warmup=0.1,
     whole_word=True,
+    local_attention=False,
     bf16=False,
     save_every=100,
     seed=0,
@@ -62,6 +63,13 @@ def add_pretrain_arguments(p):
         help=f"warmup: a step count (>= 1) or a fraction of the steps (< 1; default {d['warmup']})",
     )
     a("--no-whole-word", dest="whole_word", action="store_const", const=False, help="mask tokens, not whole words")
+    a(
+        "--local-attention",
+        action="store_const",
+        const=True,
+        help="fixed previous/next-token attention heads while pretraining (see fastbert.train.local_attention)",
+    )
+    a("--no-local-attention", dest="local_attention", action="store_const", const=False)
     a("--bf16", action="store_const", const=True, help="bf16 autocast")
     a(
         "--save-every",
@@ -119,7 +127,7 @@ def check_settings(s, where=None):
         bad("warmup", f"at most the {s['steps']} steps")
     if not _real(s["eval_fraction"]) or not 0.0 < s["eval_fraction"] < 0.5:
         bad("eval_fraction", "in (0, 0.5)")
-    for key in ("whole_word", "bf16"):
+    for key in ("whole_word", "local_attention", "bf16"):
         if not isinstance(s[key], bool):
             bad(key, "true or false")
     for key in ("corpus", "vocab"):
@@ -169,6 +177,7 @@ def run_settings(args, out):
         raise ValueError(f"--resume: {saved_path} is not valid JSON ({e})") from None
     if not isinstance(saved, dict):
         raise ValueError(f"--resume: {saved_path} holds a JSON {type(saved).__name__}, not the run's settings")
+    saved.setdefault("local_attention", False)  # a run.json from before the flag existed
     missing = [k for k in PRETRAIN_DEFAULTS if k not in saved]
     if missing:
         raise ValueError(f"--resume: {saved_path} lacks the setting(s) {', '.join(missing)} (damaged or edited)")
@@ -235,6 +244,7 @@ def pretrain_command(args):
     from fastbert.models.bert import count_parameters
     from fastbert.train import TrainConfig, evaluate_pretraining, latest_checkpoint, pretrain
     from fastbert.train.distributed import init_from_env, shutdown
+    from fastbert.train.local_attention import PinnedLocalAttention, local_attention_init
     from fastbert.train.metrics import dumps
     from fastbert.train.plot import loss_curve_png, loss_table
     from fastbert.train.trainer import check_setup
@@ -257,7 +267,16 @@ def pretrain_command(args):
         config = BertConfig.from_json_file(last / "config.json")
     else:
         config = BertConfig.from_preset(s["preset"], vocab_size=tok.vocab_size)
-    model = BertForPreTraining(config).to(env.device)
+    model = BertForPreTraining(config)
+    after_step = None
+    if s["local_attention"]:
+        if last is None:
+            local_attention_init(model, seed=s["seed"])
+        else:  # the fixed rows are the checkpoint's: pin those
+            model.load_state_dict(BertForPreTraining.from_pretrained(last).state_dict())
+    model = model.to(env.device)
+    if s["local_attention"]:
+        after_step = PinnedLocalAttention(model).restore
     if s["bf16"] and bf16_is_slow(env.device):
         say(BF16_SLOW, file=sys.stderr)
     warm = dict(warmup_steps=int(s["warmup"])) if s["warmup"] >= 1 else dict(warmup_ratio=s["warmup"])
@@ -300,7 +319,7 @@ def pretrain_command(args):
     )
     try:
         evaluate = held_out if held else None
-        history = pretrain(model, examples, collate, tc, out, args.resume, args.progress, evaluate)
+        history = pretrain(model, examples, collate, tc, out, args.resume, args.progress, evaluate, after_step)
     except KeyboardInterrupt:
         say(f"\ninterrupted: saved {latest_checkpoint(out)}; continue with: fastbert pretrain --out {out} --resume")
         return 130
