@@ -40,7 +40,7 @@ def main(argv=None):
     commands.add_pretrain_arguments(
         sub.add_parser(
             "pretrain",
-            help="pretrain BERT (MLM + NSP); no arguments: BERT-mini on the bundled Austen novels",
+            help="pretrain BERT (MLM + NSP); no arguments: BERT-tiny on the bundled Austen novels",
             description=commands.__doc__,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
@@ -48,7 +48,7 @@ def main(argv=None):
     finetune_command.add_finetune_arguments(
         sub.add_parser(
             "finetune",
-            help="fine-tune a pretrained checkpoint on which-novel-is-this-passage-from",
+            help="fine-tune a pretrained checkpoint (word order, or which novel) and compare with scratch",
             description=commands.__doc__,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )

@@ -87,7 +87,7 @@ def test_pretrain_writes_a_run_and_learns(tmp_path, corpus, capsys):
 @pytest.mark.parametrize("local", [False, True], ids=["plain", "local_attention"])
 def test_sigint_then_resume_equals_the_uninterrupted_run(tmp_path, corpus, vocab, monkeypatch, terminal_signals, local):
     args = [*SMALL, "--corpus", str(corpus), "--vocab", vocab, "--steps", "6", "--grad-accum", "2", "--warmup", "2"]
-    args += ["--local-attention"] if local else []
+    args += ["--local-attention"] if local else ["--no-local-attention"]
     assert cli.main(["pretrain", *args, "--out", str(tmp_path / "full")]) == 0
     real, calls = trainer.DataStream.next, {"n": 0}
 
@@ -149,17 +149,18 @@ def test_a_signal_during_the_update_waits_for_it(terminal_signals):
 
 def test_finetune_compare(tmp_path, corpus, capsys):
     from fastbert.data import WordPieceTokenizer, read_documents
-    from fastbert.data.novels import novel_passages, take_fraction
+    from fastbert.data.novels import novel_passages, take_fraction, word_order_passages
 
     src = tmp_path / "pre"
     assert cli.main(["pretrain", *SMALL, "--corpus", str(corpus), "--steps", "3", "--out", str(src)]) == 0
     out = tmp_path / "ft"
     flags = ["--seq-len", "64", "--max-steps", "4", "--batch", "8", "--no-progress", "--bf16"]
     argv = ["finetune", "--from", str(src), "--corpus", str(corpus), "--compare", *flags, "--out", str(out)]
-    assert cli.main([*argv, "--seeds", "2", "--seed", "5", "--train-fraction", "0.5"]) == 0
+    assert cli.main([*argv, "--task", "novel", "--seeds", "2", "--seed", "5", "--train-fraction", "0.5"]) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["bf16"] is True and res["seeds"] == [5, 6] and res["train_fraction"] == 0.5
-    assert res["classes"] == sorted(p.stem for p in corpus.glob("*.txt"))
+    assert res["task"] == "novel" and res["classes"] == sorted(p.stem for p in corpus.glob("*.txt"))
+    assert res["lr"] == 1e-3  # the default for a small model
     tok = WordPieceTokenizer.load(src / "tokenizer")
     train, test = novel_passages(read_documents(corpus), tok, max_seq_length=64, seed=5)
     assert res["train"] == len(train) and res["test"] == len(test)
@@ -187,6 +188,14 @@ def test_finetune_compare(tmp_path, corpus, capsys):
     captured = capsys.readouterr()
     assert "over 2 seed(s)" in captured.out and "gain from pretraining" in captured.out
     assert ("no bf16 instructions" in captured.err) == commands.bf16_is_slow("cpu")
+    # the default task: the same passages, about half of them shuffled
+    assert cli.main([*argv, "--seeds", "1", "--seed", "5", "--lr", "3e-4", "--out", str(tmp_path / "order")]) == 0
+    res = json.loads((tmp_path / "order" / "results.json").read_text())
+    assert res["task"] == "order" and res["classes"] == ["original order", "shuffled"] and res["lr"] == 3e-4
+    orders = [word_order_passages(p, s) for p, s in ((train, 5), (test, 6))]
+    assert (res["train"], res["test"]) == tuple(map(len, orders))
+    assert res["pretrained"]["seeds"][0]["evals"][-1]["per_class"] != [None, None]
+    assert "task order: 2 classes (original order, shuffled)" in capsys.readouterr().out
 
 
 def test_finetune_refuses_a_checkpoint_without_encoder_weights(tmp_path, corpus, capsys):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from fastbert.data import WordPieceTokenizer, default_corpus_documents
 from fastbert.data.corpus import Document, tokenize_documents
-from fastbert.data.novels import Passage, novel_passages, novel_titles, take_fraction
+from fastbert.data.novels import Passage, novel_passages, novel_titles, take_fraction, word_order_passages
 from fastbert.models import BertConfig, BertForSequenceClassification
 from fastbert.train.finetune import FinetuneConfig, collate_passages, compare_arms, evaluate, finetune, mean_std
 
@@ -105,6 +105,25 @@ def test_passages_bad_inputs(random_docs, change, message):
         docs = [docs[0], Document("blank", ["", "  "]), docs[2]]
     with pytest.raises(ValueError, match=message):
         novel_passages(docs, tok, **{"max_seq_length": 16, "block": 2, **change})
+
+
+def test_word_order_shuffles_about_half_and_keeps_every_token(random_docs, seed):
+    docs, tok = random_docs
+    train, _ = novel_passages(docs, tok, max_seq_length=24, block=3, seed=seed)
+    same = Passage([tok.cls_id, 9, 9, 9, tok.sep_id], 4)  # cannot be shuffled: stays label 0
+    short = Passage([tok.cls_id, 11, tok.sep_id], 2)
+    passages = [*train, *[same] * 20, *[short] * 20]
+    out = word_order_passages(passages, seed)
+    assert out == word_order_passages(passages, seed) and len(out) == len(passages)
+    assert out != word_order_passages(passages, seed + 1)
+    for p, q in zip(passages, out):
+        assert q.input_ids[0] == tok.cls_id and q.input_ids[-1] == tok.sep_id
+        assert sorted(q.input_ids) == sorted(p.input_ids)  # the same tokens, in any order
+        assert (q.input_ids != p.input_ids) == (q.label == 1)
+        assert q.label == 0 or len(set(p.input_ids[1:-1])) > 1
+    shuffled = sum(q.label for q in out[: len(train)])
+    assert abs(shuffled - len(train) / 2) < 4 * math.sqrt(len(train) / 4)  # a fair coin, within 4 sigma
+    assert all(q.label == 0 for q in out[len(train) :])
 
 
 def test_collate_pads_and_masks(seed):

@@ -54,8 +54,7 @@ def test_pinned_rows_stay_fixed_while_the_rest_trains(tmp_path, seed):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     collate = MaskingCollator(tok.vocab_size, tok.mask_id, tok.pad_id, tok.special_ids, seed=seed)
     cfg = TrainConfig(steps=4, batch_size=8, lr=1e-2, warmup_steps=1, weight_decay=0.1)
-    pin = PinnedLocalAttention(model)
-    pretrain(model, examples, collate, cfg, tmp_path / "run", progress=False, after_step=pin.restore)
+    pretrain(model, examples, collate, cfg, tmp_path / "run", progress=False, pin=PinnedLocalAttention)
     after = model.state_dict()
     h = config.hidden_size
     pos = "bert.embeddings.position_embeddings.weight"

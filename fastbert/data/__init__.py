@@ -25,7 +25,7 @@ from fastbert.data.corpus import (
     tokenize_documents,
 )
 from fastbert.data.masking import MaskingCollator
-from fastbert.data.novels import Passage, novel_passages, novel_titles
+from fastbert.data.novels import Passage, novel_passages, novel_titles, word_order_passages
 from fastbert.data.tokenizer import SPECIAL_TOKENS, WordPieceTokenizer
 
 __all__ = [
@@ -45,4 +45,5 @@ __all__ = [
     "read_documents",
     "split_sentences",
     "tokenize_documents",
+    "word_order_passages",
 ]

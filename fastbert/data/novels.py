@@ -1,4 +1,5 @@
-"""A downstream task for fine-tuning: which novel does this passage come from?
+"""Downstream tasks for fine-tuning on passages of a corpus: which novel does this passage come
+from (:func:`novel_passages`), and are its words in their original order (:func:`word_order_passages`)?
 
 On the bundled corpus (:func:`~fastbert.data.corpus.default_corpus_documents`) the question is
 "which of the six Jane Austen novels is this passage from"; any list of at least two documents
@@ -25,7 +26,17 @@ from typing import List, NamedTuple, Sequence, Tuple
 
 from fastbert.data.corpus import Document, tokenize_documents
 
-__all__ = ["Passage", "novel_passages", "novel_titles", "pack_sentences", "take_fraction"]
+__all__ = [
+    "Passage",
+    "WORD_ORDER_LABELS",
+    "novel_passages",
+    "novel_titles",
+    "pack_sentences",
+    "take_fraction",
+    "word_order_passages",
+]
+
+WORD_ORDER_LABELS = ("original order", "shuffled")
 
 
 class Passage(NamedTuple):
@@ -121,3 +132,26 @@ def take_fraction(passages: Sequence[Passage], fraction: float, seed: int = 0) -
         idx = by_label[label]
         keep.update(rng.sample(idx, max(1, round(fraction * len(idx)))))
     return [p for i, p in enumerate(passages) if i in keep]
+
+
+def word_order_passages(passages: Sequence[Passage], seed: int = 0) -> List[Passage]:
+    """The word-order task on the same passages: "are this passage's tokens in their original order
+    (label 0), or shuffled (label 1)?" (names: ``WORD_ORDER_LABELS``). A seeded coin picks about half
+    of the passages, and the tokens between ``[CLS]`` and ``[SEP]`` of each picked passage are put in
+    a seeded random order different from the original; a passage whose tokens are all the same
+    cannot be shuffled and keeps label 0. Both labels hold the same tokens, so a bag of words
+    cannot tell them apart: the task needs what a masked-LM learns, which token follows which.
+    Deterministic for a given ``seed``; the input's labels are ignored."""
+    rng = random.Random(seed)
+    out = []
+    for p in passages:
+        ids = list(p.input_ids)
+        body = ids[1:-1]
+        if rng.random() < 0.5 and len(set(body)) > 1:
+            shuffled = list(body)
+            while shuffled == body:
+                rng.shuffle(shuffled)
+            out.append(Passage([ids[0], *shuffled, ids[-1]], 1))
+        else:
+            out.append(Passage(ids, 0))
+    return out

@@ -30,11 +30,23 @@ def add_finetune_arguments(p):
     )
     a("--scratch", action="store_true", help="start from random weights (same config and tokenizer)")
     a("--compare", action="store_true", help="run from the checkpoint and from scratch, report both and the gain")
-    a("--corpus", help="folder of .txt files, one class each (default: the bundled Austen novels)")
+    a(
+        "--task",
+        choices=["order", "novel"],
+        default="order",
+        help="order: are the passage's words in their original order or shuffled? novel: which document "
+        "(novel) is it from? (default order)",
+    )
+    a("--corpus", help="folder of .txt files, one document each (default: the bundled Austen novels)")
     a("--seq-len", type=int, default=128, help="passage length in tokens (default 128)")
     a("--epochs", type=int, default=2)
     a("--batch", type=int, default=32)
-    a("--lr", type=float, default=1e-4)
+    a(
+        "--lr",
+        type=float,
+        help="peak learning rate (default 1e-3 for a checkpoint of hidden size <= 256, as the tiny and mini "
+        "presets, else 1e-4)",
+    )
     a("--max-steps", type=int, help="stop after this many steps")
     a("--seed", type=int, default=0, help="the first seed, and the held-out split's (default 0)")
     a(
@@ -58,7 +70,7 @@ def add_finetune_arguments(p):
 
 def finetune_command(args):
     from fastbert.data import WordPieceTokenizer
-    from fastbert.data.novels import novel_passages, take_fraction
+    from fastbert.data.novels import WORD_ORDER_LABELS, novel_passages, take_fraction, word_order_passages
     from fastbert.models import BertConfig, BertForSequenceClassification
     from fastbert.train import latest_checkpoint
     from fastbert.train.finetune import FinetuneConfig, compare_arms, finetune, mean_std
@@ -81,7 +93,8 @@ def finetune_command(args):
     if ckpt is None:
         raise ValueError(f"finetune: {src} has no checkpoint (run `fastbert pretrain --out {src}` first)")
     docs = load_documents(args.corpus)
-    config = BertConfig.from_json_file(ckpt / "config.json", num_labels=len(docs))
+    classes = list(WORD_ORDER_LABELS) if args.task == "order" else [d.title for d in docs]
+    config = BertConfig.from_json_file(ckpt / "config.json", num_labels=len(classes))
     if args.seq_len > config.max_position_embeddings:
         raise ValueError(
             f"--seq-len must be at most {config.max_position_embeddings} ({ckpt} has max_position_embeddings "
@@ -89,13 +102,17 @@ def finetune_command(args):
         )
     if config.vocab_size != tok.vocab_size:
         raise ValueError(f"finetune: {ckpt} has vocab_size {config.vocab_size}, its tokenizer {tok.vocab_size}")
+    lr = args.lr if args.lr is not None else (1e-3 if config.hidden_size <= 256 else 1e-4)
     train_all, test = novel_passages(docs, tok, max_seq_length=args.seq_len, seed=args.seed)
+    if args.task == "order":  # the same passages, half of them shuffled (train and test: different coins)
+        train_all, test = word_order_passages(train_all, args.seed), word_order_passages(test, args.seed + 1)
     arms = ["pretrained", "scratch"] if args.compare else ["scratch" if args.scratch else "pretrained"]
     seeds = list(range(args.seed, args.seed + args.seeds))
     print(
-        f"fastbert finetune: {len(docs)} classes ({', '.join(d.title for d in docs)}), "
+        f"fastbert finetune, task {args.task}: {len(classes)} classes ({', '.join(classes)}), "
         f"{len(train_all)} training passages (using {args.train_fraction:.0%} of them) and {len(test)} held-out "
-        f"passages of <= {args.seq_len} tokens; chance {max_class_share(test):.1%}; seeds {seeds[0]}..{seeds[-1]}"
+        f"passages of <= {args.seq_len} tokens; chance {max_class_share(test):.1%}; seeds {seeds[0]}..{seeds[-1]}; "
+        f"lr {lr:g}"
     )
     results = {arm: {"seeds": []} for arm in arms}
     for seed in seeds:
@@ -109,7 +126,7 @@ def finetune_command(args):
             fc = FinetuneConfig(
                 epochs=args.epochs,
                 batch_size=args.batch,
-                lr=args.lr,
+                lr=lr,
                 seed=seed,
                 max_steps=args.max_steps,
                 bf16=args.bf16,
@@ -139,12 +156,15 @@ def finetune_command(args):
         print(f"{arm}: held-out accuracy {_pm(mean, std)} over {len(seeds)} seed(s)")
     summary = {
         "checkpoint": str(ckpt),
-        "classes": [d.title for d in docs],
+        "task": args.task,
+        "classes": classes,
         "train": len(train_all),
         "train_fraction": args.train_fraction,
         "test": len(test),
         "seeds": seeds,
         "bf16": args.bf16,
+        "lr": lr,
+        "epochs": args.epochs,
         **results,
     }
     if args.compare:
@@ -188,7 +208,7 @@ def check_finetune_flags(args):
             raise ValueError(f"{flag} must be an int >= {low}, got {value!r}")
     if args.max_steps is not None and args.max_steps < 1:
         raise ValueError(f"--max-steps must be an int >= 1, got {args.max_steps!r}")
-    if not math.isfinite(args.lr) or args.lr <= 0:
+    if args.lr is not None and (not math.isfinite(args.lr) or args.lr <= 0):
         raise ValueError(f"--lr must be a finite number > 0, got {args.lr!r}")
     if not 0 <= args.seed <= MAX_SEED:
         raise ValueError(f"--seed must be an int in [0, 2**32 - 1], got {args.seed!r}")

@@ -118,7 +118,8 @@ def finetune_png(summary, path):
     bars.grid(alpha=0.3, axis="y")
     fraction = summary.get("train_fraction", 1.0)
     fig.suptitle(
-        f"fastbert finetune: {len(summary['seeds'])} seed(s), {fraction:.0%} of {summary['train']} labelled passages"
+        f"fastbert finetune, task {summary.get('task', 'novel')}: {len(summary['seeds'])} seed(s), "
+        f"{fraction:.0%} of {summary['train']} labelled passages"
     )
     fig.tight_layout()
     path = Path(path)

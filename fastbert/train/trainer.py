@@ -220,7 +220,7 @@ def step_seed(seed, step, rank):
     return (seed * 1_000_003 + step) * 4099 + rank
 
 
-def pretrain(model, examples, collate, config, out_dir, resume=False, progress=True, evaluate=None, after_step=None):
+def pretrain(model, examples, collate, config, out_dir, resume=False, progress=True, evaluate=None, pin=None):
     """Train ``model`` (a BertForPreTraining) for ``config.steps`` optimizer steps; returns the list
     of per-step metrics (also appended to ``<out_dir>/metrics.jsonl`` by rank 0).
 
@@ -228,8 +228,9 @@ def pretrain(model, examples, collate, config, out_dir, resume=False, progress=T
     periodic and the final checkpoint (not after the save on an interrupt); each result is appended
     with its ``step`` to ``<out_dir>/held_out.jsonl``: the held-out curve. It must not touch the
     global RNG or the model's weights (``evaluate_pretraining`` with its own collator does neither).
-    ``after_step``: optional ``fn()`` run right after every optimizer step, e.g.
-    :class:`fastbert.train.local_attention.PinnedLocalAttention`'s ``restore``."""
+    ``pin``: optional ``fn(model)`` called once the model holds its starting weights (a resumed run's
+    after loading them), returning an object whose ``restore()`` runs right after every optimizer
+    step, e.g. :class:`fastbert.train.local_attention.PinnedLocalAttention`."""
     tqdm = require("tqdm", "train", "fastbert.train.pretrain (its progress bar)").tqdm
     rank, size = world()
     check_setup(model, examples, collate, config)
@@ -244,6 +245,7 @@ def pretrain(model, examples, collate, config, out_dir, resume=False, progress=T
         if path is None:
             raise ValueError(f"pretrain: resume=True but {out} has no checkpoint")
         step, data.position = resume_state(path, model, opt, sched, collate, config)
+    pinned = pin(model) if pin is not None else None
     start = step
     net = model
     if size > 1:
@@ -321,8 +323,8 @@ def pretrain(model, examples, collate, config, out_dir, resume=False, progress=T
                 lr = opt.param_groups[0]["lr"]
                 with guard.critical():
                     opt.step()
-                    if after_step is not None:
-                        after_step()
+                    if pinned is not None:
+                        pinned.restore()
                     sched.step()
                     step += 1
                     begun = None  # the step is done: an interrupt from here on saves it
