@@ -354,13 +354,25 @@ def test_extreme_inputs_saturate(backend, approximate):
 @pytest.mark.parametrize("approximate", APPROXIMATE)
 def test_huge_and_infinite_z_forward_matches_eager(backend, dtype, approximate):
     """gelu(-3e38) is -0 as in eager (the clamped tail gave -62 exact, -3.6 tanh); -inf gives eager's
-    NaN (-inf * 0), +inf stays inf, NaN stays NaN; finite z matches the float64 reference."""
+    NaN (-inf * 0), +inf stays inf, NaN stays NaN; finite z matches the float64 reference.
+
+    Eager float32/bf16 ``F.gelu`` on a CPU where torch picks its AVX-512 kernels gives NaN for +inf
+    (exact erf form; seen with torch 2.14 on an AMD EPYC with AVX-512): that is torch's defect, found
+    by comparing with the float64 reference (it also rounds 3e38 to inf there). The reference backend
+    is eager, so it must give eager's values, defects included; every other candidate must match the
+    float64 reference."""
     x = torch.tensor([[-3e38, -1e30, -1e20, -20.0, float("-inf"), float("inf"), float("nan"), 3e38]]).to(dtype)
     with use_backend(backend):
         y = fastbert.bias_gelu(x, None, approximate=approximate)
     want = reference.bias_gelu(x.double(), None, approximate)
     base = F.gelu(x, approximate=approximate)
-    assert torch.equal(y.isnan(), want.isnan()) and torch.equal(y.isnan(), base.isnan()), (
+    if backend == "reference":  # eager itself, its defects included
+        assert torch.equal(y.isnan(), base.isnan()) and torch.equal(y[~y.isnan()], base[~base.isnan()])
+        return
+    defect = base.isnan() & ~want.isnan()
+    assert torch.equal(defect, defect & (x == float("inf"))), f"eager gelu: NaN at {defect.nonzero().tolist()}"
+    assert torch.equal(base.isnan() & want.isnan(), want.isnan())  # eager's NaN (-inf * 0) is kept
+    assert torch.equal(y.isnan(), want.isnan()), (
         f"{backend}: NaN at {y.isnan().nonzero().tolist()}, reference {want.isnan().nonzero().tolist()}"
     )
     ok = ~want.isnan()
