@@ -170,8 +170,9 @@ def _grad_tile(
     BLOCK_N: tl.constexpr,
 ):
     """``(g, p, inb)`` for rows ``r`` x columns ``col0 + [0, BLOCK_N)``: fp32 softmax ``p`` and
-    ``g`` = the dropout backward of the incoming gradient (``keep ? dy p_scale : 0``), 0 outside;
-    ``inb`` the in-bounds mask."""
+    ``g`` = the kept incoming gradient (``keep ? dy : 0``; the caller multiplies by ``p_scale``
+    once, on ``p``: ``dy p_scale`` overflows fp32 for |dy| near the largest bf16/fp32 values, where
+    the exact result is finite), 0 outside; ``inb`` the in-bounds mask."""
     c = col0 + tl.arange(0, BLOCK_N)
     inb = rmask[:, None] & (c < n)[None, :]
     r64 = r.to(tl.int64)
@@ -180,7 +181,7 @@ def _grad_tile(
     g = tl.load(dy_ptr + offs, mask=inb, other=0.0).to(tl.float32)
     if DROPOUT:
         keep = philox_keep(seed_ptr, r64, col0, n, threshold, GROUPED, BLOCK_M, BLOCK_N)
-        g = tl.where(keep, g * p_scale, 0.0)
+        g = tl.where(keep, g, 0.0)
     return g, p, inb
 
 
@@ -200,14 +201,15 @@ def _softmax_bwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,  # BLOCK_N >= n: whole rows in registers
 ):
-    # dscores = scale * p * (g - sum_row(g p)): the softmax Jacobian-vector product, times the
-    # derivative of x = s * scale + mask with respect to s
+    # dscores = scale * p * (g' - sum_row(g' p)) with g' = g p_scale (dropout's backward): the softmax
+    # Jacobian-vector product, times the derivative of x = s * scale + mask with respect to s;
+    # computed as (p p_scale) (g - sum_row(g p)) scale (p_scale is 1.0 without dropout)
     r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     g, p, inb = _grad_tile(
         dy_ptr, soft_ptr, seed_ptr, r, r < rows, 0, n, threshold, p_scale, DROPOUT, GROUPED, BLOCK_M, BLOCK_N
     )
     dot = tl.sum(g * p, 1)
-    ds = p * (g - dot[:, None]) * scale
+    ds = p * p_scale * (g - dot[:, None]) * scale
     tl.store(ds_ptr + _offsets(r, tl.arange(0, BLOCK_N), n), for_store(ds, ds_ptr), mask=inb)
 
 
@@ -242,5 +244,5 @@ def _softmax_bwd_stream_kernel(
         g, p, inb = _grad_tile(
             dy_ptr, soft_ptr, seed_ptr, r, rmask, col0, n, threshold, p_scale, DROPOUT, GROUPED, BLOCK_M, BLOCK_N
         )
-        ds = p * (g - dot[:, None]) * scale
+        ds = p * p_scale * (g - dot[:, None]) * scale
         tl.store(ds_ptr + _offsets(r, col0 + tl.arange(0, BLOCK_N), n), for_store(ds, ds_ptr), mask=inb)
